@@ -1,0 +1,211 @@
+//! The running proxy: binds listeners, starts the admin server, accepts connections,
+//! and drains on shutdown.
+//!
+//! Start-up order: bind every listener first (so a port conflict fails fast, before
+//! anything is served), start admin, then the accept loops, then report ready.
+//! Shutdown: stop accepting (the listening sockets close, so new connections are
+//! refused rather than left hanging), let open connections finish, and exit once
+//! they are done or the grace period ends.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::admin::{self, Admin};
+use crate::config::Config;
+use crate::conn::Context;
+use crate::log::LogLevel;
+use crate::metrics::{Direction, Metrics};
+
+/// Runs the proxy until it is told to stop and has drained.
+pub fn run(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
+    let runtime = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.worker_threads)
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the runtime")?;
+    runtime.block_on(serve(config, log_level))
+}
+
+async fn serve(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
+    let bind = |addr: SocketAddr, var: &str| {
+        crate::transport::bind(addr).with_context(|| format!("cannot listen on {addr} ({var})"))
+    };
+    let inbound_listeners = config
+        .inbound
+        .listen
+        .iter()
+        .map(|a| bind(*a, "LINKERD2_PROXY_INBOUND_LISTEN_ADDR"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let outbound_listeners = config
+        .outbound
+        .listen
+        .iter()
+        .map(|a| bind(*a, "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDR"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let admin_listener = std::net::TcpListener::bind(config.admin_listen).with_context(|| {
+        format!(
+            "cannot listen on {} (LINKERD2_PROXY_ADMIN_LISTEN_ADDR)",
+            config.admin_listen
+        )
+    })?;
+
+    let metrics = Arc::new(Metrics::new(&config));
+    let shutdown = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        log_level,
+        shutdown_endpoint_enabled: config.shutdown_endpoint_enabled,
+        shutdown: shutdown.clone(),
+    });
+    spawn_admin_thread(admin, admin_listener)?;
+
+    let connections = TaskTracker::new();
+    let directions = [
+        (
+            Direction::Inbound,
+            inbound_listeners,
+            config.inbound.clone(),
+            metrics.inbound.clone(),
+        ),
+        (
+            Direction::Outbound,
+            outbound_listeners,
+            config.outbound.clone(),
+            metrics.outbound.clone(),
+        ),
+    ];
+    let mut accept_loops = Vec::new();
+    for (direction, listeners, direction_config, direction_metrics) in directions {
+        let ctx = Arc::new(Context {
+            config: direction_config,
+            metrics: direction_metrics,
+        });
+        for listener in listeners {
+            info!(direction = direction.as_str(), addr = %listener.local_addr()?, "listening");
+            accept_loops.push(tokio::spawn(accept_loop(
+                direction,
+                listener,
+                ctx.clone(),
+                connections.clone(),
+                shutdown.clone(),
+            )));
+        }
+    }
+    ready.store(true, Ordering::Release);
+    info!(admin = %config.admin_listen, "proxy ready");
+
+    wait_for_shutdown(&shutdown).await;
+    shutdown.cancel();
+    for accept_loop in accept_loops {
+        // The loops end as soon as they see the cancellation, dropping their listeners.
+        let _ = accept_loop.await;
+    }
+    connections.close();
+    let open = connections.len();
+    info!(open_connections = open, grace = ?config.shutdown_grace_period, "draining");
+    if tokio::time::timeout(config.shutdown_grace_period, connections.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open_connections = connections.len(),
+            "grace period over; closing remaining connections"
+        );
+    } else {
+        info!("drained");
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    direction: Direction,
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let ctx = ctx.clone();
+                connections.spawn(async move {
+                    match direction {
+                        Direction::Inbound => crate::inbound::handle(&ctx, stream, client).await,
+                        Direction::Outbound => crate::outbound::handle(&ctx, stream, client).await,
+                    }
+                });
+            }
+            Err(error) => {
+                // Usually EMFILE/ENFILE: pause briefly instead of spinning on the error.
+                warn!(direction = direction.as_str(), %error, "accept failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    }
+}
+
+fn spawn_admin_thread(admin: Arc<Admin>, listener: std::net::TcpListener) -> anyhow::Result<()> {
+    listener
+        .set_nonblocking(true)
+        .context("cannot configure the admin listener")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the admin runtime")?;
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => admin::serve(admin, listener).await,
+                    Err(error) => warn!(%error, "admin server failed to start"),
+                }
+            })
+        })
+        .context("cannot start the admin thread")?;
+    Ok(())
+}
+
+async fn wait_for_shutdown(shutdown: &CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        _ => {
+            warn!(
+                "cannot listen for signals; only the admin /shutdown endpoint can stop the proxy"
+            );
+            shutdown.cancelled().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("received SIGTERM; shutting down"),
+        _ = int.recv() => info!("received SIGINT; shutting down"),
+        _ = shutdown.cancelled() => info!("shutdown requested through the admin endpoint"),
+    }
+}

@@ -1,0 +1,21 @@
+//! Tandem's proxy. One connection's path, in the order it happens:
+//!
+//! - [`app`] accepts it on the inbound or outbound listener;
+//! - [`inbound`] / [`outbound`] make the direction's decisions, calling the shared
+//!   steps in [`conn`]: original destination ([`transport`]), protocol detection
+//!   ([`detect`]), connect, and forwarding ([`tcp`]);
+//! - [`metrics`] counts it, and [`admin`] serves the counts.
+//!
+//! `docs/ARCHITECTURE.md` explains the parts and the choices behind them.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod conn;
+pub mod detect;
+pub mod inbound;
+pub mod log;
+pub mod metrics;
+pub mod outbound;
+pub mod tcp;
+pub mod transport;

@@ -1,0 +1,133 @@
+//! Everything that touches socket options: listeners, `SO_ORIGINAL_DST`, keepalive,
+//! connecting with a timeout, and resetting a connection.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Binds a listener the way a sidecar needs: address reuse so a restarted proxy can
+/// bind while old connections sit in TIME_WAIT, and a dual-stack socket for `[::]`.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Where the client meant to go before iptables/nftables redirected it to us.
+///
+/// The kernel also answers for connections that were never redirected (it returns the
+/// local address), so callers compare the result with the listener's address to spot
+/// direct connections and loops.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let local = stream.local_addr()?;
+    let is_v4 = match local.ip() {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
+    };
+    let addr = if is_v4 {
+        sock.original_dst()?
+    } else {
+        sock.original_dst_ipv6()?
+    };
+    addr.as_socket()
+        .map(unmap)
+        .ok_or_else(|| io::Error::other("SO_ORIGINAL_DST returned a non-IP address"))
+}
+
+/// Dual-stack listeners report IPv4 peers as `::ffff:a.b.c.d`; metrics, logs and
+/// connects should see the plain IPv4 address.
+pub fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// Options for every socket the proxy accepts or opens: no Nagle delay (the proxy
+/// must not add latency to small writes) and optional TCP keepalive so dead peers
+/// are noticed on long-idle connections.
+pub fn set_options(stream: &TcpStream, keepalive: Option<Duration>) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    if let Some(idle) = keepalive {
+        SockRef::from(stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
+    }
+    Ok(())
+}
+
+/// Why a connection to the upstream failed, in the words the metrics use.
+#[derive(Debug)]
+pub enum ConnectError {
+    Refused,
+    TimedOut,
+    Other(io::Error),
+}
+
+impl ConnectError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ConnectError::Refused => "connect_refused",
+            ConnectError::TimedOut => "connect_timeout",
+            ConnectError::Other(_) => "connect_error",
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Refused => f.write_str("connection refused"),
+            ConnectError::TimedOut => f.write_str("connect timed out"),
+            ConnectError::Other(e) => write!(f, "connect failed: {e}"),
+        }
+    }
+}
+
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: Option<Duration>,
+) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(ConnectError::TimedOut),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            return Err(ConnectError::Refused)
+        }
+        Ok(Err(e)) => return Err(ConnectError::Other(e)),
+        Ok(Ok(stream)) => stream,
+    };
+    set_options(&stream, keepalive).map_err(ConnectError::Other)?;
+    Ok(stream)
+}
+
+/// Makes the next close send RST instead of FIN, so a failure on one side of a
+/// forwarded connection reaches the other side as a failure, not as a clean end.
+pub fn reset_on_close(stream: &TcpStream) {
+    // Ignoring the error is right: the socket may already be dead, and then there is
+    // nothing left to reset.
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// A bounded label for an I/O error's errno, as Linkerd's `tcp_close_total` uses.
+pub fn errno_label(error: &io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::ECONNRESET) => "ECONNRESET",
+        Some(libc::EPIPE) => "EPIPE",
+        Some(libc::ETIMEDOUT) => "ETIMEDOUT",
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED",
+        Some(libc::ECONNABORTED) => "ECONNABORTED",
+        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH",
+        Some(libc::ENETUNREACH) => "ENETUNREACH",
+        _ => "other",
+    }
+}
