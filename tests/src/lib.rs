@@ -9,12 +9,16 @@
 //! `setns`: sockets created there belong to the pod for their whole life, and child
 //! processes forked from there start inside it.
 
+pub mod apps;
 pub mod netns;
 pub mod probe;
 pub mod proc;
 
+pub mod proxy;
+
 pub use netns::{Mesh, Pod};
 pub use proc::Proc;
+pub use proxy::Proxy;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -57,17 +61,21 @@ pub fn bin_path(name: &str) -> PathBuf {
 /// This is how tests wait on readiness (a port accepting, a metric reaching a value)
 /// instead of sleeping for a guessed duration. `limit` only bounds a hang; no test
 /// asserts on how long the wait took.
-pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, limit: Duration, check: impl FnMut() -> Option<T>) -> T {
+    wait_for_or(limit, check).unwrap_or_else(|| panic!("gave up waiting for {what} after {limit:?}"))
+}
+
+/// Like [`wait_for`], but returns `None` at the limit so the caller can explain.
+pub fn wait_for_or<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
     let mut pause = Duration::from_millis(2);
     loop {
         if let Some(value) = check() {
-            return value;
+            return Some(value);
         }
-        assert!(
-            Instant::now() < deadline,
-            "gave up waiting for {what} after {limit:?}"
-        );
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }

@@ -1,0 +1,120 @@
+//! Stand-ins for applications: real sockets in a pod, driven by test code.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::netns::Pod;
+
+/// A listener bound in a pod before this returns, so a client can never race it.
+/// The handler runs on the first accepted connection; `join` returns its result.
+pub struct Server<T> {
+    pub addr: SocketAddr,
+    thread: JoinHandle<T>,
+}
+
+impl<T: Send + 'static> Server<T> {
+    pub fn start(pod: &Pod, addr: SocketAddr, handler: impl FnOnce(TcpStream) -> T + Send + 'static) -> Server<T> {
+        let listener = pod
+            .run(|| TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("cannot listen on {addr} in pod {}: {e}", pod.name));
+        let thread = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            stream.set_read_timeout(Some(IO_LIMIT)).expect("read timeout");
+            handler(stream)
+        });
+        Server { addr, thread }
+    }
+
+    /// Waits for the handler and returns its result (re-raising its panic).
+    pub fn join(self) -> T {
+        self.thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+/// Bounds every blocking read in tests, so a proxy bug shows up as a failure rather
+/// than a hung suite. No test asserts on durations.
+pub const IO_LIMIT: Duration = Duration::from_secs(60);
+
+/// Connects from inside `pod`, as an application there would.
+pub fn connect(pod: &Pod, addr: SocketAddr) -> TcpStream {
+    let stream = pod
+        .run(|| TcpStream::connect(addr))
+        .unwrap_or_else(|e| panic!("cannot connect from pod {} to {addr}: {e}", pod.name));
+    stream.set_read_timeout(Some(IO_LIMIT)).expect("read timeout");
+    stream
+}
+
+/// Reads until the peer's end of stream.
+pub fn read_all(stream: &mut TcpStream) -> Vec<u8> {
+    let mut data = Vec::new();
+    stream.read_to_end(&mut data).expect("read to end of stream");
+    data
+}
+
+/// Reads until `needle` has been seen, returning everything read.
+pub fn read_until(stream: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !data.windows(needle.len()).any(|w| w == needle) {
+        let n = stream.read(&mut chunk).expect("read");
+        assert!(n > 0, "stream ended before {:?}; got {:?}", String::from_utf8_lossy(needle), String::from_utf8_lossy(&data));
+        data.extend_from_slice(&chunk[..n]);
+    }
+    data
+}
+
+/// Writes all of `data` and half-closes the write side.
+pub fn send_and_finish(stream: &mut TcpStream, data: &[u8]) {
+    stream.write_all(data).expect("write");
+    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
+}
+
+/// A deterministic pseudo-random byte stream (xorshift), so both ends can generate
+/// and check the same bytes without holding them.
+pub struct Noise(u64);
+
+impl Noise {
+    pub fn new(seed: u64) -> Noise {
+        Noise(seed | 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// Checks that received bytes continue a [`Noise`] stream, across any read sizes.
+pub struct NoiseCheck {
+    noise: Noise,
+    expected: Vec<u8>,
+    used: usize,
+    pub checked: usize,
+}
+
+impl NoiseCheck {
+    pub fn new(seed: u64) -> NoiseCheck {
+        NoiseCheck { noise: Noise::new(seed), expected: vec![0; 64 * 1024], used: 64 * 1024, checked: 0 }
+    }
+
+    /// Panics at the first byte that differs from the stream.
+    pub fn check(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.used == self.expected.len() {
+                self.noise.fill(&mut self.expected);
+                self.used = 0;
+            }
+            let n = data.len().min(self.expected.len() - self.used);
+            assert!(data[..n] == self.expected[self.used..self.used + n], "bytes differ near offset {}", self.checked);
+            self.used += n;
+            self.checked += n;
+            data = &data[n..];
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Running `tandem-proxy` in a pod, the way a sidecar runs: as uid 2102, behind
+//! redirect rules, with its admin server on the pod's loopback.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use crate::netns::Pod;
+use crate::proc::Proc;
+use crate::{bin_path, probe, wait_for, PATIENCE, PROXY_UID};
+
+/// Ports that reach the pod without the inbound redirect, as Linkerd's injector sets.
+pub const INBOUND_PORTS_TO_IGNORE: &str = "4190,4191";
+
+/// A proxy process in a pod.
+pub struct Proxy<'p> {
+    pub pod: &'p Pod,
+    pub process: Proc,
+    pub admin: SocketAddr,
+}
+
+impl<'p> Proxy<'p> {
+    /// Starts the proxy in `pod` with `env` added to its environment and waits for
+    /// `/ready`. The admin server listens on all addresses so tests can also reach it
+    /// from another pod.
+    pub fn start(pod: &'p Pod, env: &[(&str, &str)]) -> Proxy<'p> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(bin_path("tandem-proxy"));
+        cmd.env_clear()
+            .env("LINKERD2_PROXY_LOG", "warn,tandem=debug")
+            .env("LINKERD2_PROXY_ADMIN_LISTEN_ADDR", "0.0.0.0:4191")
+            .envs(env.iter().copied())
+            .uid(PROXY_UID)
+            .gid(PROXY_UID);
+        let process = pod.spawn("tandem-proxy", cmd);
+        let mut proxy = Proxy { pod, process, admin: SocketAddr::from(([127, 0, 0, 1], 4191)) };
+        wait_for("the proxy to become ready", PATIENCE, || {
+            if let Some(status) = proxy.process.try_exit() {
+                panic!("the proxy exited with {status} before becoming ready:\n{}", proxy.process.output());
+            }
+            matches!(proxy.admin_request("GET", "/ready", ""), Ok((200, _))).then_some(())
+        });
+        proxy
+    }
+
+    /// One request to the admin server from inside the pod.
+    pub fn admin_request(&self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+        let admin = self.admin;
+        self.pod.run(|| probe::http(admin, method, path, body))
+    }
+
+    /// The current `/metrics` text.
+    pub fn metrics(&self) -> String {
+        match self.admin_request("GET", "/metrics", "") {
+            Ok((200, text)) => text,
+            other => panic!("cannot scrape metrics: {other:?}"),
+        }
+    }
+
+    /// Waits until metric `name` with `labels` reaches `value`, then returns the text.
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], value: f64) -> String {
+        let what = format!("{name}{labels:?} to reach {value}");
+        let mut last = String::new();
+        let found = crate::wait_for_or(PATIENCE, || {
+            last = self.metrics();
+            (probe::metric(&last, name, labels) == Some(value)).then(|| last.clone())
+        });
+        found.unwrap_or_else(|| panic!("{what}; last scrape:\n{last}"))
+    }
+}
+
+/// Installs Linkerd-style redirect rules in `pod` with `iptables-restore`: inbound TCP
+/// to 4143 except the admin ports, outbound TCP to 4140 except the proxy's uid and
+/// loopback. IPv4 and IPv6.
+pub fn redirect_with_iptables(pod: &Pod) {
+    for (tool, family) in [("iptables-restore", "4"), ("ip6tables-restore", "6")] {
+        let rules = format!(
+            "*nat\n\
+             :TEST_INBOUND - [0:0]\n\
+             :TEST_OUTBOUND - [0:0]\n\
+             -A PREROUTING -j TEST_INBOUND\n\
+             -A TEST_INBOUND -p tcp -m multiport --dports {INBOUND_PORTS_TO_IGNORE} -j RETURN\n\
+             -A TEST_INBOUND -p tcp -j REDIRECT --to-ports 4143\n\
+             -A OUTPUT -j TEST_OUTBOUND\n\
+             -A TEST_OUTBOUND -m owner --uid-owner {PROXY_UID} -j RETURN\n\
+             -A TEST_OUTBOUND -o lo -j RETURN\n\
+             -A TEST_OUTBOUND -p tcp -j REDIRECT --to-ports 4140\n\
+             COMMIT\n"
+        );
+        let out = pod.exec_with_input(tool, &["--noflush"], Some(rules.as_bytes()));
+        assert!(
+            out.status.success(),
+            "IPv{family} redirect rules failed in pod {}: {}",
+            pod.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+}
