@@ -86,7 +86,11 @@ impl Config {
         let outbound_opaque = opaque("TANDEM_OUTBOUND_PORTS_DISABLE_PROTOCOL_DETECTION");
 
         let outbound_listen = match lookup("LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS") {
-            Some(_) => env.parse("LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS", "127.0.0.1:4140", parse_addrs),
+            Some(_) => env.parse(
+                "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS",
+                "127.0.0.1:4140",
+                parse_addrs,
+            ),
             None => vec![env.parse(
                 "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDR",
                 "127.0.0.1:4140",

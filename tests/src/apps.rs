@@ -15,13 +15,19 @@ pub struct Server<T> {
 }
 
 impl<T: Send + 'static> Server<T> {
-    pub fn start(pod: &Pod, addr: SocketAddr, handler: impl FnOnce(TcpStream) -> T + Send + 'static) -> Server<T> {
+    pub fn start(
+        pod: &Pod,
+        addr: SocketAddr,
+        handler: impl FnOnce(TcpStream) -> T + Send + 'static,
+    ) -> Server<T> {
         let listener = pod
             .run(|| TcpListener::bind(addr))
             .unwrap_or_else(|e| panic!("cannot listen on {addr} in pod {}: {e}", pod.name));
         let thread = std::thread::spawn(move || {
             let (stream, _) = listener.accept().expect("accept");
-            stream.set_read_timeout(Some(IO_LIMIT)).expect("read timeout");
+            stream
+                .set_read_timeout(Some(IO_LIMIT))
+                .expect("read timeout");
             handler(stream)
         });
         Server { addr, thread }
@@ -29,7 +35,9 @@ impl<T: Send + 'static> Server<T> {
 
     /// Waits for the handler and returns its result (re-raising its panic).
     pub fn join(self) -> T {
-        self.thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        self.thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 }
 
@@ -42,14 +50,18 @@ pub fn connect(pod: &Pod, addr: SocketAddr) -> TcpStream {
     let stream = pod
         .run(|| TcpStream::connect(addr))
         .unwrap_or_else(|e| panic!("cannot connect from pod {} to {addr}: {e}", pod.name));
-    stream.set_read_timeout(Some(IO_LIMIT)).expect("read timeout");
+    stream
+        .set_read_timeout(Some(IO_LIMIT))
+        .expect("read timeout");
     stream
 }
 
 /// Reads until the peer's end of stream.
 pub fn read_all(stream: &mut TcpStream) -> Vec<u8> {
     let mut data = Vec::new();
-    stream.read_to_end(&mut data).expect("read to end of stream");
+    stream
+        .read_to_end(&mut data)
+        .expect("read to end of stream");
     data
 }
 
@@ -59,7 +71,12 @@ pub fn read_until(stream: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
     let mut chunk = [0u8; 4096];
     while !data.windows(needle.len()).any(|w| w == needle) {
         let n = stream.read(&mut chunk).expect("read");
-        assert!(n > 0, "stream ended before {:?}; got {:?}", String::from_utf8_lossy(needle), String::from_utf8_lossy(&data));
+        assert!(
+            n > 0,
+            "stream ended before {:?}; got {:?}",
+            String::from_utf8_lossy(needle),
+            String::from_utf8_lossy(&data)
+        );
         data.extend_from_slice(&chunk[..n]);
     }
     data
@@ -68,7 +85,9 @@ pub fn read_until(stream: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
 /// Writes all of `data` and half-closes the write side.
 pub fn send_and_finish(stream: &mut TcpStream, data: &[u8]) {
     stream.write_all(data).expect("write");
-    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
 }
 
 /// A deterministic pseudo-random byte stream (xorshift), so both ends can generate
@@ -100,7 +119,12 @@ pub struct NoiseCheck {
 
 impl NoiseCheck {
     pub fn new(seed: u64) -> NoiseCheck {
-        NoiseCheck { noise: Noise::new(seed), expected: vec![0; 64 * 1024], used: 64 * 1024, checked: 0 }
+        NoiseCheck {
+            noise: Noise::new(seed),
+            expected: vec![0; 64 * 1024],
+            used: 64 * 1024,
+            checked: 0,
+        }
     }
 
     /// Panics at the first byte that differs from the stream.
@@ -111,7 +135,11 @@ impl NoiseCheck {
                 self.used = 0;
             }
             let n = data.len().min(self.expected.len() - self.used);
-            assert!(data[..n] == self.expected[self.used..self.used + n], "bytes differ near offset {}", self.checked);
+            assert!(
+                data[..n] == self.expected[self.used..self.used + n],
+                "bytes differ near offset {}",
+                self.checked
+            );
             self.used += n;
             self.checked += n;
             data = &data[n..];

@@ -62,7 +62,8 @@ pub fn bin_path(name: &str) -> PathBuf {
 /// instead of sleeping for a guessed duration. `limit` only bounds a hang; no test
 /// asserts on how long the wait took.
 pub fn wait_for<T>(what: &str, limit: Duration, check: impl FnMut() -> Option<T>) -> T {
-    wait_for_or(limit, check).unwrap_or_else(|| panic!("gave up waiting for {what} after {limit:?}"))
+    wait_for_or(limit, check)
+        .unwrap_or_else(|| panic!("gave up waiting for {what} after {limit:?}"))
 }
 
 /// Like [`wait_for`], but returns `None` at the limit so the caller can explain.

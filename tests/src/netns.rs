@@ -114,6 +114,8 @@ impl Mesh {
     pub fn new(count: usize) -> Mesh {
         crate::require_root();
         assert!((1..=200).contains(&count), "between 1 and 200 pods");
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(sweep_namespaces_of_dead_runs);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("tdm{}x{id}", std::process::id());
         let mut mesh = Mesh {
@@ -188,6 +190,26 @@ impl Drop for Mesh {
         // mesh must still be cleaned as far as possible.
         for name in self.pods.iter().map(|p| &p.name).chain(self.bridge.iter()) {
             let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
+/// Deletes namespaces left by test processes that died without running `Drop`
+/// (killed by a timeout, say), so they cannot pile up across runs.
+fn sweep_namespaces_of_dead_runs() {
+    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let owner = name
+            .strip_prefix("tdm")
+            .and_then(|rest| rest.split_once('x'))
+            .map(|(pid, _)| pid);
+        if let Some(pid) = owner.filter(|pid| pid.parse::<u32>().is_ok()) {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("ip").args(["netns", "del", &name]).output();
+            }
         }
     }
 }

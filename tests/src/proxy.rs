@@ -32,10 +32,17 @@ impl<'p> Proxy<'p> {
             .uid(PROXY_UID)
             .gid(PROXY_UID);
         let process = pod.spawn("tandem-proxy", cmd);
-        let mut proxy = Proxy { pod, process, admin: SocketAddr::from(([127, 0, 0, 1], 4191)) };
+        let mut proxy = Proxy {
+            pod,
+            process,
+            admin: SocketAddr::from(([127, 0, 0, 1], 4191)),
+        };
         wait_for("the proxy to become ready", PATIENCE, || {
             if let Some(status) = proxy.process.try_exit() {
-                panic!("the proxy exited with {status} before becoming ready:\n{}", proxy.process.output());
+                panic!(
+                    "the proxy exited with {status} before becoming ready:\n{}",
+                    proxy.process.output()
+                );
             }
             matches!(proxy.admin_request("GET", "/ready", ""), Ok((200, _))).then_some(())
         });
@@ -43,7 +50,12 @@ impl<'p> Proxy<'p> {
     }
 
     /// One request to the admin server from inside the pod.
-    pub fn admin_request(&self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    pub fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> std::io::Result<(u16, String)> {
         let admin = self.admin;
         self.pod.run(|| probe::http(admin, method, path, body))
     }

@@ -61,7 +61,9 @@ fn serve(pod: &Pod, addr: SocketAddr, tag: &'static str) {
             socket.set_only_v6(true).unwrap();
         }
         socket.set_reuse_address(true).unwrap();
-        socket.bind(&addr.into()).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        socket
+            .bind(&addr.into())
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         socket.listen(64).unwrap();
         socket.into()
     });
@@ -69,8 +71,20 @@ fn serve(pod: &Pod, addr: SocketAddr, tag: &'static str) {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
             let sock = SockRef::from(&stream);
-            let orig = if addr.is_ipv6() { sock.original_dst_ipv6() } else { sock.original_dst() };
-            let orig = orig.ok().and_then(|a| a.as_socket()).map_or("none".to_string(), |a| a.to_string());
+            let orig = if addr.is_ipv6() {
+                sock.original_dst_ipv6()
+            } else {
+                sock.original_dst()
+            };
+            // Without conntrack in the namespace (the peer has no NAT rules) there is no
+            // original destination; the connection then was not rewritten, so the local
+            // address is the dialled one. A redirected connection can never pass this
+            // way: its local address is the proxy's port, not the dialled one.
+            let orig = orig
+                .ok()
+                .and_then(|a| a.as_socket())
+                .or_else(|| stream.local_addr().ok());
+            let orig = orig.map_or("none".to_string(), |a| a.to_string());
             use std::io::Write;
             let _ = write!(stream, "{tag} {orig}");
         }
@@ -94,7 +108,9 @@ fn dial(pod: &Pod, target: SocketAddr, as_uid: Option<u32>, from: Option<IpAddr>
         if let Err(e) = socket.connect_timeout(&target.into(), Duration::from_secs(5)) {
             return format!("connect error: {e}");
         }
-        socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut answer = String::new();
         let mut stream: std::net::TcpStream = socket.into();
         match stream.read_to_string(&mut answer) {
@@ -139,7 +155,12 @@ fn snapshot(pod: &Pod, firewall: &str) -> String {
     tools
         .iter()
         .map(|tool| pod.must(tool, &[]))
-        .flat_map(|text| text.lines().filter(|l| !l.starts_with('#')).map(str::to_string).collect::<Vec<_>>())
+        .flat_map(|text| {
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -149,13 +170,33 @@ fn add_foreign_rule(pod: &Pod, firewall: &str) {
     match firewall {
         "nft" => {
             pod.must("nft", &["add", "table", "ip", "operator"]);
-            pod.must("nft", &["add", "chain", "ip", "operator", "out", "{ type nat hook output priority 0; }"]);
-            pod.must("nft", &["add", "rule", "ip", "operator", "out", "udp", "dport", "9", "return"]);
+            pod.must(
+                "nft",
+                &[
+                    "add",
+                    "chain",
+                    "ip",
+                    "operator",
+                    "out",
+                    "{ type nat hook output priority 0; }",
+                ],
+            );
+            pod.must(
+                "nft",
+                &[
+                    "add", "rule", "ip", "operator", "out", "udp", "dport", "9", "return",
+                ],
+            );
         }
         flavour => {
             for base in ["iptables", "ip6tables"] {
                 let tool = format!("{base}-{}", flavour.trim_start_matches("iptables-"));
-                pod.must(&tool, &["-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "RETURN"]);
+                pod.must(
+                    &tool,
+                    &[
+                        "-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "RETURN",
+                    ],
+                );
             }
         }
     }
@@ -164,8 +205,27 @@ fn add_foreign_rule(pod: &Pod, firewall: &str) {
 fn redirection_scenario(firewall: &str) {
     let mesh = Mesh::new(2);
     let (app, peer) = (mesh.pod(0), mesh.pod(1));
-    peer.must("ip", &["addr", "add", &format!("{PEER_EXTRA_V4}/24"), "dev", "veth0"]);
-    peer.must("ip", &["addr", "add", &format!("{PEER_EXTRA_V6}/64"), "dev", "veth0", "nodad"]);
+    peer.must(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{PEER_EXTRA_V4}/24"),
+            "dev",
+            "veth0",
+        ],
+    );
+    peer.must(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{PEER_EXTRA_V6}/64"),
+            "dev",
+            "veth0",
+            "nodad",
+        ],
+    );
 
     // 21 single ports plus a range: more than xt_multiport's 15 per rule.
     let inbound_ignored = format!("{},6000-6010", ports((5000..=5040).step_by(2)));
@@ -191,7 +251,11 @@ fn redirection_scenario(firewall: &str) {
         let any = wildcard(v6);
         let app_ip = app.ip_like(any);
         let peer_ip = peer.ip_like(any);
-        let peer_extra: IpAddr = if v6 { PEER_EXTRA_V6.parse().unwrap() } else { PEER_EXTRA_V4.parse().unwrap() };
+        let peer_extra: IpAddr = if v6 {
+            PEER_EXTRA_V6.parse().unwrap()
+        } else {
+            PEER_EXTRA_V4.parse().unwrap()
+        };
         serve(app, sa(loopback(v6), OUTBOUND_PORT), "outbound-proxy");
         serve(app, sa(any, INBOUND_PORT), "inbound-proxy");
         for port in [APP_PORT, 5040, 6005, 5041] {
@@ -206,30 +270,77 @@ fn redirection_scenario(firewall: &str) {
         };
 
         let to_peer = sa(peer_ip, APP_PORT);
-        check("outbound is redirected", dial(app, to_peer, None, None), format!("outbound-proxy {to_peer}"));
-        check("an app uid is redirected", dial(app, to_peer, Some(65534), None), format!("outbound-proxy {to_peer}"));
-        check("the proxy uid is not redirected", dial(app, to_peer, Some(PROXY_UID), None), format!("peer {to_peer}"));
+        check(
+            "outbound is redirected",
+            dial(app, to_peer, None, None),
+            format!("outbound-proxy {to_peer}"),
+        );
+        check(
+            "an app uid is redirected",
+            dial(app, to_peer, Some(65534), None),
+            format!("outbound-proxy {to_peer}"),
+        );
+        check(
+            "the proxy uid is not redirected",
+            dial(app, to_peer, Some(PROXY_UID), None),
+            format!("peer {to_peer}"),
+        );
         let lo = sa(loopback(v6), APP_PORT);
-        check("loopback is not redirected", dial(app, lo, None, None), format!("app {lo}"));
+        check(
+            "loopback is not redirected",
+            dial(app, lo, None, None),
+            format!("app {lo}"),
+        );
         let own = sa(app_ip, APP_PORT);
-        check("the pod's own address is not redirected", dial(app, own, None, None), format!("app {own}"));
+        check(
+            "the pod's own address is not redirected",
+            dial(app, own, None, None),
+            format!("app {own}"),
+        );
         for port in [7040, 8005] {
             let to = sa(peer_ip, port);
-            check("an ignored outbound port is not redirected", dial(app, to, None, None), format!("peer {to}"));
+            check(
+                "an ignored outbound port is not redirected",
+                dial(app, to, None, None),
+                format!("peer {to}"),
+            );
         }
         let to = sa(peer_ip, 7041);
-        check("a port next to ignored ones is redirected", dial(app, to, None, None), format!("outbound-proxy {to}"));
+        check(
+            "a port next to ignored ones is redirected",
+            dial(app, to, None, None),
+            format!("outbound-proxy {to}"),
+        );
         let to = sa(peer_extra, APP_PORT);
-        check("an ignored outbound subnet is not redirected", dial(app, to, None, None), format!("peer {to}"));
+        check(
+            "an ignored outbound subnet is not redirected",
+            dial(app, to, None, None),
+            format!("peer {to}"),
+        );
 
+        // The peer's own address, explicitly: with a second address on its link the
+        // kernel may pick that one (the ignored subnet) as the source.
+        let from_peer = Some(peer_ip);
         let to_app = sa(app_ip, APP_PORT);
-        check("inbound is redirected", dial(peer, to_app, None, None), format!("inbound-proxy {to_app}"));
+        check(
+            "inbound is redirected",
+            dial(peer, to_app, None, from_peer),
+            format!("inbound-proxy {to_app}"),
+        );
         for port in [5040, 6005] {
             let to = sa(app_ip, port);
-            check("an ignored inbound port is not redirected", dial(peer, to, None, None), format!("app {to}"));
+            check(
+                "an ignored inbound port is not redirected",
+                dial(peer, to, None, from_peer),
+                format!("app {to}"),
+            );
         }
         let to = sa(app_ip, 5041);
-        check("a port next to ignored ones is redirected", dial(peer, to, None, None), format!("inbound-proxy {to}"));
+        check(
+            "a port next to ignored ones is redirected",
+            dial(peer, to, None, from_peer),
+            format!("inbound-proxy {to}"),
+        );
         check(
             "an ignored inbound source subnet is not redirected",
             dial(peer, to_app, None, Some(peer_extra)),
@@ -260,23 +371,43 @@ fn rerun_converges_and_cleanup_restores_prior_state() {
         let pod = mesh.pod(0);
         add_foreign_rule(pod, firewall);
         let before = snapshot(pod, firewall);
-        let args = ["--firewall", firewall, "--outbound-ports-to-ignore", "443,25000-25100"];
+        let args = [
+            "--firewall",
+            firewall,
+            "--outbound-ports-to-ignore",
+            "443,25000-25100",
+        ];
         tandem_init_ok(pod, &args);
         let once = snapshot(pod, firewall);
         assert_ne!(once, before, "{firewall}: apply changed nothing");
-        assert!(once.contains("tandem/redirect-outbound-to-proxy"), "{firewall}: {once}");
+        assert!(
+            once.contains("tandem/redirect-outbound-to-proxy"),
+            "{firewall}: {once}"
+        );
         tandem_init_ok(pod, &args);
         tandem_init_ok(pod, &args);
         let thrice = snapshot(pod, firewall);
         assert_eq!(thrice, once, "{firewall}: re-running changed the rule set");
         if firewall != "nft" {
-            assert_eq!(thrice.matches("-j TANDEM_OUTBOUND").count(), 2, "{firewall}: one jump per family\n{thrice}");
+            assert_eq!(
+                thrice.matches("-j TANDEM_OUTBOUND").count(),
+                2,
+                "{firewall}: one jump per family\n{thrice}"
+            );
         }
         tandem_init_ok(pod, &["cleanup", "--firewall", firewall]);
-        assert_eq!(snapshot(pod, firewall), before, "{firewall}: cleanup left something behind");
+        assert_eq!(
+            snapshot(pod, firewall),
+            before,
+            "{firewall}: cleanup left something behind"
+        );
         // A second cleanup finds nothing and still succeeds, as a CNI DEL retried would.
         tandem_init_ok(pod, &["cleanup"]);
-        assert_eq!(snapshot(pod, firewall), before, "{firewall}: second cleanup changed state");
+        assert_eq!(
+            snapshot(pod, firewall),
+            before,
+            "{firewall}: second cleanup changed state"
+        );
     }
 }
 
@@ -292,12 +423,28 @@ fn a_payload_failing_part_way_applies_nothing() {
         let pod = mesh.pod(0);
         add_foreign_rule(pod, firewall);
         let before = snapshot(pod, firewall);
-        let out = tandem_init(pod, &["--firewall", firewall], &[("TANDEM_INIT_TEST_EXTRA_LINE", bad_line)]);
-        assert_eq!(out.status.code(), Some(4), "{firewall}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = tandem_init(
+            pod,
+            &["--firewall", firewall],
+            &[("TANDEM_INIT_TEST_EXTRA_LINE", bad_line)],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{firewall}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         let last = stderr.lines().last().unwrap_or("");
-        assert!(last.starts_with("tandem-init: cannot apply rules"), "{firewall}: {stderr}");
-        assert_eq!(snapshot(pod, firewall), before, "{firewall}: a failed apply left rules behind");
+        assert!(
+            last.starts_with("tandem-init: cannot apply rules"),
+            "{firewall}: {stderr}"
+        );
+        assert_eq!(
+            snapshot(pod, firewall),
+            before,
+            "{firewall}: a failed apply left rules behind"
+        );
 
         // A failed re-apply keeps the previous good rules rather than a mixture.
         tandem_init_ok(pod, &["--firewall", firewall]);
@@ -308,7 +455,11 @@ fn a_payload_failing_part_way_applies_nothing() {
             &[("TANDEM_INIT_TEST_EXTRA_LINE", bad_line)],
         );
         assert_eq!(out.status.code(), Some(4), "{firewall}");
-        assert_eq!(snapshot(pod, firewall), good, "{firewall}: a failed re-apply changed the rules");
+        assert_eq!(
+            snapshot(pod, firewall),
+            good,
+            "{firewall}: a failed re-apply changed the rules"
+        );
     }
 }
 
@@ -321,15 +472,30 @@ fn dry_run_changes_nothing_and_prints_the_payload() {
         let before = snapshot(pod, firewall);
         let out = tandem_init_ok(pod, &["--dry-run", "--firewall", firewall]);
         let printed = String::from_utf8_lossy(&out.stdout);
-        let marker = if firewall == "nft" { "table inet tandem {" } else { "-A OUTPUT -m comment --comment \"tandem/install-outbound\"" };
+        let marker = if firewall == "nft" {
+            "table inet tandem {"
+        } else {
+            "-A OUTPUT -m comment --comment \"tandem/install-outbound\""
+        };
         assert!(printed.contains(marker), "{firewall}: {printed}");
-        assert_eq!(snapshot(pod, firewall), before, "{firewall}: --dry-run changed the rules");
+        assert_eq!(
+            snapshot(pod, firewall),
+            before,
+            "{firewall}: --dry-run changed the rules"
+        );
         // After a real apply, a dry-run cleanup prints the removal and removes nothing.
         tandem_init_ok(pod, &["--firewall", firewall]);
         let applied = snapshot(pod, firewall);
         let out = tandem_init_ok(pod, &["cleanup", "--dry-run", "--firewall", firewall]);
-        assert!(!out.stdout.is_empty(), "{firewall}: dry-run cleanup printed nothing");
-        assert_eq!(snapshot(pod, firewall), applied, "{firewall}: dry-run cleanup removed rules");
+        assert!(
+            !out.stdout.is_empty(),
+            "{firewall}: dry-run cleanup printed nothing"
+        );
+        assert_eq!(
+            snapshot(pod, firewall),
+            applied,
+            "{firewall}: dry-run cleanup removed rules"
+        );
     }
 }
 
@@ -340,13 +506,27 @@ fn validate_passes_with_rules_and_fails_without() {
         let pod = mesh.pod(0);
         let fast = ["--validate-timeout-ms", "1500"];
         let out = tandem_init(pod, &[&["validate"][..], &fast].concat(), &[]);
-        assert_eq!(out.status.code(), Some(95), "{firewall} without rules: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(95),
+            "{firewall} without rules: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(String::from_utf8_lossy(&out.stderr).contains("validation failed"));
 
-        let out = tandem_init_ok(pod, &[&["--firewall", firewall, "--validate"][..], &fast].concat());
+        let out = tandem_init_ok(
+            pod,
+            &[&["--firewall", firewall, "--validate"][..], &fast].concat(),
+        );
         let log = String::from_utf8_lossy(&out.stderr);
-        assert!(log.contains("IPv4 connection to 192.0.2.254:1404 was redirected"), "{firewall}: {log}");
-        assert!(log.contains("IPv6 connection to [2001:db8::fffe]:1404 was redirected"), "{firewall}: {log}");
+        assert!(
+            log.contains("IPv4 connection to 192.0.2.254:1404 was redirected"),
+            "{firewall}: {log}"
+        );
+        assert!(
+            log.contains("IPv6 connection to [2001:db8::fffe]:1404 was redirected"),
+            "{firewall}: {log}"
+        );
         tandem_init_ok(pod, &[&["validate"][..], &fast].concat());
 
         tandem_init_ok(pod, &["cleanup"]);
@@ -362,11 +542,21 @@ fn auto_uses_legacy_when_the_namespace_already_has_legacy_rules() {
     let out = tandem_init_ok(pod, &["--dry-run"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("firewall backend nft:"));
 
-    pod.must("iptables-legacy", &["-t", "filter", "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT"]);
+    pod.must(
+        "iptables-legacy",
+        &[
+            "-t", "filter", "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT",
+        ],
+    );
     let out = tandem_init_ok(pod, &[]);
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains("firewall backend iptables-legacy: the namespace already holds legacy"), "{log}");
-    assert!(pod.must("iptables-legacy-save", &[]).contains("TANDEM_OUTBOUND"));
+    assert!(
+        log.contains("firewall backend iptables-legacy: the namespace already holds legacy"),
+        "{log}"
+    );
+    assert!(pod
+        .must("iptables-legacy-save", &[])
+        .contains("TANDEM_OUTBOUND"));
     assert!(!pod.must("nft", &["list", "ruleset"]).contains("tandem"));
 }
 
@@ -374,12 +564,20 @@ fn auto_uses_legacy_when_the_namespace_already_has_legacy_rules() {
 fn bad_flags_exit_2_with_one_line() {
     let mesh = Mesh::new(1);
     let pod = mesh.pod(0);
-    for args in [&["--proxy-uid", "0"][..], &["--inbound-ports-to-ignore", "80,70000"], &["--firewall", "pf"]] {
+    for args in [
+        &["--proxy-uid", "0"][..],
+        &["--inbound-ports-to-ignore", "80,70000"],
+        &["--firewall", "pf"],
+    ] {
         let out = tandem_init(pod, args, &[]);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.starts_with("tandem-init: "), "{stderr}");
     }
-    assert_eq!(snapshot(pod, "nft"), "", "bad flags must not touch the namespace");
+    assert_eq!(
+        snapshot(pod, "nft"),
+        "",
+        "bad flags must not touch the namespace"
+    );
 }

@@ -5,7 +5,9 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 
-use tandem_tests::apps::{connect, read_all, read_until, send_and_finish, Noise, NoiseCheck, Server};
+use tandem_tests::apps::{
+    connect, read_all, read_until, send_and_finish, Noise, NoiseCheck, Server,
+};
 use tandem_tests::probe::metric;
 use tandem_tests::proxy::redirect_with_iptables;
 use tandem_tests::{Mesh, Pod, Proxy};
@@ -103,11 +105,27 @@ fn ten_mib_each_way_arrive_intact_and_are_counted() {
         let text = proxy.wait_metric("tcp_open_connections", &[d, t], 0.0);
         for peer in ["src", "dst"] {
             let labels = [d, t, ("peer", peer)];
-            assert_eq!(metric(&text, "tcp_open_total", &labels), Some(1.0), "{direction} {peer}\n{text}");
-            assert_eq!(metric(&text, "tcp_read_bytes_total", &labels), Some(size), "{direction} {peer}\n{text}");
-            assert_eq!(metric(&text, "tcp_write_bytes_total", &labels), Some(size), "{direction} {peer}\n{text}");
+            assert_eq!(
+                metric(&text, "tcp_open_total", &labels),
+                Some(1.0),
+                "{direction} {peer}\n{text}"
+            );
+            assert_eq!(
+                metric(&text, "tcp_read_bytes_total", &labels),
+                Some(size),
+                "{direction} {peer}\n{text}"
+            );
+            assert_eq!(
+                metric(&text, "tcp_write_bytes_total", &labels),
+                Some(size),
+                "{direction} {peer}\n{text}"
+            );
             let clean = [d, t, ("peer", peer), ("errno", "")];
-            assert_eq!(metric(&text, "tcp_close_total", &clean), Some(1.0), "{direction} {peer}\n{text}");
+            assert_eq!(
+                metric(&text, "tcp_close_total", &clean),
+                Some(1.0),
+                "{direction} {peer}\n{text}"
+            );
         }
     }
 }
@@ -148,7 +166,10 @@ fn server_first_protocol_on_a_detected_port_arrives_after_the_detect_timeout() {
         read_until(&mut conn, b"QUIT\r\n")
     });
     let mut client = connect(mesh.pod(0), addr(mesh.pod(1), 7000));
-    assert_eq!(read_until(&mut client, b"\r\n"), b"220 hello from the server\r\n");
+    assert_eq!(
+        read_until(&mut client, b"\r\n"),
+        b"220 hello from the server\r\n"
+    );
     client.write_all(b"QUIT\r\n").unwrap();
     assert_eq!(server.join(), b"QUIT\r\n");
     let timeout = [("direction", "outbound"), ("result", "timeout")];
@@ -195,11 +216,19 @@ fn refused_upstream_resets_the_client() {
     let (_proxy_a, proxy_b) = meshed(&mesh, &[]);
     // Nothing listens on 8081 in pod B.
     let mut client = connect(mesh.pod(0), addr(mesh.pod(1), 8081));
-    client.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n").unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+        .unwrap();
     let mut buf = [0u8; 64];
-    let error = client.read(&mut buf).expect_err("the client must see the failure, not data or a clean end");
+    let error = client
+        .read(&mut buf)
+        .expect_err("the client must see the failure, not data or a clean end");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
-    proxy_b.wait_metric("inbound_tcp_errors_total", &[("error", "connect_refused")], 1.0);
+    proxy_b.wait_metric(
+        "inbound_tcp_errors_total",
+        &[("error", "connect_refused")],
+        1.0,
+    );
 }
 
 /// The application's own TLS passes through both proxies untouched: the handshake and
@@ -235,7 +264,9 @@ fn application_tls_passes_through_untouched() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tls = rustls::ClientConnection::new(Arc::new(client_config), "app.example".try_into().unwrap()).unwrap();
+    let tls =
+        rustls::ClientConnection::new(Arc::new(client_config), "app.example".try_into().unwrap())
+            .unwrap();
     let mut stream = rustls::StreamOwned::new(tls, connect(mesh.pod(0), addr(mesh.pod(1), 8443)));
     stream.write_all(b"secret hello").unwrap();
     let mut reply = [0u8; 12];
@@ -243,10 +274,22 @@ fn application_tls_passes_through_untouched() {
     assert_eq!(&reply, b"secret reply");
     assert_eq!(&server.join(), b"secret hello");
 
-    proxy_a.wait_metric("tandem_protocol_detect_total", &[("direction", "outbound"), ("result", "tls")], 1.0);
-    let text = proxy_b.wait_metric("tandem_protocol_detect_total", &[("direction", "inbound"), ("result", "tls")], 1.0);
+    proxy_a.wait_metric(
+        "tandem_protocol_detect_total",
+        &[("direction", "outbound"), ("result", "tls")],
+        1.0,
+    );
+    let text = proxy_b.wait_metric(
+        "tandem_protocol_detect_total",
+        &[("direction", "inbound"), ("result", "tls")],
+        1.0,
+    );
     let passthrough = [("direction", "inbound"), ("peer", "src"), ("tls", "opaque")];
-    assert_eq!(metric(&text, "tcp_open_total", &passthrough), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, "tcp_open_total", &passthrough),
+        Some(1.0),
+        "{text}"
+    );
 }
 
 /// A connection straight to the outbound listener would make the proxy dial itself.

@@ -1,0 +1,145 @@
+//! Start-up, shutdown and configuration errors of `tandem-proxy`.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+
+use tandem_tests::apps::{connect, read_all, read_until, Server};
+use tandem_tests::proxy::redirect_with_iptables;
+use tandem_tests::{bin_path, wait_for, Mesh, Proxy, PATIENCE};
+
+/// Two pods with rules and proxies, and an echo-by-line server on an opaque port of B.
+fn mesh_with_open_connection<'m>(
+    mesh: &'m Mesh,
+    env: &[(&str, &str)],
+) -> (Proxy<'m>, Proxy<'m>, TcpStream, Server<Vec<u8>>) {
+    let (a, b) = (mesh.pod(0), mesh.pod(1));
+    redirect_with_iptables(a);
+    redirect_with_iptables(b);
+    let (proxy_a, proxy_b) = (Proxy::start(a, env), Proxy::start(b, env));
+    let server = Server::start(b, SocketAddr::from(([0, 0, 0, 0], 6379)), |mut conn| {
+        let mut seen = Vec::new();
+        loop {
+            let mut byte = [0u8; 1];
+            match std::io::Read::read(&mut conn, &mut byte) {
+                Ok(0) | Err(_) => return seen,
+                Ok(_) => {
+                    seen.push(byte[0]);
+                    if conn.write_all(&byte).is_err() {
+                        return seen;
+                    }
+                }
+            }
+        }
+    });
+    let mut client = connect(a, SocketAddr::from((b.ipv4, 6379)));
+    client.write_all(b"before\n").unwrap();
+    assert_eq!(read_until(&mut client, b"\n"), b"before\n");
+    (proxy_a, proxy_b, client, server)
+}
+
+/// Waits until the pod's outbound listener is gone: a new connection is refused.
+fn wait_until_not_accepting(mesh: &Mesh) {
+    let target = SocketAddr::from((mesh.pod(1).ipv4, 6380));
+    wait_for("the outbound listener to close", PATIENCE, || {
+        let refused = mesh.pod(0).run(|| TcpStream::connect(target)).is_err();
+        refused.then_some(())
+    });
+}
+
+#[test]
+fn sigterm_lets_open_connections_finish_then_exits_zero() {
+    let mesh = Mesh::new(2);
+    let (mut proxy_a, _proxy_b, mut client, server) = mesh_with_open_connection(&mesh, &[]);
+    proxy_a.process.signal(libc::SIGTERM);
+    wait_until_not_accepting(&mesh);
+    // The connection opened before the signal still works both ways.
+    client.write_all(b"after\n").unwrap();
+    assert_eq!(read_until(&mut client, b"\n"), b"after\n");
+    assert!(
+        proxy_a.process.try_exit().is_none(),
+        "the proxy exited with a connection open"
+    );
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    assert_eq!(server.join(), b"before\nafter\n");
+    let status = proxy_a.process.wait_exit(PATIENCE);
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        proxy_a.process.output()
+    );
+}
+
+#[test]
+fn the_grace_period_bounds_the_drain() {
+    let mesh = Mesh::new(2);
+    let env = [("LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD", "200ms")];
+    let (mut proxy_a, _proxy_b, mut client, _server) = mesh_with_open_connection(&mesh, &env);
+    proxy_a.process.signal(libc::SIGTERM);
+    // The connection stays open, yet the proxy exits cleanly once the grace period ends.
+    let status = proxy_a.process.wait_exit(PATIENCE);
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        proxy_a.process.output()
+    );
+    // And the client learns that its connection is gone.
+    let mut rest = Vec::new();
+    let ended = std::io::Read::read_to_end(&mut client, &mut rest);
+    assert!(ended.is_err() || rest.is_empty(), "{ended:?} {rest:?}");
+}
+
+#[test]
+fn an_invalid_variable_exits_64_with_one_line_naming_it() {
+    let out = Command::new(bin_path("tandem-proxy"))
+        .env_clear()
+        .env("LINKERD2_PROXY_INBOUND_DETECT_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("tandem-proxy: invalid configuration: "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("LINKERD2_PROXY_INBOUND_DETECT_TIMEOUT=\"soon\""),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn an_invalid_log_filter_exits_64() {
+    let out = Command::new(bin_path("tandem-proxy"))
+        .env_clear()
+        .env("LINKERD2_PROXY_LOG", "=[")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("LINKERD2_PROXY_LOG"), "{stderr}");
+}
+
+#[test]
+fn a_port_in_use_fails_with_one_line_naming_the_variable() {
+    let mesh = Mesh::new(1);
+    let pod = mesh.pod(0);
+    let _taken = pod
+        .run(|| std::net::TcpListener::bind("127.0.0.1:4140"))
+        .unwrap();
+    let mut cmd = Command::new(bin_path("tandem-proxy"));
+    cmd.env_clear();
+    let mut proxy = pod.spawn("tandem-proxy", cmd);
+    let status = proxy.wait_exit(PATIENCE);
+    assert_eq!(status.code(), Some(1));
+    let output = proxy.output();
+    assert_eq!(output.lines().count(), 1, "{output}");
+    assert!(
+        output.contains("cannot listen on 127.0.0.1:4140 (LINKERD2_PROXY_OUTBOUND_LISTEN_ADDR)"),
+        "{output}"
+    );
+}
