@@ -108,16 +108,16 @@ fn read_sni(record: &[u8]) -> Option<String> {
 
 /// An HTTP/1 request line (`METHOD target HTTP/1.x`) must be complete before we call it
 /// HTTP, so that a binary protocol whose first bytes happen to be letters is not
-/// mistaken for HTTP.
+/// mistaken for HTTP. Only the first line is judged, so the decision cannot depend on
+/// how the client's bytes were split into reads.
 fn classify_http1(buf: &[u8]) -> Classification {
     use Classification::*;
-    let line_complete = buf.contains(&b'\n');
+    let line_end = buf.iter().position(|b| *b == b'\n');
+    let line = line_end.map_or(buf, |end| &buf[..=end]);
     let mut request = httparse::Request::new(&mut []);
-    match request.parse(buf) {
-        Ok(_) | Err(httparse::Error::TooManyHeaders) if request.version.is_some() => {
-            Found(Protocol::Http1)
-        }
-        Ok(httparse::Status::Partial) if !line_complete && buf.len() < DETECT_LIMIT => NeedMore,
+    match request.parse(line) {
+        Ok(_) | Err(httparse::Error::TooManyHeaders) if request.version.is_some() => Found(Protocol::Http1),
+        Ok(httparse::Status::Partial) if line_end.is_none() && buf.len() < DETECT_LIMIT => NeedMore,
         _ => Found(Protocol::Unknown),
     }
 }
