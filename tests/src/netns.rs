@@ -1,10 +1,11 @@
 //! Pods as network namespaces joined by veth pairs.
 
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use crate::proc::Proc;
 
@@ -125,6 +126,17 @@ impl Mesh {
         for i in 1..=count {
             let name = format!("{prefix}p{i}");
             run_ip(&["netns", "add", &name]);
+            // No duplicate address detection: addresses (link-local ones too, which an
+            // IPv6 REDIRECT may pick) are usable at once instead of "tentative".
+            run_ip(&[
+                "netns",
+                "exec",
+                &name,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ]);
             // Push first so that a failure below still deletes this namespace.
             mesh.pods.push(Pod {
                 name,
@@ -176,7 +188,34 @@ impl Mesh {
                 run_ip(&["-n", n, "link", "set", "veth0", "up"]);
             }
         }
+        mesh.wait_until_links_carry_traffic();
         mesh
+    }
+
+    /// A freshly raised link drops the first neighbour discovery, which would cost
+    /// the first connection a one-second retransmit. A refused connection to a closed
+    /// port proves the path (and neighbour entry) works, in each family.
+    fn wait_until_links_carry_traffic(&self) {
+        let Some((first, rest)) = self.pods.split_first() else {
+            return;
+        };
+        for pod in rest {
+            for (from, to) in [(first, pod), (pod, first)] {
+                for ip in [IpAddr::V4(to.ipv4), IpAddr::V6(to.ipv6)] {
+                    let closed_port = SocketAddr::new(ip, 9);
+                    crate::wait_for(
+                        &format!("{} to reach {ip}", from.name),
+                        crate::PATIENCE,
+                        || {
+                            let attempt = from.run(|| {
+                                TcpStream::connect_timeout(&closed_port, Duration::from_millis(200))
+                            });
+                            matches!(attempt, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused).then_some(())
+                        },
+                    );
+                }
+            }
+        }
     }
 
     pub fn pod(&self, index: usize) -> &Pod {

@@ -80,30 +80,25 @@ impl<'p> Proxy<'p> {
     }
 }
 
-/// Installs Linkerd-style redirect rules in `pod` with `iptables-restore`: inbound TCP
-/// to 4143 except the admin ports, outbound TCP to 4140 except the proxy's uid and
-/// loopback. IPv4 and IPv6.
-pub fn redirect_with_iptables(pod: &Pod) {
-    for (tool, family) in [("iptables-restore", "4"), ("ip6tables-restore", "6")] {
-        let rules = format!(
-            "*nat\n\
-             :TEST_INBOUND - [0:0]\n\
-             :TEST_OUTBOUND - [0:0]\n\
-             -A PREROUTING -j TEST_INBOUND\n\
-             -A TEST_INBOUND -p tcp -m multiport --dports {INBOUND_PORTS_TO_IGNORE} -j RETURN\n\
-             -A TEST_INBOUND -p tcp -j REDIRECT --to-ports 4143\n\
-             -A OUTPUT -j TEST_OUTBOUND\n\
-             -A TEST_OUTBOUND -m owner --uid-owner {PROXY_UID} -j RETURN\n\
-             -A TEST_OUTBOUND -o lo -j RETURN\n\
-             -A TEST_OUTBOUND -p tcp -j REDIRECT --to-ports 4140\n\
-             COMMIT\n"
-        );
-        let out = pod.exec_with_input(tool, &["--noflush"], Some(rules.as_bytes()));
-        assert!(
-            out.status.success(),
-            "IPv{family} redirect rules failed in pod {}: {}",
-            pod.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+/// Installs the pod's redirect rules with `tandem-init`, as the init container of an
+/// injected pod does: inbound TCP to 4143 except the admin ports, outbound TCP to 4140
+/// except the proxy's uid and loopback, IPv4 and IPv6.
+pub fn redirect(pod: &Pod) {
+    let netns = format!("/var/run/netns/{}", pod.name);
+    let out = Command::new(bin_path("tandem-init"))
+        .args([
+            "--netns",
+            &netns,
+            "--inbound-ports-to-ignore",
+            INBOUND_PORTS_TO_IGNORE,
+        ])
+        .output()
+        .expect("run tandem-init");
+    assert!(
+        out.status.success(),
+        "tandem-init failed in pod {} ({}): {}",
+        pod.name,
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
 }

@@ -6,7 +6,9 @@ fn quoted_variables(source: &str) -> Vec<String> {
     let mut found = Vec::new();
     for piece in source.split('"').skip(1).step_by(2) {
         let is_var = (piece.starts_with("LINKERD2_PROXY_") || piece.starts_with("TANDEM_"))
-            && piece.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            && piece
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
         if is_var && !found.iter().any(|f| f == piece) {
             found.push(piece.to_string());
         }
@@ -21,6 +23,9 @@ fn readme_lists_every_proxy_variable() {
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let variables = quoted_variables(&config);
     assert!(variables.len() > 20, "found only {variables:?}");
-    let missing: Vec<_> = variables.iter().filter(|v| !readme.contains(&format!("`{v}`"))).collect();
+    let missing: Vec<_> = variables
+        .iter()
+        .filter(|v| !readme.contains(&format!("`{v}`")))
+        .collect();
     assert!(missing.is_empty(), "README.md does not list {missing:?}");
 }

@@ -4,7 +4,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 
 use tandem_tests::probe::{http, raw};
-use tandem_tests::proxy::redirect_with_iptables;
+use tandem_tests::proxy::redirect;
 use tandem_tests::{Mesh, Proxy, PATIENCE};
 
 #[test]
@@ -54,8 +54,8 @@ fn probes_env_and_gzip_metrics() {
 fn log_level_is_read_and_changed_from_loopback_only() {
     let mesh = Mesh::new(2);
     let (a, b) = (mesh.pod(0), mesh.pod(1));
-    redirect_with_iptables(a);
-    redirect_with_iptables(b);
+    redirect(a);
+    redirect(b);
     let _proxy_a = Proxy::start(a, &[]);
     let proxy_b = Proxy::start(b, &[]);
     assert_eq!(
@@ -124,8 +124,8 @@ fn shutdown_endpoint_is_off_by_default() {
 fn shutdown_endpoint_when_enabled_stops_the_proxy_for_loopback_clients_only() {
     let mesh = Mesh::new(2);
     let (a, b) = (mesh.pod(0), mesh.pod(1));
-    redirect_with_iptables(a);
-    redirect_with_iptables(b);
+    redirect(a);
+    redirect(b);
     let env = [("LINKERD2_PROXY_SHUTDOWN_ENDPOINT_ENABLED", "true")];
     let _proxy_a = Proxy::start(a, &env);
     let mut proxy_b = Proxy::start(b, &env);

@@ -9,14 +9,14 @@ use tandem_tests::apps::{
     connect, read_all, read_until, send_and_finish, Noise, NoiseCheck, Server,
 };
 use tandem_tests::probe::metric;
-use tandem_tests::proxy::redirect_with_iptables;
+use tandem_tests::proxy::redirect;
 use tandem_tests::{Mesh, Pod, Proxy};
 
 /// Two pods, each with redirect rules and a proxy started with `env`.
 fn meshed<'m>(mesh: &'m Mesh, env: &[(&str, &str)]) -> (Proxy<'m>, Proxy<'m>) {
     let (a, b) = (mesh.pod(0), mesh.pod(1));
-    redirect_with_iptables(a);
-    redirect_with_iptables(b);
+    redirect(a);
+    redirect(b);
     (Proxy::start(a, env), Proxy::start(b, env))
 }
 
@@ -303,4 +303,58 @@ fn connections_that_would_loop_are_refused_and_counted() {
     // Closed without a byte of response (a clean close or a reset are both refusals).
     assert!(matches!(client.read(&mut buf), Ok(0) | Err(_)));
     proxy_a.wait_metric("outbound_tcp_errors_total", &[("error", "loop")], 1.0);
+}
+
+/// IPv6: the original destination comes from the IPv6 socket option, on dual-stack
+/// listeners, and appears in the metrics as the address the app dialled.
+#[test]
+fn ipv6_connections_are_redirected_and_forwarded() {
+    let mesh = Mesh::new(2);
+    let env = [
+        (
+            "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS",
+            "127.0.0.1:4140,[::1]:4140",
+        ),
+        ("LINKERD2_PROXY_INBOUND_LISTEN_ADDR", "[::]:4143"),
+    ];
+    let (proxy_a, proxy_b) = meshed(&mesh, &env);
+    let b = mesh.pod(1);
+    let server = Server::start(
+        b,
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 9002)),
+        |mut conn| {
+            let got = read_all(&mut conn);
+            conn.write_all(b"six reply").unwrap();
+            got
+        },
+    );
+    let mut client = connect(mesh.pod(0), SocketAddr::from((b.ipv6, 9002)));
+    send_and_finish(&mut client, b"six request");
+    assert_eq!(read_all(&mut client), b"six reply");
+    assert_eq!(server.join(), b"six request");
+    let target = ("target_addr", "[2001:db8::2]:9002");
+    for (proxy, direction) in [(&proxy_a, "outbound"), (&proxy_b, "inbound")] {
+        let labels = [("direction", direction), ("peer", "src"), target];
+        proxy.wait_metric("tcp_read_bytes_total", &labels, 11.0);
+    }
+}
+
+/// IPv4 clients of a dual-stack inbound listener are reported as plain IPv4.
+#[test]
+fn ipv4_through_a_dual_stack_inbound_listener() {
+    let mesh = Mesh::new(2);
+    let (_proxy_a, proxy_b) = meshed(
+        &mesh,
+        &[("LINKERD2_PROXY_INBOUND_LISTEN_ADDR", "[::]:4143")],
+    );
+    let server = Server::start(mesh.pod(1), any(9003), |mut conn| read_all(&mut conn));
+    let mut client = connect(mesh.pod(0), addr(mesh.pod(1), 9003));
+    send_and_finish(&mut client, b"four");
+    assert_eq!(server.join(), b"four");
+    let labels = [
+        ("direction", "inbound"),
+        ("peer", "src"),
+        ("target_addr", "192.0.2.2:9003"),
+    ];
+    proxy_b.wait_metric("tcp_read_bytes_total", &labels, 4.0);
 }

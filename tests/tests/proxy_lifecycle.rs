@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 
 use tandem_tests::apps::{connect, read_all, read_until, Server};
-use tandem_tests::proxy::redirect_with_iptables;
+use tandem_tests::proxy::redirect;
 use tandem_tests::{bin_path, wait_for, Mesh, Proxy, PATIENCE};
 
 /// Two pods with rules and proxies, and an echo-by-line server on an opaque port of B.
@@ -14,8 +14,8 @@ fn mesh_with_open_connection<'m>(
     env: &[(&str, &str)],
 ) -> (Proxy<'m>, Proxy<'m>, TcpStream, Server<Vec<u8>>) {
     let (a, b) = (mesh.pod(0), mesh.pod(1));
-    redirect_with_iptables(a);
-    redirect_with_iptables(b);
+    redirect(a);
+    redirect(b);
     let (proxy_a, proxy_b) = (Proxy::start(a, env), Proxy::start(b, env));
     let server = Server::start(b, SocketAddr::from(([0, 0, 0, 0], 6379)), |mut conn| {
         let mut seen = Vec::new();
