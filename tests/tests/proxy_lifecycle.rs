@@ -143,3 +143,28 @@ fn a_port_in_use_fails_with_one_line_naming_the_variable() {
         "{output}"
     );
 }
+
+#[test]
+fn json_log_format_writes_one_json_object_per_line() {
+    let mesh = Mesh::new(1);
+    let mut proxy = Proxy::start(
+        mesh.pod(0),
+        &[
+            ("LINKERD2_PROXY_LOG_FORMAT", "json"),
+            ("LINKERD2_PROXY_LOG", "info"),
+        ],
+    );
+    proxy.process.signal(libc::SIGTERM);
+    assert!(proxy.process.wait_exit(PATIENCE).success());
+    let output = proxy.process.output();
+    let lines: Vec<&str> = output.lines().collect();
+    assert!(lines.iter().any(|l| l.contains("proxy ready")), "{output}");
+    for line in lines {
+        let record: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            record["level"].is_string() && record["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+}
