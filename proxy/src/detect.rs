@@ -115,9 +115,9 @@ fn classify_http1(buf: &[u8]) -> Classification {
     let line_end = buf.iter().position(|b| *b == b'\n');
     let line = line_end.map_or(buf, |end| &buf[..=end]);
     let mut request = httparse::Request::new(&mut []);
-    match request.parse(line) {
-        Ok(_) | Err(httparse::Error::TooManyHeaders) if request.version.is_some() => Found(Protocol::Http1),
-        Ok(httparse::Status::Partial) if line_end.is_none() && buf.len() < DETECT_LIMIT => NeedMore,
+    match (request.parse(line), line_end) {
+        (Ok(_), Some(_)) if request.version.is_some() => Found(Protocol::Http1),
+        (Ok(httparse::Status::Partial), None) if buf.len() < DETECT_LIMIT => NeedMore,
         _ => Found(Protocol::Unknown),
     }
 }
@@ -205,6 +205,9 @@ mod tests {
     fn incomplete_request_line_waits() {
         assert_eq!(classify(b"GET"), NeedMore);
         assert_eq!(classify(b"GET /index.html HTT"), NeedMore);
+        // The version is parsed but the line is not finished: its end decides.
+        assert_eq!(classify(b"PRI * HTTP/1.0\r"), NeedMore);
+        assert_eq!(classify(b"PRI * HTTP/1.0\rT"), found(Protocol::Unknown));
     }
 
     #[test]

@@ -19,3 +19,4 @@ pub mod metrics;
 pub mod outbound;
 pub mod tcp;
 pub mod transport;
+pub mod transport_header;

@@ -1,0 +1,20 @@
+//! Fuzzes the transport header parser with arbitrary bytes after a valid preface, and
+//! checks that whatever it accepts encodes back to the bytes it consumed.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tandem_proxy::transport_header::TransportHeader;
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = b"transport.l5d.io/v1\r\n\r\n".to_vec();
+    input.extend_from_slice(data);
+    for candidate in [data, &input[..]] {
+        if let Ok(Some((header, used))) = TransportHeader::decode(candidate) {
+            assert!(used <= candidate.len());
+            assert_ne!(header.port, 0);
+            // Re-encoding and decoding gives the same header.
+            let again = header.encode();
+            assert_eq!(TransportHeader::decode(&again), Ok(Some((header, again.len()))));
+        }
+    }
+});
