@@ -13,6 +13,7 @@ pub mod app;
 pub mod config;
 pub mod conn;
 pub mod detect;
+pub mod discovery;
 pub mod inbound;
 pub mod log;
 pub mod metrics;

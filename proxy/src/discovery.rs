@@ -1,0 +1,336 @@
+//! Discovery: what the proxy knows about a destination before connecting to it.
+//!
+//! For each original destination the outbound side asks [`Discover::resolve`] whether
+//! the peer is meshed (and with which identity), whether the port is opaque, and
+//! whether the peer proxy accepts HTTP/2. Unknown destinations are unmeshed: forwarded
+//! as plain TCP, as Linkerd does for destinations its control plane does not know.
+//!
+//! The first source is a file (`TANDEM_DISCOVERY_FILE`), reloaded when it changes. A
+//! control-plane client (Linkerd's Destination/Policy APIs) implements the same trait:
+//! it answers from its cache with [`Resolution::Known`], or with
+//! [`Resolution::Pending`] while it asks the control plane, so the file source never
+//! pays for a future it does not need.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use serde::Deserialize;
+use tracing::{info, warn};
+
+/// What discovery knows about one destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The peer proxy's identity (e.g. `web.ns.serviceaccount.identity.linkerd.cluster.local`);
+    /// `None` means the destination is not meshed.
+    pub identity: Option<Arc<str>>,
+    /// Skip protocol detection and carry the bytes opaquely (with the transport header
+    /// when meshed).
+    pub opaque: bool,
+    /// The peer proxy accepts HTTP/2 (for multiplexing HTTP/1 between proxies).
+    pub http2: bool,
+    /// The peer proxy's inbound port, for opaque traffic sent with a transport header.
+    pub inbound_port: u16,
+}
+
+/// The answer to a lookup: known now, or once the source has asked elsewhere.
+pub enum Resolution<'a> {
+    Known(Option<Arc<Endpoint>>),
+    Pending(Pin<Box<dyn Future<Output = Option<Arc<Endpoint>>> + Send + 'a>>),
+}
+
+impl Resolution<'_> {
+    pub async fn get(self) -> Option<Arc<Endpoint>> {
+        match self {
+            Resolution::Known(endpoint) => endpoint,
+            Resolution::Pending(lookup) => lookup.await,
+        }
+    }
+}
+
+/// A source of discovery information.
+pub trait Discover: Send + Sync + 'static {
+    fn resolve(&self, target: SocketAddr) -> Resolution<'_>;
+}
+
+/// No discovery configured: every destination is unmeshed.
+pub struct NoDiscovery;
+
+impl Discover for NoDiscovery {
+    fn resolve(&self, _target: SocketAddr) -> Resolution<'_> {
+        Resolution::Known(None)
+    }
+}
+
+/// A parsed discovery file: destinations matched by address or CIDR and port.
+#[derive(Debug, Default, PartialEq)]
+pub struct Table {
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug, PartialEq)]
+struct Entry {
+    net: IpNet,
+    /// Inclusive port ranges; empty means every port.
+    ports: Vec<(u16, u16)>,
+    endpoint: Arc<Endpoint>,
+}
+
+/// One destination as written in the file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDestination {
+    /// An address (`192.0.2.2`) or a network (`192.0.2.0/24`, `2001:db8::/64`).
+    addr: String,
+    /// Ports and ranges (`8080,9000-9100`); all ports when absent.
+    #[serde(default)]
+    ports: Option<PortsField>,
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    opaque: bool,
+    #[serde(default)]
+    http2: bool,
+    #[serde(default = "default_inbound_port")]
+    inbound_port: u16,
+}
+
+/// Ports may be written as a number or as a list string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortsField {
+    One(u16),
+    List(String),
+}
+
+fn default_inbound_port() -> u16 {
+    4143
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    destinations: Vec<FileDestination>,
+}
+
+impl Table {
+    /// Parses a discovery file; `.toml` files are TOML, anything else YAML (or JSON).
+    pub fn parse(text: &str, path: &Path) -> Result<Table, String> {
+        let file: File = if path.extension().is_some_and(|e| e == "toml") {
+            toml::from_str(text).map_err(|e| e.to_string())?
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?
+        };
+        let mut entries = Vec::with_capacity(file.destinations.len());
+        for (index, d) in file.destinations.into_iter().enumerate() {
+            let what = |why: String| format!("destination {} ({}): {why}", index + 1, d.addr);
+            let net = parse_net(&d.addr).map_err(what)?;
+            let ports = match &d.ports {
+                None => Vec::new(),
+                Some(PortsField::One(port)) => vec![(*port, *port)],
+                Some(PortsField::List(list)) => parse_port_ranges(list).map_err(what)?,
+            };
+            let identity = match d.identity {
+                Some(id) if id.trim().is_empty() => return Err(what("identity is empty".into())),
+                Some(id) => Some(Arc::from(id.trim().to_ascii_lowercase())),
+                None => None,
+            };
+            let endpoint = Endpoint { identity, opaque: d.opaque, http2: d.http2, inbound_port: d.inbound_port };
+            entries.push(Entry { net, ports, endpoint: Arc::new(endpoint) });
+        }
+        Ok(Table { entries })
+    }
+
+    /// The most specific entry (longest prefix) that matches the address and port;
+    /// among equals, the first in the file.
+    pub fn lookup(&self, target: SocketAddr) -> Option<Arc<Endpoint>> {
+        let ip = crate::transport::unmap(target).ip();
+        let port = target.port();
+        self.entries
+            .iter()
+            .filter(|e| e.net.contains(&ip))
+            .filter(|e| e.ports.is_empty() || e.ports.iter().any(|(low, high)| (*low..=*high).contains(&port)))
+            .fold(None::<&Entry>, |best, e| match best {
+                Some(b) if b.net.prefix_len() >= e.net.prefix_len() => Some(b),
+                _ => Some(e),
+            })
+            .map(|e| e.endpoint.clone())
+    }
+}
+
+fn parse_net(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{text:?} is neither an address nor a network"))
+}
+
+fn parse_port_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
+    let set = crate::config::PortSet::parse(text)?;
+    let mut ranges: Vec<(u16, u16)> = Vec::new();
+    for port in set.ports() {
+        match ranges.last_mut() {
+            Some((_, high)) if u32::from(*high) + 1 == u32::from(port) => *high = port,
+            _ => ranges.push((port, port)),
+        }
+    }
+    Ok(ranges)
+}
+
+/// The file source: a table replaced whole when the file changes, so lookups never
+/// wait for a lock.
+pub struct FileDiscovery {
+    table: ArcSwap<Table>,
+    /// File versions the reloader has processed, valid or not.
+    versions_seen: std::sync::atomic::AtomicU64,
+}
+
+impl Discover for FileDiscovery {
+    fn resolve(&self, target: SocketAddr) -> Resolution<'_> {
+        Resolution::Known(self.table.load().lookup(target))
+    }
+}
+
+impl FileDiscovery {
+    /// Loads `path` now (a missing file is an empty table until it appears; an invalid
+    /// one is an error) and returns the source with a task that reloads it.
+    pub fn start(path: PathBuf, interval: Duration) -> Result<(Arc<FileDiscovery>, impl Future<Output = ()>), String> {
+        let initial = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(Table::parse(&text, &path).map_err(|e| format!("{}: {e}", path.display()))?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                warn!(path = %path.display(), "discovery file not found; every destination is unmeshed until it appears");
+                None
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let mut last_text = initial.is_some().then(|| std::fs::read_to_string(&path).unwrap_or_default());
+        let discovery = Arc::new(FileDiscovery {
+            table: ArcSwap::from_pointee(initial.unwrap_or_default()),
+            versions_seen: Default::default(),
+        });
+        let watcher = discovery.clone();
+        let reload = async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // Reading whole files keeps the check simple and also catches the symlink
+                // swaps Kubernetes uses to update mounted ConfigMaps.
+                let text = match tokio::fs::read_to_string(&path).await {
+                    Ok(text) => text,
+                    Err(_) => continue,
+                };
+                if last_text.as_deref() == Some(text.as_str()) {
+                    continue;
+                }
+                match Table::parse(&text, &path) {
+                    Ok(table) => {
+                        info!(path = %path.display(), destinations = table.entries.len(), "discovery file reloaded");
+                        watcher.table.store(Arc::new(table));
+                    }
+                    Err(error) => {
+                        warn!(path = %path.display(), %error, "invalid discovery file; keeping the last good table")
+                    }
+                }
+                last_text = Some(text);
+                watcher.versions_seen.fetch_add(1, std::sync::atomic::Ordering::Release);
+            }
+        };
+        Ok((discovery, reload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(text: &str) -> Table {
+        Table::parse(text, Path::new("d.yaml")).unwrap()
+    }
+
+    fn at(addr: &str) -> SocketAddr {
+        addr.parse().unwrap()
+    }
+
+    #[test]
+    fn yaml_and_toml_describe_the_same_table() {
+        let from_yaml = yaml(
+            "destinations:\n  - addr: 192.0.2.0/24\n    ports: \"8080,9000-9002\"\n    identity: Web.NS.serviceaccount.identity.linkerd.cluster.local\n    http2: true\n",
+        );
+        let from_toml = Table::parse(
+            "[[destinations]]\naddr = \"192.0.2.0/24\"\nports = \"8080,9000-9002\"\nidentity = \"web.ns.serviceaccount.identity.linkerd.cluster.local\"\nhttp2 = true\n",
+            Path::new("d.toml"),
+        )
+        .unwrap();
+        assert_eq!(from_yaml, from_toml);
+        let endpoint = from_yaml.lookup(at("192.0.2.7:9001")).unwrap();
+        assert_eq!(endpoint.identity.as_deref(), Some("web.ns.serviceaccount.identity.linkerd.cluster.local"));
+        assert!(endpoint.http2 && !endpoint.opaque);
+        assert_eq!(endpoint.inbound_port, 4143);
+        assert!(from_yaml.lookup(at("192.0.2.7:9003")).is_none());
+        assert!(from_yaml.lookup(at("198.51.100.1:8080")).is_none());
+    }
+
+    #[test]
+    fn the_most_specific_entry_wins() {
+        let table = yaml(
+            "destinations:\n  - addr: 192.0.2.0/24\n    identity: a.example\n  - addr: 192.0.2.5\n    ports: 80\n    identity: b.example\n    opaque: true\n",
+        );
+        assert_eq!(table.lookup(at("192.0.2.5:80")).unwrap().identity.as_deref(), Some("b.example"));
+        assert_eq!(table.lookup(at("192.0.2.5:81")).unwrap().identity.as_deref(), Some("a.example"));
+        assert!(table.lookup(at("192.0.2.5:80")).unwrap().opaque);
+        // IPv4-mapped addresses from dual-stack sockets match IPv4 entries.
+        assert!(table.lookup(at("[::ffff:192.0.2.9]:1")).is_some());
+        let v6 = yaml("destinations:\n  - addr: 2001:db8::/64\n    identity: six.example\n");
+        assert!(v6.lookup(at("[2001:db8::2]:80")).is_some());
+    }
+
+    #[test]
+    fn invalid_files_say_where() {
+        let bad = |text: &str| Table::parse(text, Path::new("d.yaml")).unwrap_err();
+        assert!(bad("destinations:\n  - addr: nowhere\n").contains("destination 1 (nowhere)"));
+        assert!(bad("destinations:\n  - addr: 192.0.2.1\n    ports: \"99999\"\n").contains("destination 1"));
+        assert!(bad("destinations:\n  - addr: 192.0.2.1\n    colour: blue\n").contains("colour"));
+        assert!(bad("destinations:\n  - addr: 192.0.2.1\n    identity: \" \"\n").contains("empty"));
+    }
+
+    #[tokio::test]
+    async fn edits_apply_and_invalid_edits_keep_the_last_good_table() {
+        use std::sync::atomic::Ordering;
+        let dir = std::env::temp_dir().join(format!("tandem-discovery-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.yaml");
+        std::fs::write(&path, "destinations:\n  - addr: 192.0.2.1\n    identity: one.example\n").unwrap();
+        let (discovery, reload) = FileDiscovery::start(path.clone(), Duration::from_millis(10)).unwrap();
+        let reload = tokio::spawn(reload);
+        let identity = |d: &FileDiscovery| d.table.load().lookup(at("192.0.2.1:80")).and_then(|e| e.identity.clone());
+        assert_eq!(identity(&discovery).as_deref(), Some("one.example"));
+
+        std::fs::write(&path, "destinations:\n  - addr: 192.0.2.1\n    identity: two.example\n").unwrap();
+        wait_until(|| discovery.versions_seen.load(Ordering::Acquire) == 1).await;
+        assert_eq!(identity(&discovery).as_deref(), Some("two.example"));
+
+        std::fs::write(&path, "destinations: [oops\n").unwrap();
+        wait_until(|| discovery.versions_seen.load(Ordering::Acquire) == 2).await;
+        assert_eq!(identity(&discovery).as_deref(), Some("two.example"));
+        reload.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    async fn wait_until(mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "condition not reached");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
