@@ -20,6 +20,8 @@ use tracing::{info, warn};
 use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::conn::Context;
+use crate::discovery::{Discover, FileDiscovery, NoDiscovery};
+use crate::identity;
 use crate::log::LogLevel;
 use crate::metrics::{Direction, Metrics};
 
@@ -62,7 +64,22 @@ async fn serve(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
         )
     })?;
 
-    let metrics = Arc::new(Metrics::new(&config));
+    let mut metrics = Metrics::new(&config);
+    let identity_metrics = config
+        .identity
+        .as_ref()
+        .map(|_| tandem_identity::metrics::IdentityMetrics::register(&mut metrics.registry));
+    let metrics = Arc::new(metrics);
+    let discovery: Arc<dyn Discover> = match &config.discovery_file {
+        Some(path) => {
+            let (discovery, reload) =
+                FileDiscovery::start(path.clone(), config.discovery_reload_interval)
+                    .map_err(|e| anyhow::anyhow!("cannot load TANDEM_DISCOVERY_FILE: {e}"))?;
+            tokio::spawn(reload);
+            discovery
+        }
+        None => Arc::new(NoDiscovery),
+    };
     let shutdown = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
     let admin = Arc::new(Admin {
@@ -73,6 +90,16 @@ async fn serve(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
     });
     spawn_admin_thread(admin, admin_listener)?;
+
+    // As Linkerd: no traffic is served before the first certificate, so nothing meshed
+    // can ever go out (or be accepted) in plaintext. `/live` answers meanwhile.
+    let identity = match (config.identity.clone(), identity_metrics) {
+        (Some(identity_config), Some(identity_metrics)) => tokio::select! {
+            identity = identity::start(identity_config, identity_metrics) => Some(identity?),
+            _ = wait_for_shutdown(&shutdown) => return Ok(()),
+        },
+        _ => None,
+    };
 
     let connections = TaskTracker::new();
     let directions = [
@@ -94,6 +121,10 @@ async fn serve(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
         let ctx = Arc::new(Context {
             config: direction_config,
             metrics: direction_metrics,
+            discovery: discovery.clone(),
+            identity: identity.clone(),
+            require_identity: config.inbound_require_identity.clone(),
+            require_tls: config.inbound_require_tls.clone(),
         });
         for listener in listeners {
             info!(direction = direction.as_str(), addr = %listener.local_addr()?, "listening");

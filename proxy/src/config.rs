@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Ports whose traffic is never protocol-detected by default (server-speaks-first or
@@ -47,6 +48,15 @@ pub struct Config {
     pub log_filter: String,
     pub log_format: LogFormat,
     pub worker_threads: usize,
+    /// Where the proxy's certificate comes from; `None` runs without mesh identity
+    /// (no mTLS, nothing meshed).
+    pub identity: Option<tandem_identity::client::ClientConfig>,
+    pub discovery_file: Option<PathBuf>,
+    pub discovery_reload_interval: Duration,
+    /// Inbound ports that refuse connections without an mTLS client identity.
+    pub inbound_require_identity: PortSet,
+    /// Inbound ports that refuse connections without mesh TLS.
+    pub inbound_require_tls: PortSet,
 }
 
 /// Every configuration problem found, each naming its variable.
@@ -178,7 +188,39 @@ impl Config {
             log_filter: lookup("LINKERD2_PROXY_LOG").unwrap_or_else(|| "warn,tandem=info".into()),
             log_format: env.parse("LINKERD2_PROXY_LOG_FORMAT", "plain", parse_log_format),
             worker_threads: env.parse("LINKERD2_PROXY_CORES", "1", parse_positive),
+            identity: match tandem_identity::client::ClientConfig::from_lookup(&lookup) {
+                Ok(identity) => identity,
+                Err(errors) => {
+                    env.errors.extend(errors);
+                    None
+                }
+            },
+            discovery_file: lookup("TANDEM_DISCOVERY_FILE")
+                .filter(|p| !p.trim().is_empty())
+                .map(PathBuf::from),
+            discovery_reload_interval: env.parse(
+                "TANDEM_DISCOVERY_RELOAD_INTERVAL",
+                "2s",
+                parse_duration,
+            ),
+            inbound_require_identity: env.parse(
+                "LINKERD2_PROXY_INBOUND_PORTS_REQUIRE_IDENTITY",
+                "",
+                PortSet::parse,
+            ),
+            inbound_require_tls: env.parse(
+                "LINKERD2_PROXY_INBOUND_PORTS_REQUIRE_TLS",
+                "",
+                PortSet::parse,
+            ),
         };
+        let needs_identity =
+            !config.inbound_require_identity.is_empty() || !config.inbound_require_tls.is_empty();
+        if needs_identity && config.identity.is_none() {
+            env.errors.push(
+                "LINKERD2_PROXY_INBOUND_PORTS_REQUIRE_IDENTITY/_TLS need mesh identity (LINKERD2_PROXY_IDENTITY_*)".into(),
+            );
+        }
         if env.errors.is_empty() {
             Ok(config)
         } else {
@@ -331,6 +373,10 @@ impl PortSet {
         for (mine, theirs) in self.bits.iter_mut().zip(other.bits.iter()) {
             *mine |= theirs;
         }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().all(|word| *word == 0)
     }
 
     pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {

@@ -1,24 +1,35 @@
 //! The steps every proxied connection takes, whichever direction it came from:
-//! find where it was going, detect its protocol, connect, forward.
+//! find where it was going, detect its protocol, (terminate or originate TLS),
+//! connect, forward.
 //!
 //! `inbound.rs` and `outbound.rs` call these in the same order; only the decisions
-//! that differ by direction (loops, TLS labels, later mTLS) live there.
+//! that differ by direction live there.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::config::DirectionConfig;
+use crate::config::{DirectionConfig, PortSet};
 use crate::detect::{self, Outcome, Protocol};
-use crate::metrics::{ConnError, DetectResult, DirectionMetrics, Peer, TlsStatus};
-use crate::tcp::{self, Side};
+use crate::discovery::Discover;
+use crate::identity::LocalIdentity;
+use crate::metrics::{ConnError, DetectResult, DirectionMetrics, OpenConnection, Peer, TlsStatus};
+use crate::tcp::{self, Side, Transport};
 use crate::transport::{self, ConnectError};
 
 /// What one direction of the proxy needs to handle a connection.
 pub struct Context {
     pub config: DirectionConfig,
-    pub metrics: std::sync::Arc<DirectionMetrics>,
+    pub metrics: Arc<DirectionMetrics>,
+    pub discovery: Arc<dyn Discover>,
+    /// The proxy's mesh identity, when it has one.
+    pub identity: Option<Arc<LocalIdentity>>,
+    pub require_identity: PortSet,
+    pub require_tls: PortSet,
 }
 
 /// The accepted socket and where it was going.
@@ -53,14 +64,14 @@ pub fn accept(ctx: &Context, stream: TcpStream, client: SocketAddr) -> Option<Ac
     }
 }
 
-/// Sniffs the client's first bytes unless the port is opaque. Returns the protocol
-/// (`Unknown` on timeout or skip) and the bytes to replay upstream.
-pub async fn detect(ctx: &Context, conn: &mut Accepted) -> Option<(Protocol, Vec<u8>)> {
-    if ctx.config.opaque_ports.contains(conn.orig_dst.port()) {
-        ctx.metrics.detected(DetectResult::Skipped);
-        return Some((Protocol::Unknown, Vec::new()));
-    }
-    match detect::detect(&mut conn.stream, ctx.config.detect_timeout).await {
+/// Sniffs the first bytes of `io`. Returns the protocol (`Unknown` on timeout) and the
+/// bytes to replay upstream, or `None` when the client failed.
+pub async fn detect<I: AsyncRead + Unpin>(
+    ctx: &Context,
+    io: &mut I,
+    client: SocketAddr,
+) -> Option<(Protocol, Vec<u8>)> {
+    match detect::detect(io, ctx.config.detect_timeout).await {
         Ok((outcome, prefix)) => {
             let result = match &outcome {
                 Outcome::Detected(Protocol::Http1) => DetectResult::Http1,
@@ -70,62 +81,167 @@ pub async fn detect(ctx: &Context, conn: &mut Accepted) -> Option<(Protocol, Vec
                 Outcome::Timeout => DetectResult::Timeout,
             };
             ctx.metrics.detected(result);
-            debug!(client = %conn.client, orig_dst = %conn.orig_dst, ?outcome, "detected");
+            debug!(%client, ?outcome, "detected");
             match outcome {
                 Outcome::Detected(protocol) => Some((protocol, prefix)),
                 Outcome::Timeout => Some((Protocol::Unknown, prefix)),
             }
         }
         Err(error) => {
-            debug!(client = %conn.client, %error, "client failed during detection");
+            debug!(%client, %error, "client failed during detection");
             ctx.metrics.error(ConnError::Detect);
             None
         }
     }
 }
 
-/// Connects to `target` and forwards the client's stream to it, counting both sides
-/// in the transport metrics and every failure in the error counter.
-pub async fn forward(
+/// A client connection whose handling is decided, counted in the transport metrics
+/// from here until it closes.
+pub struct Client<C> {
+    pub stream: C,
+    pub addr: SocketAddr,
+    pub metrics: OpenConnection,
+}
+
+/// Starts counting `stream` as an accepted connection for `orig_dst`. `already_read`
+/// bytes were read from it during detection.
+pub fn client<C>(
     ctx: &Context,
-    conn: Accepted,
-    prefix: Vec<u8>,
+    stream: C,
+    addr: SocketAddr,
+    orig_dst: SocketAddr,
+    tls: TlsStatus,
+    already_read: usize,
+) -> Client<C> {
+    let metrics = ctx.metrics.transport.open(Peer::Src, orig_dst, tls);
+    metrics.series().add_read(already_read);
+    Client {
+        stream,
+        addr,
+        metrics,
+    }
+}
+
+impl<C: Transport> Client<C> {
+    /// Refuses the connection: counts `error` and resets the client, so it learns of
+    /// the failure as it would without a proxy.
+    pub fn refuse(mut self, ctx: &Context, error: ConnError, errno: &'static str) {
+        ctx.metrics.error(error);
+        self.metrics.set_errno(errno);
+        transport::reset_on_close(self.stream.tcp());
+    }
+}
+
+/// Connects to `target`, refusing the client when that fails.
+pub async fn connect<C: Transport>(
+    ctx: &Context,
+    client: Client<C>,
     target: SocketAddr,
-    src_tls: TlsStatus,
-    dst_tls: TlsStatus,
-) {
-    let transport = &ctx.metrics.transport;
-    let mut src = transport.open(Peer::Src, conn.orig_dst, src_tls);
-    src.series().add_read(prefix.len());
-    let server = match transport::connect(
+) -> Option<(Client<C>, TcpStream)> {
+    match transport::connect(
         target,
         ctx.config.connect_timeout,
         ctx.config.connect_keepalive,
     )
     .await
     {
-        Ok(server) => server,
+        Ok(server) => Some((client, server)),
         Err(error) => {
-            debug!(client = %conn.client, %target, %error, "cannot connect");
+            debug!(client = %client.addr, %target, %error, "cannot connect");
             let (counted, errno) = match &error {
                 ConnectError::Refused => (ConnError::ConnectRefused, "ECONNREFUSED"),
                 ConnectError::TimedOut => (ConnError::ConnectTimeout, "ETIMEDOUT"),
                 ConnectError::Other(e) => (ConnError::ConnectError, transport::errno_label(e)),
             };
-            ctx.metrics.error(counted);
-            src.set_errno(errno);
-            // The client learns of the failure as a reset, as it would without a proxy.
-            transport::reset_on_close(&conn.stream);
-            return;
+            client.refuse(ctx, counted, errno);
+            None
+        }
+    }
+}
+
+/// Originates mesh TLS on `server` towards a peer that must prove `identity`. With
+/// `transport_header`, also negotiates the transport-header ALPN, which the peer must
+/// accept. Never falls back to plaintext: on any failure the client is refused.
+pub async fn originate_tls<C: Transport>(
+    ctx: &Context,
+    client: Client<C>,
+    server: TcpStream,
+    identity: &str,
+    transport_header: bool,
+) -> Option<(Client<C>, tokio_rustls::client::TlsStream<TcpStream>)> {
+    let Some(local) = &ctx.identity else {
+        client.refuse(ctx, ConnError::TlsHandshake, "other");
+        return None;
+    };
+    let configs = local.configs();
+    let config = if transport_header {
+        &configs.client_transport_header
+    } else {
+        &configs.client
+    };
+    let Ok(server_name) = ServerName::try_from(identity.to_string()) else {
+        debug!(%identity, "the peer identity is not a valid TLS server name");
+        client.refuse(ctx, ConnError::PeerIdentity, "other");
+        return None;
+    };
+    let handshake = tokio_rustls::TlsConnector::from(config.clone()).connect(server_name, server);
+    let tls = match tokio::time::timeout(
+        ctx.config.connect_timeout.max(ctx.config.detect_timeout),
+        handshake,
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            debug!(client = %client.addr, %identity, %error, "mesh TLS handshake failed");
+            client.refuse(ctx, ConnError::TlsHandshake, transport::errno_label(&error));
+            return None;
+        }
+        Err(_) => {
+            debug!(client = %client.addr, %identity, "mesh TLS handshake timed out");
+            client.refuse(ctx, ConnError::TlsHandshake, "ETIMEDOUT");
+            return None;
         }
     };
-    let mut dst = transport.open(Peer::Dst, target, dst_tls);
+    let session = tls.get_ref().1;
+    if !crate::tls::names(session.peer_certificates(), identity) {
+        debug!(client = %client.addr, expected = %identity, found = ?crate::tls::peer_identity(session.peer_certificates()), "peer identity mismatch");
+        transport::reset_on_close(tls.get_ref().0);
+        client.refuse(ctx, ConnError::PeerIdentity, "other");
+        return None;
+    }
+    if transport_header && session.alpn_protocol() != Some(crate::transport_header::ALPN) {
+        debug!(client = %client.addr, %identity, "the peer did not accept the transport header");
+        transport::reset_on_close(tls.get_ref().0);
+        client.refuse(ctx, ConnError::TransportHeader, "other");
+        return None;
+    }
+    debug!(client = %client.addr, local = %configs.name, server = %identity, "meshed connection");
+    Some((client, tls))
+}
+
+/// Forwards the client's stream to `server` (writing `prefix` first), counting the
+/// server side as a connection to `target` with `tls`.
+pub async fn relay<C: Transport, S: Transport>(
+    ctx: &Context,
+    client: Client<C>,
+    prefix: &[u8],
+    server: S,
+    target: SocketAddr,
+    tls: TlsStatus,
+) {
+    let Client {
+        stream,
+        addr,
+        metrics: mut src,
+    } = client;
+    let mut dst = ctx.metrics.transport.open(Peer::Dst, target, tls);
     let result = tcp::forward(
         Side {
-            stream: conn.stream,
+            stream,
             series: src.series(),
         },
-        &prefix,
+        prefix,
         Side {
             stream: server,
             series: dst.series(),
@@ -133,7 +249,7 @@ pub async fn forward(
     )
     .await;
     if let Err(failure) = result {
-        debug!(client = %conn.client, %target, error = %failure.error, "forwarding failed");
+        debug!(client = %addr, %target, error = %failure.error, "forwarding failed");
         ctx.metrics.error(ConnError::Io);
         let errno = transport::errno_label(&failure.error);
         if failure.client_failed {
@@ -141,5 +257,74 @@ pub async fn forward(
         } else {
             dst.set_errno(errno)
         }
+    }
+}
+
+/// A stream that first yields bytes already read from it (during detection), so a
+/// TLS server can read a ClientHello the detector consumed.
+pub struct Replay<T> {
+    prefix: Vec<u8>,
+    read: usize,
+    inner: T,
+}
+
+impl<T> Replay<T> {
+    pub fn new(prefix: Vec<u8>, inner: T) -> Replay<T> {
+        Replay {
+            prefix,
+            read: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Replay<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.read < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.read);
+            let start = self.read;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.read += n;
+            if self.read == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.read = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Replay<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: Transport> Transport for Replay<T> {
+    fn tcp(&self) -> &TcpStream {
+        self.inner.tcp()
     }
 }

@@ -45,7 +45,7 @@ pub enum Resolution<'a> {
 }
 
 impl Resolution<'_> {
-    pub async fn get(self) -> Option<Arc<Endpoint>> {
+    pub async fn await_endpoint(self) -> Option<Arc<Endpoint>> {
         match self {
             Resolution::Known(endpoint) => endpoint,
             Resolution::Pending(lookup) => lookup.await,
@@ -141,8 +141,17 @@ impl Table {
                 Some(id) => Some(Arc::from(id.trim().to_ascii_lowercase())),
                 None => None,
             };
-            let endpoint = Endpoint { identity, opaque: d.opaque, http2: d.http2, inbound_port: d.inbound_port };
-            entries.push(Entry { net, ports, endpoint: Arc::new(endpoint) });
+            let endpoint = Endpoint {
+                identity,
+                opaque: d.opaque,
+                http2: d.http2,
+                inbound_port: d.inbound_port,
+            };
+            entries.push(Entry {
+                net,
+                ports,
+                endpoint: Arc::new(endpoint),
+            });
         }
         Ok(Table { entries })
     }
@@ -155,7 +164,12 @@ impl Table {
         self.entries
             .iter()
             .filter(|e| e.net.contains(&ip))
-            .filter(|e| e.ports.is_empty() || e.ports.iter().any(|(low, high)| (*low..=*high).contains(&port)))
+            .filter(|e| {
+                e.ports.is_empty()
+                    || e.ports
+                        .iter()
+                        .any(|(low, high)| (*low..=*high).contains(&port))
+            })
             .fold(None::<&Entry>, |best, e| match best {
                 Some(b) if b.net.prefix_len() >= e.net.prefix_len() => Some(b),
                 _ => Some(e),
@@ -203,16 +217,23 @@ impl Discover for FileDiscovery {
 impl FileDiscovery {
     /// Loads `path` now (a missing file is an empty table until it appears; an invalid
     /// one is an error) and returns the source with a task that reloads it.
-    pub fn start(path: PathBuf, interval: Duration) -> Result<(Arc<FileDiscovery>, impl Future<Output = ()>), String> {
+    pub fn start(
+        path: PathBuf,
+        interval: Duration,
+    ) -> Result<(Arc<FileDiscovery>, impl Future<Output = ()>), String> {
         let initial = match std::fs::read_to_string(&path) {
-            Ok(text) => Some(Table::parse(&text, &path).map_err(|e| format!("{}: {e}", path.display()))?),
+            Ok(text) => {
+                Some(Table::parse(&text, &path).map_err(|e| format!("{}: {e}", path.display()))?)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 warn!(path = %path.display(), "discovery file not found; every destination is unmeshed until it appears");
                 None
             }
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        let mut last_text = initial.is_some().then(|| std::fs::read_to_string(&path).unwrap_or_default());
+        let mut last_text = initial
+            .is_some()
+            .then(|| std::fs::read_to_string(&path).unwrap_or_default());
         let discovery = Arc::new(FileDiscovery {
             table: ArcSwap::from_pointee(initial.unwrap_or_default()),
             versions_seen: Default::default(),
@@ -242,7 +263,9 @@ impl FileDiscovery {
                     }
                 }
                 last_text = Some(text);
-                watcher.versions_seen.fetch_add(1, std::sync::atomic::Ordering::Release);
+                watcher
+                    .versions_seen
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
             }
         };
         Ok((discovery, reload))
@@ -273,7 +296,10 @@ mod tests {
         .unwrap();
         assert_eq!(from_yaml, from_toml);
         let endpoint = from_yaml.lookup(at("192.0.2.7:9001")).unwrap();
-        assert_eq!(endpoint.identity.as_deref(), Some("web.ns.serviceaccount.identity.linkerd.cluster.local"));
+        assert_eq!(
+            endpoint.identity.as_deref(),
+            Some("web.ns.serviceaccount.identity.linkerd.cluster.local")
+        );
         assert!(endpoint.http2 && !endpoint.opaque);
         assert_eq!(endpoint.inbound_port, 4143);
         assert!(from_yaml.lookup(at("192.0.2.7:9003")).is_none());
@@ -285,8 +311,22 @@ mod tests {
         let table = yaml(
             "destinations:\n  - addr: 192.0.2.0/24\n    identity: a.example\n  - addr: 192.0.2.5\n    ports: 80\n    identity: b.example\n    opaque: true\n",
         );
-        assert_eq!(table.lookup(at("192.0.2.5:80")).unwrap().identity.as_deref(), Some("b.example"));
-        assert_eq!(table.lookup(at("192.0.2.5:81")).unwrap().identity.as_deref(), Some("a.example"));
+        assert_eq!(
+            table
+                .lookup(at("192.0.2.5:80"))
+                .unwrap()
+                .identity
+                .as_deref(),
+            Some("b.example")
+        );
+        assert_eq!(
+            table
+                .lookup(at("192.0.2.5:81"))
+                .unwrap()
+                .identity
+                .as_deref(),
+            Some("a.example")
+        );
         assert!(table.lookup(at("192.0.2.5:80")).unwrap().opaque);
         // IPv4-mapped addresses from dual-stack sockets match IPv4 entries.
         assert!(table.lookup(at("[::ffff:192.0.2.9]:1")).is_some());
@@ -298,7 +338,10 @@ mod tests {
     fn invalid_files_say_where() {
         let bad = |text: &str| Table::parse(text, Path::new("d.yaml")).unwrap_err();
         assert!(bad("destinations:\n  - addr: nowhere\n").contains("destination 1 (nowhere)"));
-        assert!(bad("destinations:\n  - addr: 192.0.2.1\n    ports: \"99999\"\n").contains("destination 1"));
+        assert!(
+            bad("destinations:\n  - addr: 192.0.2.1\n    ports: \"99999\"\n")
+                .contains("destination 1")
+        );
         assert!(bad("destinations:\n  - addr: 192.0.2.1\n    colour: blue\n").contains("colour"));
         assert!(bad("destinations:\n  - addr: 192.0.2.1\n    identity: \" \"\n").contains("empty"));
     }
@@ -309,13 +352,27 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tandem-discovery-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("d.yaml");
-        std::fs::write(&path, "destinations:\n  - addr: 192.0.2.1\n    identity: one.example\n").unwrap();
-        let (discovery, reload) = FileDiscovery::start(path.clone(), Duration::from_millis(10)).unwrap();
+        std::fs::write(
+            &path,
+            "destinations:\n  - addr: 192.0.2.1\n    identity: one.example\n",
+        )
+        .unwrap();
+        let (discovery, reload) =
+            FileDiscovery::start(path.clone(), Duration::from_millis(10)).unwrap();
         let reload = tokio::spawn(reload);
-        let identity = |d: &FileDiscovery| d.table.load().lookup(at("192.0.2.1:80")).and_then(|e| e.identity.clone());
+        let identity = |d: &FileDiscovery| {
+            d.table
+                .load()
+                .lookup(at("192.0.2.1:80"))
+                .and_then(|e| e.identity.clone())
+        };
         assert_eq!(identity(&discovery).as_deref(), Some("one.example"));
 
-        std::fs::write(&path, "destinations:\n  - addr: 192.0.2.1\n    identity: two.example\n").unwrap();
+        std::fs::write(
+            &path,
+            "destinations:\n  - addr: 192.0.2.1\n    identity: two.example\n",
+        )
+        .unwrap();
         wait_until(|| discovery.versions_seen.load(Ordering::Acquire) == 1).await;
         assert_eq!(identity(&discovery).as_deref(), Some("two.example"));
 
@@ -329,7 +386,10 @@ mod tests {
     async fn wait_until(mut done: impl FnMut() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !done() {
-            assert!(tokio::time::Instant::now() < deadline, "condition not reached");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not reached"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }

@@ -1,42 +1,176 @@
 //! Inbound: connections from the world to the application, redirected to us by the
-//! pod's PREROUTING rules.
+//! pod's PREROUTING rules, and direct connections from other proxies.
 //!
-//! accept → original destination → refuse direct connections → detect → connect to
-//! the original destination (the pod's own address and the app's port) → forward.
+//! accept → original destination → detect (unless opaque) → terminate mesh TLS when
+//! the SNI is our identity (else pass TLS through untouched) → apply the port's policy
+//! → connect to the original destination (the pod's address and the app's port) →
+//! forward.
+//!
+//! A direct connection (one that dialled the inbound port itself, not redirected) is a
+//! peer proxy sending opaque traffic: it must be mTLS with a client identity and the
+//! transport-header ALPN, and the header names the local port to connect to.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tracing::debug;
 
-use crate::conn::{self, Context};
+use crate::conn::{self, Context, Replay};
 use crate::detect::Protocol;
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
+use crate::tcp::Transport;
+use crate::transport_header::TransportHeader;
 
-pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: std::net::SocketAddr) {
+pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: SocketAddr) {
     let Some(mut conn) = conn::accept(ctx, stream, client) else {
         return;
     };
-    // A connection that dialled the inbound port itself was not redirected. With mTLS it
-    // becomes Linkerd's "direct" (transport header) path; until then forwarding it
-    // would connect the proxy to itself.
-    if conn.orig_dst == conn.local {
-        debug!(client = %conn.client, "refusing a direct connection to the inbound port");
-        ctx.metrics.error(ConnError::Loop);
-        return;
+    let direct = conn.orig_dst == conn.local;
+    let port = conn.orig_dst.port();
+    if ctx.config.opaque_ports.contains(port) && !direct {
+        ctx.metrics.detected(crate::metrics::DetectResult::Skipped);
+        let tls = TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote);
+        let client = conn::client(ctx, conn.stream, conn.client, conn.orig_dst, tls, 0);
+        return plaintext(ctx, client, Vec::new(), conn.orig_dst).await;
     }
-    let Some((protocol, prefix)) = conn::detect(ctx, &mut conn).await else {
+    let Some((protocol, prefix)) = conn::detect(ctx, &mut conn.stream, conn.client).await else {
         return;
     };
-    let src_tls = match protocol {
-        // The application's own TLS: passed through untouched.
-        Protocol::Tls { .. } => TlsStatus::Opaque,
-        _ => TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote),
+    let local = ctx
+        .identity
+        .as_ref()
+        .filter(|id| matches!(&protocol, Protocol::Tls { sni: Some(sni) } if **sni == *id.name));
+    let Some(local) = local else {
+        let tls = match protocol {
+            // The application's own TLS (or mesh TLS for another identity): untouched.
+            Protocol::Tls { .. } => TlsStatus::Opaque,
+            _ => TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote),
+        };
+        let client = conn::client(
+            ctx,
+            conn.stream,
+            conn.client,
+            conn.orig_dst,
+            tls,
+            prefix.len(),
+        );
+        if direct {
+            debug!(client = %conn.client, "refusing a direct connection without mesh TLS");
+            return client.refuse(ctx, ConnError::TransportHeader, "other");
+        }
+        if ctx.require_tls.contains(port) || ctx.require_identity.contains(port) {
+            debug!(client = %conn.client, port, "refusing a connection without mTLS to a port that requires it");
+            return client.refuse(ctx, ConnError::Unauthorized, "other");
+        }
+        return plaintext(ctx, client, prefix, conn.orig_dst).await;
     };
-    let target = conn.orig_dst;
-    conn::forward(
+
+    let configs = local.configs();
+    let config = if direct {
+        configs.server_direct.clone()
+    } else {
+        configs.server.clone()
+    };
+    let handshake =
+        tokio_rustls::TlsAcceptor::from(config).accept(Replay::new(prefix, conn.stream));
+    let tls = match tokio::time::timeout(ctx.config.detect_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            debug!(client = %conn.client, %error, "mesh TLS handshake failed");
+            ctx.metrics.error(ConnError::TlsHandshake);
+            return;
+        }
+        Err(_) => {
+            debug!(client = %conn.client, "mesh TLS handshake timed out");
+            ctx.metrics.error(ConnError::TlsHandshake);
+            return;
+        }
+    };
+    let session = tls.get_ref().1;
+    let client_id = crate::tls::peer_identity(session.peer_certificates());
+    let negotiated_header = session.alpn_protocol() == Some(crate::transport_header::ALPN);
+    debug!(client = %conn.client, client_id = ?client_id, local = %configs.name, "meshed connection");
+    let tls_status = TlsStatus::Established(client_id.clone());
+    let mut client = conn::client(ctx, tls, conn.client, conn.orig_dst, tls_status, 0);
+
+    if direct {
+        // Direct connections must be mutually authenticated and carry a header.
+        if client_id.is_none() || !negotiated_header {
+            debug!(client = %conn.client, "refusing a direct connection without a client identity and transport header");
+            return client.refuse(ctx, ConnError::TransportHeader, "other");
+        }
+        let header = match TransportHeader::read(&mut client.stream, ctx.config.detect_timeout)
+            .await
+        {
+            Ok((header, _)) if header.name.is_some() => {
+                debug!(client = %conn.client, name = ?header.name, "gateway forwarding is not supported");
+                return client.refuse(ctx, ConnError::TransportHeader, "other");
+            }
+            Ok(header) => header,
+            Err(error) => {
+                debug!(client = %conn.client, %error, "bad transport header");
+                return client.refuse(ctx, ConnError::TransportHeader, "other");
+            }
+        };
+        let (header, rest) = header;
+        client.metrics.series().add_read(rest.len());
+        let target = SocketAddr::new(conn.orig_dst.ip(), header.port);
+        if target.port() == conn.local.port() {
+            return client.refuse(ctx, ConnError::Loop, "other");
+        }
+        return meshed(ctx, client, rest, target, &client_id).await;
+    }
+    if ctx.require_identity.contains(port) && client_id.is_none() {
+        debug!(client = %conn.client, port, "refusing an mTLS connection without a client identity");
+        return client.refuse(ctx, ConnError::Unauthorized, "other");
+    }
+    // The decrypted stream is detected like any other (HTTP-aware handling builds on it).
+    let Some((_protocol, prefix)) = conn::detect(ctx, &mut client.stream, conn.client).await else {
+        return;
+    };
+    client.metrics.series().add_read(prefix.len());
+    meshed(ctx, client, prefix, conn.orig_dst, &client_id).await;
+}
+
+/// Forwards a plaintext (or passed-through) connection to the local application.
+async fn plaintext(
+    ctx: &Context,
+    client: conn::Client<tokio::net::TcpStream>,
+    prefix: Vec<u8>,
+    target: SocketAddr,
+) {
+    let Some((client, server)) = conn::connect(ctx, client, target).await else {
+        return;
+    };
+    conn::relay(
         ctx,
-        conn,
-        prefix,
+        client,
+        &prefix,
+        server,
         target,
-        src_tls,
+        TlsStatus::NoIdentity(NoTlsReason::Loopback),
+    )
+    .await;
+}
+
+/// Forwards a decrypted mesh connection to the local application.
+async fn meshed<C: Transport>(
+    ctx: &Context,
+    client: conn::Client<C>,
+    prefix: Vec<u8>,
+    target: SocketAddr,
+    client_id: &Option<Arc<str>>,
+) {
+    let Some((client, server)) = conn::connect(ctx, client, target).await else {
+        return;
+    };
+    debug!(client = %client.addr, client_id = ?client_id, %target, "forwarding meshed connection");
+    conn::relay(
+        ctx,
+        client,
+        &prefix,
+        server,
+        target,
         TlsStatus::NoIdentity(NoTlsReason::Loopback),
     )
     .await;

@@ -49,13 +49,16 @@ pub enum Peer {
     Dst,
 }
 
-/// The `tls` label of a connection. Meshed identities join this enum with mTLS.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+/// The `tls` label of a connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum TlsStatus {
     /// No mesh TLS, for the reason given (Linkerd's `no_tls_reason` values).
     NoIdentity(NoTlsReason),
     /// The application's own TLS, passed through untouched.
     Opaque,
+    /// Mesh TLS: `tls="true"` with the peer's identity as `client_id` (inbound) or
+    /// `server_id` (outbound); a client without a certificate has none.
+    Established(Option<Arc<str>>),
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -138,10 +141,19 @@ pub enum ConnError {
     Detect,
     /// A forwarded stream ended with an error (reset, broken pipe).
     Io,
+    /// Mesh TLS could not be established (either side).
+    TlsHandshake,
+    /// The peer's certificate does not name the identity discovery expected.
+    PeerIdentity,
+    /// A direct connection without a valid transport header, or a peer that did not
+    /// accept one.
+    TransportHeader,
+    /// The port's policy requires mTLS (or a client identity) the client lacked.
+    Unauthorized,
 }
 
 impl ConnError {
-    const ALL: [ConnError; 7] = [
+    const ALL: [ConnError; 11] = [
         Self::Loop,
         Self::OrigDst,
         Self::ConnectRefused,
@@ -149,6 +161,10 @@ impl ConnError {
         Self::ConnectError,
         Self::Detect,
         Self::Io,
+        Self::TlsHandshake,
+        Self::PeerIdentity,
+        Self::TransportHeader,
+        Self::Unauthorized,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -160,6 +176,10 @@ impl ConnError {
             Self::ConnectError => "connect_error",
             Self::Detect => "detect",
             Self::Io => "i/o",
+            Self::TlsHandshake => "tls_handshake",
+            Self::PeerIdentity => "peer_identity",
+            Self::TransportHeader => "transport_header",
+            Self::Unauthorized => "unauthorized",
         }
     }
 }
@@ -302,7 +322,7 @@ impl TransportSeries {
     }
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct TransportKey {
     peer: Peer,
     /// `None` once the series cap is reached: such targets share one overflow series.
@@ -419,7 +439,7 @@ impl TransportMetrics {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.evict_idle(&mut map);
-        map.iter().map(|(k, v)| (*k, v.clone())).collect()
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 }
 
@@ -452,12 +472,20 @@ impl EncodeLabelSet for TransportLabels {
             }
             None => ("target_addr", "overflow").encode(encoder.encode_label())?,
         }
-        match self.key.tls {
+        match &self.key.tls {
             TlsStatus::NoIdentity(reason) => {
                 ("tls", "no_identity").encode(encoder.encode_label())?;
                 ("no_tls_reason", reason.as_str()).encode(encoder.encode_label())?;
             }
             TlsStatus::Opaque => ("tls", "opaque").encode(encoder.encode_label())?,
+            TlsStatus::Established(peer_id) => {
+                ("tls", "true").encode(encoder.encode_label())?;
+                let name = match self.direction {
+                    Direction::Inbound => "client_id",
+                    Direction::Outbound => "server_id",
+                };
+                (name, peer_id.as_deref().unwrap_or("")).encode(encoder.encode_label())?;
+            }
         }
         match self.errno {
             Some(errno) => ("errno", errno).encode(encoder.encode_label()),
@@ -539,8 +567,9 @@ impl Collector for TransportCollector {
                 let count = count.load(Relaxed);
                 if count > 0 {
                     let labels = TransportLabels {
+                        direction: labels.direction,
+                        key: labels.key.clone(),
                         errno: Some(errno),
-                        ..*labels
                     };
                     family
                         .encode_family(&labels)?
@@ -744,7 +773,7 @@ mod tests {
         let metrics = TransportMetrics::new(Direction::Inbound, Duration::ZERO, 100);
         let metrics = Arc::new(metrics);
         let tls = TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote);
-        let open = metrics.open(Peer::Src, "192.0.2.1:1".parse().unwrap(), tls);
+        let open = metrics.open(Peer::Src, "192.0.2.1:1".parse().unwrap(), tls.clone());
         drop(metrics.open(Peer::Src, "192.0.2.1:2".parse().unwrap(), tls));
         let kept: Vec<_> = metrics
             .snapshot()
@@ -765,7 +794,13 @@ mod tests {
         ));
         let tls = TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote);
         let _held: Vec<_> = (1..=5)
-            .map(|port| metrics.open(Peer::Src, SocketAddr::from(([192, 0, 2, 1], port)), tls))
+            .map(|port| {
+                metrics.open(
+                    Peer::Src,
+                    SocketAddr::from(([192, 0, 2, 1], port)),
+                    tls.clone(),
+                )
+            })
             .collect();
         let snapshot = metrics.snapshot();
         assert_eq!(snapshot.len(), 3);

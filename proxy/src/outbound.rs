@@ -1,14 +1,18 @@
 //! Outbound: the application's connections to the world, redirected to us by the
 //! pod's OUTPUT rules.
 //!
-//! accept → original destination → refuse loops → detect → connect → forward.
+//! accept → original destination → refuse loops → discover → detect (unless opaque) →
+//! connect → originate mTLS when the destination is meshed → forward.
+
+use std::net::SocketAddr;
 
 use tracing::debug;
 
 use crate::conn::{self, Context};
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
+use crate::transport_header::TransportHeader;
 
-pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: std::net::SocketAddr) {
+pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: SocketAddr) {
     let Some(mut conn) = conn::accept(ctx, stream, client) else {
         return;
     };
@@ -19,13 +23,69 @@ pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: std::n
         ctx.metrics.error(ConnError::Loop);
         return;
     }
-    let Some((_protocol, prefix)) = conn::detect(ctx, &mut conn).await else {
+    let endpoint = ctx.discovery.resolve(conn.orig_dst).await_endpoint().await;
+    let opaque = ctx.config.opaque_ports.contains(conn.orig_dst.port())
+        || endpoint.as_ref().is_some_and(|e| e.opaque);
+    let (prefix, already_read) = if opaque {
+        ctx.metrics.detected(crate::metrics::DetectResult::Skipped);
+        (Vec::new(), 0)
+    } else {
+        let Some((_protocol, prefix)) = conn::detect(ctx, &mut conn.stream, conn.client).await
+        else {
+            return;
+        };
+        let len = prefix.len();
+        (prefix, len)
+    };
+    let src_tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+    let client = conn::client(
+        ctx,
+        conn.stream,
+        conn.client,
+        conn.orig_dst,
+        src_tls,
+        already_read,
+    );
+
+    let peer_identity = endpoint.as_ref().and_then(|e| e.identity.clone());
+    let Some(identity) = peer_identity.filter(|_| ctx.identity.is_some()) else {
+        let Some((client, server)) = conn::connect(ctx, client, conn.orig_dst).await else {
+            return;
+        };
+        let tls = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
+        return conn::relay(ctx, client, &prefix, server, conn.orig_dst, tls).await;
+    };
+    // Meshed. Opaque traffic goes to the peer proxy's inbound port with a transport
+    // header naming the real port; everything else goes to the original destination,
+    // where the peer's rules hand it to its proxy.
+    let (target, prefix) = match endpoint.as_ref().filter(|_| opaque) {
+        Some(endpoint) => {
+            let header = TransportHeader {
+                port: conn.orig_dst.port(),
+                name: None,
+                protocol: None,
+            };
+            (
+                SocketAddr::new(conn.orig_dst.ip(), endpoint.inbound_port),
+                header.encode(),
+            )
+        }
+        None => (conn.orig_dst, prefix),
+    };
+    let Some((client, server)) = conn::connect(ctx, client, target).await else {
         return;
     };
-    let target = conn.orig_dst;
-    // Discovery (the mTLS issue) decides whether the target is meshed; until then
-    // every destination is unmeshed.
-    let src_tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
-    let dst_tls = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
-    conn::forward(ctx, conn, prefix, target, src_tls, dst_tls).await;
+    let Some((client, tls)) = conn::originate_tls(ctx, client, server, &identity, opaque).await
+    else {
+        return;
+    };
+    conn::relay(
+        ctx,
+        client,
+        &prefix,
+        tls,
+        target,
+        TlsStatus::Established(Some(identity)),
+    )
+    .await;
 }

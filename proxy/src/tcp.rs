@@ -1,26 +1,54 @@
-//! Forwarding a byte stream between two sockets.
+//! Forwarding a byte stream between two connections (plain TCP or TLS over TCP).
 //!
 //! Each direction is copied independently, so a FIN from one side is passed on as a
 //! FIN (half-close) while the other direction keeps flowing. A failure in either
 //! direction (a reset, a broken pipe) ends both: the proxy resets the other side too,
 //! so an upstream RST reaches the client as an RST rather than as a hang or a clean
 //! end of stream that would hide the failure.
+//!
+//! Both directions are polled from one future on the connection's task: no halves, no
+//! locks, no second task per connection.
 
+use std::future::poll_fn;
 use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::TransportSeries;
 
-/// Bytes buffered per direction: large enough for bulk throughput. It is allocated
-/// only once data flows, so idle connections cost little.
+/// Bytes buffered per direction: large enough for bulk throughput (a full TLS record).
 const COPY_BUFFER: usize = 16 * 1024;
 
+/// A stream the proxy forwards: plain TCP, or TLS over TCP. The TCP socket underneath
+/// is reachable so a failure can be turned into a reset.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl<T: Transport> Transport for tokio_rustls::server::TlsStream<T> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.tcp()
+    }
+}
+
+impl<T: Transport> Transport for tokio_rustls::client::TlsStream<T> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.tcp()
+    }
+}
+
 /// One side of a forwarded connection and the series its bytes are counted in.
-pub struct Side<'a> {
-    pub stream: TcpStream,
+pub struct Side<'a, T> {
+    pub stream: T,
     pub series: &'a TransportSeries,
 }
 
@@ -32,11 +60,11 @@ pub struct ForwardError {
 }
 
 /// Copies `client` ⇄ `server` until both directions have ended, writing `prefix`
-/// (bytes already read from the client during detection) to the server first.
-pub async fn forward(
-    client: Side<'_>,
+/// (bytes already read from the client, e.g. during detection) to the server first.
+pub async fn forward<C: Transport, S: Transport>(
+    client: Side<'_, C>,
     prefix: &[u8],
-    server: Side<'_>,
+    server: Side<'_, S>,
 ) -> Result<(), ForwardError> {
     let Side {
         stream: mut client_stream,
@@ -46,72 +74,131 @@ pub async fn forward(
         stream: mut server_stream,
         series: server_series,
     } = server;
-    let result = {
-        let (mut client_read, mut client_write) = client_stream.split();
-        let (mut server_read, mut server_write) = server_stream.split();
-        let upstream = async {
-            if !prefix.is_empty() {
-                server_write
-                    .write_all(prefix)
-                    .await
-                    .map_err(|e| (false, e))?;
-                server_series.add_write(prefix.len());
-            }
-            copy(
-                &mut client_read,
-                client_series,
-                &mut server_write,
-                server_series,
-            )
-            .await
-        };
-        let downstream = async {
-            copy(
-                &mut server_read,
-                server_series,
-                &mut client_write,
-                client_series,
-            )
-            .await
-            .map_err(|(read_failed, e)| (!read_failed, e))
-        };
-        // try_join stops at the first error, so a failure in one direction does not
-        // wait for the other direction to end on its own.
-        tokio::try_join!(upstream, downstream)
-    };
-    match result {
-        Ok(_) => Ok(()),
-        Err((client_failed, error)) => {
-            crate::transport::reset_on_close(&client_stream);
-            crate::transport::reset_on_close(&server_stream);
-            Err(ForwardError {
-                client_failed,
+    let mut upstream = Direction::with_prefix(prefix);
+    let mut downstream = Direction::with_prefix(&[]);
+    let result = poll_fn(|cx| {
+        // The client's reads feed the server's writes, and the other way round.
+        let up = upstream.poll(
+            cx,
+            &mut client_stream,
+            client_series,
+            &mut server_stream,
+            server_series,
+        );
+        if let Poll::Ready(Err((read_failed, error))) = up {
+            return Poll::Ready(Err(ForwardError {
+                client_failed: read_failed,
                 error,
-            })
+            }));
         }
+        let down = downstream.poll(
+            cx,
+            &mut server_stream,
+            server_series,
+            &mut client_stream,
+            client_series,
+        );
+        if let Poll::Ready(Err((read_failed, error))) = down {
+            return Poll::Ready(Err(ForwardError {
+                client_failed: !read_failed,
+                error,
+            }));
+        }
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    if result.is_err() {
+        crate::transport::reset_on_close(client_stream.tcp());
+        crate::transport::reset_on_close(server_stream.tcp());
     }
+    result
 }
 
-/// Copies until end of stream, then half-closes the writer. An error says whether
-/// it came from the reader (`true`) or the writer (`false`).
-async fn copy(
-    reader: &mut ReadHalf<'_>,
-    read_series: &TransportSeries,
-    writer: &mut WriteHalf<'_>,
-    write_series: &TransportSeries,
-) -> Result<(), (bool, io::Error)> {
-    // Allocate only once the peer has something to say, so connections that are idle
-    // in one direction (most of them) hold no buffer for it.
-    reader.as_ref().readable().await.map_err(|e| (true, e))?;
-    let mut buf = vec![0; COPY_BUFFER];
-    loop {
-        let n = reader.read(&mut buf).await.map_err(|e| (true, e))?;
-        if n == 0 {
-            return writer.shutdown().await.map_err(|e| (false, e));
+/// The state of copying one direction.
+struct Direction {
+    buf: Box<[u8]>,
+    /// Bytes in `buf[start..end]` are read but not yet written.
+    start: usize,
+    end: usize,
+    /// Bytes were written since the last flush (TLS writers buffer inside the session).
+    unflushed: bool,
+    read_done: bool,
+    done: bool,
+}
+
+impl Direction {
+    fn with_prefix(prefix: &[u8]) -> Direction {
+        let mut buf = vec![0; COPY_BUFFER.max(prefix.len())].into_boxed_slice();
+        buf[..prefix.len()].copy_from_slice(prefix);
+        Direction {
+            buf,
+            start: 0,
+            end: prefix.len(),
+            unflushed: false,
+            read_done: false,
+            done: false,
         }
-        read_series.add_read(n);
-        writer.write_all(&buf[..n]).await.map_err(|e| (false, e))?;
-        write_series.add_write(n);
+    }
+
+    /// Copies until end of stream, then half-closes the writer. An error says whether
+    /// it came from the reader (`true`) or the writer (`false`).
+    fn poll<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        read_series: &TransportSeries,
+        writer: &mut W,
+        write_series: &TransportSeries,
+    ) -> Poll<Result<(), (bool, io::Error)>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while self.start < self.end {
+                let n = match Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end])
+                {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into())))
+                    }
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((false, e))),
+                    Poll::Pending => return Poll::Pending,
+                };
+                self.start += n;
+                self.unflushed = true;
+                write_series.add_write(n);
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(|e| (false, e))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut read = ReadBuf::new(&mut self.buf);
+            match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    (self.start, self.end) = (0, n);
+                    if n == 0 {
+                        self.read_done = true;
+                    } else {
+                        read_series.add_read(n);
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((true, e))),
+                Poll::Pending => {
+                    // Nothing more to read for now: push out what the writer holds.
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|e| (false, e))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
     }
 }
 
@@ -119,6 +206,7 @@ async fn copy(
 mod tests {
     use super::*;
     use crate::metrics::{Metrics, NoTlsReason, Peer, TlsStatus};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -133,7 +221,10 @@ mod tests {
         let metrics = Metrics::new(&crate::config::Config::from_lookup(|_| None).unwrap());
         let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
         let target = "127.0.0.1:1".parse().unwrap();
-        let src = metrics.outbound.transport.open(Peer::Src, target, tls);
+        let src = metrics
+            .outbound
+            .transport
+            .open(Peer::Src, target, tls.clone());
         let dst = metrics.outbound.transport.open(Peer::Dst, target, tls);
         let (mut app, proxy_client) = pair().await;
         let (proxy_server, mut upstream) = pair().await;
@@ -166,5 +257,41 @@ mod tests {
         };
         let (result, ()) = tokio::join!(forwarding, peers);
         result.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reset_upstream_resets_the_client() {
+        let metrics = Metrics::new(&crate::config::Config::from_lookup(|_| None).unwrap());
+        let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+        let target = "127.0.0.1:1".parse().unwrap();
+        let src = metrics
+            .outbound
+            .transport
+            .open(Peer::Src, target, tls.clone());
+        let dst = metrics.outbound.transport.open(Peer::Dst, target, tls);
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_server, upstream) = pair().await;
+        crate::transport::reset_on_close(&upstream);
+        drop(upstream);
+        let result = forward(
+            Side {
+                stream: proxy_client,
+                series: src.series(),
+            },
+            b"request",
+            Side {
+                stream: proxy_server,
+                series: dst.series(),
+            },
+        )
+        .await;
+        let failure = result.expect_err("the upstream reset");
+        assert!(!failure.client_failed);
+        let mut buf = [0u8; 8];
+        let error = app
+            .read(&mut buf)
+            .await
+            .expect_err("the client sees a reset");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
     }
 }

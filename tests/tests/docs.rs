@@ -19,7 +19,8 @@ fn quoted_variables(source: &str) -> Vec<String> {
 #[test]
 fn readme_lists_every_proxy_variable() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let config = std::fs::read_to_string(root.join("proxy/src/config.rs")).unwrap();
+    let config = std::fs::read_to_string(root.join("proxy/src/config.rs")).unwrap()
+        + &std::fs::read_to_string(root.join("identity/src/client.rs")).unwrap();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let variables = quoted_variables(&config);
     assert!(variables.len() > 20, "found only {variables:?}");

@@ -1,0 +1,22 @@
+//! Tandem's identity: trust anchor and issuer tooling, the issuer service that
+//! implements Linkerd's `io.linkerd.proxy.identity.Identity/Certify`, and the
+//! proxy-side client that keeps a short-lived mTLS certificate fresh.
+//!
+//! The binary `tandem-identity` wraps [`ca`], [`check`] and [`service`]; the proxy
+//! uses [`client::spawn`] with a [`client::ClientConfig`].
+
+pub mod auth;
+pub mod ca;
+pub mod check;
+pub mod client;
+pub mod duration;
+pub mod issuer;
+pub mod metrics;
+pub mod pem;
+pub mod refresh;
+pub mod service;
+pub mod tls;
+pub mod tmpfs;
+
+pub use client::{spawn, ClientConfig, Credentials};
+pub use metrics::IdentityMetrics;

@@ -1,0 +1,83 @@
+//! The proxy's mesh identity: the certificate client from `tandem-identity`, and TLS
+//! configurations rebuilt whenever it delivers a new certificate.
+//!
+//! Configurations are swapped whole: a connection takes the current one when it starts
+//! its handshake and keeps it, so a rotation never touches open connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tandem_identity::client::{ClientConfig, Credentials};
+use tandem_identity::metrics::IdentityMetrics;
+use tracing::{info, warn};
+
+use crate::tls::TlsConfigs;
+
+pub struct LocalIdentity {
+    pub name: Arc<str>,
+    configs: ArcSwap<TlsConfigs>,
+}
+
+impl LocalIdentity {
+    /// The configurations of the current certificate.
+    pub fn configs(&self) -> Arc<TlsConfigs> {
+        self.configs.load_full()
+    }
+}
+
+fn configs_for(credentials: &Credentials) -> Result<TlsConfigs, String> {
+    TlsConfigs::new(
+        &credentials.name,
+        credentials.cert_chain.clone(),
+        credentials.key.clone_key(),
+        &credentials.trust_anchors,
+    )
+}
+
+/// Starts the certificate client and waits for the first certificate, as Linkerd does
+/// before it serves any traffic. Rotations are applied by a background task.
+pub async fn start(
+    config: ClientConfig,
+    metrics: IdentityMetrics,
+) -> anyhow::Result<Arc<LocalIdentity>> {
+    let name = config.local_name.clone();
+    let mut updates = tandem_identity::client::spawn(config, metrics)?;
+    let first = loop {
+        if let Some(credentials) = updates.borrow_and_update().clone() {
+            break credentials;
+        }
+        match tokio::time::timeout(Duration::from_secs(15), updates.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => anyhow::bail!("the identity client stopped before issuing a certificate"),
+            Err(_) => {
+                warn!(identity = %name, "still waiting for a certificate from the identity service")
+            }
+        }
+    };
+    let configs = configs_for(&first)
+        .map_err(|e| anyhow::anyhow!("cannot use the issued certificate: {e}"))?;
+    info!(identity = %first.name, "certified");
+    let identity = Arc::new(LocalIdentity {
+        name: Arc::from(first.name.as_str()),
+        configs: ArcSwap::from_pointee(configs),
+    });
+    let rotating = identity.clone();
+    tokio::spawn(async move {
+        while updates.changed().await.is_ok() {
+            let Some(credentials) = updates.borrow_and_update().clone() else {
+                continue;
+            };
+            match configs_for(&credentials) {
+                Ok(configs) => {
+                    rotating.configs.store(Arc::new(configs));
+                    info!(identity = %credentials.name, "certificate rotated");
+                }
+                Err(error) => {
+                    warn!(%error, "cannot use the renewed certificate; keeping the current one")
+                }
+            }
+        }
+    });
+    Ok(identity)
+}
