@@ -72,7 +72,8 @@ pub fn issuer(
     not_before: SystemTime,
     validity: Duration,
 ) -> Result<CaMaterial> {
-    let anchor_key = KeyPair::from_pem(anchor_key_pem).context("invalid anchor key")?;
+    let anchor_key =
+        crate::issuer::load_ca_key(anchor_key_pem.as_bytes()).context("invalid anchor key")?;
     let anchor_der = crate::pem::certs(anchor_cert_pem.as_bytes())
         .context("invalid anchor certificate")?
         .remove(0);

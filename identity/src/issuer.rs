@@ -100,11 +100,7 @@ impl Issuer {
         anchors: Option<&[CertificateDer<'_>]>,
     ) -> Result<Self> {
         let chain = crate::pem::certs(cert_pem).context("issuer certificate")?;
-        let key_pem = std::str::from_utf8(key_pem).context("issuer key is not PEM text")?;
-        let key = KeyPair::from_pem(key_pem).context("invalid issuer key")?;
-        if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
-            bail!("issuer key must be ECDSA P-256");
-        }
+        let key = load_ca_key(key_pem).context("invalid issuer key")?;
         check_key_matches(&chain[0], &key)
             .context("issuer key does not belong to the issuer certificate")?;
 
@@ -338,4 +334,44 @@ pub fn generate_csr(name: &str) -> Result<(KeyPair, Vec<u8>)> {
     params.distinguished_name = dn;
     let csr = params.serialize_request(&key).context("build CSR")?;
     Ok((key, csr.der().to_vec()))
+}
+
+/// A CA signing key held by rustls' ring provider, so PKCS#8 and SEC1
+/// (`EC PRIVATE KEY`, as written by step and cert-manager) both load.
+struct CaKey {
+    signer: Box<dyn rustls::sign::Signer>,
+    public: Vec<u8>,
+}
+
+impl rcgen::RemoteKeyPair for CaKey {
+    fn public_key(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.signer
+            .sign(msg)
+            .map_err(|_| rcgen::Error::RingUnspecified)
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Loads an ECDSA P-256 CA key from PEM (PKCS#8 or SEC1).
+pub fn load_ca_key(pem: &[u8]) -> Result<KeyPair> {
+    let der = crate::pem::private_key(pem)?;
+    let key = crate::tls::provider()
+        .key_provider
+        .load_private_key(der)
+        .context("unsupported private key")?;
+    let signer = key
+        .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+        .context("the key must be ECDSA P-256")?;
+    let spki = key.public_key().context("the key has no public key")?;
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki.as_ref())
+        .map_err(|e| anyhow::anyhow!("invalid public key: {e}"))?;
+    let public = spki.subject_public_key.data.to_vec();
+    KeyPair::from_remote(Box::new(CaKey { signer, public })).context("unusable key")
 }

@@ -234,15 +234,23 @@ pub async fn start(config: ServiceConfig) -> Result<Running> {
             let cert = Arc::new(SwappableCert::default());
             // An expired issuer cannot sign its own serving certificate; the
             // service still starts so readiness and logs explain why.
-            if let Err(e) = renew_serving_cert(&shared, name, &cert) {
-                tracing::error!(name = %name, "cannot issue the TLS serving certificate: {e:#}");
-            }
-            Some((name.clone(), cert))
+            let due = match renew_serving_cert(&shared, name, &cert) {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::error!(name = %name, "cannot issue the TLS serving certificate: {e:#}");
+                    SystemTime::now()
+                }
+            };
+            Some(Serving {
+                name: name.clone(),
+                cert,
+                due,
+            })
         }
         None => None,
     };
     let acceptor = match &serving {
-        Some((_, cert)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+        Some(Serving { cert, .. }) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
             crate::tls::server_config(cert.clone())?,
         ))),
         None => None,
@@ -300,6 +308,13 @@ fn renew_serving_cert(shared: &Shared, name: &str, cert: &SwappableCert) -> Resu
     Ok(now + renew_in)
 }
 
+/// The service's own TLS certificate and when to renew it.
+struct Serving {
+    name: String,
+    cert: Arc<SwappableCert>,
+    due: SystemTime,
+}
+
 async fn reload(
     shared: Arc<Shared>,
     cert_path: PathBuf,
@@ -307,13 +322,12 @@ async fn reload(
     anchors: Option<Vec<CertificateDer<'static>>>,
     mut last: (Vec<u8>, Vec<u8>),
     interval: Duration,
-    serving: Option<(String, Arc<SwappableCert>)>,
+    mut serving: Option<Serving>,
 ) -> Result<()> {
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut read_failing = false;
-    let mut serving_due = SystemTime::now() + shared.lifetime.mul_f64(0.7);
-    let mut serving_needed = serving.is_some();
+    let mut serving_needed = false;
     loop {
         tick.tick().await;
         match read_pair(&cert_path, &key_path).await {
@@ -350,16 +364,16 @@ async fn reload(
                 }
             }
         }
-        if let Some((name, cert)) = &serving {
-            if serving_needed || SystemTime::now() >= serving_due {
-                match renew_serving_cert(&shared, name, cert) {
+        if let Some(s) = &mut serving {
+            if serving_needed || SystemTime::now() >= s.due {
+                match renew_serving_cert(&shared, &s.name, &s.cert) {
                     Ok(due) => {
-                        serving_due = due;
+                        s.due = due;
                         serving_needed = false;
                     }
                     Err(e) => {
-                        tracing::error!(name = %name, "cannot renew the TLS serving certificate: {e:#}");
-                        serving_due = SystemTime::now() + Duration::from_secs(10);
+                        tracing::error!(name = %s.name, "cannot renew the TLS serving certificate: {e:#}");
+                        s.due = SystemTime::now() + Duration::from_secs(10);
                     }
                 }
             }

@@ -164,3 +164,30 @@ fn check_reports_valid_near_expiry_expired_and_unchained_material() {
     let (code, out) = check(&p("junk.crt"), None);
     assert_eq!(code, 2, "{out}");
 }
+
+#[test]
+fn sec1_keys_from_other_tools_are_accepted() {
+    // An anchor made by openssl, key in SEC1 (`EC PRIVATE KEY`) form as step
+    // and cert-manager write it.
+    let anchor_crt = include_str!("data/sec1-anchor.crt");
+    let anchor_key = include_str!("data/sec1-anchor.key");
+    assert!(anchor_key.starts_with("-----BEGIN EC PRIVATE KEY-----"));
+    let issuer = ca::issuer(
+        anchor_crt,
+        anchor_key,
+        "identity.linkerd.cluster.local",
+        SystemTime::now(),
+        30 * DAY,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.crt"), anchor_crt).unwrap();
+    std::fs::write(dir.path().join("i.crt"), &issuer.cert_pem).unwrap();
+    let (code, out) = check(&dir.path().join("i.crt"), Some(&dir.path().join("a.crt")));
+    assert_eq!(code, 1, "30 days left is a warning: {out}");
+    assert!(out.contains("chains to trust anchor"), "{out}");
+    // The issuer loads from a SEC1 key too.
+    let sec1 = include_str!("data/sec1-anchor.key");
+    tandem_identity::issuer::Issuer::from_pem(anchor_crt.as_bytes(), sec1.as_bytes(), None)
+        .unwrap();
+}

@@ -146,3 +146,63 @@ impl NoiseCheck {
         }
     }
 }
+
+/// A server and a client TLS configuration for an application's own TLS (not the
+/// mesh's): a self-signed certificate for `name` that only this client trusts.
+pub fn app_tls(
+    name: &str,
+) -> (
+    std::sync::Arc<rustls::ServerConfig>,
+    std::sync::Arc<rustls::ClientConfig>,
+) {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cert = rcgen::generate_simple_self_signed(vec![name.to_string()]).expect("certificate");
+    let cert_der = cert.cert.der().clone();
+    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert_der.clone()], key_der)
+        .expect("server config");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert_der).expect("root");
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (Arc::new(server), Arc::new(client))
+}
+
+/// Runs an application TLS exchange from `client_pod` to `server_addr` in
+/// `server_pod`: both handshakes must succeed end to end and each side must receive
+/// exactly what the other sent.
+pub fn app_tls_exchange(
+    client_pod: &Pod,
+    server_pod: &Pod,
+    server_addr: SocketAddr,
+    listen: SocketAddr,
+) {
+    let (server_config, client_config) = app_tls("app.example");
+    let server = Server::start(server_pod, listen, move |conn| {
+        let tls = rustls::ServerConnection::new(server_config).expect("server connection");
+        let mut stream = rustls::StreamOwned::new(tls, conn);
+        let mut request = [0u8; 12];
+        stream
+            .read_exact(&mut request)
+            .expect("read request over TLS");
+        stream.write_all(b"secret reply").expect("write reply");
+        stream.flush().expect("flush");
+        request
+    });
+    let tls = rustls::ClientConnection::new(client_config, "app.example".try_into().expect("name"))
+        .expect("client");
+    let mut stream = rustls::StreamOwned::new(tls, connect(client_pod, server_addr));
+    stream.write_all(b"secret hello").expect("write over TLS");
+    let mut reply = [0u8; 12];
+    stream.read_exact(&mut reply).expect("read reply over TLS");
+    assert_eq!(&reply, b"secret reply");
+    assert_eq!(&server.join(), b"secret hello");
+}

@@ -10,6 +10,8 @@
 //! processes forked from there start inside it.
 
 pub mod apps;
+pub mod capture;
+pub mod mesh;
 pub mod netns;
 pub mod probe;
 pub mod proc;

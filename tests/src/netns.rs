@@ -194,13 +194,11 @@ impl Mesh {
 
     /// A freshly raised link drops the first neighbour discovery, which would cost
     /// the first connection a one-second retransmit. A refused connection to a closed
-    /// port proves the path (and neighbour entry) works, in each family.
+    /// port proves the path (and neighbour entry) works, in each family and each
+    /// direction between every two pods.
     fn wait_until_links_carry_traffic(&self) {
-        let Some((first, rest)) = self.pods.split_first() else {
-            return;
-        };
-        for pod in rest {
-            for (from, to) in [(first, pod), (pod, first)] {
+        for from in &self.pods {
+            for to in self.pods.iter().filter(|to| to.name != from.name) {
                 for ip in [IpAddr::V4(to.ipv4), IpAddr::V6(to.ipv6)] {
                     let closed_port = SocketAddr::new(ip, 9);
                     crate::wait_for(

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 
 use tandem_tests::apps::{
-    connect, read_all, read_until, send_and_finish, Noise, NoiseCheck, Server,
+    app_tls_exchange, connect, read_all, read_until, send_and_finish, Noise, NoiseCheck, Server,
 };
 use tandem_tests::probe::metric;
 use tandem_tests::proxy::redirect;
@@ -235,55 +235,13 @@ fn refused_upstream_resets_the_client() {
 /// the encrypted exchange succeed end to end, and the inbound proxy saw the SNI.
 #[test]
 fn application_tls_passes_through_untouched() {
-    use std::sync::Arc;
     let mesh = Mesh::new(2);
     let (proxy_a, proxy_b) = meshed(&mesh, &[]);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cert = rcgen::generate_simple_self_signed(vec!["app.example".to_string()]).unwrap();
-    let cert_der = cert.cert.der().clone();
-    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
-    let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert_der.clone()], key_der)
-        .unwrap();
-    let server = Server::start(mesh.pod(1), any(8443), move |conn| {
-        let tls = rustls::ServerConnection::new(Arc::new(server_config)).unwrap();
-        let mut stream = rustls::StreamOwned::new(tls, conn);
-        let mut request = [0u8; 12];
-        stream.read_exact(&mut request).unwrap();
-        stream.write_all(b"secret reply").unwrap();
-        stream.flush().unwrap();
-        request
-    });
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert_der).unwrap();
-    let client_config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tls =
-        rustls::ClientConnection::new(Arc::new(client_config), "app.example".try_into().unwrap())
-            .unwrap();
-    let mut stream = rustls::StreamOwned::new(tls, connect(mesh.pod(0), addr(mesh.pod(1), 8443)));
-    stream.write_all(b"secret hello").unwrap();
-    let mut reply = [0u8; 12];
-    stream.read_exact(&mut reply).unwrap();
-    assert_eq!(&reply, b"secret reply");
-    assert_eq!(&server.join(), b"secret hello");
-
-    proxy_a.wait_metric(
-        "tandem_protocol_detect_total",
-        &[("direction", "outbound"), ("result", "tls")],
-        1.0,
-    );
-    let text = proxy_b.wait_metric(
-        "tandem_protocol_detect_total",
-        &[("direction", "inbound"), ("result", "tls")],
-        1.0,
-    );
+    app_tls_exchange(mesh.pod(0), mesh.pod(1), addr(mesh.pod(1), 8443), any(8443));
+    let tls = [("direction", "outbound"), ("result", "tls")];
+    proxy_a.wait_metric("tandem_protocol_detect_total", &tls, 1.0);
+    let tls = [("direction", "inbound"), ("result", "tls")];
+    let text = proxy_b.wait_metric("tandem_protocol_detect_total", &tls, 1.0);
     let passthrough = [("direction", "inbound"), ("peer", "src"), ("tls", "opaque")];
     assert_eq!(
         metric(&text, "tcp_open_total", &passthrough),

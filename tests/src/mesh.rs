@@ -1,0 +1,231 @@
+//! A meshed test world: a trust domain (anchor and issuer made with `tandem-identity
+//! ca`), the issuer service running in a pod, and the settings a proxy needs to get
+//! its certificate and find its peers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::netns::Pod;
+use crate::proc::Proc;
+use crate::{bin_path, probe, wait_for, PATIENCE, PROXY_UID};
+
+/// The identity the issuer serves gRPC TLS under (the proxies' `SVC_NAME`).
+pub const ISSUER_NAME: &str = "identity.tandem-test.local";
+
+/// The identity of a workload called `name`, in Linkerd's format.
+pub fn identity_of(name: &str) -> String {
+    format!("{name}.default.serviceaccount.identity.linkerd.cluster.local")
+}
+
+/// A trust anchor and an issuer in files of their own, removed on drop.
+pub struct TrustDomain {
+    pub dir: PathBuf,
+    pub anchor_pem: String,
+    pub issuer_cert: PathBuf,
+    pub issuer_key: PathBuf,
+    tokens: PathBuf,
+    /// Proxies' identity directories on tmpfs, removed with the domain.
+    identity_dirs: std::sync::Mutex<Vec<PathBuf>>,
+}
+
+impl TrustDomain {
+    pub fn new() -> TrustDomain {
+        let dir = unique_dir(&std::env::temp_dir(), "domain");
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let run = |args: &[&str]| {
+            let out = Command::new(bin_path("tandem-identity"))
+                .args(args)
+                .output()
+                .expect("run tandem-identity");
+            assert!(
+                out.status.success(),
+                "tandem-identity {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "ca",
+            "anchor",
+            "--cert",
+            &path("anchor.crt"),
+            "--key",
+            &path("anchor.key"),
+        ]);
+        run(&[
+            "ca",
+            "issuer",
+            "--anchor-cert",
+            &path("anchor.crt"),
+            "--anchor-key",
+            &path("anchor.key"),
+            "--cert",
+            &path("issuer.crt"),
+            "--key",
+            &path("issuer.key"),
+        ]);
+        let anchor_pem = std::fs::read_to_string(dir.join("anchor.crt")).expect("anchor");
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, "").expect("tokens file");
+        TrustDomain {
+            issuer_cert: dir.join("issuer.crt"),
+            issuer_key: dir.join("issuer.key"),
+            anchor_pem,
+            tokens,
+            dir,
+            identity_dirs: Default::default(),
+        }
+    }
+
+    /// Runs the issuer service in `pod` on port 8080 (admin 9990) and waits until ready.
+    pub fn start_issuer(&self, pod: &Pod, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(bin_path("tandem-identity"));
+        cmd.arg("serve")
+            .args([
+                "--addr",
+                "0.0.0.0:8080",
+                "--admin-addr",
+                "0.0.0.0:9990",
+                "--tls-name",
+                ISSUER_NAME,
+            ])
+            .arg("--issuer-cert")
+            .arg(&self.issuer_cert)
+            .arg("--issuer-key")
+            .arg(&self.issuer_key)
+            .arg("--trust-anchors")
+            .arg(self.dir.join("anchor.crt"))
+            .arg("--tokens")
+            .arg(&self.tokens)
+            .args(extra);
+        let mut issuer = pod.spawn("tandem-identity", cmd);
+        let admin = SocketAddr::from(([127, 0, 0, 1], 9990));
+        wait_for("the issuer to become ready", PATIENCE, || {
+            if let Some(status) = issuer.try_exit() {
+                panic!("the issuer exited with {status}:\n{}", issuer.output());
+            }
+            matches!(
+                pod.run(|| probe::http(admin, "GET", "/ready", "")),
+                Ok((200, _))
+            )
+            .then_some(())
+        });
+        issuer
+    }
+
+    /// Everything a proxy called `name` needs to be certified by the issuer at
+    /// `issuer`, plus a discovery file listing `peers` (address → workload name).
+    pub fn proxy_env(
+        &self,
+        name: &str,
+        issuer: SocketAddr,
+        peers: &[(&str, &str)],
+    ) -> Vec<(String, String)> {
+        let token = format!("token-of-{name}");
+        let mut tokens = std::fs::read_to_string(&self.tokens).unwrap_or_default();
+        tokens.push_str(&format!("{token} {}\n", identity_of(name)));
+        std::fs::write(&self.tokens, tokens).expect("tokens");
+        let token_file = self.dir.join(format!("{name}.token"));
+        std::fs::write(&token_file, &token).expect("token file");
+        // Identity files only ever go to memory-backed storage.
+        let identity_dir = unique_dir(Path::new("/dev/shm"), name);
+        chown_to_proxy(&identity_dir);
+        self.identity_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(identity_dir.clone());
+        let mut discovery = String::from("destinations:\n");
+        for (addr, peer) in peers {
+            discovery.push_str(&format!(
+                "  - addr: \"{addr}\"\n    identity: {}\n",
+                identity_of(peer)
+            ));
+        }
+        let discovery_file = self.dir.join(format!("{name}.discovery.yaml"));
+        std::fs::write(&discovery_file, discovery).expect("discovery file");
+        for path in [&token_file, &discovery_file] {
+            make_readable(path);
+        }
+        make_readable(&self.dir);
+        [
+            ("LINKERD2_PROXY_IDENTITY_LOCAL_NAME", identity_of(name)),
+            ("LINKERD2_PROXY_IDENTITY_SVC_ADDR", issuer.to_string()),
+            ("LINKERD2_PROXY_IDENTITY_SVC_NAME", ISSUER_NAME.to_string()),
+            (
+                "LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS",
+                self.anchor_pem.clone(),
+            ),
+            (
+                "LINKERD2_PROXY_IDENTITY_TOKEN_FILE",
+                token_file.to_string_lossy().into_owned(),
+            ),
+            (
+                "LINKERD2_PROXY_IDENTITY_DIR",
+                identity_dir.to_string_lossy().into_owned(),
+            ),
+            (
+                "TANDEM_DISCOVERY_FILE",
+                discovery_file.to_string_lossy().into_owned(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+impl Default for TrustDomain {
+    fn default() -> TrustDomain {
+        TrustDomain::new()
+    }
+}
+
+impl Drop for TrustDomain {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        for dir in self
+            .identity_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Borrowed view of owned settings, as [`crate::Proxy::start`] takes them.
+pub fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+fn unique_dir(parent: &Path, label: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = parent.join(format!(
+        "tandem-test-{}-{}-{label}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create test directory");
+    dir
+}
+
+fn chown_to_proxy(path: &Path) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid C string and ids.
+    let rc = unsafe { libc::chown(c_path.as_ptr(), PROXY_UID, PROXY_UID) };
+    assert_eq!(
+        rc,
+        0,
+        "chown {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+fn make_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if path.is_dir() { 0o755 } else { 0o644 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
