@@ -23,6 +23,13 @@ impl<'p> Proxy<'p> {
     /// `/ready`. The admin server listens on all addresses so tests can also reach it
     /// from another pod.
     pub fn start(pod: &'p Pod, env: &[(&str, &str)]) -> Proxy<'p> {
+        let mut proxy = Proxy::launch(pod, env);
+        proxy.wait_ready();
+        proxy
+    }
+
+    /// Starts the proxy without waiting for it to become ready.
+    pub fn launch(pod: &'p Pod, env: &[(&str, &str)]) -> Proxy<'p> {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(bin_path("tandem-proxy"));
         cmd.env_clear()
@@ -32,21 +39,17 @@ impl<'p> Proxy<'p> {
             .uid(PROXY_UID)
             .gid(PROXY_UID);
         let process = pod.spawn("tandem-proxy", cmd);
-        let mut proxy = Proxy {
-            pod,
-            process,
-            admin: SocketAddr::from(([127, 0, 0, 1], 4191)),
-        };
+        Proxy { pod, process, admin: SocketAddr::from(([127, 0, 0, 1], 4191)) }
+    }
+
+    /// Waits until `/ready` answers 200, failing the test if the proxy exits first.
+    pub fn wait_ready(&mut self) {
         wait_for("the proxy to become ready", PATIENCE, || {
-            if let Some(status) = proxy.process.try_exit() {
-                panic!(
-                    "the proxy exited with {status} before becoming ready:\n{}",
-                    proxy.process.output()
-                );
+            if let Some(status) = self.process.try_exit() {
+                panic!("the proxy exited with {status} before becoming ready:\n{}", self.process.output());
             }
-            matches!(proxy.admin_request("GET", "/ready", ""), Ok((200, _))).then_some(())
+            matches!(self.admin_request("GET", "/ready", ""), Ok((200, _))).then_some(())
         });
-        proxy
     }
 
     /// One request to the admin server from inside the pod.

@@ -395,3 +395,36 @@ fn read_line(conn: &mut std::net::TcpStream) -> Vec<u8> {
     }
     line
 }
+
+/// Until it holds a certificate the proxy is alive but not ready, and accepts nothing:
+/// a connection made meanwhile waits and is served, meshed, once it is certified.
+#[test]
+fn the_proxy_is_not_ready_and_serves_nothing_until_certified() {
+    let world = World::new();
+    let (env_a, env_b) = (world.env(0, &[]), world.env(1, &[]));
+    let (a, b) = (world.mesh.pod(0), world.mesh.pod(1));
+    let mut proxy_a = Proxy::launch(a, &env_refs(&env_a));
+    tandem_tests::wait_for("the admin server", tandem_tests::PATIENCE, || {
+        proxy_a.admin_request("GET", "/live", "").ok().filter(|(status, _)| *status == 200)
+    });
+    assert_eq!(proxy_a.admin_request("GET", "/ready", "").unwrap().0, 503);
+
+    let server = Server::start(b, any(8080), |mut conn| {
+        let got = read_until(&mut conn, b"\r\n\r\n");
+        conn.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap();
+        got
+    });
+    let mut early = connect(a, SocketAddr::from((b.ipv4, 8080)));
+    early.write_all(b"GET /early HTTP/1.1\r\n\r\n").unwrap();
+    let text = proxy_a.metrics();
+    assert_eq!(metric(&text, "tcp_open_total", &[("direction", "outbound")]), None, "{text}");
+
+    let _issuer = world.start_issuer(&[]);
+    let _proxy_b = Proxy::start(b, &env_refs(&env_b));
+    proxy_a.wait_ready();
+    assert_eq!(read_until(&mut early, b"\r\n\r\n"), b"HTTP/1.1 204 No Content\r\n\r\n");
+    assert_eq!(server.join(), b"GET /early HTTP/1.1\r\n\r\n");
+    let beta = identity_of("beta");
+    let meshed = [("direction", "outbound"), ("peer", "dst"), ("tls", "true"), ("server_id", beta.as_str())];
+    proxy_a.wait_metric("tcp_open_total", &meshed, 1.0);
+}
