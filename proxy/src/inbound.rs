@@ -11,7 +11,6 @@
 //! transport-header ALPN, and the header names the local port to connect to.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tracing::debug;
 
@@ -31,7 +30,7 @@ pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: Socket
         ctx.metrics.detected(crate::metrics::DetectResult::Skipped);
         let tls = TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote);
         let client = conn::client(ctx, conn.stream, conn.client, conn.orig_dst, tls, 0);
-        return plaintext(ctx, client, Vec::new(), conn.orig_dst).await;
+        return to_app(ctx, client, Vec::new(), conn.orig_dst).await;
     }
     let Some((protocol, prefix)) = conn::detect(ctx, &mut conn.stream, conn.client).await else {
         return;
@@ -62,7 +61,7 @@ pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: Socket
             debug!(client = %conn.client, port, "refusing a connection without mTLS to a port that requires it");
             return client.refuse(ctx, ConnError::Unauthorized, "other");
         }
-        return plaintext(ctx, client, prefix, conn.orig_dst).await;
+        return to_app(ctx, client, prefix, conn.orig_dst).await;
     };
 
     let configs = local.configs();
@@ -118,7 +117,7 @@ pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: Socket
         if target.port() == conn.local.port() {
             return client.refuse(ctx, ConnError::Loop, "other");
         }
-        return meshed(ctx, client, rest, target, &client_id).await;
+        return to_app(ctx, client, rest, target).await;
     }
     if ctx.require_identity.contains(port) && client_id.is_none() {
         debug!(client = %conn.client, port, "refusing an mTLS connection without a client identity");
@@ -129,49 +128,20 @@ pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: Socket
         return;
     };
     client.metrics.series().add_read(prefix.len());
-    meshed(ctx, client, prefix, conn.orig_dst, &client_id).await;
+    to_app(ctx, client, prefix, conn.orig_dst).await;
 }
 
-/// Forwards a plaintext (or passed-through) connection to the local application.
-async fn plaintext(
-    ctx: &Context,
-    client: conn::Client<tokio::net::TcpStream>,
-    prefix: Vec<u8>,
-    target: SocketAddr,
-) {
-    let Some((client, server)) = conn::connect(ctx, client, target).await else {
-        return;
-    };
-    conn::relay(
-        ctx,
-        client,
-        &prefix,
-        server,
-        target,
-        TlsStatus::NoIdentity(NoTlsReason::Loopback),
-    )
-    .await;
-}
-
-/// Forwards a decrypted mesh connection to the local application.
-async fn meshed<C: Transport>(
+/// Forwards a connection (plain, passed-through TLS, or decrypted mesh TLS) to the
+/// local application.
+async fn to_app<C: Transport>(
     ctx: &Context,
     client: conn::Client<C>,
     prefix: Vec<u8>,
     target: SocketAddr,
-    client_id: &Option<Arc<str>>,
 ) {
     let Some((client, server)) = conn::connect(ctx, client, target).await else {
         return;
     };
-    debug!(client = %client.addr, client_id = ?client_id, %target, "forwarding meshed connection");
-    conn::relay(
-        ctx,
-        client,
-        &prefix,
-        server,
-        target,
-        TlsStatus::NoIdentity(NoTlsReason::Loopback),
-    )
-    .await;
+    let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+    conn::relay(ctx, client, &prefix, server, target, tls).await;
 }

@@ -205,9 +205,22 @@ impl Direction {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{Metrics, NoTlsReason, Peer, TlsStatus};
+    use crate::metrics::{Metrics, NoTlsReason, OpenConnection, Peer, TlsStatus};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    /// Client-side and server-side transport series to count a forwarded connection in.
+    fn series() -> (OpenConnection, OpenConnection) {
+        let metrics = Metrics::new(&crate::config::Config::from_lookup(|_| None).unwrap());
+        let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+        let target = "127.0.0.1:1".parse().unwrap();
+        let src = metrics
+            .outbound
+            .transport
+            .open(Peer::Src, target, tls.clone());
+        let dst = metrics.outbound.transport.open(Peer::Dst, target, tls);
+        (src, dst)
+    }
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -218,14 +231,7 @@ mod tests {
 
     #[tokio::test]
     async fn half_close_passes_and_other_direction_keeps_flowing() {
-        let metrics = Metrics::new(&crate::config::Config::from_lookup(|_| None).unwrap());
-        let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
-        let target = "127.0.0.1:1".parse().unwrap();
-        let src = metrics
-            .outbound
-            .transport
-            .open(Peer::Src, target, tls.clone());
-        let dst = metrics.outbound.transport.open(Peer::Dst, target, tls);
+        let (src, dst) = series();
         let (mut app, proxy_client) = pair().await;
         let (proxy_server, mut upstream) = pair().await;
         let forwarding = async {
@@ -261,14 +267,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_upstream_resets_the_client() {
-        let metrics = Metrics::new(&crate::config::Config::from_lookup(|_| None).unwrap());
-        let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
-        let target = "127.0.0.1:1".parse().unwrap();
-        let src = metrics
-            .outbound
-            .transport
-            .open(Peer::Src, target, tls.clone());
-        let dst = metrics.outbound.transport.open(Peer::Dst, target, tls);
+        let (src, dst) = series();
         let (mut app, proxy_client) = pair().await;
         let (proxy_server, upstream) = pair().await;
         crate::transport::reset_on_close(&upstream);
