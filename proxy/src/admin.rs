@@ -32,17 +32,24 @@ pub struct Admin {
     pub shutdown: CancellationToken,
 }
 
-pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
+/// Serves admin requests until `stop` is cancelled, then lets requests in flight
+/// finish (a `/shutdown` caller gets its answer before the process exits).
+pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                debug!(%error, "admin accept failed");
-                continue;
-            }
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    debug!(%error, "admin accept failed");
+                    continue;
+                }
+            },
         };
         let admin = admin.clone();
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
                 async move {
@@ -50,14 +57,25 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            let connection =
+                hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
                 debug!(%error, "admin connection failed");
             }
         });
     }
+    drop(listener);
+    connections.close();
+    // Bounded: a client that never reads its response must not hold up the exit.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
 }
 
 type Reply = Response<Full<Bytes>>;

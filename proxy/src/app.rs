@@ -38,10 +38,24 @@ pub fn run(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
             .build()
     }
     .context("cannot start the runtime")?;
-    runtime.block_on(serve(config, log_level))
+    let admin_stop = CancellationToken::new();
+    let mut admin_thread = None;
+    let result = runtime.block_on(serve(config, log_level, &admin_stop, &mut admin_thread));
+    // The admin server outlives the drain so probes keep answering, and stops last so
+    // that whoever asked for the shutdown gets its answer before the process exits.
+    admin_stop.cancel();
+    if let Some(thread) = admin_thread {
+        let _ = thread.join();
+    }
+    result
 }
 
-async fn serve(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    log_level: LogLevel,
+    admin_stop: &CancellationToken,
+    admin_thread: &mut Option<std::thread::JoinHandle<()>>,
+) -> anyhow::Result<()> {
     let bind = |addr: SocketAddr, var: &str| {
         crate::transport::bind(addr).with_context(|| format!("cannot listen on {addr} ({var})"))
     };
@@ -89,7 +103,11 @@ async fn serve(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
         shutdown_endpoint_enabled: config.shutdown_endpoint_enabled,
         shutdown: shutdown.clone(),
     });
-    spawn_admin_thread(admin, admin_listener)?;
+    *admin_thread = Some(spawn_admin_thread(
+        admin,
+        admin_listener,
+        admin_stop.clone(),
+    )?);
 
     // As Linkerd: no traffic is served before the first certificate, so nothing meshed
     // can ever go out (or be accepted) in plaintext. `/live` answers meanwhile.
@@ -119,6 +137,7 @@ async fn serve(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
     let mut accept_loops = Vec::new();
     for (direction, listeners, direction_config, direction_metrics) in directions {
         let ctx = Arc::new(Context {
+            http: crate::http::client::Pools::new(direction_config.http.clone()),
             config: direction_config,
             metrics: direction_metrics,
             discovery: discovery.clone(),
@@ -126,6 +145,7 @@ async fn serve(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
             require_identity: config.inbound_require_identity.clone(),
             require_tls: config.inbound_require_tls.clone(),
         });
+        tokio::spawn(sweep_pools(ctx.clone(), shutdown.clone()));
         for listener in listeners {
             info!(direction = direction.as_str(), addr = %listener.local_addr()?, "listening");
             accept_loops.push(tokio::spawn(accept_loop(
@@ -163,6 +183,17 @@ async fn serve(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Closes idle pooled HTTP connections on time, even when no request comes to notice.
+async fn sweep_pools(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(ctx.http.sweep_interval());
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => ctx.http.sweep(),
+        }
+    }
+}
+
 async fn accept_loop(
     direction: Direction,
     listener: TcpListener,
@@ -197,7 +228,11 @@ async fn accept_loop(
     }
 }
 
-fn spawn_admin_thread(admin: Arc<Admin>, listener: std::net::TcpListener) -> anyhow::Result<()> {
+fn spawn_admin_thread(
+    admin: Arc<Admin>,
+    listener: std::net::TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
     listener
         .set_nonblocking(true)
         .context("cannot configure the admin listener")?;
@@ -210,13 +245,12 @@ fn spawn_admin_thread(admin: Arc<Admin>, listener: std::net::TcpListener) -> any
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => admin::serve(admin, listener).await,
+                    Ok(listener) => admin::serve(admin, listener, stop).await,
                     Err(error) => warn!(%error, "admin server failed to start"),
                 }
             })
         })
-        .context("cannot start the admin thread")?;
-    Ok(())
+        .context("cannot start the admin thread")
 }
 
 async fn wait_for_shutdown(shutdown: &CancellationToken) {

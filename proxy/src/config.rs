@@ -32,6 +32,24 @@ pub struct DirectionConfig {
     pub accept_keepalive: Option<Duration>,
     pub connect_keepalive: Option<Duration>,
     pub opaque_ports: PortSet,
+    pub http: HttpConfig,
+}
+
+/// HTTP connection pooling towards one direction's destinations.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// An idle pooled connection (HTTP/1 idle, or HTTP/2 without requests) is closed
+    /// after this long.
+    pub pool_idle_timeout: Duration,
+    /// Idle HTTP/1 connections kept per endpoint; beyond it a finished connection is closed.
+    pub max_idle_per_endpoint: usize,
+    /// No new request goes on a connection older than this, so connections are
+    /// rebalanced over time; requests already on it run to their end.
+    pub max_connection_age: Duration,
+    /// Label request metrics with the request's authority. Always on outbound; inbound
+    /// only with `LINKERD2_PROXY_INBOUND_METRICS_AUTHORITY_LABELS=unsafe`, since there
+    /// clients choose it and the series count would be unbounded.
+    pub authority_labels: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -135,6 +153,28 @@ impl Config {
                 parse_keepalive,
             ),
             opaque_ports: inbound_opaque,
+            http: HttpConfig {
+                pool_idle_timeout: env.parse(
+                    "LINKERD2_PROXY_INBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
+                    "3s",
+                    parse_duration,
+                ),
+                max_idle_per_endpoint: env.parse(
+                    "LINKERD2_PROXY_INBOUND_MAX_IDLE_CONNS_PER_ENDPOINT",
+                    "10000",
+                    parse_count,
+                ),
+                max_connection_age: env.parse(
+                    "TANDEM_INBOUND_HTTP_MAX_CONNECTION_AGE",
+                    "1h",
+                    parse_duration,
+                ),
+                authority_labels: env.parse(
+                    "LINKERD2_PROXY_INBOUND_METRICS_AUTHORITY_LABELS",
+                    "",
+                    parse_authority_labels,
+                ),
+            },
         };
         let outbound = DirectionConfig {
             listen: outbound_listen,
@@ -159,6 +199,24 @@ impl Config {
                 parse_keepalive,
             ),
             opaque_ports: outbound_opaque,
+            http: HttpConfig {
+                pool_idle_timeout: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
+                    "3s",
+                    parse_duration,
+                ),
+                max_idle_per_endpoint: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_MAX_IDLE_CONNS_PER_ENDPOINT",
+                    "10000",
+                    parse_count,
+                ),
+                max_connection_age: env.parse(
+                    "TANDEM_OUTBOUND_HTTP_MAX_CONNECTION_AGE",
+                    "1h",
+                    parse_duration,
+                ),
+                authority_labels: true,
+            },
         };
 
         let config = Config {
@@ -309,6 +367,21 @@ fn parse_bool(text: &str) -> Result<bool, String> {
         "true" => Ok(true),
         "false" => Ok(false),
         _ => Err("expected true or false".into()),
+    }
+}
+
+fn parse_count(text: &str) -> Result<usize, String> {
+    text.parse()
+        .map_err(|_| "expected a whole number".to_string())
+}
+
+/// Linkerd's values: `unsafe` turns the inbound authority label on; anything else
+/// (it documents `safe`) leaves it off.
+fn parse_authority_labels(text: &str) -> Result<bool, String> {
+    match text {
+        "unsafe" => Ok(true),
+        "" | "safe" => Ok(false),
+        other => Err(format!("expected `safe` or `unsafe`, not {other:?}")),
     }
 }
 

@@ -24,6 +24,8 @@ use crate::transport::{self, ConnectError};
 /// What one direction of the proxy needs to handle a connection.
 pub struct Context {
     pub config: DirectionConfig,
+    /// Pooled HTTP connections to this direction's destinations.
+    pub http: crate::http::client::Pools,
     pub metrics: Arc<DirectionMetrics>,
     pub discovery: Arc<dyn Discover>,
     /// The proxy's mesh identity, when it has one.
@@ -169,9 +171,26 @@ pub async fn originate_tls<C: Transport>(
     identity: &str,
     transport_header: bool,
 ) -> Option<(Client<C>, tokio_rustls::client::TlsStream<TcpStream>)> {
+    match mesh_tls(ctx, server, identity, transport_header).await {
+        Ok(tls) => Some((client, tls)),
+        Err((error, errno)) => {
+            debug!(client = %client.addr, "refusing the client: no mesh TLS to its destination");
+            client.refuse(ctx, error, errno);
+            None
+        }
+    }
+}
+
+/// Mesh TLS towards a peer that must prove `identity` (see [`originate_tls`]). On
+/// failure returns what to count and the errno label; the server socket is reset.
+pub async fn mesh_tls(
+    ctx: &Context,
+    server: TcpStream,
+    identity: &str,
+    transport_header: bool,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, (ConnError, &'static str)> {
     let Some(local) = &ctx.identity else {
-        client.refuse(ctx, ConnError::TlsHandshake, "other");
-        return None;
+        return Err((ConnError::TlsHandshake, "other"));
     };
     let configs = local.configs();
     let config = if transport_header {
@@ -181,8 +200,7 @@ pub async fn originate_tls<C: Transport>(
     };
     let Ok(server_name) = ServerName::try_from(identity.to_string()) else {
         debug!(%identity, "the peer identity is not a valid TLS server name");
-        client.refuse(ctx, ConnError::PeerIdentity, "other");
-        return None;
+        return Err((ConnError::PeerIdentity, "other"));
     };
     let handshake = tokio_rustls::TlsConnector::from(config.clone()).connect(server_name, server);
     let tls = match tokio::time::timeout(
@@ -193,31 +211,27 @@ pub async fn originate_tls<C: Transport>(
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
-            debug!(client = %client.addr, %identity, %error, "mesh TLS handshake failed");
-            client.refuse(ctx, ConnError::TlsHandshake, transport::errno_label(&error));
-            return None;
+            debug!(%identity, %error, "mesh TLS handshake failed");
+            return Err((ConnError::TlsHandshake, transport::errno_label(&error)));
         }
         Err(_) => {
-            debug!(client = %client.addr, %identity, "mesh TLS handshake timed out");
-            client.refuse(ctx, ConnError::TlsHandshake, "ETIMEDOUT");
-            return None;
+            debug!(%identity, "mesh TLS handshake timed out");
+            return Err((ConnError::TlsHandshake, "ETIMEDOUT"));
         }
     };
     let session = tls.get_ref().1;
     if !crate::tls::names(session.peer_certificates(), identity) {
-        debug!(client = %client.addr, expected = %identity, found = ?crate::tls::peer_identity(session.peer_certificates()), "peer identity mismatch");
+        debug!(expected = %identity, found = ?crate::tls::peer_identity(session.peer_certificates()), "peer identity mismatch");
         transport::reset_on_close(tls.get_ref().0);
-        client.refuse(ctx, ConnError::PeerIdentity, "other");
-        return None;
+        return Err((ConnError::PeerIdentity, "other"));
     }
     if transport_header && session.alpn_protocol() != Some(crate::transport_header::ALPN) {
-        debug!(client = %client.addr, %identity, "the peer did not accept the transport header");
+        debug!(%identity, "the peer did not accept the transport header");
         transport::reset_on_close(tls.get_ref().0);
-        client.refuse(ctx, ConnError::TransportHeader, "other");
-        return None;
+        return Err((ConnError::TransportHeader, "other"));
     }
-    debug!(client = %client.addr, local = %configs.name, server = %identity, "meshed connection");
-    Some((client, tls))
+    debug!(local = %configs.name, server = %identity, "meshed connection");
+    Ok(tls)
 }
 
 /// Forwards the client's stream to `server` (writing `prefix` first), counting the

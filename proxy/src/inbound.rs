@@ -11,16 +11,18 @@
 //! transport-header ALPN, and the header names the local port to connect to.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tracing::debug;
 
 use crate::conn::{self, Context, Replay};
 use crate::detect::Protocol;
+use crate::http::{self, client::EndpointKey};
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
 use crate::tcp::Transport;
 use crate::transport_header::TransportHeader;
 
-pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: SocketAddr) {
+pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: SocketAddr) {
     let Some(mut conn) = conn::accept(ctx, stream, client) else {
         return;
     };
@@ -30,7 +32,15 @@ pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: Socket
         ctx.metrics.detected(crate::metrics::DetectResult::Skipped);
         let tls = TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote);
         let client = conn::client(ctx, conn.stream, conn.client, conn.orig_dst, tls, 0);
-        return to_app(ctx, client, Vec::new(), conn.orig_dst).await;
+        return to_app(
+            ctx,
+            client,
+            Vec::new(),
+            Protocol::Unknown,
+            conn.orig_dst,
+            None,
+        )
+        .await;
     }
     let Some((protocol, prefix)) = conn::detect(ctx, &mut conn.stream, conn.client).await else {
         return;
@@ -61,7 +71,7 @@ pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: Socket
             debug!(client = %conn.client, port, "refusing a connection without mTLS to a port that requires it");
             return client.refuse(ctx, ConnError::Unauthorized, "other");
         }
-        return to_app(ctx, client, prefix, conn.orig_dst).await;
+        return to_app(ctx, client, prefix, protocol, conn.orig_dst, None).await;
     };
 
     let configs = local.configs();
@@ -117,28 +127,47 @@ pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: Socket
         if target.port() == conn.local.port() {
             return client.refuse(ctx, ConnError::Loop, "other");
         }
-        return to_app(ctx, client, rest, target).await;
+        return to_app(ctx, client, rest, Protocol::Unknown, target, None).await;
     }
     if ctx.require_identity.contains(port) && client_id.is_none() {
         debug!(client = %conn.client, port, "refusing an mTLS connection without a client identity");
         return client.refuse(ctx, ConnError::Unauthorized, "other");
     }
-    // The decrypted stream is detected like any other (HTTP-aware handling builds on it).
-    let Some((_protocol, prefix)) = conn::detect(ctx, &mut client.stream, conn.client).await else {
+    // The decrypted stream is detected like any other.
+    let Some((protocol, prefix)) = conn::detect(ctx, &mut client.stream, conn.client).await else {
         return;
     };
     client.metrics.series().add_read(prefix.len());
-    to_app(ctx, client, prefix, conn.orig_dst).await;
+    let tls = TlsStatus::Established(client_id);
+    to_app(ctx, client, prefix, protocol, conn.orig_dst, Some(tls)).await;
 }
 
 /// Forwards a connection (plain, passed-through TLS, or decrypted mesh TLS) to the
-/// local application.
-async fn to_app<C: Transport>(
-    ctx: &Context,
+/// local application: request by request when it is HTTP, else as bytes. `mesh` is
+/// the mesh TLS status of a decrypted connection.
+async fn to_app<C: Transport + 'static>(
+    ctx: &Arc<Context>,
     client: conn::Client<C>,
     prefix: Vec<u8>,
+    protocol: Protocol,
     target: SocketAddr,
+    mesh: Option<TlsStatus>,
 ) {
+    if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
+        let client_id = match &mesh {
+            Some(TlsStatus::Established(id)) => id.clone(),
+            _ => None,
+        };
+        let route = http::Route {
+            endpoint: EndpointKey {
+                target,
+                identity: None,
+            },
+            side: http::Side::Inbound { client_id },
+            tls: mesh.unwrap_or(TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote)),
+        };
+        return http::serve(ctx, client, prefix, protocol, route).await;
+    }
     let Some((client, server)) = conn::connect(ctx, client, target).await else {
         return;
     };

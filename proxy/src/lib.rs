@@ -14,6 +14,7 @@ pub mod config;
 pub mod conn;
 pub mod detect;
 pub mod discovery;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod log;

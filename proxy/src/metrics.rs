@@ -189,6 +189,8 @@ impl ConnError {
 pub struct DirectionMetrics {
     pub direction: Direction,
     pub transport: Arc<TransportMetrics>,
+    /// `request_total`, `response_total`, `response_latency_ms`.
+    pub http: Arc<crate::http::metrics::RequestMetrics>,
     detect: Vec<Counter>,
     errors: Vec<Counter>,
 }
@@ -237,9 +239,15 @@ impl Metrics {
                 config.metrics_retain_idle,
                 config.metrics_max_targets,
             ));
+            let http = Arc::new(crate::http::metrics::RequestMetrics::new(
+                direction,
+                config.metrics_retain_idle,
+                config.metrics_max_targets,
+            ));
             Arc::new(DirectionMetrics {
                 direction,
                 transport,
+                http,
                 detect: DetectResult::ALL
                     .iter()
                     .map(|r| {
@@ -261,6 +269,9 @@ impl Metrics {
         let outbound = direction(Direction::Outbound, &mut registry);
         registry.register_collector(Box::new(TransportCollector {
             directions: [inbound.transport.clone(), outbound.transport.clone()],
+        }));
+        registry.register_collector(Box::new(crate::http::metrics::RequestCollector {
+            directions: [inbound.http.clone(), outbound.http.clone()],
         }));
         registry.register_collector(Box::new(ProcessCollector::new()));
 
@@ -472,24 +483,34 @@ impl EncodeLabelSet for TransportLabels {
             }
             None => ("target_addr", "overflow").encode(encoder.encode_label())?,
         }
-        match &self.key.tls {
-            TlsStatus::NoIdentity(reason) => {
-                ("tls", "no_identity").encode(encoder.encode_label())?;
-                ("no_tls_reason", reason.as_str()).encode(encoder.encode_label())?;
-            }
-            TlsStatus::Opaque => ("tls", "opaque").encode(encoder.encode_label())?,
-            TlsStatus::Established(peer_id) => {
-                ("tls", "true").encode(encoder.encode_label())?;
-                let name = match self.direction {
-                    Direction::Inbound => "client_id",
-                    Direction::Outbound => "server_id",
-                };
-                (name, peer_id.as_deref().unwrap_or("")).encode(encoder.encode_label())?;
-            }
-        }
+        encode_tls(self.direction, &self.key.tls, &mut encoder)?;
         match self.errno {
             Some(errno) => ("errno", errno).encode(encoder.encode_label()),
             None => Ok(()),
+        }
+    }
+}
+
+/// The `tls` label and its companions (`no_tls_reason`, or the peer's identity as
+/// `client_id` inbound and `server_id` outbound), shared by transport and request series.
+pub fn encode_tls(
+    direction: Direction,
+    tls: &TlsStatus,
+    encoder: &mut LabelSetEncoder,
+) -> Result<(), std::fmt::Error> {
+    match tls {
+        TlsStatus::NoIdentity(reason) => {
+            ("tls", "no_identity").encode(encoder.encode_label())?;
+            ("no_tls_reason", reason.as_str()).encode(encoder.encode_label())
+        }
+        TlsStatus::Opaque => ("tls", "opaque").encode(encoder.encode_label()),
+        TlsStatus::Established(peer_id) => {
+            ("tls", "true").encode(encoder.encode_label())?;
+            let name = match direction {
+                Direction::Inbound => "client_id",
+                Direction::Outbound => "server_id",
+            };
+            (name, peer_id.as_deref().unwrap_or("")).encode(encoder.encode_label())
         }
     }
 }

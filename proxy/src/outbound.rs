@@ -2,17 +2,21 @@
 //! pod's OUTPUT rules.
 //!
 //! accept → original destination → refuse loops → discover → detect (unless opaque) →
-//! connect → originate mTLS when the destination is meshed → forward.
+//! connect → originate mTLS when the destination is meshed → forward. Detected HTTP
+//! is served request by request instead (`http/`), over pooled connections.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tracing::debug;
 
 use crate::conn::{self, Context};
+use crate::detect::Protocol;
+use crate::http::{self, client::EndpointKey};
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
 use crate::transport_header::TransportHeader;
 
-pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: SocketAddr) {
+pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: SocketAddr) {
     let Some(mut conn) = conn::accept(ctx, stream, client) else {
         return;
     };
@@ -26,16 +30,16 @@ pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: Socket
     let endpoint = ctx.discovery.resolve(conn.orig_dst).await_endpoint().await;
     let opaque = ctx.config.opaque_ports.contains(conn.orig_dst.port())
         || endpoint.as_ref().is_some_and(|e| e.opaque);
-    let (prefix, already_read) = if opaque {
+    let (protocol, prefix, already_read) = if opaque {
         ctx.metrics.detected(crate::metrics::DetectResult::Skipped);
-        (Vec::new(), 0)
+        (Protocol::Unknown, Vec::new(), 0)
     } else {
-        let Some((_protocol, prefix)) = conn::detect(ctx, &mut conn.stream, conn.client).await
+        let Some((protocol, prefix)) = conn::detect(ctx, &mut conn.stream, conn.client).await
         else {
             return;
         };
         let len = prefix.len();
-        (prefix, len)
+        (protocol, prefix, len)
     };
     let src_tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
     let client = conn::client(
@@ -48,7 +52,24 @@ pub async fn handle(ctx: &Context, stream: tokio::net::TcpStream, client: Socket
     );
 
     let peer_identity = endpoint.as_ref().and_then(|e| e.identity.clone());
-    let Some(identity) = peer_identity.filter(|_| ctx.identity.is_some()) else {
+    let peer_identity = peer_identity.filter(|_| ctx.identity.is_some());
+    if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
+        let route = http::Route {
+            endpoint: EndpointKey {
+                target: conn.orig_dst,
+                identity: peer_identity.clone(),
+            },
+            side: http::Side::Outbound {
+                h2_upgrade: peer_identity.is_some() && endpoint.as_ref().is_some_and(|e| e.http2),
+            },
+            tls: match &peer_identity {
+                Some(identity) => TlsStatus::Established(Some(identity.clone())),
+                None => TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery),
+            },
+        };
+        return http::serve(ctx, client, prefix, protocol, route).await;
+    }
+    let Some(identity) = peer_identity else {
         let Some((client, server)) = conn::connect(ctx, client, conn.orig_dst).await else {
             return;
         };

@@ -121,6 +121,18 @@ impl TrustDomain {
         issuer: SocketAddr,
         peers: &[(&str, &str)],
     ) -> Vec<(String, String)> {
+        self.proxy_env_with(name, issuer, peers, false)
+    }
+
+    /// [`Self::proxy_env`], with `http2: true` on every peer's discovery entry when
+    /// `http2` is set (the peers accept HTTP/1 upgraded to HTTP/2 between proxies).
+    pub fn proxy_env_with(
+        &self,
+        name: &str,
+        issuer: SocketAddr,
+        peers: &[(&str, &str)],
+        http2: bool,
+    ) -> Vec<(String, String)> {
         let token = format!("token-of-{name}");
         let mut tokens = std::fs::read_to_string(&self.tokens).unwrap_or_default();
         tokens.push_str(&format!("{token} {}\n", identity_of(name)));
@@ -137,7 +149,7 @@ impl TrustDomain {
         let mut discovery = String::from("destinations:\n");
         for (addr, peer) in peers {
             discovery.push_str(&format!(
-                "  - addr: \"{addr}\"\n    identity: {}\n",
+                "  - addr: \"{addr}\"\n    identity: {}\n    http2: {http2}\n",
                 identity_of(peer)
             ));
         }

@@ -39,14 +39,21 @@ impl<'p> Proxy<'p> {
             .uid(PROXY_UID)
             .gid(PROXY_UID);
         let process = pod.spawn("tandem-proxy", cmd);
-        Proxy { pod, process, admin: SocketAddr::from(([127, 0, 0, 1], 4191)) }
+        Proxy {
+            pod,
+            process,
+            admin: SocketAddr::from(([127, 0, 0, 1], 4191)),
+        }
     }
 
     /// Waits until `/ready` answers 200, failing the test if the proxy exits first.
     pub fn wait_ready(&mut self) {
         wait_for("the proxy to become ready", PATIENCE, || {
             if let Some(status) = self.process.try_exit() {
-                panic!("the proxy exited with {status} before becoming ready:\n{}", self.process.output());
+                panic!(
+                    "the proxy exited with {status} before becoming ready:\n{}",
+                    self.process.output()
+                );
             }
             matches!(self.admin_request("GET", "/ready", ""), Ok((200, _))).then_some(())
         });

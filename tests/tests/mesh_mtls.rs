@@ -81,7 +81,12 @@ fn meshed_traffic_is_mtls_on_the_wire_and_arrives_intact() {
     let mut got = vec![0; response.len()];
     client.read_exact(&mut got).unwrap();
     assert_eq!(got, response);
-    assert_eq!(server.join(), request);
+    // Unchanged, but for the client identity the inbound proxy vouches for.
+    let expected = format!(
+        "POST /orders HTTP/1.1\r\nHost: beta\r\nX-Secret: SECRET-REQUEST-4b1d\r\nl5d-client-id: {}\r\n\r\n",
+        identity_of("alpha")
+    );
+    assert_eq!(String::from_utf8_lossy(&server.join()), expected);
 
     // An opaque port: carried to the peer's inbound port with a transport header.
     let server = Server::start(b, any(5432), |mut conn| {
@@ -223,9 +228,11 @@ fn peers_with_the_wrong_identity_anchor_or_expiry_are_refused() {
         client
             .write_all(b"GET /secret HTTP/1.1\r\nHost: beta\r\n\r\n")
             .unwrap();
+        // HTTP is proxied per request: the proxy's own failure is a 502 naming it.
         let mut buf = [0u8; 64];
         match client.read(&mut buf) {
             Ok(0) | Err(_) => {}
+            Ok(n) if buf[..n].starts_with(b"HTTP/1.1 502 Bad Gateway\r\nl5d-proxy-error: ") => {}
             Ok(n) => panic!(
                 "{case}: the client received {:?}",
                 String::from_utf8_lossy(&buf[..n])
@@ -280,7 +287,12 @@ fn a_port_that_requires_identity_refuses_unmeshed_clients_and_accepts_meshed_one
 
     let mut meshed = connect(a, SocketAddr::from((b.ipv4, 8080)));
     meshed.write_all(b"GET /meshed HTTP/1.1\r\n\r\n").unwrap();
-    assert_eq!(server.join(), b"GET /meshed HTTP/1.1\r\n\r\n");
+    // The inbound proxy vouches for the meshed client with `l5d-client-id`.
+    let expected = format!(
+        "GET /meshed HTTP/1.1\r\nl5d-client-id: {}\r\n\r\n",
+        identity_of("alpha")
+    );
+    assert_eq!(String::from_utf8_lossy(&server.join()), expected);
 }
 
 #[test]
@@ -405,7 +417,10 @@ fn the_proxy_is_not_ready_and_serves_nothing_until_certified() {
     let (a, b) = (world.mesh.pod(0), world.mesh.pod(1));
     let mut proxy_a = Proxy::launch(a, &env_refs(&env_a));
     tandem_tests::wait_for("the admin server", tandem_tests::PATIENCE, || {
-        proxy_a.admin_request("GET", "/live", "").ok().filter(|(status, _)| *status == 200)
+        proxy_a
+            .admin_request("GET", "/live", "")
+            .ok()
+            .filter(|(status, _)| *status == 200)
     });
     assert_eq!(proxy_a.admin_request("GET", "/ready", "").unwrap().0, 503);
 
@@ -417,14 +432,30 @@ fn the_proxy_is_not_ready_and_serves_nothing_until_certified() {
     let mut early = connect(a, SocketAddr::from((b.ipv4, 8080)));
     early.write_all(b"GET /early HTTP/1.1\r\n\r\n").unwrap();
     let text = proxy_a.metrics();
-    assert_eq!(metric(&text, "tcp_open_total", &[("direction", "outbound")]), None, "{text}");
+    assert_eq!(
+        metric(&text, "tcp_open_total", &[("direction", "outbound")]),
+        None,
+        "{text}"
+    );
 
     let _issuer = world.start_issuer(&[]);
     let _proxy_b = Proxy::start(b, &env_refs(&env_b));
     proxy_a.wait_ready();
-    assert_eq!(read_until(&mut early, b"\r\n\r\n"), b"HTTP/1.1 204 No Content\r\n\r\n");
-    assert_eq!(server.join(), b"GET /early HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        read_until(&mut early, b"\r\n\r\n"),
+        b"HTTP/1.1 204 No Content\r\n\r\n"
+    );
+    let expected = format!(
+        "GET /early HTTP/1.1\r\nl5d-client-id: {}\r\n\r\n",
+        identity_of("alpha")
+    );
+    assert_eq!(String::from_utf8_lossy(&server.join()), expected);
     let beta = identity_of("beta");
-    let meshed = [("direction", "outbound"), ("peer", "dst"), ("tls", "true"), ("server_id", beta.as_str())];
+    let meshed = [
+        ("direction", "outbound"),
+        ("peer", "dst"),
+        ("tls", "true"),
+        ("server_id", beta.as_str()),
+    ];
     proxy_a.wait_metric("tcp_open_total", &meshed, 1.0);
 }

@@ -1,0 +1,428 @@
+//! The client side: connections to destinations, pooled per endpoint.
+//!
+//! An endpoint (a target address, plus the peer identity when meshed) holds idle
+//! HTTP/1 connections and at most one shared HTTP/2 connection. HTTP/1 connections are
+//! checked out for one request and come back when its response body has been read to
+//! the end (a connection whose body was abandoned is closed instead, since its state
+//! is unknown). HTTP/2 requests share the one connection, multiplexed; it is replaced
+//! when it closes or reaches its maximum age. A connection is only ever reused for
+//! the endpoint (and identity) it was opened for.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::errors::ErrorKind;
+use crate::config::HttpConfig;
+use crate::conn::Context;
+use crate::metrics::{ConnError, NoTlsReason, OpenConnection, Peer, TlsStatus};
+use crate::transport::{self, ConnectError};
+
+type Sender1 = http1::SendRequest<Incoming>;
+type Sender2 = http2::SendRequest<Incoming>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct EndpointKey {
+    pub target: SocketAddr,
+    /// The peer proxy's identity: connections are mesh TLS to it.
+    pub identity: Option<Arc<str>>,
+}
+
+/// Every endpoint of one direction.
+pub struct Pools {
+    config: HttpConfig,
+    endpoints: Mutex<HashMap<EndpointKey, Arc<Endpoint>>>,
+}
+
+impl Pools {
+    pub fn new(config: HttpConfig) -> Pools {
+        Pools {
+            config,
+            endpoints: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The endpoint for `key`, looked up once per accepted connection.
+    pub fn endpoint(&self, key: EndpointKey) -> Arc<Endpoint> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Endpoint {
+                    key,
+                    config: self.config.clone(),
+                    idle: Mutex::new(Vec::new()),
+                    h2: ArcSwapOption::empty(),
+                    connecting: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone()
+    }
+
+    /// Closes idle connections past their idle timeout or age and forgets endpoints
+    /// nothing uses. Runs periodically, so idle sockets do not wait for a next request.
+    pub fn sweep(&self) {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, endpoint| {
+            let idle_left = endpoint.sweep();
+            let h2_open = endpoint
+                .h2
+                .load()
+                .as_ref()
+                .is_some_and(|c| !c.sender.is_closed());
+            Arc::strong_count(endpoint) > 1 || idle_left || h2_open
+        });
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        (self.config.pool_idle_timeout / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30))
+    }
+}
+
+pub struct Endpoint {
+    key: EndpointKey,
+    config: HttpConfig,
+    idle: Mutex<Vec<Idle>>,
+    h2: ArcSwapOption<H2Connection>,
+    /// Held while opening the HTTP/2 connection, so concurrent first requests share
+    /// one connection instead of racing to open several.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+struct Idle {
+    sender: Sender1,
+    opened: Instant,
+    since: Instant,
+}
+
+struct H2Connection {
+    sender: Sender2,
+    opened: Instant,
+}
+
+/// A checked-out HTTP/1 connection, returned to its endpoint when the response ends.
+pub struct Checkin {
+    endpoint: Arc<Endpoint>,
+    sender: Sender1,
+    opened: Instant,
+}
+
+impl Checkin {
+    pub fn release(self) {
+        let endpoint = self.endpoint;
+        if self.opened.elapsed() >= endpoint.config.max_connection_age {
+            return;
+        }
+        let mut idle = endpoint.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < endpoint.config.max_idle_per_endpoint {
+            idle.push(Idle {
+                sender: self.sender,
+                opened: self.opened,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+impl Endpoint {
+    fn usable(&self, idle: &Idle) -> bool {
+        !idle.sender.is_closed()
+            && idle.since.elapsed() < self.config.pool_idle_timeout
+            && idle.opened.elapsed() < self.config.max_connection_age
+    }
+
+    /// Drops expired idle connections; true if any remain.
+    fn sweep(&self) -> bool {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|i| self.usable(i));
+        !idle.is_empty()
+    }
+
+    fn checkout(&self) -> Option<(Sender1, Instant)> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Most recently used first: it is the likeliest to still be open.
+        while let Some(candidate) = idle.pop() {
+            if self.usable(&candidate) {
+                return Some((candidate.sender, candidate.opened));
+            }
+        }
+        None
+    }
+
+    /// Sends an HTTP/1 request on an idle connection or a new one. The returned
+    /// [`Checkin`] gives the connection back once the response body has ended.
+    pub async fn send_h1(
+        self: &Arc<Self>,
+        ctx: &Context,
+        request: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Checkin), ErrorKind> {
+        let mut pooled = None;
+        while let Some((mut sender, opened)) = self.checkout() {
+            // A pooled connection the server has closed meanwhile fails here, before
+            // the request is committed to it.
+            if sender.ready().await.is_ok() {
+                pooled = Some((sender, opened));
+                break;
+            }
+        }
+        let (mut sender, opened) = match pooled {
+            Some(found) => found,
+            None => (self.open_h1(ctx).await?, Instant::now()),
+        };
+        let response = sender.send_request(request).await.map_err(upstream_error)?;
+        let checkin = Checkin {
+            endpoint: self.clone(),
+            sender,
+            opened,
+        };
+        Ok((response, checkin))
+    }
+
+    async fn open_h1(&self, ctx: &Context) -> Result<Sender1, ErrorKind> {
+        let io = self.dial(ctx).await?;
+        let (sender, connection) = http1::Builder::new()
+            .preserve_header_case(true)
+            .title_case_headers(false)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(upstream_error)?;
+        let target = self.key.target;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                debug!(%target, %error, "HTTP/1 connection failed");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends a request on the endpoint's shared HTTP/2 connection.
+    pub async fn send_h2(
+        &self,
+        ctx: &Context,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, ErrorKind> {
+        let mut sender = match self.current_h2() {
+            Some(sender) => sender,
+            None => self.open_h2(ctx).await?,
+        };
+        sender.send_request(request).await.map_err(upstream_error)
+    }
+
+    fn current_h2(&self) -> Option<Sender2> {
+        let guard = self.h2.load();
+        let connection = guard.as_ref()?;
+        (!connection.sender.is_closed()
+            && connection.opened.elapsed() < self.config.max_connection_age)
+            .then(|| connection.sender.clone())
+    }
+
+    async fn open_h2(&self, ctx: &Context) -> Result<Sender2, ErrorKind> {
+        let _connecting = self.connecting.lock().await;
+        if let Some(sender) = self.current_h2() {
+            return Ok(sender);
+        }
+        let io = self.dial(ctx).await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(upstream_error)?;
+        let target = self.key.target;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%target, %error, "HTTP/2 connection failed");
+            }
+        });
+        self.h2.store(Some(Arc::new(H2Connection {
+            sender: sender.clone(),
+            opened: Instant::now(),
+        })));
+        Ok(sender)
+    }
+
+    /// Opens a connection to the endpoint: TCP, then mesh TLS when it has an identity.
+    async fn dial(&self, ctx: &Context) -> Result<Counted<Upstream>, ErrorKind> {
+        let target = self.key.target;
+        let tcp = match transport::connect(
+            target,
+            ctx.config.connect_timeout,
+            ctx.config.connect_keepalive,
+        )
+        .await
+        {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                debug!(%target, %error, "cannot connect");
+                let (counted, kind) = match error {
+                    ConnectError::Refused => (ConnError::ConnectRefused, ErrorKind::ConnectRefused),
+                    ConnectError::TimedOut => {
+                        (ConnError::ConnectTimeout, ErrorKind::ConnectTimeout)
+                    }
+                    ConnectError::Other(_) => (ConnError::ConnectError, ErrorKind::Connect),
+                };
+                ctx.metrics.error(counted);
+                return Err(kind);
+            }
+        };
+        let (stream, tls) = match &self.key.identity {
+            Some(identity) => match crate::conn::mesh_tls(ctx, tcp, identity, false).await {
+                Ok(tls) => (
+                    Upstream::Tls(Box::new(tls)),
+                    TlsStatus::Established(Some(identity.clone())),
+                ),
+                Err((error, _)) => {
+                    ctx.metrics.error(error);
+                    return Err(ErrorKind::Tls);
+                }
+            },
+            None => {
+                let reason = match ctx.metrics.direction {
+                    crate::metrics::Direction::Inbound => NoTlsReason::Loopback,
+                    crate::metrics::Direction::Outbound => {
+                        NoTlsReason::NotProvidedByServiceDiscovery
+                    }
+                };
+                (Upstream::Plain(tcp), TlsStatus::NoIdentity(reason))
+            }
+        };
+        let metrics = ctx.metrics.transport.open(Peer::Dst, target, tls);
+        Ok(Counted::new(stream, metrics))
+    }
+}
+
+fn upstream_error(error: hyper::Error) -> ErrorKind {
+    debug!(%error, "upstream request failed");
+    if error.is_canceled() {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Upstream
+    }
+}
+
+/// A connection the proxy opened: plain TCP, or mesh TLS over TCP.
+pub enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A stream whose bytes are counted in its transport series; the connection is
+/// counted closed when the stream is dropped (hyper drops it when the connection ends).
+pub struct Counted<T> {
+    inner: T,
+    metrics: OpenConnection,
+}
+
+impl<T> Counted<T> {
+    pub fn new(inner: T, metrics: OpenConnection) -> Counted<T> {
+        Counted { inner, metrics }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.metrics.series().add_read(buf.filled().len() - before);
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &result {
+            this.metrics.series().add_write(*n);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &result {
+            this.metrics.series().add_write(*n);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

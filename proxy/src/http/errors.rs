@@ -1,0 +1,111 @@
+//! Failures of the proxy itself, turned into responses the client can act on.
+//!
+//! Only the proxy's own failures become made-up responses: a 502/503/504 with an
+//! `l5d-proxy-error` header naming the cause, or, for gRPC, a trailers-only response
+//! with a gRPC status, because gRPC clients read the status, not the HTTP code.
+//! Responses from the upstream, including its errors, are passed through untouched.
+
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+
+use super::body::ResponseBody;
+
+pub const L5D_PROXY_ERROR: &str = "l5d-proxy-error";
+
+/// Why the proxy could not produce the upstream's response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    ConnectRefused,
+    ConnectTimeout,
+    /// Any other failure to connect (unreachable, no route, …).
+    Connect,
+    /// Mesh TLS to the peer failed, or the peer is not who discovery said.
+    Tls,
+    /// The upstream connection is closing and took no new request.
+    Unavailable,
+    /// The upstream failed (reset, closed) before a response arrived.
+    Upstream,
+    /// The response started, then its stream failed.
+    Stream,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 7] = [
+        Self::ConnectRefused,
+        Self::ConnectTimeout,
+        Self::Connect,
+        Self::Tls,
+        Self::Unavailable,
+        Self::Upstream,
+        Self::Stream,
+    ];
+
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|k| *k == self).unwrap_or(0)
+    }
+
+    /// The `error` label of `response_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConnectRefused => "connect_refused",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::Connect => "connect_error",
+            Self::Tls => "tls",
+            Self::Unavailable => "unavailable",
+            Self::Upstream => "upstream",
+            Self::Stream => "stream",
+        }
+    }
+
+    /// The text of `l5d-proxy-error` and `grpc-message`.
+    fn message(self) -> &'static str {
+        match self {
+            Self::ConnectRefused => "connection refused by the destination",
+            Self::ConnectTimeout => "connecting to the destination timed out",
+            Self::Connect => "cannot connect to the destination",
+            Self::Tls => "mesh TLS to the destination failed",
+            Self::Unavailable => "the destination is unavailable",
+            Self::Upstream => "the destination closed or reset the connection",
+            Self::Stream => "the response stream failed",
+        }
+    }
+
+    /// The status the client gets; `None` when the response had already started.
+    pub fn status(self) -> Option<StatusCode> {
+        match self {
+            Self::ConnectTimeout => Some(StatusCode::GATEWAY_TIMEOUT),
+            Self::Unavailable => Some(StatusCode::SERVICE_UNAVAILABLE),
+            Self::Stream => None,
+            _ => Some(StatusCode::BAD_GATEWAY),
+        }
+    }
+}
+
+/// gRPC's UNAVAILABLE: the call never reached the server, so clients may retry it.
+const GRPC_UNAVAILABLE: &str = "14";
+
+/// The response for a request the proxy failed.
+pub fn respond(kind: ErrorKind, grpc: bool) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::empty());
+    let message = HeaderValue::from_static(kind.message());
+    if !grpc {
+        *response.status_mut() = kind.status().unwrap_or(StatusCode::BAD_GATEWAY);
+    }
+    let headers = response.headers_mut();
+    if grpc {
+        // Trailers-only: the status travels in the only HEADERS frame.
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_static(GRPC_UNAVAILABLE));
+        headers.insert("grpc-message", message.clone());
+    }
+    headers.insert(L5D_PROXY_ERROR, message);
+    response
+}
+
+/// Is this a gRPC request (`content-type: application/grpc`, `+proto`, …)?
+pub fn is_grpc<B>(request: &hyper::Request<B>) -> bool {
+    request
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}

@@ -1,0 +1,425 @@
+//! Request metrics with Linkerd's names: `request_total`, `response_total` and
+//! `response_latency_ms`.
+//!
+//! As with transport metrics, labels are resolved per connection (or per authority
+//! change on a connection), never per request: a request only adds to atomics in a
+//! series it already holds. Response outcomes are indexed arrays (status code, gRPC
+//! status, error kind) rather than a map, so recording a response takes no lock and
+//! allocates nothing. Series are keyed by target address and authority, which churn,
+//! so idle ones are dropped at scrape time and their number is capped.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::NoLabelSet;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabel, EncodeLabelSet, LabelSetEncoder,
+};
+use prometheus_client::metrics::MetricType;
+
+use super::errors::ErrorKind;
+use crate::metrics::{Direction, TlsStatus};
+
+/// Linkerd's latency buckets, in milliseconds.
+pub const LATENCY_BUCKETS_MS: [u64; 25] = [
+    1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000, 3000, 4000, 5000,
+    10000, 20000, 30000, 40000, 50000,
+];
+
+/// gRPC status codes 0..=16 have their own slot; anything else shares the last.
+const GRPC_SLOTS: usize = 18;
+
+/// The counters of every request with the same labels.
+#[derive(Debug, Default)]
+pub struct RequestSeries {
+    requests: AtomicU64,
+    /// One lazily allocated block of 100 counters per status class (1xx … 5xx), so a
+    /// series that only sees 200s costs one block.
+    statuses: [OnceLock<Box<[AtomicU64; 100]>>; 5],
+    /// gRPC responses (HTTP 200) by grpc-status.
+    grpc: [AtomicU64; GRPC_SLOTS],
+    /// Responses the proxy made up, or streams that failed, by cause.
+    errors: [AtomicU64; ErrorKind::ALL.len()],
+    /// Non-cumulative bucket counts; the last is +Inf.
+    latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    latency_sum_us: AtomicU64,
+    last_active_ms: AtomicU64,
+}
+
+/// How one response ended, for `response_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A complete response with this status (and gRPC status, if it had one).
+    Status { status: u16, grpc: Option<u32> },
+    /// The proxy failed the request, or the response stream failed.
+    Error(ErrorKind),
+}
+
+impl RequestSeries {
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Relaxed);
+    }
+
+    pub fn response(&self, outcome: Outcome, latency: Duration) {
+        match outcome {
+            Outcome::Status {
+                status: 200,
+                grpc: Some(code),
+            } => {
+                let slot = (code as usize).min(GRPC_SLOTS - 1);
+                self.grpc[slot].fetch_add(1, Relaxed);
+            }
+            Outcome::Status { status, .. } if (100..600).contains(&status) => {
+                let class = usize::from(status / 100 - 1);
+                let block = self.statuses[class]
+                    .get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
+                block[usize::from(status % 100)].fetch_add(1, Relaxed);
+            }
+            Outcome::Status { .. } => {
+                self.errors[ErrorKind::Stream.index()].fetch_add(1, Relaxed);
+            }
+            Outcome::Error(kind) => {
+                self.errors[kind.index()].fetch_add(1, Relaxed);
+            }
+        }
+        // Prometheus buckets are inclusive upper bounds.
+        let us = latency.as_micros() as u64;
+        let bucket = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|le| us <= le * 1000)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.latency[bucket].fetch_add(1, Relaxed);
+        self.latency_sum_us
+            .fetch_add(latency.as_micros() as u64, Relaxed);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Key {
+    /// `None` without an authority label, or for the overflow series.
+    authority: Option<Arc<str>>,
+    /// `None` once the cap is reached: such requests share one overflow series.
+    target: Option<SocketAddr>,
+    tls: TlsStatus,
+}
+
+/// The request series of one direction.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    direction: Direction,
+    retain_idle: Duration,
+    max_series: usize,
+    started: Instant,
+    series: Mutex<HashMap<Key, Arc<RequestSeries>>>,
+}
+
+/// A request's hold on its series; marks the series active while held.
+#[derive(Clone, Debug)]
+pub struct SeriesHandle {
+    series: Arc<RequestSeries>,
+    metrics: Arc<RequestMetrics>,
+}
+
+impl SeriesHandle {
+    pub fn request(&self) {
+        self.series.request();
+        self.touch();
+    }
+
+    pub fn response(&self, outcome: Outcome, latency: Duration) {
+        self.series.response(outcome, latency);
+        self.touch();
+    }
+
+    fn touch(&self) {
+        self.series
+            .last_active_ms
+            .store(self.metrics.started.elapsed().as_millis() as u64, Relaxed);
+    }
+}
+
+impl RequestMetrics {
+    pub fn new(direction: Direction, retain_idle: Duration, max_series: usize) -> RequestMetrics {
+        RequestMetrics {
+            direction,
+            retain_idle,
+            max_series,
+            started: Instant::now(),
+            series: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The series for requests to `target` with `authority` over `tls`; called once per
+    /// connection, or when a connection's authority changes.
+    pub fn series(
+        self: &Arc<Self>,
+        authority: Option<&str>,
+        target: SocketAddr,
+        tls: &TlsStatus,
+    ) -> SeriesHandle {
+        let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let mut key = Key {
+            authority: authority.map(Arc::from),
+            target: Some(target),
+            tls: tls.clone(),
+        };
+        if !map.contains_key(&key) && map.len() >= self.max_series {
+            self.evict_idle(&mut map);
+            if map.len() >= self.max_series {
+                key.authority = None;
+                key.target = None;
+            }
+        }
+        let series = map.entry(key).or_default().clone();
+        SeriesHandle {
+            series,
+            metrics: self.clone(),
+        }
+    }
+
+    fn evict_idle(&self, map: &mut HashMap<Key, Arc<RequestSeries>>) {
+        let now = self.started.elapsed().as_millis() as u64;
+        let retain = self.retain_idle.as_millis() as u64;
+        map.retain(|_, s| {
+            Arc::strong_count(s) > 1 || now.saturating_sub(s.last_active_ms.load(Relaxed)) < retain
+        });
+    }
+
+    fn snapshot(&self) -> Vec<(Key, Arc<RequestSeries>)> {
+        let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        self.evict_idle(&mut map);
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// Encodes both directions' request families at scrape time.
+#[derive(Debug)]
+pub struct RequestCollector {
+    pub directions: [Arc<RequestMetrics>; 2],
+}
+
+struct Labels<'a> {
+    direction: Direction,
+    key: &'a Key,
+    response: Option<ResponseLabels>,
+}
+
+#[derive(Clone, Copy)]
+struct ResponseLabels {
+    status: Option<u16>,
+    grpc: Option<u32>,
+    failure: bool,
+    error: Option<&'static str>,
+}
+
+impl EncodeLabelSet for Labels<'_> {
+    fn encode(&self, mut encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        ("direction", self.direction.as_str()).encode(encoder.encode_label())?;
+        if let Some(authority) = &self.key.authority {
+            ("authority", &**authority).encode(encoder.encode_label())?;
+        }
+        match self.key.target {
+            Some(addr) => {
+                ("target_addr", addr.to_string()).encode(encoder.encode_label())?;
+                ("target_ip", addr.ip().to_string()).encode(encoder.encode_label())?;
+                ("target_port", addr.port().to_string()).encode(encoder.encode_label())?;
+            }
+            None => ("target_addr", "overflow").encode(encoder.encode_label())?,
+        }
+        crate::metrics::encode_tls(self.direction, &self.key.tls, &mut encoder)?;
+        if let Some(r) = self.response {
+            let status = r.status.map(|s| s.to_string()).unwrap_or_default();
+            ("status_code", status).encode(encoder.encode_label())?;
+            let class = if r.failure { "failure" } else { "success" };
+            ("classification", class).encode(encoder.encode_label())?;
+            let grpc = r.grpc.map(|s| s.to_string()).unwrap_or_default();
+            ("grpc_status", grpc).encode(encoder.encode_label())?;
+            if let Some(error) = r.error {
+                ("error", error).encode(encoder.encode_label())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every non-zero response counter of a series, with its labels.
+fn responses(s: &RequestSeries) -> Vec<(ResponseLabels, u64)> {
+    let mut out = Vec::new();
+    for (class, block) in s.statuses.iter().enumerate() {
+        let Some(block) = block.get() else { continue };
+        for (i, count) in block.iter().enumerate() {
+            let count = count.load(Relaxed);
+            if count > 0 {
+                let status = (class as u16 + 1) * 100 + i as u16;
+                let labels = ResponseLabels {
+                    status: Some(status),
+                    grpc: None,
+                    failure: status >= 500,
+                    error: None,
+                };
+                out.push((labels, count));
+            }
+        }
+    }
+    for (code, count) in s.grpc.iter().enumerate() {
+        let count = count.load(Relaxed);
+        if count > 0 {
+            let labels = ResponseLabels {
+                status: Some(200),
+                grpc: Some(code as u32),
+                failure: code != 0,
+                error: None,
+            };
+            out.push((labels, count));
+        }
+    }
+    for (kind, count) in ErrorKind::ALL.iter().zip(&s.errors) {
+        let count = count.load(Relaxed);
+        if count > 0 {
+            let labels = ResponseLabels {
+                status: kind.status().map(|s| s.as_u16()),
+                grpc: None,
+                failure: true,
+                error: Some(kind.as_str()),
+            };
+            out.push((labels, count));
+        }
+    }
+    out
+}
+
+impl Collector for RequestCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let series: Vec<(Direction, Key, Arc<RequestSeries>)> = self
+            .directions
+            .iter()
+            .flat_map(|d| d.snapshot().into_iter().map(|(k, s)| (d.direction, k, s)))
+            .collect();
+        let mut family = encoder.encode_descriptor(
+            "request",
+            "Total count of HTTP requests",
+            None,
+            MetricType::Counter,
+        )?;
+        for (direction, key, s) in &series {
+            let labels = Labels {
+                direction: *direction,
+                key,
+                response: None,
+            };
+            family
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(&s.requests.load(Relaxed), None)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "response",
+            "Total count of HTTP responses",
+            None,
+            MetricType::Counter,
+        )?;
+        for (direction, key, s) in &series {
+            for (response, count) in responses(s) {
+                let labels = Labels {
+                    direction: *direction,
+                    key,
+                    response: Some(response),
+                };
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "response_latency_ms",
+            "Elapsed times between a request's headers being received and its response stream completing",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (direction, key, s) in &series {
+            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_MS
+                .iter()
+                .map(|le| *le as f64)
+                .chain([f64::MAX])
+                .zip(s.latency.iter().map(|c| c.load(Relaxed)))
+                .collect();
+            let count = buckets.iter().map(|(_, c)| c).sum();
+            let sum_ms = s.latency_sum_us.load(Relaxed) as f64 / 1000.0;
+            let labels = Labels {
+                direction: *direction,
+                key,
+                response: None,
+            };
+            family
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(sum_ms, count, &buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::NoTlsReason;
+
+    #[test]
+    fn responses_are_counted_by_status_grpc_status_and_error() {
+        let metrics = Arc::new(RequestMetrics::new(
+            Direction::Outbound,
+            Duration::from_secs(60),
+            10,
+        ));
+        let tls = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
+        let series = metrics.series(Some("web:80"), "192.0.2.1:80".parse().unwrap(), &tls);
+        series.request();
+        series.response(
+            Outcome::Status {
+                status: 204,
+                grpc: None,
+            },
+            Duration::from_millis(3),
+        );
+        series.response(
+            Outcome::Status {
+                status: 200,
+                grpc: Some(14),
+            },
+            Duration::from_millis(3),
+        );
+        series.response(
+            Outcome::Error(ErrorKind::ConnectRefused),
+            Duration::from_millis(3),
+        );
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(RequestCollector {
+            directions: [metrics.clone(), metrics.clone()],
+        }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"status_code="204",classification="success",grpc_status="""#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"status_code="200",classification="failure",grpc_status="14""#),
+            "{text}"
+        );
+        assert!(text.contains(r#"status_code="502",classification="failure",grpc_status="",error="connect_refused""#), "{text}");
+        assert!(
+            text.contains(r#"response_latency_ms_count{direction="outbound",authority="web:80""#),
+            "{text}"
+        );
+        let bucket = |le: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("response_latency_ms_bucket{{le=\"{le}\"")))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_string)
+        };
+        assert_eq!(bucket("2.0").as_deref(), Some("0"), "{text}");
+        assert_eq!(bucket("3.0").as_deref(), Some("3"), "{text}");
+    }
+}

@@ -1,0 +1,272 @@
+//! HTTP-aware proxying: once detection finds HTTP/1 or HTTP/2, the connection is
+//! served request by request instead of forwarded as bytes.
+//!
+//! One [`Connection`] describes an accepted connection: where its requests go (one
+//! pooled [`client::Endpoint`]), how (outbound: possibly upgraded to HTTP/2 between
+//! proxies; inbound: restored from that upgrade, with `l5d-client-id`), and the series
+//! its requests are counted in. Everything per connection is decided once, in
+//! [`serve`]; a request only reads it.
+//!
+//! Transparency: requests and responses pass through as they came (header-name case
+//! for HTTP/1, absolute-form URIs, trailers, upstream errors and gRPC statuses); only
+//! the proxy's own failures produce made-up responses (`errors.rs`).
+
+pub mod body;
+pub mod client;
+pub mod errors;
+pub mod metrics;
+pub mod orig_proto;
+mod server;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, HOST, UPGRADE};
+use hyper::http::uri::Authority;
+use hyper::{Method, Request, Response, StatusCode, Version};
+use tracing::debug;
+
+use self::body::{Recorder, ResponseBody};
+use self::client::{Checkin, Endpoint, EndpointKey};
+use self::errors::ErrorKind;
+use self::metrics::{Outcome, SeriesHandle};
+use crate::conn::{self, Context, Replay};
+use crate::detect::Protocol;
+use crate::metrics::{ConnError, TlsStatus};
+use crate::tcp::Transport;
+
+const L5D_CLIENT_ID: &str = "l5d-client-id";
+
+/// What differs between the two directions.
+pub enum Side {
+    /// `h2_upgrade`: the peer proxy accepts HTTP/2, so HTTP/1 requests are carried
+    /// over one HTTP/2 connection with `l5d-orig-proto`.
+    Outbound { h2_upgrade: bool },
+    /// `client_id`: the meshed client's verified identity, if any.
+    Inbound { client_id: Option<Arc<str>> },
+}
+
+/// Where an accepted connection's requests go, decided once per connection.
+pub struct Route {
+    pub endpoint: EndpointKey,
+    pub side: Side,
+    /// The `tls` label of the request series.
+    pub tls: TlsStatus,
+}
+
+/// One accepted HTTP connection.
+pub struct Connection {
+    ctx: Arc<Context>,
+    endpoint: Arc<Endpoint>,
+    side: Side,
+    target: SocketAddr,
+    tls: TlsStatus,
+    /// Used as `:authority` for an upgraded HTTP/1.0 request that named none.
+    fallback_authority: Authority,
+    authority_labels: bool,
+    /// The series of the last authority seen on this connection: almost every
+    /// connection sends one authority, so this is looked up once.
+    series: ArcSwapOption<CachedSeries>,
+}
+
+struct CachedSeries {
+    authority: Option<Box<str>>,
+    handle: SeriesHandle,
+}
+
+/// Serves a client connection detected as HTTP/1 or HTTP/2 (`protocol`); `prefix` is
+/// what detection already read from it.
+pub async fn serve<C: Transport + 'static>(
+    ctx: &Arc<Context>,
+    client: conn::Client<C>,
+    prefix: Vec<u8>,
+    protocol: Protocol,
+    route: Route,
+) {
+    let target = route.endpoint.target;
+    let connection = Arc::new(Connection {
+        ctx: ctx.clone(),
+        endpoint: ctx.http.endpoint(route.endpoint),
+        side: route.side,
+        target,
+        tls: route.tls,
+        fallback_authority: Authority::try_from(target.to_string().as_str())
+            .unwrap_or_else(|_| Authority::from_static("localhost")),
+        authority_labels: ctx.config.http.authority_labels,
+        series: ArcSwapOption::empty(),
+    });
+    let conn::Client {
+        stream,
+        addr,
+        metrics,
+    } = client;
+    let io = client::Counted::new(Replay::new(prefix, stream), metrics);
+    let result = match protocol {
+        Protocol::Http2 => server::serve_h2(io, connection).await,
+        _ => server::serve_h1(io, connection).await,
+    };
+    if let Err(error) = result {
+        debug!(client = %addr, %error, "HTTP connection failed");
+        ctx.metrics.error(ConnError::Io);
+    }
+}
+
+impl Connection {
+    fn series(&self, request: &Request<Incoming>) -> SeriesHandle {
+        let authority = if self.authority_labels {
+            authority_of(request)
+        } else {
+            None
+        };
+        if let Some(cached) = &*self.series.load() {
+            if cached.authority.as_deref() == authority {
+                return cached.handle.clone();
+            }
+        }
+        let handle = self
+            .ctx
+            .metrics
+            .http
+            .series(authority, self.target, &self.tls);
+        self.series.store(Some(Arc::new(CachedSeries {
+            authority: authority.map(Box::from),
+            handle: handle.clone(),
+        })));
+        handle
+    }
+
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), ErrorKind> {
+        let ctx = &*self.ctx;
+        match &self.side {
+            Side::Inbound { client_id } => {
+                // Only the proxy vouches for a client's identity: whatever the client
+                // itself put in the header is removed.
+                request.headers_mut().remove(L5D_CLIENT_ID);
+                let id = client_id
+                    .as_deref()
+                    .and_then(|id| HeaderValue::from_str(id).ok());
+                if let Some(id) = id {
+                    request.headers_mut().insert(L5D_CLIENT_ID, id);
+                }
+                if request.version() == Version::HTTP_2 {
+                    if let Some(original) = orig_proto::downgrade(&mut request) {
+                        let (mut response, checkin) = self.endpoint.send_h1(ctx, request).await?;
+                        response
+                            .headers_mut()
+                            .insert(orig_proto::L5D_ORIG_PROTO, original);
+                        return Ok((response, Some(checkin)));
+                    }
+                    return Ok((self.endpoint.send_h2(ctx, request).await?, None));
+                }
+                self.http1(request).await
+            }
+            Side::Outbound { h2_upgrade } => {
+                if request.version() == Version::HTTP_2 {
+                    return Ok((self.endpoint.send_h2(ctx, request).await?, None));
+                }
+                if *h2_upgrade && !is_upgrade(&request) {
+                    let version = orig_proto::upgrade(&mut request, &self.fallback_authority);
+                    let mut response = self.endpoint.send_h2(ctx, request).await?;
+                    orig_proto::restore(&mut response, version);
+                    return Ok((response, None));
+                }
+                self.http1(request).await
+            }
+        }
+    }
+
+    /// HTTP/1 to the destination. An `Upgrade` or `CONNECT` the destination accepts
+    /// turns both connections into one byte stream, forwarded like opaque TCP.
+    async fn http1(
+        &self,
+        mut request: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), ErrorKind> {
+        if !is_upgrade(&request) {
+            let (response, checkin) = self.endpoint.send_h1(&self.ctx, request).await?;
+            return Ok((response, Some(checkin)));
+        }
+        let downstream = hyper::upgrade::on(&mut request);
+        let connect = request.method() == Method::CONNECT;
+        let (mut response, checkin) = self.endpoint.send_h1(&self.ctx, request).await?;
+        let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (connect && response.status().is_success());
+        if !switched {
+            return Ok((response, Some(checkin)));
+        }
+        let upstream = hyper::upgrade::on(&mut response);
+        let target = self.target;
+        tokio::spawn(async move {
+            let (down, up) = match tokio::join!(downstream, upstream) {
+                (Ok(down), Ok(up)) => (down, up),
+                (down, up) => {
+                    debug!(%target, down = ?down.err(), up = ?up.err(), "upgrade failed");
+                    return;
+                }
+            };
+            // The connection is the tunnel now; it never goes back to the pool.
+            drop(checkin);
+            let mut down = hyper_util::rt::TokioIo::new(down);
+            let mut up = hyper_util::rt::TokioIo::new(up);
+            if let Err(error) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                debug!(%target, %error, "upgraded connection failed");
+            }
+        });
+        Ok((response, None))
+    }
+}
+
+/// Handles one request: forwards it and wraps the response so its end is measured.
+async fn handle(
+    connection: Arc<Connection>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let start = Instant::now();
+    let series = connection.series(&request);
+    series.request();
+    let grpc = errors::is_grpc(&request);
+    match connection.forward(request).await {
+        Ok((response, checkin)) => {
+            let recorder = Recorder {
+                series,
+                start,
+                status: response.status().as_u16(),
+                grpc: body::grpc_status(response.headers()),
+            };
+            let (parts, body) = response.into_parts();
+            let body = ResponseBody::new(body, recorder, checkin);
+            Ok(Response::from_parts(parts, body))
+        }
+        Err(kind) => {
+            series.response(Outcome::Error(kind), start.elapsed());
+            Ok(errors::respond(kind, grpc))
+        }
+    }
+}
+
+/// An HTTP/1.1 `Upgrade` (e.g. WebSocket) or a `CONNECT`.
+fn is_upgrade<B>(request: &Request<B>) -> bool {
+    if request.method() == Method::CONNECT {
+        return true;
+    }
+    let connection_upgrade = request.headers().get_all(CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    connection_upgrade && request.headers().contains_key(UPGRADE)
+}
+
+fn authority_of(request: &Request<Incoming>) -> Option<&str> {
+    match request.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => request.headers().get(HOST).and_then(|h| h.to_str().ok()),
+    }
+}
