@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::netns::Pod;
+use crate::netns::{Mesh, Pod};
 use crate::proc::Proc;
+use crate::proxy::{redirect, Proxy};
 use crate::{bin_path, probe, wait_for, PATIENCE, PROXY_UID};
 
 /// The identity the issuer serves gRPC TLS under (the proxies' `SVC_NAME`).
@@ -240,4 +241,76 @@ fn make_readable(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let mode = if path.is_dir() { 0o755 } else { 0o644 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// The meshed world most tests need: pods alpha (0) and beta (1) with redirect rules,
+/// each knowing the other through discovery, and the issuer in pod 2 (which has no
+/// rules, so it can also play an unmeshed client).
+pub struct MeshedPair {
+    pub mesh: Mesh,
+    pub domain: TrustDomain,
+}
+
+impl Default for MeshedPair {
+    fn default() -> MeshedPair {
+        MeshedPair::new()
+    }
+}
+
+impl MeshedPair {
+    pub fn new() -> MeshedPair {
+        let mesh = Mesh::new(3);
+        redirect(mesh.pod(0));
+        redirect(mesh.pod(1));
+        MeshedPair {
+            mesh,
+            domain: TrustDomain::new(),
+        }
+    }
+
+    pub fn a(&self) -> &Pod {
+        self.mesh.pod(0)
+    }
+
+    pub fn b(&self) -> &Pod {
+        self.mesh.pod(1)
+    }
+
+    /// Beta's address at `port`, as an app in alpha dials it.
+    pub fn b_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.b().ipv4, port))
+    }
+
+    pub fn issuer_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.mesh.pod(2).ipv4, 8080))
+    }
+
+    /// Settings for the proxy of pod `index` (0 or 1), which knows the other one;
+    /// `http2` marks that peer as accepting HTTP/2 between proxies.
+    pub fn env(&self, index: usize, http2: bool, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let names = ["alpha", "beta"];
+        let peer = 1 - index;
+        let peer_addr = self.mesh.pod(peer).ipv4.to_string();
+        let mut env = self.domain.proxy_env_with(
+            names[index],
+            self.issuer_addr(),
+            &[(&peer_addr, names[peer])],
+            http2,
+        );
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env
+    }
+
+    pub fn start_issuer(&self, extra: &[&str]) -> Proc {
+        self.domain.start_issuer(self.mesh.pod(2), extra)
+    }
+
+    /// Starts the issuer and both proxies with default settings.
+    pub fn start(&self, http2: bool) -> (Proc, Proxy<'_>, Proxy<'_>) {
+        let (env_a, env_b) = (self.env(0, http2, &[]), self.env(1, http2, &[]));
+        let issuer = self.start_issuer(&[]);
+        let a = Proxy::start(self.a(), &env_refs(&env_a));
+        let b = Proxy::start(self.b(), &env_refs(&env_b));
+        (issuer, a, b)
+    }
 }

@@ -16,61 +16,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use tandem_tests::apps::{connect, read_until, Noise, NoiseCheck};
-use tandem_tests::mesh::{env_refs, identity_of, TrustDomain};
+use tandem_tests::mesh::{identity_of, MeshedPair};
 use tandem_tests::probe::metric;
-use tandem_tests::proxy::redirect;
-use tandem_tests::{Mesh, Pod, Proc, Proxy};
-
-/// Pods alpha (0) and beta (1) with rules, and the issuer in pod 2.
-struct World {
-    mesh: Mesh,
-    domain: TrustDomain,
-}
-
-impl World {
-    fn new() -> World {
-        let mesh = Mesh::new(3);
-        redirect(mesh.pod(0));
-        redirect(mesh.pod(1));
-        World {
-            mesh,
-            domain: TrustDomain::new(),
-        }
-    }
-
-    /// Starts the issuer and both proxies; `http2` marks each peer as accepting HTTP/2.
-    fn start(&self, http2: bool) -> (Proc, Proxy<'_>, Proxy<'_>) {
-        let issuer = SocketAddr::from((self.mesh.pod(2).ipv4, 8080));
-        let issuer_proc = self.domain.start_issuer(self.mesh.pod(2), &[]);
-        let names = ["alpha", "beta"];
-        let mut proxies = (0..2).map(|index| {
-            let peer = 1 - index;
-            let peer_addr = self.mesh.pod(peer).ipv4.to_string();
-            let env = self.domain.proxy_env_with(
-                names[index],
-                issuer,
-                &[(&peer_addr, names[peer])],
-                http2,
-            );
-            Proxy::start(self.mesh.pod(index), &env_refs(&env))
-        });
-        let a = proxies.next().unwrap();
-        let b = proxies.next().unwrap();
-        (issuer_proc, a, b)
-    }
-
-    fn a(&self) -> &Pod {
-        self.mesh.pod(0)
-    }
-
-    fn b(&self) -> &Pod {
-        self.mesh.pod(1)
-    }
-
-    fn b_addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::from((self.b().ipv4, port))
-    }
-}
+use tandem_tests::Pod;
 
 fn any(port: u16) -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], port))
@@ -395,7 +343,7 @@ fn check_noise_file(path: &std::path::Path, seed: u64) -> usize {
 
 #[test]
 fn http1_and_http2_through_the_mesh_with_client_identity_and_metrics() {
-    let world = World::new();
+    let world = MeshedPair::new();
     let (_issuer, proxy_a, proxy_b) = world.start(false);
     hyper_server(world.b(), 8080);
     let url = format!("http://{}/hello", world.b_addr(8080));
@@ -471,7 +419,7 @@ fn http1_and_http2_through_the_mesh_with_client_identity_and_metrics() {
 
 #[test]
 fn header_case_and_order_survive_http1_end_to_end() {
-    let world = World::new();
+    let world = MeshedPair::new();
     let (_issuer, _a, _b) = world.start(false);
     let request_head = "GET /case HTTP/1.1\r\nHost: beta\r\nX-MiXeD-CaSe: 1\r\nlower-case: 2\r\nUPPER-CASE: 3\r\n\r\n";
     let response = b"HTTP/1.1 200 OK\r\nX-Reply-CaSe: a\r\nContent-Length: 2\r\n\r\nok";
@@ -500,7 +448,7 @@ fn header_case_and_order_survive_http1_end_to_end() {
 
 #[test]
 fn http1_is_multiplexed_over_one_http2_connection_between_proxies() {
-    let world = World::new();
+    let world = MeshedPair::new();
     let (_issuer, _proxy_a, proxy_b) = world.start(true);
     hyper_server(world.b(), 8080);
     let addr = world.b_addr(8080);
@@ -546,7 +494,7 @@ fn http1_is_multiplexed_over_one_http2_connection_between_proxies() {
 
 #[test]
 fn grpc_passes_through_and_proxy_failures_become_errors() {
-    let world = World::new();
+    let world = MeshedPair::new();
     let (_issuer, proxy_a, _proxy_b) = world.start(true);
     hyper_server(world.b(), 8080);
     let addr = world.b_addr(8080);
@@ -590,7 +538,7 @@ fn grpc_passes_through_and_proxy_failures_become_errors() {
 
 #[test]
 fn websocket_upgrade_becomes_a_byte_stream() {
-    let world = World::new();
+    let world = MeshedPair::new();
     let (_issuer, _a, _b) = world.start(true);
     let server = tandem_tests::apps::Server::start(world.b(), any(8082), |mut conn| {
         let head = read_until(&mut conn, b"\r\n\r\n");
@@ -630,7 +578,7 @@ fn websocket_upgrade_becomes_a_byte_stream() {
 
 #[test]
 fn h2load_through_the_mesh_has_no_failures() {
-    let world = World::new();
+    let world = MeshedPair::new();
     let (_issuer, _a, _b) = world.start(true);
     hyper_server(world.b(), 8080);
     let url = format!("http://{}/hello", world.b_addr(8080));
@@ -651,7 +599,7 @@ fn h2load_through_the_mesh_has_no_failures() {
 #[test]
 fn hundred_mib_each_way_arrives_intact() {
     for http2 in [false, true] {
-        let world = World::new();
+        let world = MeshedPair::new();
         let (_issuer, _a, proxy_b) = world.start(http2);
         hyper_server(world.b(), 8080);
         let addr = world.b_addr(8080);
@@ -709,7 +657,7 @@ fn hundred_mib_each_way_arrives_intact() {
 #[test]
 fn http1_trailers_cross_the_mesh_both_ways() {
     for http2 in [false, true] {
-        let world = World::new();
+        let world = MeshedPair::new();
         let (_issuer, _a, _b) = world.start(http2);
         let server = tandem_tests::apps::Server::start(world.b(), any(8081), |mut conn| {
             let (head, rest) = read_head(&mut conn);
@@ -752,7 +700,7 @@ fn http1_trailers_cross_the_mesh_both_ways() {
 #[test]
 fn expect_continue_and_absolute_form_reach_the_server() {
     for http2 in [false, true] {
-        let world = World::new();
+        let world = MeshedPair::new();
         let (_issuer, _a, _b) = world.start(http2);
 
         let server = tandem_tests::apps::Server::start(world.b(), any(8083), |mut conn| {
@@ -815,7 +763,7 @@ fn expect_continue_and_absolute_form_reach_the_server() {
 #[test]
 fn connect_becomes_a_tunnel() {
     const SENT: usize = 1 << 20;
-    let world = World::new();
+    let world = MeshedPair::new();
     let (_issuer, _a, _b) = world.start(true);
     let authority = world.b_addr(8085);
     let server = tandem_tests::apps::Server::start(world.b(), any(8085), |mut conn| {
@@ -895,7 +843,7 @@ fn connect_becomes_a_tunnel() {
 /// and the stream ends with the server's grpc-status 0, counted as a success.
 #[test]
 fn grpc_stream_longer_than_a_minute_arrives_whole() {
-    let world = World::new();
+    let world = MeshedPair::new();
     let (_issuer, proxy_a, _b) = world.start(true);
     hyper_server(world.b(), 8080);
     let addr = world.b_addr(8080);

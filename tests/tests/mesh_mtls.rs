@@ -9,59 +9,18 @@ use tandem_tests::apps::{
     app_tls_exchange, connect, read_all, read_until, send_and_finish, Server,
 };
 use tandem_tests::capture::{contains, Capture};
-use tandem_tests::mesh::{env_refs, identity_of, TrustDomain};
+use tandem_tests::mesh::{env_refs, identity_of, MeshedPair, TrustDomain};
 use tandem_tests::probe::metric;
-use tandem_tests::proxy::redirect;
-use tandem_tests::{Mesh, Proc, Proxy};
+use tandem_tests::Proxy;
 
 fn any(port: u16) -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], port))
 }
 
-/// Pods alpha (0) and beta (1) with rules, and the issuer in pod 2.
-struct World {
-    mesh: Mesh,
-    domain: TrustDomain,
-}
-
-impl World {
-    fn new() -> World {
-        let mesh = Mesh::new(3);
-        redirect(mesh.pod(0));
-        redirect(mesh.pod(1));
-        World {
-            mesh,
-            domain: TrustDomain::new(),
-        }
-    }
-
-    fn issuer_addr(&self) -> SocketAddr {
-        SocketAddr::from((self.mesh.pod(2).ipv4, 8080))
-    }
-
-    /// Settings for the proxy of pod `index`, which knows the other of pods 0 and 1.
-    fn env(&self, index: usize, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-        let names = ["alpha", "beta"];
-        let peer = 1 - index;
-        let peer_addr = self.mesh.pod(peer).ipv4.to_string();
-        let mut env = self.domain.proxy_env(
-            names[index],
-            self.issuer_addr(),
-            &[(&peer_addr, names[peer])],
-        );
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        env
-    }
-
-    fn start_issuer(&self, extra: &[&str]) -> Proc {
-        self.domain.start_issuer(self.mesh.pod(2), extra)
-    }
-}
-
 #[test]
 fn meshed_traffic_is_mtls_on_the_wire_and_arrives_intact() {
-    let world = World::new();
-    let (env_a, env_b) = (world.env(0, &[]), world.env(1, &[]));
+    let world = MeshedPair::new();
+    let (env_a, env_b) = (world.env(0, false, &[]), world.env(1, false, &[]));
     let _issuer = world.start_issuer(&[]);
     let (a, b) = (world.mesh.pod(0), world.mesh.pod(1));
     let proxy_a = Proxy::start(a, &env_refs(&env_a));
@@ -203,8 +162,8 @@ fn bad_certificates(
 
 #[test]
 fn peers_with_the_wrong_identity_anchor_or_expiry_are_refused() {
-    let world = World::new();
-    let env_a = world.env(0, &[]);
+    let world = MeshedPair::new();
+    let env_a = world.env(0, false, &[]);
     let _issuer = world.start_issuer(&[]);
     let (a, b) = (world.mesh.pod(0), world.mesh.pod(1));
     let proxy_a = Proxy::start(a, &env_refs(&env_a));
@@ -262,9 +221,9 @@ fn peers_with_the_wrong_identity_anchor_or_expiry_are_refused() {
 
 #[test]
 fn a_port_that_requires_identity_refuses_unmeshed_clients_and_accepts_meshed_ones() {
-    let world = World::new();
+    let world = MeshedPair::new();
     let require = [("LINKERD2_PROXY_INBOUND_PORTS_REQUIRE_IDENTITY", "8080")];
-    let (env_a, env_b) = (world.env(0, &[]), world.env(1, &require));
+    let (env_a, env_b) = (world.env(0, false, &[]), world.env(1, false, &require));
     let _issuer = world.start_issuer(&[]);
     let (a, b, unmeshed) = (world.mesh.pod(0), world.mesh.pod(1), world.mesh.pod(2));
     let _proxy_a = Proxy::start(a, &env_refs(&env_a));
@@ -297,8 +256,8 @@ fn a_port_that_requires_identity_refuses_unmeshed_clients_and_accepts_meshed_one
 
 #[test]
 fn application_tls_inside_the_mesh_is_untouched() {
-    let world = World::new();
-    let (env_a, env_b) = (world.env(0, &[]), world.env(1, &[]));
+    let world = MeshedPair::new();
+    let (env_a, env_b) = (world.env(0, false, &[]), world.env(1, false, &[]));
     let _issuer = world.start_issuer(&[]);
     let (a, b) = (world.mesh.pod(0), world.mesh.pod(1));
     let _proxy_a = Proxy::start(a, &env_refs(&env_a));
@@ -350,9 +309,9 @@ fn presented_certificate(from: &tandem_tests::Pod, to: SocketAddr, anchor_pem: &
 
 #[test]
 fn certificates_rotate_under_a_long_lived_connection() {
-    let world = World::new();
+    let world = MeshedPair::new();
     let fast = [("LINKERD2_PROXY_IDENTITY_MIN_REFRESH", "1s")];
-    let (env_a, env_b) = (world.env(0, &fast), world.env(1, &fast));
+    let (env_a, env_b) = (world.env(0, false, &fast), world.env(1, false, &fast));
     let _issuer = world.start_issuer(&["--cert-lifetime", "4s", "--clock-skew", "0s"]);
     let (a, b, observer) = (world.mesh.pod(0), world.mesh.pod(1), world.mesh.pod(2));
     let proxy_a = Proxy::start(a, &env_refs(&env_a));
@@ -412,8 +371,8 @@ fn read_line(conn: &mut std::net::TcpStream) -> Vec<u8> {
 /// a connection made meanwhile waits and is served, meshed, once it is certified.
 #[test]
 fn the_proxy_is_not_ready_and_serves_nothing_until_certified() {
-    let world = World::new();
-    let (env_a, env_b) = (world.env(0, &[]), world.env(1, &[]));
+    let world = MeshedPair::new();
+    let (env_a, env_b) = (world.env(0, false, &[]), world.env(1, false, &[]));
     let (a, b) = (world.mesh.pod(0), world.mesh.pod(1));
     let mut proxy_a = Proxy::launch(a, &env_refs(&env_a));
     tandem_tests::wait_for("the admin server", tandem_tests::PATIENCE, || {
