@@ -42,20 +42,22 @@ pub fn require_root() {
 
 /// Path of a workspace binary built by `cargo build --workspace --bins`.
 ///
-/// Test executables live in `target/<profile>/deps`; the binaries sit one level up.
+/// Test executables live in `target/<profile>/deps`, the binaries one level up; the
+/// demo and the benchmark are binaries themselves and find their siblings beside them.
 pub fn bin_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test executable");
-    let profile_dir = exe
+    let exe = std::env::current_exe().expect("path of the running executable");
+    let beside = exe.parent().map(|dir| dir.join(name));
+    let above = exe
         .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps");
-    let path = profile_dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first with `cargo build --workspace --bins`",
-        path.display()
-    );
-    path
+        .and_then(|dir| dir.parent())
+        .map(|dir| dir.join(name));
+    let found = [beside, above].into_iter().flatten().find(|p| p.exists());
+    found.unwrap_or_else(|| {
+        panic!(
+            "{name} is missing beside {}: build the binaries first with `cargo build --workspace --bins` (add --release for a release build)",
+            exe.display()
+        )
+    })
 }
 
 /// Polls `check` until it returns `Some`, failing the test with `what` after `limit`.
@@ -86,3 +88,29 @@ pub fn wait_for_or<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> 
 
 /// A generous bound for waits that should finish in milliseconds on a quiet machine.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs `f` for a program built on this harness (the demo, the benchmark), turning a
+/// harness failure, which is a panic, into the first line of its message. By the time
+/// this returns the panic's unwinding has dropped every guard, so namespaces,
+/// processes and files are removed; processes do not print their logs on the way.
+pub fn catch_harness_failure<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static MESSAGE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    proc::quiet_on_panic();
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unexpected failure".into());
+        let first_line = message.lines().next().unwrap_or_default().to_string();
+        *MESSAGE.lock().unwrap_or_else(|p| p.into_inner()) = Some(first_line);
+    }));
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| {
+        MESSAGE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| "unexpected failure".into())
+    })
+}

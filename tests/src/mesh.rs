@@ -8,7 +8,7 @@ use std::process::Command;
 
 use crate::netns::{Mesh, Pod};
 use crate::proc::Proc;
-use crate::proxy::{redirect, Proxy};
+use crate::proxy::{redirect_except, Proxy};
 use crate::{bin_path, probe, wait_for, PATIENCE, PROXY_UID};
 
 /// The identity the issuer serves gRPC TLS under (the proxies' `SVC_NAME`).
@@ -259,9 +259,14 @@ impl Default for MeshedPair {
 
 impl MeshedPair {
     pub fn new() -> MeshedPair {
+        MeshedPair::with_direct_ports(&[])
+    }
+
+    /// A pair whose rules leave `direct_ports` unproxied in both pods.
+    pub fn with_direct_ports(direct_ports: &[u16]) -> MeshedPair {
         let mesh = Mesh::new(3);
-        redirect(mesh.pod(0));
-        redirect(mesh.pod(1));
+        redirect_except(mesh.pod(0), direct_ports);
+        redirect_except(mesh.pod(1), direct_ports);
         MeshedPair {
             mesh,
             domain: TrustDomain::new(),

@@ -71,6 +71,11 @@ impl Proc {
         status
     }
 
+    /// Where the process's output goes (removed when the guard drops).
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
+    }
+
     /// Everything the process wrote to stdout and stderr so far.
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -83,11 +88,19 @@ impl Drop for Proc {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() && !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
             eprintln!("----- output of {} -----\n{}", self.label, self.output());
         }
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Stops processes from printing their output when dropped during a panic: tests want
+/// it, the demo reports one line instead (and keeps the logs while it runs).
+pub fn quiet_on_panic() {
+    QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn unique() -> u32 {

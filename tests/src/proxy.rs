@@ -94,16 +94,25 @@ impl<'p> Proxy<'p> {
 /// injected pod does: inbound TCP to 4143 except the admin ports, outbound TCP to 4140
 /// except the proxy's uid and loopback, IPv4 and IPv6.
 pub fn redirect(pod: &Pod) {
+    redirect_except(pod, &[]);
+}
+
+/// [`redirect`], leaving `direct_ports` alone in both directions: the benchmark's
+/// no-proxy baseline runs between the same two pods on these ports.
+pub fn redirect_except(pod: &Pod, direct_ports: &[u16]) {
     let netns = format!("/var/run/netns/{}", pod.name);
-    let out = Command::new(bin_path("tandem-init"))
-        .args([
-            "--netns",
-            &netns,
-            "--inbound-ports-to-ignore",
-            INBOUND_PORTS_TO_IGNORE,
-        ])
-        .output()
-        .expect("run tandem-init");
+    let direct: Vec<String> = direct_ports.iter().map(u16::to_string).collect();
+    let mut inbound = INBOUND_PORTS_TO_IGNORE.to_string();
+    for port in &direct {
+        inbound.push(',');
+        inbound.push_str(port);
+    }
+    let mut cmd = Command::new(bin_path("tandem-init"));
+    cmd.args(["--netns", &netns, "--inbound-ports-to-ignore", &inbound]);
+    if !direct.is_empty() {
+        cmd.args(["--outbound-ports-to-ignore", &direct.join(",")]);
+    }
+    let out = cmd.output().expect("run tandem-init");
     assert!(
         out.status.success(),
         "tandem-init failed in pod {} ({}): {}",
