@@ -1,0 +1,57 @@
+//! `tandem-bench`: the mesh benchmark.
+//!
+//! `tandem-bench` (no subcommand) builds the demo's topology, runs every scenario
+//! through the meshed pair and through a direct path in the same run, and prints one
+//! table. The `serve` and `load` subcommands are the backend and the load generator it
+//! starts inside the pods; they are separate processes so that their CPU time never
+//! mixes with the proxies'.
+
+mod backend;
+mod load;
+mod mesh;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem-bench",
+    about = "Benchmark a meshed pod pair against a direct path"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Seconds each scenario runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Run only the scenarios whose name contains this text (e.g. to profile one).
+    #[arg(long)]
+    only: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the backends (used inside the server pod).
+    #[command(hide = true)]
+    Serve(backend::ServeArgs),
+    /// Run one load scenario and print its report line (used inside the client pod).
+    #[command(hide = true)]
+    Load(load::LoadArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Serve(args)) => backend::serve(args),
+        Some(Command::Load(args)) => load::run(args).map(|report| println!("{}", report.to_line())),
+        None => tandem_tests::catch_harness_failure(|| {
+            mesh::run(Duration::from_secs(cli.seconds), cli.only.as_deref())
+        })
+        .unwrap_or_else(|failure| Err(anyhow::anyhow!(failure))),
+    };
+    if let Err(error) = result {
+        eprintln!("tandem-bench: {error:#}");
+        std::process::exit(1);
+    }
+}
