@@ -93,6 +93,9 @@ const SCENARIOS: &[Scenario] = &[
 struct Measured {
     report: Report,
     proxies: Vec<ProxyCost>,
+    /// The backend's CPU over the same run: a calibration of what one trivial process
+    /// costs per request on this machine.
+    backend_cores: f64,
 }
 
 #[derive(Clone, Copy)]
@@ -184,6 +187,7 @@ pub fn run(seconds: Duration, only: Option<&str>) -> anyhow::Result<()> {
             scenario.direct_port,
             seconds,
             &proxies,
+            backend.pid(),
         )?;
         let meshed = measure(
             client_pod,
@@ -192,6 +196,7 @@ pub fn run(seconds: Duration, only: Option<&str>) -> anyhow::Result<()> {
             scenario.meshed_port,
             seconds,
             &proxies,
+            backend.pid(),
         )?;
         eprintln!("  done: {}", scenario.name);
         results.push((scenario, direct, meshed));
@@ -207,6 +212,7 @@ fn measure(
     port: u16,
     seconds: Duration,
     proxies: &[&Proxy<'_>],
+    backend: u32,
 ) -> anyhow::Result<Measured> {
     for proxy in proxies {
         reset_peak_rss(proxy.process.pid())?;
@@ -215,6 +221,7 @@ fn measure(
         .iter()
         .map(|p| cpu_ticks(p.process.pid()))
         .collect::<anyhow::Result<_>>()?;
+    let backend_before = cpu_ticks(backend)?;
     let started = Instant::now();
     let report = load(client, bench, scenario.mode, scenario.conns, port, seconds)?;
     let wall = started.elapsed().as_secs_f64();
@@ -230,9 +237,11 @@ fn measure(
             final_rss,
         });
     }
+    let backend_used = cpu_ticks(backend)?.saturating_sub(backend_before) as f64;
     Ok(Measured {
         report,
         proxies: costs,
+        backend_cores: backend_used / ticks_per_second / wall,
     })
 }
 
@@ -336,11 +345,11 @@ fn table(results: &[(&Scenario, Measured, Measured)]) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| scenario | path | req/s | vs direct | p50 ms | p99 ms | max ms | errors | CPU cores (client proxy / server proxy) | peak RSS MiB | final RSS MiB |"
+        "| scenario | path | req/s | vs direct | p50 ms | p99 ms | max ms | errors | CPU cores (client proxy / server proxy) | peak RSS MiB | final RSS MiB | backend cores |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for (scenario, direct, meshed) in results {
         for (path, m) in [("direct", direct), ("meshed", meshed)] {
@@ -381,7 +390,7 @@ fn table(results: &[(&Scenario, Measured, Measured)]) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {path} | {rate} | {ratio} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |",
+                "| {} | {path} | {rate} | {ratio} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {:.3} |",
                 scenario.name,
                 ms(r.p50),
                 ms(r.p99),
@@ -390,6 +399,7 @@ fn table(results: &[(&Scenario, Measured, Measured)]) -> String {
                 costs.0,
                 costs.1,
                 costs.2,
+                m.backend_cores,
             );
         }
     }
@@ -433,6 +443,11 @@ fn derived(results: &[(&Scenario, Measured, Measured)]) -> String {
             out,
             "| MiB per proxy (peak RSS at 1,000 RPS) | {:.1} | ≤ 10 | 19 (20 MB) |",
             worst_peak as f64 / MIB
+        );
+        let _ = writeln!(
+            out,
+            "| calibration: the backend's CPU cores per 1,000 RPS on the direct path | {:.3} | | |",
+            direct.backend_cores / (direct.report.per_second() / 1000.0)
         );
         let _ = writeln!(
             out,
