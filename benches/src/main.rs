@@ -45,10 +45,22 @@ fn main() {
     let result = match cli.command {
         Some(Command::Serve(args)) => backend::serve(args),
         Some(Command::Load(args)) => load::run(args).map(|report| println!("{}", report.to_line())),
-        None => tandem_tests::catch_harness_failure(|| {
-            mesh::run(Duration::from_secs(cli.seconds), cli.only.as_deref())
-        })
-        .unwrap_or_else(|failure| Err(anyhow::anyhow!(failure))),
+        None => {
+            let signals = tandem_tests::Signals::block();
+            let result = tandem_tests::catch_harness_failure(|| {
+                mesh::run(
+                    Duration::from_secs(cli.seconds),
+                    cli.only.as_deref(),
+                    &signals,
+                )
+            })
+            .unwrap_or_else(|failure| Err(anyhow::anyhow!(failure)));
+            if signals.pending().is_some() {
+                eprintln!("tandem-bench: interrupted; the pods are removed");
+                std::process::exit(130);
+            }
+            result
+        }
     };
     if let Err(error) = result {
         eprintln!("tandem-bench: {error:#}");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tandem_tests::mesh::{env_refs, MeshedPair};
-use tandem_tests::{bin_path, wait_for, Pod, Proxy, PATIENCE};
+use tandem_tests::{bin_path, wait_for, Pod, Proxy, Signals, PATIENCE};
 
 use crate::load::Report;
 
@@ -105,7 +105,7 @@ struct ProxyCost {
     final_rss: u64,
 }
 
-pub fn run(seconds: Duration, only: Option<&str>) -> anyhow::Result<()> {
+pub fn run(seconds: Duration, only: Option<&str>, signals: &Signals) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("needs root (it creates network namespaces and firewall rules); run it with sudo");
@@ -180,6 +180,9 @@ pub fn run(seconds: Duration, only: Option<&str>) -> anyhow::Result<()> {
         .iter()
         .filter(|s| only.is_none_or(|text| s.name.contains(text)));
     for scenario in chosen {
+        if signals.pending().is_some() {
+            bail!("interrupted; the pods are removed");
+        }
         let direct = measure(
             client_pod,
             &bench,

@@ -89,6 +89,19 @@ fn demo_shows_mtls_identities_and_traffic_then_removes_everything() {
     assert_cleaned_up(pid);
 }
 
+/// Interrupts a demo kept running if the test fails before it does, so the demo
+/// removes its mesh instead of running on after the test.
+struct InterruptOnDrop(Option<u32>);
+
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: signalling our own child, not yet reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        }
+    }
+}
+
 #[test]
 fn demo_with_keep_serves_until_interrupted_then_removes_everything() {
     require_root();
@@ -99,6 +112,7 @@ fn demo_with_keep_serves_until_interrupted_then_removes_everything() {
         .spawn()
         .expect("start tandem-demo");
     let pid = child.id();
+    let mut interrupt_on_failure = InterruptOnDrop(Some(pid));
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut try_command = None;
     for line in lines.by_ref() {
@@ -125,7 +139,8 @@ fn demo_with_keep_serves_until_interrupted_then_removes_everything() {
         String::from_utf8_lossy(&curl.stderr)
     );
 
-    // SAFETY: signalling our own child.
+    interrupt_on_failure.0 = None;
+    // SAFETY: signalling our own child, not yet reaped.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().expect("wait for tandem-demo");

@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use tandem_tests::mesh::{env_refs, identity_of, MeshedPair};
 use tandem_tests::probe::metric;
-use tandem_tests::Proxy;
+use tandem_tests::{Proxy, Signals};
 
 /// The HTTP port of beta's server: detected as HTTP and proxied per request.
 const HTTP_PORT: u16 = 8080;
@@ -420,53 +420,4 @@ fn label_of(text: &str, name: &str, labels: &[(&str, &str)], wanted: &str) -> Op
         + 1;
     let end = line[start..].find('"')?;
     Some(line[start..start + end].to_string())
-}
-
-/// Ctrl-C, SIGTERM and SIGHUP, blocked so that they wait for the demo to clean up
-/// instead of killing it with the mesh still in place.
-struct Signals(libc::sigset_t);
-
-impl Signals {
-    fn block() -> Signals {
-        // SAFETY: plain signal-set manipulation on a local set; blocking happens before
-        // any thread starts, so every thread inherits the mask (children get an empty
-        // mask from std's spawn).
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                libc::sigaddset(&mut set, signal);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            Signals(set)
-        }
-    }
-
-    /// A blocked signal that arrived, without waiting.
-    fn pending(&self) -> Option<i32> {
-        // SAFETY: a valid set and timeout; sigtimedwait consumes at most one signal,
-        // which is fine: any of them means "stop".
-        let signal = unsafe {
-            let zero = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            libc::sigtimedwait(&self.0, std::ptr::null_mut(), &zero)
-        };
-        if signal > 0 {
-            // Put it back so later checks still see it.
-            // SAFETY: raising a signal that this thread blocks only makes it pending.
-            unsafe { libc::raise(signal) };
-            Some(signal)
-        } else {
-            None
-        }
-    }
-
-    /// Waits for one of the signals; it is consumed, so ending here is a normal exit.
-    fn wait(&self) {
-        let mut signal = 0;
-        // SAFETY: a valid set and output location.
-        unsafe { libc::sigwait(&self.0, &mut signal) };
-    }
 }
