@@ -4,6 +4,7 @@
 //! and one table of the figures.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,9 +23,6 @@ const SINK: u16 = 5432;
 const DIRECT_HTTP: u16 = 18080;
 const DIRECT_ECHO: u16 = 16379;
 const DIRECT_SINK: u16 = 15432;
-
-/// The server pod's address (pod 2 of the harness's mesh).
-const SERVER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 2);
 
 /// Bytes of the single-stream bulk transfer.
 const BULK_BYTES: u64 = 1 << 30;
@@ -114,12 +112,6 @@ pub fn run(seconds: Duration, only: Option<&str>, signals: &Signals) -> anyhow::
     let proxy_bin = bin_path("tandem-proxy");
     let world = MeshedPair::with_direct_ports(&[DIRECT_HTTP, DIRECT_ECHO, DIRECT_SINK]);
     let (client_pod, server_pod) = (world.a(), world.b());
-    if server_pod.ipv4 != SERVER_IP {
-        bail!(
-            "the harness gave the server pod {} instead of {SERVER_IP}",
-            server_pod.ipv4
-        );
-    }
     let _issuer = world.start_issuer(&[]);
     // A new connection per request leaves the closing side's ports in TIME_WAIT;
     // reusing them keeps long runs from running out of ports (as busy hosts do).
@@ -171,7 +163,7 @@ pub fn run(seconds: Duration, only: Option<&str>, signals: &Signals) -> anyhow::
         &bench,
         "http-fixed-rate",
         4,
-        HTTP,
+        world.b_addr(HTTP),
         Duration::from_secs(1),
     )?;
 
@@ -183,24 +175,20 @@ pub fn run(seconds: Duration, only: Option<&str>, signals: &Signals) -> anyhow::
         if signals.pending().is_some() {
             bail!("interrupted; the pods are removed");
         }
-        let direct = measure(
-            client_pod,
-            &bench,
-            scenario,
-            scenario.direct_port,
-            seconds,
-            &proxies,
-            backend.pid(),
-        )?;
-        let meshed = measure(
-            client_pod,
-            &bench,
-            scenario,
-            scenario.meshed_port,
-            seconds,
-            &proxies,
-            backend.pid(),
-        )?;
+        let on_port = |port| {
+            let target = world.b_addr(port);
+            measure(
+                client_pod,
+                &bench,
+                scenario,
+                target,
+                seconds,
+                &proxies,
+                backend.pid(),
+            )
+        };
+        let direct = on_port(scenario.direct_port)?;
+        let meshed = on_port(scenario.meshed_port)?;
         eprintln!("  done: {}", scenario.name);
         results.push((scenario, direct, meshed));
     }
@@ -212,7 +200,7 @@ fn measure(
     client: &Pod,
     bench: &Path,
     scenario: &Scenario,
-    port: u16,
+    target: SocketAddr,
     seconds: Duration,
     proxies: &[&Proxy<'_>],
     backend: u32,
@@ -226,7 +214,14 @@ fn measure(
         .collect::<anyhow::Result<_>>()?;
     let backend_before = cpu_ticks(backend)?;
     let started = Instant::now();
-    let report = load(client, bench, scenario.mode, scenario.conns, port, seconds)?;
+    let report = load(
+        client,
+        bench,
+        scenario.mode,
+        scenario.conns,
+        target,
+        seconds,
+    )?;
     let wall = started.elapsed().as_secs_f64();
     let ticks_per_second = ticks_per_second();
     let mut costs = Vec::new();
@@ -254,10 +249,10 @@ fn load(
     bench: &Path,
     mode: &str,
     conns: usize,
-    port: u16,
+    target: SocketAddr,
     seconds: Duration,
 ) -> anyhow::Result<Report> {
-    let target = format!("{}:{port}", SERVER_IP);
+    let target = target.to_string();
     let bench = bench.to_string_lossy();
     let out = client.exec(
         &bench,

@@ -120,9 +120,10 @@ fn run(args: &Args, signals: &Signals) -> anyhow::Result<()> {
     }
 
     let http_target = world.b_addr(HTTP_PORT);
-    let latencies = alpha_pod
+    let mut latencies = alpha_pod
         .run(|| http_burst(http_target, args.requests))
         .with_context(|| format!("HTTP burst to {http_target}"))?;
+    latencies.sort_unstable();
     step(
         signals,
         &format!(
@@ -370,9 +371,8 @@ fn echo_burst(target: SocketAddr, count: u32) -> anyhow::Result<usize> {
     Ok(echoed)
 }
 
-fn percentile(sorted_or_not: &[Duration], q: f64) -> Duration {
-    let mut sorted = sorted_or_not.to_vec();
-    sorted.sort_unstable();
+/// The `q` quantile of `sorted`, by nearest rank.
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
