@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -27,13 +28,17 @@ use crate::metrics::{Direction, Metrics};
 
 /// Runs the proxy until it is told to stop and has drained.
 pub fn run(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
-    let runtime = if config.worker_threads == 1 {
+    let available = crate::cores::available();
+    let threads = crate::cores::worker_threads(&config.cores, available);
+    info!(threads, available_cpus = available, "worker threads");
+    let runtime = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.worker_threads)
+            .worker_threads(threads)
+            .max_blocking_threads(threads)
             .enable_all()
             .build()
     }
@@ -95,6 +100,7 @@ async fn serve(
         None => Arc::new(NoDiscovery),
     };
     let shutdown = CancellationToken::new();
+    let mut signals = Signals::listen();
     let ready = Arc::new(AtomicBool::new(false));
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
@@ -114,7 +120,7 @@ async fn serve(
     let identity = match (config.identity.clone(), identity_metrics) {
         (Some(identity_config), Some(identity_metrics)) => tokio::select! {
             identity = identity::start(identity_config, identity_metrics) => Some(identity?),
-            _ = wait_for_shutdown(&shutdown) => return Ok(()),
+            _ = signals.stop_requested(&shutdown) => return Ok(()),
         },
         _ => None,
     };
@@ -160,7 +166,18 @@ async fn serve(
     ready.store(true, Ordering::Release);
     info!(admin = %config.admin_listen, "proxy ready");
 
-    wait_for_shutdown(&shutdown).await;
+    let cause = signals.stop_requested(&shutdown).await;
+    if cause == StopCause::Signal && !config.shutdown_delay.is_zero() {
+        // A classic sidecar gets SIGTERM together with its app; the app may still
+        // need to call out while it finishes, so keep serving for a while first.
+        info!(delay = ?config.shutdown_delay, "serving on before draining (TANDEM_SHUTDOWN_DELAY)");
+        tokio::select! {
+            _ = tokio::time::sleep(config.shutdown_delay) => {}
+            cause = signals.stop_requested(&shutdown) => {
+                info!(?cause, "asked again; draining now");
+            }
+        }
+    }
     shutdown.cancel();
     for accept_loop in accept_loops {
         // The loops end as soon as they see the cancellation, dropping their listeners.
@@ -253,24 +270,45 @@ fn spawn_admin_thread(
         .context("cannot start the admin thread")
 }
 
-async fn wait_for_shutdown(shutdown: &CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => (term, int),
-        _ => {
-            warn!(
-                "cannot listen for signals; only the admin /shutdown endpoint can stop the proxy"
-            );
-            shutdown.cancelled().await;
-            return;
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopCause {
+    Signal,
+    AdminEndpoint,
+}
+
+/// SIGTERM and SIGINT, registered once so that a second signal during the
+/// shutdown delay is seen too.
+struct Signals {
+    streams: Option<(Signal, Signal)>,
+}
+
+impl Signals {
+    fn listen() -> Signals {
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => {
+                warn!("cannot listen for signals; only the admin /shutdown endpoint can stop the proxy");
+                None
+            }
+        };
+        Signals { streams }
+    }
+
+    async fn stop_requested(&mut self, admin_shutdown: &CancellationToken) -> StopCause {
+        let Some((term, int)) = &mut self.streams else {
+            admin_shutdown.cancelled().await;
+            return StopCause::AdminEndpoint;
+        };
+        tokio::select! {
+            _ = term.recv() => { info!("received SIGTERM; shutting down"); StopCause::Signal }
+            _ = int.recv() => { info!("received SIGINT; shutting down"); StopCause::Signal }
+            _ = admin_shutdown.cancelled() => {
+                info!("shutdown requested through the admin endpoint");
+                StopCause::AdminEndpoint
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("received SIGTERM; shutting down"),
-        _ = int.recv() => info!("received SIGINT; shutting down"),
-        _ = shutdown.cancelled() => info!("shutdown requested through the admin endpoint"),
     }
 }

@@ -65,7 +65,11 @@ pub struct Config {
     pub shutdown_grace_period: Duration,
     pub log_filter: String,
     pub log_format: LogFormat,
-    pub worker_threads: usize,
+    /// Worker-thread bounds; `crate::cores` turns them into a thread count.
+    pub cores: crate::cores::CoreSettings,
+    /// After SIGTERM, keep accepting and serving for this long before draining,
+    /// so that a classic sidecar's app can still call out while it shuts down.
+    pub shutdown_delay: Duration,
     /// Where the proxy's certificate comes from; `None` runs without mesh identity
     /// (no mTLS, nothing meshed).
     pub identity: Option<tandem_identity::client::ClientConfig>,
@@ -245,7 +249,18 @@ impl Config {
             ),
             log_filter: lookup("LINKERD2_PROXY_LOG").unwrap_or_else(|| "warn,tandem=info".into()),
             log_format: env.parse("LINKERD2_PROXY_LOG_FORMAT", "plain", parse_log_format),
-            worker_threads: env.parse("LINKERD2_PROXY_CORES", "1", parse_positive),
+            cores: crate::cores::CoreSettings {
+                min: match lookup("LINKERD2_PROXY_CORES_MIN") {
+                    Some(_) => Some(env.parse("LINKERD2_PROXY_CORES_MIN", "1", parse_positive)),
+                    None => lookup("LINKERD2_PROXY_CORES")
+                        .map(|_| env.parse("LINKERD2_PROXY_CORES", "1", parse_positive)),
+                },
+                max: lookup("LINKERD2_PROXY_CORES_MAX")
+                    .map(|_| env.parse("LINKERD2_PROXY_CORES_MAX", "1", parse_positive)),
+                max_ratio: lookup("LINKERD2_PROXY_CORES_MAX_RATIO")
+                    .map(|_| env.parse("LINKERD2_PROXY_CORES_MAX_RATIO", "1", parse_ratio)),
+            },
+            shutdown_delay: env.parse("TANDEM_SHUTDOWN_DELAY", "0s", parse_duration),
             identity: match tandem_identity::client::ClientConfig::from_lookup(&lookup) {
                 Ok(identity) => identity,
                 Err(errors) => {
@@ -392,6 +407,13 @@ fn parse_positive(text: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1.0 => Ok(r),
+        _ => Err("expected a number greater than 0 and at most 1".into()),
+    }
+}
+
 fn parse_log_format(text: &str) -> Result<LogFormat, String> {
     match text.to_ascii_lowercase().as_str() {
         "plain" => Ok(LogFormat::Plain),
@@ -491,7 +513,8 @@ mod tests {
         assert_eq!(c.metrics_retain_idle, Duration::from_secs(600));
         assert_eq!(c.shutdown_grace_period, Duration::from_secs(120));
         assert!(!c.shutdown_endpoint_enabled);
-        assert_eq!(c.worker_threads, 1);
+        assert_eq!(c.cores, crate::cores::CoreSettings::default());
+        assert_eq!(c.shutdown_delay, Duration::ZERO);
         for port in [25, 587, 3306, 4444, 5432, 6379, 9300, 11211] {
             assert!(c.inbound.opaque_ports.contains(port));
             assert!(c.outbound.opaque_ports.contains(port));
@@ -517,6 +540,28 @@ mod tests {
             "the Linkerd variable replaces the list"
         );
         assert!(c.outbound.opaque_ports.contains(3306));
+    }
+
+    #[test]
+    fn core_bounds_accept_linkerds_names() {
+        use crate::cores::CoreSettings;
+        let c = config(&[("LINKERD2_PROXY_CORES", "2")]).unwrap();
+        assert_eq!(c.cores.min, Some(2), "the older name is the minimum");
+        let c = config(&[
+            ("LINKERD2_PROXY_CORES", "2"),
+            ("LINKERD2_PROXY_CORES_MIN", "3"),
+            ("LINKERD2_PROXY_CORES_MAX", "4"),
+            ("LINKERD2_PROXY_CORES_MAX_RATIO", "0.5"),
+        ])
+        .unwrap();
+        let want = CoreSettings {
+            min: Some(3),
+            max: Some(4),
+            max_ratio: Some(0.5),
+        };
+        assert_eq!(c.cores, want);
+        let err = config(&[("LINKERD2_PROXY_CORES_MAX_RATIO", "1.5")]).unwrap_err();
+        assert!(err.to_string().contains("LINKERD2_PROXY_CORES_MAX_RATIO"));
     }
 
     #[test]

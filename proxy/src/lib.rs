@@ -10,13 +10,16 @@
 
 pub mod admin;
 pub mod app;
+pub mod await_ready;
 pub mod config;
 pub mod conn;
+pub mod cores;
 pub mod detect;
 pub mod discovery;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod inject;
 pub mod log;
 pub mod metrics;
 pub mod outbound;

@@ -1,0 +1,538 @@
+//! `tandem-proxy inject`, run as users run it, against golden files.
+//!
+//! Every input in `tests/golden/inject/input/` is injected in four variants
+//! (classic or native sidecar, with or without `--ha`) and compared with
+//! `tests/golden/inject/<input>.<variant>.yaml`. Regenerate after an intended
+//! change with `TANDEM_UPDATE_GOLDEN=1 cargo test -p tandem-tests --test inject`
+//! and review the diff. Beyond the bytes, each output is checked by deserialising
+//! it into the Kubernetes API types (k8s-openapi) and back: a misspelt or
+//! mistyped field would not survive the round trip. The properties that matter
+//! (ordering, security contexts, probes, volumes) are asserted on those types, and
+//! injecting the output again must change nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, PodTemplateSpec, Service};
+use serde_json::Value as Json;
+use tandem_tests::bin_path;
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/inject")
+}
+
+struct Run {
+    stdout: String,
+    stderr: String,
+}
+
+fn inject(input: &Path, flags: &[&str]) -> Run {
+    let anchors = golden_dir().join("anchors.pem");
+    let out = Command::new(bin_path("tandem-proxy"))
+        .arg("inject")
+        .arg(input)
+        .arg("--trust-anchors")
+        .arg(&anchors)
+        .args(["--proxy-image", "tandem-proxy:golden"])
+        .args(["--init-image", "tandem-init:golden"])
+        .args(flags)
+        .output()
+        .expect("run tandem-proxy inject");
+    let run = Run {
+        stdout: String::from_utf8(out.stdout).expect("utf-8 output"),
+        stderr: String::from_utf8(out.stderr).expect("utf-8 errors"),
+    };
+    assert!(
+        out.status.success(),
+        "inject {input:?} {flags:?} failed: {}",
+        run.stderr
+    );
+    run
+}
+
+fn inject_text(text: &str, flags: &[&str]) -> Run {
+    let dir = std::env::temp_dir().join(format!("tandem-inject-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{:x}.yaml", text.len() * 31 + flags.len()));
+    std::fs::write(&file, text).unwrap();
+    let run = inject(&file, flags);
+    let _ = std::fs::remove_file(file);
+    run
+}
+
+fn documents(text: &str) -> Vec<Json> {
+    use serde::Deserialize;
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|d| serde_yaml_ng::Value::deserialize(d).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .map(|v| serde_json::to_value(v).expect("YAML maps to JSON"))
+        .collect()
+}
+
+/// Deserialises `object` as its Kubernetes type, serialises it back, and insists
+/// nothing was lost or changed; returns the pod template's spec for workloads.
+fn validate(object: &Json) -> Option<PodSpec> {
+    fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(object: &Json) -> T {
+        let typed: T = serde_json::from_value(object.clone()).unwrap_or_else(|e| {
+            panic!(
+                "not a valid {}: {e}\n{object:#}",
+                std::any::type_name::<T>()
+            )
+        });
+        let back = serde_json::to_value(&typed).unwrap();
+        if let Err(path) = kept(object, &back, String::new()) {
+            panic!(
+                "{path} is lost or changed in a round trip through {}",
+                std::any::type_name::<T>()
+            );
+        }
+        typed
+    }
+    let template = |t: Option<PodTemplateSpec>| t.and_then(|t| t.spec);
+    match object["kind"].as_str().expect("every object has a kind") {
+        "Pod" => round_trip::<Pod>(object).spec,
+        "Deployment" => template(round_trip::<Deployment>(object).spec.map(|s| s.template)),
+        "StatefulSet" => template(round_trip::<StatefulSet>(object).spec.map(|s| s.template)),
+        "DaemonSet" => template(round_trip::<DaemonSet>(object).spec.map(|s| s.template)),
+        "Job" => template(round_trip::<Job>(object).spec.map(|s| s.template)),
+        "CronJob" => round_trip::<CronJob>(object)
+            .spec
+            .and_then(|s| s.job_template.spec)
+            .and_then(|s| s.template.spec),
+        "Service" => {
+            round_trip::<Service>(object);
+            None
+        }
+        "Namespace" => {
+            round_trip::<Namespace>(object);
+            None
+        }
+        "ConfigMap" => {
+            round_trip::<k8s_openapi::api::core::v1::ConfigMap>(object);
+            None
+        }
+        "List" => {
+            for item in object["items"].as_array().expect("a List has items") {
+                validate(item);
+            }
+            None
+        }
+        other => panic!("the golden inputs have no {other}"),
+    }
+}
+
+/// Whether everything in `original` survives in `back`. The typed serialisation
+/// may add fields (e.g. `kind` on embedded PersistentVolumeClaims), never drop one.
+fn kept(original: &Json, back: &Json, path: String) -> Result<(), String> {
+    match (original, back) {
+        (Json::Object(a), Json::Object(b)) => a.iter().try_for_each(|(key, value)| {
+            let path = format!("{path}.{key}");
+            match b.get(key) {
+                Some(other) => kept(value, other, path),
+                None => Err(path),
+            }
+        }),
+        (Json::Array(a), Json::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .try_for_each(|(i, (x, y))| kept(x, y, format!("{path}[{i}]"))),
+        _ if original == back => Ok(()),
+        _ => Err(path),
+    }
+}
+
+/// Pod specs of all workloads in a stream, flattening Lists.
+fn pod_specs(stream: &str) -> Vec<PodSpec> {
+    let mut specs = Vec::new();
+    for document in documents(stream) {
+        if document["kind"] == "List" {
+            validate(&document);
+            for item in document["items"].as_array().unwrap() {
+                specs.extend(validate(item));
+            }
+        } else {
+            specs.extend(validate(&document));
+        }
+    }
+    specs
+}
+
+fn env_of<'c>(container: &'c Container, name: &str) -> Option<&'c str> {
+    container
+        .env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .as_deref()
+}
+
+fn check_injected(spec: &PodSpec, native: bool, ha: bool) {
+    let inits = spec.init_containers.as_ref().expect("init containers");
+    let init = &inits[0];
+    assert_eq!(
+        init.name, "tandem-init",
+        "the rules go in before anything else"
+    );
+    let init_security = init.security_context.as_ref().unwrap();
+    assert_eq!(init_security.run_as_user, Some(0));
+    let capabilities = init_security.capabilities.as_ref().unwrap();
+    assert_eq!(
+        capabilities.add.as_deref(),
+        Some(&["NET_ADMIN".to_string(), "NET_RAW".to_string()][..])
+    );
+    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_ne!(init_security.privileged, Some(true));
+
+    let proxy = if native {
+        let proxy = &inits[1];
+        assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+        let startup = proxy.startup_probe.as_ref().expect("a startup probe");
+        assert_eq!(
+            startup.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/ready")
+        );
+        assert!(
+            proxy.lifecycle.is_none(),
+            "no postStart hook in native mode"
+        );
+        assert!(spec.containers.iter().all(|c| c.name != "tandem-proxy"));
+        assert!(env_of(proxy, "TANDEM_SHUTDOWN_DELAY").is_none());
+        proxy
+    } else {
+        let proxy = &spec.containers[0];
+        let hook = proxy.lifecycle.as_ref().and_then(|l| l.post_start.as_ref());
+        let command = hook
+            .and_then(|h| h.exec.as_ref())
+            .and_then(|e| e.command.clone());
+        assert_eq!(
+            command.as_deref().map(|c| &c[..2]),
+            Some(
+                &[
+                    "/usr/local/bin/tandem-proxy".to_string(),
+                    "await".to_string()
+                ][..]
+            )
+        );
+        assert!(env_of(proxy, "TANDEM_SHUTDOWN_DELAY").is_some());
+        proxy
+    };
+    assert_eq!(proxy.name, "tandem-proxy");
+    let security = proxy.security_context.as_ref().unwrap();
+    assert_eq!(security.run_as_user, Some(2102));
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert!(security.capabilities.as_ref().unwrap().add.is_none());
+    for (probe, path) in [
+        (&proxy.liveness_probe, "/live"),
+        (&proxy.readiness_probe, "/ready"),
+    ] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(4191)
+        );
+    }
+    assert!(env_of(proxy, "LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS")
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    assert_eq!(
+        env_of(proxy, "LINKERD2_PROXY_IDENTITY_TOKEN_FILE"),
+        Some("/var/run/secrets/tokens/tandem-identity-token")
+    );
+
+    let volumes = spec.volumes.as_ref().unwrap();
+    let identity = volumes
+        .iter()
+        .find(|v| v.name == "tandem-identity-end-entity")
+        .unwrap();
+    assert_eq!(
+        identity.empty_dir.as_ref().unwrap().medium.as_deref(),
+        Some("Memory"),
+        "keys live only in memory"
+    );
+    let token = volumes
+        .iter()
+        .find(|v| v.name == "tandem-identity-token")
+        .unwrap();
+    let source = &token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0];
+    assert_eq!(
+        source
+            .service_account_token
+            .as_ref()
+            .unwrap()
+            .audience
+            .as_deref(),
+        Some("identity.l5d.io")
+    );
+
+    let resources = proxy.resources.as_ref();
+    let quantity = |section: &str, name: &str| {
+        let r = resources?;
+        let map = if section == "requests" {
+            r.requests.as_ref()
+        } else {
+            r.limits.as_ref()
+        }?;
+        map.get(name).map(|q| q.0.clone())
+    };
+    if ha {
+        assert!(quantity("requests", "cpu").is_some());
+        assert!(quantity("requests", "memory").is_some());
+        assert!(quantity("limits", "memory").is_some());
+    }
+
+    // The drain budget fits in the pod's grace period.
+    let grace = spec.termination_grace_period_seconds.unwrap_or(30) as u128;
+    let millis =
+        |name| env_of(proxy, name).map_or(0, |v| v.trim_end_matches("ms").parse::<u128>().unwrap());
+    let total = millis("TANDEM_SHUTDOWN_DELAY") + millis("LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD");
+    assert!(
+        total < grace * 1000,
+        "delay + drain {total} ms must end before the {grace} s grace period"
+    );
+}
+
+const INPUTS: [&str; 7] = [
+    "pod",
+    "deployment",
+    "statefulset",
+    "daemonset",
+    "job",
+    "cronjob",
+    "list",
+];
+
+#[test]
+fn every_kind_in_every_mode_matches_its_golden_file() {
+    let update = std::env::var_os("TANDEM_UPDATE_GOLDEN").is_some();
+    let mut mismatches = Vec::new();
+    for input in INPUTS {
+        let input_path = golden_dir().join("input").join(format!("{input}.yaml"));
+        for (variant, flags) in [
+            ("classic", &[][..]),
+            ("classic-ha", &["--ha"][..]),
+            ("native", &["--native-sidecar"][..]),
+            ("native-ha", &["--native-sidecar", "--ha"][..]),
+        ] {
+            let run = inject(&input_path, flags);
+            let golden = golden_dir().join(format!("{input}.{variant}.yaml"));
+            if update {
+                std::fs::write(&golden, &run.stdout).unwrap();
+            } else {
+                let expected = std::fs::read_to_string(&golden).unwrap_or_default();
+                if expected != run.stdout {
+                    mismatches.push(golden.display().to_string());
+                }
+            }
+
+            // The CronJob opts into native sidecars by annotation, in every variant.
+            let native = flags.contains(&"--native-sidecar") || input == "cronjob";
+            let specs = pod_specs(&run.stdout);
+            assert_eq!(specs.len(), 1, "{input}: one workload");
+            check_injected(&specs[0], native, flags.contains(&"--ha"));
+            assert!(
+                run.stderr.contains(" injected"),
+                "{input}: reported: {}",
+                run.stderr
+            );
+
+            let again = inject_text(&run.stdout, flags);
+            assert_eq!(
+                again.stdout, run.stdout,
+                "{input} {variant}: re-injection changed it"
+            );
+            assert!(
+                again.stderr.contains("already injected"),
+                "{}",
+                again.stderr
+            );
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "output differs from the golden files (TANDEM_UPDATE_GOLDEN=1 rewrites them; review the diff): {mismatches:?}"
+    );
+}
+
+#[test]
+fn annotations_reach_the_rules_and_the_proxy() {
+    let run = inject(&golden_dir().join("input/deployment.yaml"), &[]);
+    let spec = &pod_specs(&run.stdout)[0];
+    let init = &spec.init_containers.as_ref().unwrap()[0];
+    let args = init.args.as_ref().unwrap().join(" ");
+    assert!(
+        args.contains("--inbound-ports-to-ignore 4190,4191,9000"),
+        "{args}"
+    );
+    assert!(
+        args.contains("--outbound-ports-to-ignore 443,6443"),
+        "{args}"
+    );
+    let proxy = &spec.containers[0];
+    assert_eq!(
+        env_of(
+            proxy,
+            "LINKERD2_PROXY_INBOUND_PORTS_DISABLE_PROTOCOL_DETECTION"
+        ),
+        Some("5432,6379")
+    );
+    assert_eq!(env_of(proxy, "TANDEM_EXTRA_OPAQUE_PORTS"), Some("4222"));
+    assert_eq!(
+        env_of(proxy, "LINKERD2_PROXY_LOG"),
+        Some("warn,tandem=debug")
+    );
+    // terminationGracePeriodSeconds 60: 5 s of serving on, then 54 s to drain.
+    assert_eq!(env_of(proxy, "TANDEM_SHUTDOWN_DELAY"), Some("5000ms"));
+    assert_eq!(
+        env_of(proxy, "LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD"),
+        Some("54000ms")
+    );
+    // The app stays the default container for kubectl logs/exec.
+    let deployment = &documents(&run.stdout)[0];
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        annotations["kubectl.kubernetes.io/default-container"],
+        "web"
+    );
+    assert_eq!(
+        annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"],
+        "true"
+    );
+
+    let run = inject(&golden_dir().join("input/statefulset.yaml"), &["--ha"]);
+    let specs = pod_specs(&run.stdout);
+    let proxy = &specs[0].containers[0];
+    let resources = proxy.resources.as_ref().unwrap();
+    let get = |m: &Option<std::collections::BTreeMap<String, _>>, k: &str| {
+        m.as_ref()
+            .and_then(|m| m.get(k))
+            .map(|q: &k8s_openapi::apimachinery::pkg::api::resource::Quantity| q.0.clone())
+    };
+    assert_eq!(get(&resources.requests, "cpu").as_deref(), Some("500m"));
+    assert_eq!(get(&resources.requests, "memory").as_deref(), Some("20Mi"));
+    assert_eq!(get(&resources.limits, "cpu").as_deref(), Some("2"));
+    assert_eq!(get(&resources.limits, "memory").as_deref(), Some("128Mi"));
+    assert_eq!(env_of(proxy, "LINKERD2_PROXY_CORES_MIN"), Some("1"));
+    assert_eq!(env_of(proxy, "LINKERD2_PROXY_CORES_MAX"), Some("2"));
+    assert_eq!(
+        env_of(proxy, "LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD"),
+        Some("10000ms")
+    );
+
+    // A user's explicit safe-to-evict is kept.
+    let run = inject(&golden_dir().join("input/daemonset.yaml"), &[]);
+    let daemonset = &documents(&run.stdout)[0];
+    assert_eq!(
+        daemonset["spec"]["template"]["metadata"]["annotations"]
+            ["cluster-autoscaler.kubernetes.io/safe-to-evict"],
+        "false"
+    );
+
+    // Jobs in classic mode can stop their proxy with `await --shutdown`.
+    let run = inject(&golden_dir().join("input/job.yaml"), &[]);
+    let specs = pod_specs(&run.stdout);
+    let proxy = &specs[0].containers[0];
+    assert_eq!(
+        env_of(proxy, "LINKERD2_PROXY_SHUTDOWN_ENDPOINT_ENABLED"),
+        Some("true")
+    );
+    let run = inject(&golden_dir().join("input/job.yaml"), &["--native-sidecar"]);
+    let specs = pod_specs(&run.stdout);
+    let proxy = &specs[0].init_containers.as_ref().unwrap()[1];
+    assert_eq!(
+        env_of(proxy, "LINKERD2_PROXY_SHUTDOWN_ENDPOINT_ENABLED"),
+        None,
+        "native sidecars stop with the Job by themselves"
+    );
+}
+
+#[test]
+fn opted_out_objects_come_out_unchanged() {
+    let input_path = golden_dir().join("input/skipped.yaml");
+    let input = std::fs::read_to_string(&input_path).unwrap();
+    for flags in [&[][..], &["--native-sidecar", "--ha"][..]] {
+        let run = inject(&input_path, flags);
+        let (before, after) = (documents(&input), documents(&run.stdout));
+        assert_eq!(before, after, "nothing may change");
+        for object in &after {
+            validate(object);
+        }
+        for expected in [
+            "deployment/old-app skipped: namespace legacy",
+            "daemonset/kube-proxy skipped: kube-system",
+            "pod/opted-out skipped: annotated inject: disabled",
+            "pod/node-agent skipped: uses the host's network",
+        ] {
+            assert!(run.stderr.contains(expected), "{expected}: {}", run.stderr);
+        }
+    }
+}
+
+#[test]
+fn bad_input_fails_with_one_line() {
+    let anchors = golden_dir().join("anchors.pem");
+    let fail = |stdin: &str, anchors: &Path| {
+        use std::io::Write;
+        let mut child = Command::new(bin_path("tandem-proxy"))
+            .arg("inject")
+            .arg("--trust-anchors")
+            .arg(anchors)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{stdin:?} should fail");
+        assert!(out.stdout.is_empty(), "no partial output");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.starts_with("tandem-proxy inject: "), "{err}");
+        err
+    };
+    let err = fail("kind: Pod\nspec: [unclosed\n", &anchors);
+    assert!(err.contains("not valid YAML"), "{err}");
+    let err = fail(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations:\n    config.linkerd.io/opaque-ports: lots\nspec:\n  containers: []\n",
+        &anchors,
+    );
+    assert!(
+        err.contains("pod/p") && err.contains("opaque-ports"),
+        "{err}"
+    );
+    let err = fail("kind: Pod\n", Path::new("/nonexistent/ca.crt"));
+    assert!(err.contains("/nonexistent/ca.crt"), "{err}");
+}
+
+#[test]
+fn the_type_check_catches_a_misspelt_field() {
+    let pod: Json = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "a", "image": "x", "restartPolicyy": "Always"}]}
+    });
+    let caught = std::panic::catch_unwind(|| validate(&pod));
+    assert!(
+        caught.is_err(),
+        "a field Kubernetes does not know must fail"
+    );
+    let mut good = pod.clone();
+    good["spec"]["containers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("restartPolicyy");
+    assert!(validate(&good).is_some());
+}
