@@ -30,7 +30,7 @@ use crate::metrics::{Direction, Metrics};
 pub fn run(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
     let available = crate::cores::available();
     let threads = crate::cores::worker_threads(&config.cores, available);
-    info!(threads, available_cpus = available, "worker threads");
+    tracing::debug!(threads, available_cpus = available, "worker threads");
     let runtime = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

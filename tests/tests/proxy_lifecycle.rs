@@ -72,6 +72,44 @@ fn sigterm_lets_open_connections_finish_then_exits_zero() {
 }
 
 #[test]
+fn a_shutdown_delay_keeps_serving_new_outbound_connections_then_exits_zero() {
+    let mesh = Mesh::new(2);
+    let env = [("TANDEM_SHUTDOWN_DELAY", "5s")];
+    let (mut proxy_a, _proxy_b, mut client, server) = mesh_with_open_connection(&mesh, &env);
+    let late = Server::start(
+        mesh.pod(1),
+        SocketAddr::from(([0, 0, 0, 0], 6381)),
+        |mut conn| {
+            let line = read_until(&mut conn, b"\n");
+            conn.write_all(&line).unwrap();
+            line
+        },
+    );
+    proxy_a.process.signal(libc::SIGTERM);
+    wait_for("the proxy to start its shutdown delay", PATIENCE, || {
+        proxy_a
+            .process
+            .output()
+            .contains("serving on before draining")
+            .then_some(())
+    });
+    // As an app still finishing its work after SIGTERM: a new outbound connection.
+    let mut during = connect(mesh.pod(0), SocketAddr::from((mesh.pod(1).ipv4, 6381)));
+    during.write_all(b"during the delay\n").unwrap();
+    assert_eq!(read_until(&mut during, b"\n"), b"during the delay\n");
+    drop(during);
+    assert_eq!(late.join(), b"during the delay\n");
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    assert_eq!(server.join(), b"before\n");
+    // Idle once the delay is over: the drain is immediate and the exit clean.
+    let status = proxy_a.process.wait_exit(PATIENCE);
+    let output = proxy_a.process.output();
+    assert!(status.success(), "exit status {status}\n{output}");
+    assert!(output.contains("drained"), "{output}");
+}
+
+#[test]
 fn the_grace_period_bounds_the_drain() {
     let mesh = Mesh::new(2);
     let env = [("LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD", "200ms")];
