@@ -17,6 +17,7 @@ pub mod refresh;
 pub mod service;
 pub mod tls;
 pub mod tmpfs;
+pub mod token_review;
 
 pub use client::{spawn, ClientConfig, Credentials};
 pub use metrics::IdentityMetrics;

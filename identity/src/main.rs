@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tandem_identity::{auth, ca, check, duration, service};
+use tandem_identity::{auth, ca, check, duration, service, token_review};
 
 /// Trust anchors, issuers and the identity issuer service for Tandem and Linkerd proxies.
 #[derive(Parser)]
@@ -104,8 +104,29 @@ struct ServeArgs {
     #[arg(long)]
     trust_anchors: Option<PathBuf>,
     /// File of `TOKEN IDENTITY` lines saying which token may claim which identity.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes_token_review",
+        conflicts_with = "kubernetes_token_review"
+    )]
+    tokens: Option<PathBuf>,
+    /// Authenticate proxies' projected service-account tokens with the Kubernetes
+    /// TokenReview API (in a pod: its own service account must be allowed to
+    /// create tokenreviews).
     #[arg(long)]
-    tokens: PathBuf,
+    kubernetes_token_review: bool,
+    /// What follows `SA.NS.` in the identity a service account may claim.
+    #[arg(long, default_value = "serviceaccount.identity.linkerd.cluster.local")]
+    identity_suffix: String,
+    /// Kubernetes API `host:port`; in a pod, from KUBERNETES_SERVICE_HOST/PORT.
+    #[arg(long)]
+    kube_api: Option<String>,
+    /// CA bundle of the Kubernetes API.
+    #[arg(long, default_value = concat!("/var/run/secrets/kubernetes.io/serviceaccount", "/ca.crt"))]
+    kube_ca: PathBuf,
+    /// The issuer's own service-account token, re-read for every review.
+    #[arg(long, default_value = concat!("/var/run/secrets/kubernetes.io/serviceaccount", "/token"))]
+    kube_token: PathBuf,
     /// Lifetime of issued certificates.
     #[arg(long, default_value = "24h", value_parser = duration::clap_parse)]
     cert_lifetime: Duration,
@@ -119,6 +140,17 @@ struct ServeArgs {
     /// issuer (the proxies' LINKERD2_PROXY_IDENTITY_SVC_NAME). Plaintext when unset.
     #[arg(long)]
     tls_name: Option<String>,
+}
+
+/// The API server's address as Kubernetes tells every pod.
+fn in_cluster_api() -> Result<String> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").context("KUBERNETES_SERVICE_HOST unset")?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+    Ok(if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    })
 }
 
 fn main() {
@@ -208,8 +240,25 @@ fn run(args: Args) -> Result<i32> {
             Ok(report.exit_code())
         }
         Command::Serve(s) => {
-            let authenticator: Arc<dyn auth::Authenticator> =
-                Arc::new(auth::TokenFile::open(&s.tokens)?);
+            let authenticator: Arc<dyn auth::Authenticator> = match &s.tokens {
+                Some(tokens) => Arc::new(auth::TokenFile::open(tokens)?),
+                None => {
+                    let api = match &s.kube_api {
+                        Some(api) => api.clone(),
+                        None => in_cluster_api()
+                            .context("--kubernetes-token-review outside a pod needs --kube-api")?,
+                    };
+                    Arc::new(
+                        token_review::TokenReview::new(
+                            &api,
+                            &s.kube_ca,
+                            &s.kube_token,
+                            &s.identity_suffix,
+                        )
+                        .context("cannot set up TokenReview")?,
+                    )
+                }
+            };
             let config = service::ServiceConfig {
                 addr: s.addr,
                 admin_addr: s.admin_addr,
