@@ -30,3 +30,48 @@ fn readme_lists_every_proxy_variable() {
         .collect();
     assert!(missing.is_empty(), "README.md does not list {missing:?}");
 }
+
+/// The Dockerfile's stages: each image has its binary where the injected pod
+/// specs expect it, and the proxy runs as the uid tandem-init exempts.
+#[test]
+fn dockerfile_builds_the_images_inject_refers_to() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let stages: Vec<(&str, &str)> = dockerfile
+        .split("\nFROM ")
+        .skip(1)
+        .map(|stage| {
+            let name = stage.lines().next().unwrap().rsplit(" AS ").next().unwrap();
+            (name.trim(), stage)
+        })
+        .collect();
+    let stage = |name: &str| {
+        stages
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("no `{name}` stage"))
+            .1
+    };
+    for (name, binary) in [
+        ("proxy", "tandem-proxy"),
+        ("init", "tandem-init"),
+        ("identity", "tandem-identity"),
+    ] {
+        let text = stage(name);
+        let entrypoint = format!("ENTRYPOINT [\"/usr/local/bin/{binary}\"]");
+        assert!(text.contains(&entrypoint), "{name}: {entrypoint}");
+        assert!(
+            text.contains(&format!("/out/{binary} /usr/local/bin/{binary}")),
+            "{name} copies {binary}"
+        );
+    }
+    assert!(stage("proxy").contains("USER 2102:2102"));
+    assert_eq!(
+        stages.last().unwrap().0,
+        "proxy",
+        "plain `docker build` gives the proxy"
+    );
+    // The classic sidecar's postStart hook runs this path.
+    let inject = std::fs::read_to_string(root.join("proxy/src/inject.rs")).unwrap();
+    assert!(inject.contains("command: [/usr/local/bin/tandem-proxy, await"));
+}
