@@ -414,15 +414,17 @@ impl Plan {
         let shutdown_delay = if native {
             None
         } else {
-            let delay = duration("config.tandem.io/shutdown-delay")?
-                .unwrap_or(DEFAULT_SHUTDOWN_DELAY.min(budget / 2));
-            if delay >= budget {
-                return Err(format!(
-                    "config.tandem.io/shutdown-delay {delay:?} leaves no time to drain within terminationGracePeriodSeconds {}",
-                    grace.as_secs()
-                ));
+            match duration("config.tandem.io/shutdown-delay")? {
+                Some(delay) if delay >= budget && !delay.is_zero() => {
+                    return Err(format!(
+                        "config.tandem.io/shutdown-delay {delay:?} leaves no time to drain within terminationGracePeriodSeconds {}",
+                        grace.as_secs()
+                    ));
+                }
+                Some(delay) => Some(delay),
+                // Short grace periods get a share of it, so the drain keeps the rest.
+                None => Some(DEFAULT_SHUTDOWN_DELAY.min(budget / 2)),
             }
-            Some(delay)
         };
         let room = budget - shutdown_delay.unwrap_or_default();
         let drain = asked_drain.unwrap_or(room).min(room);
@@ -781,6 +783,19 @@ mod tests {
         assert!(
             err.contains("shutdown-delay") && err.contains("deployment/web"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tiny_grace_period_still_injects() {
+        let input = DEPLOYMENT.replace(
+            "    spec:\n      containers:",
+            "    spec:\n      terminationGracePeriodSeconds: 0\n      containers:",
+        );
+        let (out, _) = inject_stream(&input, &options()).unwrap();
+        assert!(
+            out.contains("name: TANDEM_SHUTDOWN_DELAY\n          value: 0ms"),
+            "{out}"
         );
     }
 
