@@ -11,6 +11,7 @@
 
 pub mod apps;
 pub mod capture;
+pub mod kube;
 pub mod mesh;
 pub mod netns;
 pub mod probe;

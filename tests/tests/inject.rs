@@ -18,6 +18,7 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, PodTemplateSpec, Service};
 use serde_json::Value as Json;
 use tandem_tests::bin_path;
+use tandem_tests::kube::{round_trip, yaml_documents};
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/inject")
@@ -63,33 +64,12 @@ fn inject_text(text: &str, flags: &[&str]) -> Run {
 }
 
 fn documents(text: &str) -> Vec<Json> {
-    use serde::Deserialize;
-    serde_yaml_ng::Deserializer::from_str(text)
-        .map(|d| serde_yaml_ng::Value::deserialize(d).expect("valid YAML"))
-        .filter(|v| !v.is_null())
-        .map(|v| serde_json::to_value(v).expect("YAML maps to JSON"))
-        .collect()
+    yaml_documents(text)
 }
 
-/// Deserialises `object` as its Kubernetes type, serialises it back, and insists
-/// nothing was lost or changed; returns the pod template's spec for workloads.
+/// Checks `object` against its Kubernetes type (see [`round_trip`]); returns the
+/// pod template's spec for workloads.
 fn validate(object: &Json) -> Option<PodSpec> {
-    fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(object: &Json) -> T {
-        let typed: T = serde_json::from_value(object.clone()).unwrap_or_else(|e| {
-            panic!(
-                "not a valid {}: {e}\n{object:#}",
-                std::any::type_name::<T>()
-            )
-        });
-        let back = serde_json::to_value(&typed).unwrap();
-        if let Err(path) = kept(object, &back, String::new()) {
-            panic!(
-                "{path} is lost or changed in a round trip through {}",
-                std::any::type_name::<T>()
-            );
-        }
-        typed
-    }
     let template = |t: Option<PodTemplateSpec>| t.and_then(|t| t.spec);
     match object["kind"].as_str().expect("every object has a kind") {
         "Pod" => round_trip::<Pod>(object).spec,
@@ -120,27 +100,6 @@ fn validate(object: &Json) -> Option<PodSpec> {
             None
         }
         other => panic!("the golden inputs have no {other}"),
-    }
-}
-
-/// Whether everything in `original` survives in `back`. The typed serialisation
-/// may add fields (e.g. `kind` on embedded PersistentVolumeClaims), never drop one.
-fn kept(original: &Json, back: &Json, path: String) -> Result<(), String> {
-    match (original, back) {
-        (Json::Object(a), Json::Object(b)) => a.iter().try_for_each(|(key, value)| {
-            let path = format!("{path}.{key}");
-            match b.get(key) {
-                Some(other) => kept(value, other, path),
-                None => Err(path),
-            }
-        }),
-        (Json::Array(a), Json::Array(b)) if a.len() == b.len() => a
-            .iter()
-            .zip(b)
-            .enumerate()
-            .try_for_each(|(i, (x, y))| kept(x, y, format!("{path}[{i}]"))),
-        _ if original == back => Ok(()),
-        _ => Err(path),
     }
 }
 

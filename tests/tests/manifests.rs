@@ -13,44 +13,14 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value as Json;
 use tandem_tests::bin_path;
+use tandem_tests::kube::{round_trip as typed, yaml_documents};
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../identity/deploy")
 }
 
 fn documents(file: &str) -> Vec<Json> {
-    use serde::Deserialize;
-    let text = std::fs::read_to_string(deploy_dir().join(file)).expect("manifest");
-    serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| serde_yaml_ng::Value::deserialize(d).expect("valid YAML"))
-        .filter(|v| !v.is_null())
-        .map(|v| serde_json::to_value(v).unwrap())
-        .collect()
-}
-
-/// Deserialises `object` as `T` and checks that every field survives the trip back.
-fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(object: &Json) -> T {
-    let value: T = serde_json::from_value(object.clone())
-        .unwrap_or_else(|e| panic!("not a valid {}: {e}", std::any::type_name::<T>()));
-    let back = serde_json::to_value(&value).unwrap();
-    fn kept(a: &Json, b: &Json, path: &str) {
-        match (a, b) {
-            (Json::Object(a), Json::Object(b)) => {
-                for (k, v) in a {
-                    let here = format!("{path}.{k}");
-                    kept(v, b.get(k).unwrap_or_else(|| panic!("{here} lost")), &here);
-                }
-            }
-            (Json::Array(a), Json::Array(b)) if a.len() == b.len() => {
-                for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                    kept(x, y, &format!("{path}[{i}]"));
-                }
-            }
-            _ => assert_eq!(a, b, "{path} changed"),
-        }
-    }
-    kept(object, &back, std::any::type_name::<T>());
-    value
+    yaml_documents(&std::fs::read_to_string(deploy_dir().join(file)).expect("manifest"))
 }
 
 #[test]

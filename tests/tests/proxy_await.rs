@@ -76,7 +76,7 @@ fn a_signal_reaches_the_command() {
             "--",
             "sh",
             "-c",
-            "trap 'echo got TERM; exit 143' TERM; echo started; while :; do sleep 0.1; done",
+            "trap 'echo got TERM; kill $!; exit 143' TERM; sleep 1000 & echo started; wait",
         ]),
     );
     tandem_tests::wait_for("the command to start", PATIENCE, || {
