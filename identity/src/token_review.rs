@@ -181,13 +181,16 @@ impl Authenticator for TokenReview {
                     "the Kubernetes API did not accept the token: {why}"
                 )));
             }
-            // An API server that ignores audiences would otherwise accept any token.
-            if let Some(audiences) = &status.audiences {
-                if !audiences.iter().any(|a| a == AUDIENCE) {
-                    return Err(Refusal::Unauthenticated(format!(
-                        "the token is not for audience {AUDIENCE}"
-                    )));
-                }
+            // The API must confirm the audience we asked for: without it, the token
+            // may only be valid for the API server itself (e.g. a pod's default token).
+            let for_us = status
+                .audiences
+                .as_ref()
+                .is_some_and(|audiences| audiences.iter().any(|a| a == AUDIENCE));
+            if !for_us {
+                return Err(Refusal::Unauthenticated(format!(
+                    "the token is not for audience {AUDIENCE}"
+                )));
             }
             let Some(account) = status.user.username.strip_prefix("system:serviceaccount:") else {
                 return Err(Refusal::PermissionDenied(format!(

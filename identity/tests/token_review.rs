@@ -39,6 +39,10 @@ fn answer(body: &serde_json::Value) -> serde_json::Value {
             "user": {"username": "system:serviceaccount:shop:web"},
             "audiences": ["https://kubernetes.default.svc"],
         }),
+        "no-audience" => serde_json::json!({
+            "authenticated": true,
+            "user": {"username": "system:serviceaccount:shop:web"},
+        }),
         "node-token" => serde_json::json!({
             "authenticated": true,
             "user": {"username": "system:node:worker-1"},

@@ -28,29 +28,56 @@ pub struct AwaitOptions {
 }
 
 pub fn run(options: &AwaitOptions) -> ExitCode {
+    // Blocked from the start, before any thread exists: as PID 1 of a container,
+    // an unhandled SIGTERM would otherwise be ignored while we wait, and a signal
+    // that arrives while the command starts must not be lost. The command gets
+    // the mask we were started with back.
+    let signals = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
+    let mut original_mask = empty_set();
+    // SAFETY: both sets are initialised; only this thread's mask changes.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, &mut original_mask) };
+    let stop_proxy = || {
+        if options.shutdown && !options.disabled {
+            if let Err(error) = request(options.admin, "POST", "/shutdown") {
+                eprintln!("tandem-proxy await: cannot ask the proxy to shut down: {error}");
+            }
+        }
+    };
     if !options.disabled {
-        if let Err(last) = wait_ready(options.admin, options.timeout) {
-            eprintln!(
-                "tandem-proxy await: the proxy was not ready at http://{}/ready after {:?} ({last})",
-                options.admin, options.timeout
-            );
-            return ExitCode::from(NOT_READY);
+        match wait_ready(options.admin, options.timeout, &signals) {
+            Ok(()) => {}
+            Err(Waited::Signal(signal)) => return ExitCode::from(128 + signal as u8),
+            Err(Waited::TimedOut(last)) => {
+                eprintln!(
+                    "tandem-proxy await: the proxy was not ready at http://{}/ready after {:?} ({last})",
+                    options.admin, options.timeout
+                );
+                // A Job whose command never ran must still end.
+                stop_proxy();
+                return ExitCode::from(NOT_READY);
+            }
         }
     }
     let Some((program, args)) = options.command.split_first() else {
         return ExitCode::SUCCESS;
     };
-    let code = run_child(program, args);
-    if options.shutdown && !options.disabled {
-        if let Err(error) = request(options.admin, "POST", "/shutdown") {
-            eprintln!("tandem-proxy await: cannot ask the proxy to shut down: {error}");
-        }
-    }
+    let code = run_child(program, args, signals, original_mask);
+    stop_proxy();
     ExitCode::from(code)
 }
 
-/// Polls `/ready` until it answers 200; the error is the last thing that went wrong.
-fn wait_ready(admin: SocketAddr, timeout: Duration) -> Result<(), String> {
+enum Waited {
+    TimedOut(String),
+    Signal(libc::c_int),
+}
+
+/// Polls `/ready` until it answers 200, pausing in `sigtimedwait` so that a stop
+/// signal ends the wait at once.
+fn wait_ready(
+    admin: SocketAddr,
+    timeout: Duration,
+    signals: &libc::sigset_t,
+) -> Result<(), Waited> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(10);
     loop {
@@ -61,9 +88,18 @@ fn wait_ready(admin: SocketAddr, timeout: Duration) -> Result<(), String> {
         };
         let now = Instant::now();
         if now >= deadline {
-            return Err(last);
+            return Err(Waited::TimedOut(last));
         }
-        std::thread::sleep(pause.min(deadline - now));
+        let wait = pause.min(deadline - now);
+        let limit = libc::timespec {
+            tv_sec: wait.as_secs() as libc::time_t,
+            tv_nsec: wait.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `signals` is initialised; a null info pointer is allowed.
+        let signal = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &limit) };
+        if signal > 0 {
+            return Err(Waited::Signal(signal));
+        }
         pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
@@ -101,21 +137,20 @@ fn request(admin: SocketAddr, method: &str, path: &str) -> Result<u16, String> {
     }
 }
 
-/// Runs the command with SIGTERM, SIGINT and SIGHUP forwarded, and returns the
-/// exit status to pass on.
-fn run_child(program: &str, args: &[String]) -> u8 {
-    // Block the signals here so that none is lost between spawn and forwarding;
-    // the child gets the normal mask back before exec.
-    let forwarded = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
-    let mut previous = empty_set();
-    // SAFETY: both sets are initialised; only this thread's mask changes.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &forwarded, &mut previous) };
+/// Runs the command with SIGTERM, SIGINT and SIGHUP (blocked in this process)
+/// forwarded to it, and returns the exit status to pass on.
+fn run_child(
+    program: &str,
+    args: &[String],
+    forwarded: libc::sigset_t,
+    original_mask: libc::sigset_t,
+) -> u8 {
     let mut command = Command::new(program);
     command.args(args);
     // SAFETY: sigprocmask is async-signal-safe, as pre_exec requires.
     unsafe {
         command.pre_exec(move || {
-            libc::sigprocmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+            libc::sigprocmask(libc::SIG_SETMASK, &original_mask, std::ptr::null_mut());
             Ok(())
         });
     }
@@ -127,10 +162,11 @@ fn run_child(program: &str, args: &[String]) -> u8 {
         }
     };
     let pid = child.id() as libc::pid_t;
+    // The thread inherits the blocked mask, so sigwait sees every forwarded signal.
+    // It is never joined: it ends with the process, right after the child does.
     std::thread::spawn(move || loop {
         let mut signal = 0;
-        // SAFETY: `forwarded` is initialised and blocked in every thread spawned
-        // after the mask was set, this one included.
+        // SAFETY: `forwarded` is initialised and blocked in this thread.
         if unsafe { libc::sigwait(&forwarded, &mut signal) } == 0 {
             // SAFETY: plain kill(2) on the child we spawned.
             unsafe { libc::kill(pid, signal) };

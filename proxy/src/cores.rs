@@ -37,11 +37,28 @@ pub fn worker_threads(settings: &CoreSettings, available: usize) -> usize {
 
 /// CPUs this process may use: the scheduler's affinity set, cut by any cgroup quota.
 pub fn available() -> usize {
-    let affinity = std::thread::available_parallelism().map_or(1, usize::from);
+    // Not `available_parallelism`: it already applies the quota, rounded down, so a
+    // 1.5-CPU limit would allow one thread where two can use it.
+    let affinity = affinity_cpus()
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let own_cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     match cgroup_cpu_limit(Path::new("/sys/fs/cgroup"), &own_cgroups) {
         Some(limit) => limit.min(affinity),
         None => affinity,
+    }
+}
+
+/// CPUs in this thread's scheduler affinity set.
+fn affinity_cpus() -> Option<usize> {
+    // SAFETY: `set` is a plain bit set that sched_getaffinity fills in.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        usize::try_from(libc::CPU_COUNT(&set))
+            .ok()
+            .filter(|&n| n > 0)
     }
 }
 

@@ -61,6 +61,8 @@ pub struct InjectOptions {
     /// Namespace of the issuer (`tandem-identity`), as Linkerd's `linkerd` namespace.
     pub control_plane_namespace: String,
     pub trust_domain: String,
+    /// The cluster's DNS domain, for the issuer's address.
+    pub cluster_domain: String,
 }
 
 impl InjectOptions {
@@ -124,9 +126,84 @@ pub fn inject_stream(
         if index > 0 {
             output.push_str("---\n");
         }
-        output.push_str(&serde_yaml_ng::to_string(document).map_err(|e| e.to_string())?);
+        output.push_str(&to_yaml(document)?);
     }
     Ok((output, report))
+}
+
+/// The YAML emitter writes YAML 1.2, which leaves strings like `on`, `yes` or
+/// `1_000` unquoted; kubectl's YAML 1.1 parser would read those as booleans or
+/// numbers and the API server would refuse the object. Such a document is written
+/// as JSON instead (valid YAML in every version); all others stay readable YAML.
+fn to_yaml(document: &Value) -> Result<String, String> {
+    if has_yaml11_ambiguity(document) {
+        let mut json = serde_json::to_string_pretty(document).map_err(|e| e.to_string())?;
+        json.push('\n');
+        Ok(json)
+    } else {
+        serde_yaml_ng::to_string(document).map_err(|e| e.to_string())
+    }
+}
+
+fn has_yaml11_ambiguity(value: &Value) -> bool {
+    match value {
+        Value::String(text) => yaml11_reads_as_non_string(text),
+        Value::Sequence(items) => items.iter().any(has_yaml11_ambiguity),
+        Value::Mapping(map) => map
+            .iter()
+            .any(|(k, v)| has_yaml11_ambiguity(k) || has_yaml11_ambiguity(v)),
+        Value::Tagged(tagged) => has_yaml11_ambiguity(&tagged.value),
+        _ => false,
+    }
+}
+
+/// YAML 1.1's booleans and its numbers with `_`, `:` (base 60), `0b` that YAML
+/// 1.2 reads as strings.
+/// Over-matching only costs readability (JSON output), never correctness.
+fn yaml11_reads_as_non_string(text: &str) -> bool {
+    // `true`, `false`, `null` and `~` are YAML 1.2 too, so the emitter quotes them.
+    const WORDS: [&str; 6] = ["y", "n", "yes", "no", "on", "off"];
+    if WORDS.iter().any(|w| text.eq_ignore_ascii_case(w)) {
+        return true;
+    }
+    yaml11_number(text.strip_prefix(['-', '+']).unwrap_or(text))
+}
+
+fn yaml11_number(text: &str) -> bool {
+    let digits = |s: &str| {
+        s.starts_with(|c: char| c.is_ascii_digit())
+            && s.chars().all(|c| c.is_ascii_digit() || c == '_')
+    };
+    let fraction =
+        |f: Option<&str>| f.is_none_or(|f| f.chars().all(|c| c.is_ascii_digit() || c == '_'));
+    if let Some(binary) = text.strip_prefix("0b") {
+        return !binary.is_empty() && binary.chars().all(|c| matches!(c, '0' | '1' | '_'));
+    }
+    if let Some(hex) = text.strip_prefix("0x") {
+        return hex.contains('_') && hex.chars().all(|c| c.is_ascii_hexdigit() || c == '_');
+    }
+    match text.split_once(':') {
+        // Base 60: `190:20:30` or `190:20:30.15`.
+        Some((head, rest)) => {
+            let sixty =
+                |p: &str| (1..=2).contains(&p.len()) && p.parse::<u8>().is_ok_and(|n| n < 60);
+            let (groups, last) = rest.rsplit_once(':').map_or(("", rest), |(g, l)| (g, l));
+            let (last, frac) = last
+                .split_once('.')
+                .map_or((last, None), |(a, b)| (a, Some(b)));
+            digits(head)
+                && (groups.is_empty() || groups.split(':').all(sixty))
+                && sixty(last)
+                && fraction(frac)
+        }
+        // `1_000`, `1_000.5`, `.5_0`.
+        None => {
+            let (int, frac) = text
+                .split_once('.')
+                .map_or((text, None), |(a, b)| (a, Some(b)));
+            text.contains('_') && (int.is_empty() || digits(int)) && fraction(frac)
+        }
+    }
 }
 
 fn kind(object: &Value) -> &str {
@@ -247,6 +324,14 @@ fn inject_object(
         || has_container(spec, "initContainers", PROXY_CONTAINER)
     {
         return Ok(Outcome::AlreadyInjected);
+    }
+    // Two proxies and two sets of redirect rules in one pod would fight.
+    if has_container(spec, "containers", "linkerd-proxy")
+        || has_container(spec, "initContainers", "linkerd-proxy")
+    {
+        return Ok(Outcome::Skipped(
+            "already meshed by Linkerd (linkerd-proxy)".into(),
+        ));
     }
     let native = match native_sidecar_annotation(&settings) {
         Some(value) => value,
@@ -516,7 +601,7 @@ fn check_quantity(text: &str) -> Result<(), String> {
         .find_map(|s| text.strip_suffix(s).filter(|n| !n.is_empty()))
         .unwrap_or(text);
     match number.parse::<f64>() {
-        Ok(n) if n >= 0.0 => Ok(()),
+        Ok(n) if n.is_finite() && n >= 0.0 => Ok(()),
         _ => Err(format!("{text:?} is not a Kubernetes quantity")),
     }
 }
@@ -634,7 +719,10 @@ fn proxy_container(options: &InjectOptions, plan: &Plan) -> Value {
         ),
         (
             "LINKERD2_PROXY_IDENTITY_SVC_ADDR".into(),
-            format!("tandem-identity-headless.{cp}.svc.cluster.local.:8080"),
+            format!(
+                "tandem-identity-headless.{cp}.svc.{}.:8080",
+                options.cluster_domain
+            ),
         ),
         (
             "LINKERD2_PROXY_IDENTITY_SVC_NAME".into(),
@@ -749,6 +837,7 @@ mod tests {
                 .into(),
             control_plane_namespace: "tandem".into(),
             trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
         }
     }
 
@@ -787,6 +876,45 @@ mod tests {
     }
 
     #[test]
+    fn strings_yaml_1_1_would_misread_stay_strings() {
+        let input = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: \"on\"\n  b: \"1_000\"\n";
+        let (out, _) = inject_stream(input, &options()).unwrap();
+        assert!(out.contains("\"a\": \"on\""), "{out}");
+        assert!(out.contains("\"b\": \"1_000\""), "{out}");
+        let plain = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: online\n";
+        let (out, _) = inject_stream(plain, &options()).unwrap();
+        assert!(
+            out.contains("a: online"),
+            "ordinary documents stay YAML: {out}"
+        );
+        for word in [
+            "Yes",
+            "OFF",
+            "y",
+            "12:30",
+            "190:20:30.15",
+            "1_000",
+            "0b101",
+            "-1_0",
+            "0x_1F",
+        ] {
+            assert!(yaml11_reads_as_non_string(word), "{word}");
+        }
+        for word in [
+            "yesterday",
+            "4190,4191",
+            "10s",
+            "1.10",
+            "nginx",
+            "0.0.0.0:4191",
+            "10:4191",
+            "a_b",
+        ] {
+            assert!(!yaml11_reads_as_non_string(word), "{word}");
+        }
+    }
+
+    #[test]
     fn a_tiny_grace_period_still_injects() {
         let input = DEPLOYMENT.replace(
             "    spec:\n      containers:",
@@ -820,5 +948,7 @@ mod tests {
         assert!(whole_cpus("lots").is_err());
         assert!(check_quantity("20Mi").is_ok());
         assert!(check_quantity("Mi").is_err());
+        assert!(check_quantity("inf").is_err());
+        assert!(check_quantity("NaN").is_err());
     }
 }

@@ -59,6 +59,9 @@ struct InjectArgs {
     control_plane_namespace: String,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
+    /// The cluster's DNS domain (for the issuer's address).
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +151,7 @@ fn run_inject(args: InjectArgs) -> ExitCode {
         trust_anchors_pem,
         control_plane_namespace: args.control_plane_namespace,
         trust_domain: args.trust_domain,
+        cluster_domain: args.cluster_domain,
     };
     match inject::inject_stream(&input, &options) {
         Ok((output, report)) => {

@@ -427,6 +427,7 @@ fn opted_out_objects_come_out_unchanged() {
             "daemonset/kube-proxy skipped: kube-system",
             "pod/opted-out skipped: annotated inject: disabled",
             "pod/node-agent skipped: uses the host's network",
+            "pod/linkerd-meshed skipped: already meshed by Linkerd",
         ] {
             assert!(run.stderr.contains(expected), "{expected}: {}", run.stderr);
         }

@@ -110,3 +110,61 @@ fn gives_up_with_one_line_when_the_proxy_never_becomes_ready() {
     );
     assert!(!marker.exists(), "the command must not run");
 }
+
+/// Whether `pid` is in its wait loop, where SIGTERM is blocked and collected with
+/// `sigtimedwait` (inside that call the kernel shows the signals as unblocked).
+fn is_waiting(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0);
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    blocked || wchan.contains("sigtimedwait")
+}
+
+#[test]
+fn sigterm_while_waiting_ends_the_wait_without_running_the_command() {
+    let mesh = Mesh::new(1);
+    let pod = mesh.pod(0);
+    let marker = std::env::temp_dir().join(format!("tandem-await-term-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let mut waiting = pod.spawn(
+        "await",
+        await_command(&["--timeout", "10m", "--", "touch", marker.to_str().unwrap()]),
+    );
+    tandem_tests::wait_for("await to start waiting", PATIENCE, || {
+        is_waiting(waiting.pid()).then_some(())
+    });
+    waiting.signal(libc::SIGTERM);
+    let status = waiting.wait_exit(PATIENCE);
+    assert_eq!(status.code(), Some(143), "{}", waiting.output());
+    assert!(!marker.exists(), "the command must not run");
+}
+
+#[test]
+fn with_shutdown_a_proxy_that_never_became_ready_is_stopped_too() {
+    let pair = MeshedPair::new();
+    // No issuer: the proxy never gets a certificate, so it never becomes ready.
+    let env = pair.env(
+        0,
+        false,
+        &[("LINKERD2_PROXY_SHUTDOWN_ENDPOINT_ENABLED", "true")],
+    );
+    let mut proxy = Proxy::launch(pair.a(), &env_refs(&env));
+    tandem_tests::wait_for("the proxy's admin server to answer", PATIENCE, || {
+        matches!(proxy.admin_request("GET", "/ready", ""), Ok((503, _))).then_some(())
+    });
+    let mut job = pair.a().spawn(
+        "await",
+        await_command(&["--timeout", "1s", "--shutdown", "--", "true"]),
+    );
+    assert_eq!(job.wait_exit(PATIENCE).code(), Some(69), "{}", job.output());
+    let status = proxy.process.wait_exit(PATIENCE);
+    assert!(
+        status.success(),
+        "a Job whose proxy never became ready still ends: {status}\n{}",
+        proxy.process.output()
+    );
+}
