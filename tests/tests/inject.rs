@@ -29,38 +29,59 @@ struct Run {
     stderr: String,
 }
 
-fn inject(input: &Path, flags: &[&str]) -> Run {
-    let anchors = golden_dir().join("anchors.pem");
-    let out = Command::new(bin_path("tandem-proxy"))
+/// `tandem-proxy inject` with the golden images and `anchors`; the input is added by the caller.
+fn inject_command(anchors: &Path, flags: &[&str]) -> Command {
+    let mut command = Command::new(bin_path("tandem-proxy"));
+    command
         .arg("inject")
-        .arg(input)
         .arg("--trust-anchors")
-        .arg(&anchors)
+        .arg(anchors)
         .args(["--proxy-image", "tandem-proxy:golden"])
         .args(["--init-image", "tandem-init:golden"])
-        .args(flags)
-        .output()
+        .args(flags);
+    command
+}
+
+/// Runs `command` with `stdin` as its standard input.
+fn run_with_stdin(mut command: Command, stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run tandem-proxy inject");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn successful(out: std::process::Output, what: &str) -> Run {
     let run = Run {
         stdout: String::from_utf8(out.stdout).expect("utf-8 output"),
         stderr: String::from_utf8(out.stderr).expect("utf-8 errors"),
     };
-    assert!(
-        out.status.success(),
-        "inject {input:?} {flags:?} failed: {}",
-        run.stderr
-    );
+    assert!(out.status.success(), "inject {what} failed: {}", run.stderr);
     run
 }
 
+fn inject(input: &Path, flags: &[&str]) -> Run {
+    let mut command = inject_command(&golden_dir().join("anchors.pem"), flags);
+    let out = command
+        .arg(input)
+        .output()
+        .expect("run tandem-proxy inject");
+    successful(out, &format!("{input:?} {flags:?}"))
+}
+
 fn inject_text(text: &str, flags: &[&str]) -> Run {
-    let dir = std::env::temp_dir().join(format!("tandem-inject-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(format!("{:x}.yaml", text.len() * 31 + flags.len()));
-    std::fs::write(&file, text).unwrap();
-    let run = inject(&file, flags);
-    let _ = std::fs::remove_file(file);
-    run
+    let mut command = inject_command(&golden_dir().join("anchors.pem"), flags);
+    command.arg("-");
+    successful(run_with_stdin(command, text), &format!("(stdin) {flags:?}"))
 }
 
 fn documents(text: &str) -> Vec<Json> {
@@ -438,23 +459,7 @@ fn opted_out_objects_come_out_unchanged() {
 fn bad_input_fails_with_one_line() {
     let anchors = golden_dir().join("anchors.pem");
     let fail = |stdin: &str, anchors: &Path| {
-        use std::io::Write;
-        let mut child = Command::new(bin_path("tandem-proxy"))
-            .arg("inject")
-            .arg("--trust-anchors")
-            .arg(anchors)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = run_with_stdin(inject_command(anchors, &[]), stdin);
         assert!(!out.status.success(), "{stdin:?} should fail");
         assert!(out.stdout.is_empty(), "no partial output");
         let err = String::from_utf8(out.stderr).unwrap();
