@@ -150,6 +150,8 @@ async fn serve(
             identity: identity.clone(),
             require_identity: config.inbound_require_identity.clone(),
             require_tls: config.inbound_require_tls.clone(),
+            tunnels: Default::default(),
+            shutdown: shutdown.clone(),
         });
         tokio::spawn(sweep_pools(ctx.clone(), shutdown.clone()));
         for listener in listeners {
@@ -206,7 +208,10 @@ async fn sweep_pools(ctx: Arc<Context>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = interval.tick() => ctx.http.sweep(),
+            _ = interval.tick() => {
+                ctx.http.sweep();
+                ctx.tunnels.sweep();
+            }
         }
     }
 }

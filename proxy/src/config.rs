@@ -33,6 +33,9 @@ pub struct DirectionConfig {
     pub connect_keepalive: Option<Duration>,
     pub opaque_ports: PortSet,
     pub http: HttpConfig,
+    /// Carry meshed opaque connections as streams of one pooled connection per peer
+    /// proxy when the peer is Tandem (`TANDEM_OPAQUE_CARRIER`, `tunnel.rs`).
+    pub opaque_carrier: bool,
 }
 
 /// HTTP connection pooling towards one direction's destinations.
@@ -130,6 +133,7 @@ impl Config {
             )],
         };
 
+        let opaque_carrier = env.parse("TANDEM_OPAQUE_CARRIER", "true", parse_bool);
         let inbound = DirectionConfig {
             listen: vec![env.parse(
                 "LINKERD2_PROXY_INBOUND_LISTEN_ADDR",
@@ -157,6 +161,7 @@ impl Config {
                 parse_keepalive,
             ),
             opaque_ports: inbound_opaque,
+            opaque_carrier,
             http: HttpConfig {
                 pool_idle_timeout: env.parse(
                     "LINKERD2_PROXY_INBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
@@ -203,6 +208,7 @@ impl Config {
                 parse_keepalive,
             ),
             opaque_ports: outbound_opaque,
+            opaque_carrier,
             http: HttpConfig {
                 pool_idle_timeout: env.parse(
                     "LINKERD2_PROXY_OUTBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",

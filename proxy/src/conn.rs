@@ -32,6 +32,10 @@ pub struct Context {
     pub identity: Option<Arc<LocalIdentity>>,
     pub require_identity: PortSet,
     pub require_tls: PortSet,
+    /// Carriers to peer proxies for opaque connections (outbound).
+    pub tunnels: crate::tunnel::Peers,
+    /// Cancelled when the proxy starts draining.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The accepted socket and where it was going.
@@ -130,7 +134,7 @@ impl<C: Transport> Client<C> {
     pub fn refuse(mut self, ctx: &Context, error: ConnError, errno: &'static str) {
         ctx.metrics.error(error);
         self.metrics.set_errno(errno);
-        transport::reset_on_close(self.stream.tcp());
+        self.stream.reset_on_close();
     }
 }
 
@@ -338,7 +342,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Replay<T> {
 }
 
 impl<T: Transport> Transport for Replay<T> {
-    fn tcp(&self) -> &TcpStream {
-        self.inner.tcp()
+    fn reset_on_close(&mut self) {
+        self.inner.reset_on_close()
     }
 }

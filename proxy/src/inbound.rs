@@ -7,8 +7,9 @@
 //! forward.
 //!
 //! A direct connection (one that dialled the inbound port itself, not redirected) is a
-//! peer proxy sending opaque traffic: it must be mTLS with a client identity and the
-//! transport-header ALPN, and the header names the local port to connect to.
+//! peer proxy sending opaque traffic: it must be mTLS with a client identity and
+//! either a Tandem carrier (`tunnel.rs`: streams name the local ports) or the
+//! transport-header ALPN (the header names the local port to connect to).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -75,8 +76,10 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
     };
 
     let configs = local.configs();
-    let config = if direct {
+    let config = if direct && ctx.config.opaque_carrier {
         configs.server_direct.clone()
+    } else if direct {
+        configs.server_transport_header.clone()
     } else {
         configs.server.clone()
     };
@@ -98,7 +101,17 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
     let session = tls.get_ref().1;
     let client_id = crate::tls::peer_identity(session.peer_certificates());
     let negotiated_header = session.alpn_protocol() == Some(crate::transport_header::ALPN);
+    let negotiated_carrier = session.alpn_protocol() == Some(crate::tunnel::ALPN);
     debug!(client = %conn.client, client_id = ?client_id, local = %configs.name, "meshed connection");
+    if direct && negotiated_carrier {
+        let Some(client_id) = client_id else {
+            debug!(client = %conn.client, "refusing a carrier without a client identity");
+            ctx.metrics.error(ConnError::TransportHeader);
+            let mut tls = tls;
+            return tls.reset_on_close();
+        };
+        return crate::tunnel::serve(ctx, tls, conn.client, client_id, conn.orig_dst).await;
+    }
     let tls_status = TlsStatus::Established(client_id.clone());
     let mut client = conn::client(ctx, tls, conn.client, conn.orig_dst, tls_status, 0);
 

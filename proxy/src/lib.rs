@@ -27,3 +27,4 @@ pub mod tcp;
 pub mod tls;
 pub mod transport;
 pub mod transport_header;
+pub mod tunnel;

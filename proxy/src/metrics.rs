@@ -193,6 +193,10 @@ pub struct DirectionMetrics {
     pub http: Arc<crate::http::metrics::RequestMetrics>,
     detect: Vec<Counter>,
     errors: Vec<Counter>,
+    /// Carriers to peer proxies opened (outbound) or accepted (inbound).
+    pub carriers: Counter,
+    /// Opaque connections carried as streams of a carrier.
+    pub carrier_streams: Counter,
 }
 
 impl DirectionMetrics {
@@ -224,6 +228,18 @@ impl Metrics {
             "tandem_protocol_detect",
             "Connections by protocol detection result (opaque_port: detection skipped)",
             detect.clone(),
+        );
+        let carriers = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "tandem_carriers",
+            "Connections to peer proxies that carry opaque connections as streams: opened (outbound) or accepted (inbound)",
+            carriers.clone(),
+        );
+        let carrier_streams = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "tandem_carrier_streams",
+            "Opaque connections carried as streams of a carrier",
+            carrier_streams.clone(),
         );
         let direction = |direction: Direction, registry: &mut Registry| {
             let errors = Family::<[(&'static str, &'static str); 1], Counter>::default();
@@ -263,6 +279,12 @@ impl Metrics {
                     .iter()
                     .map(|e| errors.get_or_create(&[("error", e.as_str())]).clone())
                     .collect(),
+                carriers: carriers
+                    .get_or_create(&[("direction", direction.as_str())])
+                    .clone(),
+                carrier_streams: carrier_streams
+                    .get_or_create(&[("direction", direction.as_str())])
+                    .clone(),
             })
         };
         let inbound = direction(Direction::Inbound, &mut registry);

@@ -3,7 +3,8 @@
 //!
 //! accept → original destination → refuse loops → discover → detect (unless opaque) →
 //! connect → originate mTLS when the destination is meshed → forward. Detected HTTP
-//! is served request by request instead (`http/`), over pooled connections.
+//! is served request by request instead (`http/`), over pooled connections; meshed
+//! opaque connections ride a pooled carrier to the peer proxy (`tunnel.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::detect::Protocol;
 use crate::http::{self, client::EndpointKey};
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
 use crate::transport_header::TransportHeader;
+use crate::tunnel::{self, Upstream};
 
 pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: SocketAddr) {
     let Some(mut conn) = conn::accept(ctx, stream, client) else {
@@ -76,27 +78,34 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
         let tls = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
         return conn::relay(ctx, client, &prefix, server, conn.orig_dst, tls).await;
     };
-    // Meshed. Opaque traffic goes to the peer proxy's inbound port with a transport
-    // header naming the real port; everything else goes to the original destination,
-    // where the peer's rules hand it to its proxy.
-    let (target, prefix) = match endpoint.as_ref().filter(|_| opaque) {
-        Some(endpoint) => {
-            let header = TransportHeader {
-                port: conn.orig_dst.port(),
-                name: None,
-                protocol: None,
-            };
-            (
-                SocketAddr::new(conn.orig_dst.ip(), endpoint.inbound_port),
-                header.encode(),
-            )
-        }
-        None => (conn.orig_dst, prefix),
-    };
+    // Meshed. Opaque traffic goes to the peer proxy's inbound port: on a stream of a
+    // pooled carrier when the peer is Tandem, else with a transport header naming the
+    // real port. Everything else goes to the original destination, where the peer's
+    // rules hand it to its proxy.
+    if let Some(endpoint) = endpoint.as_ref().filter(|_| opaque) {
+        let peer = SocketAddr::new(conn.orig_dst.ip(), endpoint.inbound_port);
+        let tls = TlsStatus::Established(Some(identity.clone()));
+        return match tunnel::open(ctx, peer, &identity, conn.orig_dst.port()).await {
+            Ok(Upstream::Stream(stream)) => conn::relay(ctx, client, &[], stream, peer, tls).await,
+            Ok(Upstream::Classic(server)) => {
+                let header = TransportHeader {
+                    port: conn.orig_dst.port(),
+                    name: None,
+                    protocol: None,
+                };
+                conn::relay(ctx, client, &header.encode(), *server, peer, tls).await
+            }
+            Err((error, errno)) => {
+                debug!(client = %client.addr, "refusing the client: no mesh connection to its destination");
+                client.refuse(ctx, error, errno)
+            }
+        };
+    }
+    let target = conn.orig_dst;
     let Some((client, server)) = conn::connect(ctx, client, target).await else {
         return;
     };
-    let Some((client, tls)) = conn::originate_tls(ctx, client, server, &identity, opaque).await
+    let Some((client, tls)) = conn::originate_tls(ctx, client, server, &identity, false).await
     else {
         return;
     };

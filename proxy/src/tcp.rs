@@ -1,4 +1,5 @@
-//! Forwarding a byte stream between two connections (plain TCP or TLS over TCP).
+//! Forwarding a byte stream between two connections (plain TCP, TLS over TCP, or a
+//! stream on a carrier between proxies).
 //!
 //! Each direction is copied independently, so a FIN from one side is passed on as a
 //! FIN (half-close) while the other direction keeps flowing. A failure in either
@@ -22,27 +23,29 @@ use crate::metrics::TransportSeries;
 /// Bytes buffered per direction: large enough for bulk throughput (a full TLS record).
 const COPY_BUFFER: usize = 16 * 1024;
 
-/// A stream the proxy forwards: plain TCP, or TLS over TCP. The TCP socket underneath
-/// is reachable so a failure can be turned into a reset.
+/// A stream the proxy forwards: plain TCP, TLS over TCP, or a stream on a carrier
+/// between proxies (`tunnel.rs`). A failure must be able to end it with a reset.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
-    fn tcp(&self) -> &TcpStream;
+    /// Makes the coming close a reset (TCP `RST`, HTTP/2 `RST_STREAM`) instead of a
+    /// clean end of stream.
+    fn reset_on_close(&mut self);
 }
 
 impl Transport for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
+    fn reset_on_close(&mut self) {
+        crate::transport::reset_on_close(self)
     }
 }
 
 impl<T: Transport> Transport for tokio_rustls::server::TlsStream<T> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0.tcp()
+    fn reset_on_close(&mut self) {
+        self.get_mut().0.reset_on_close()
     }
 }
 
 impl<T: Transport> Transport for tokio_rustls::client::TlsStream<T> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0.tcp()
+    fn reset_on_close(&mut self) {
+        self.get_mut().0.reset_on_close()
     }
 }
 
@@ -112,8 +115,8 @@ pub async fn forward<C: Transport, S: Transport>(
     })
     .await;
     if result.is_err() {
-        crate::transport::reset_on_close(client_stream.tcp());
-        crate::transport::reset_on_close(server_stream.tcp());
+        client_stream.reset_on_close();
+        server_stream.reset_on_close();
     }
     result
 }

@@ -30,12 +30,18 @@ pub struct TlsConfigs {
     pub name: Arc<str>,
     /// For connections redirected to the inbound port (no ALPN).
     pub server: Arc<ServerConfig>,
-    /// For direct connections to the inbound port (ALPN `transport.l5d.io/v1`).
+    /// For direct connections to the inbound port: a Tandem carrier (preferred) or
+    /// Linkerd's transport header (`transport.l5d.io/v1`).
     pub server_direct: Arc<ServerConfig>,
+    /// For direct connections when carriers are turned off: the transport header only.
+    pub server_transport_header: Arc<ServerConfig>,
     /// For meshed outbound connections (no ALPN).
     pub client: Arc<ClientConfig>,
     /// For opaque meshed outbound connections that send a transport header.
     pub client_transport_header: Arc<ClientConfig>,
+    /// For opaque meshed outbound connections: a carrier if the peer takes one, else
+    /// the transport header (`tunnel.rs`).
+    pub client_tunnel: Arc<ClientConfig>,
 }
 
 impl std::fmt::Debug for TlsConfigs {
@@ -85,7 +91,13 @@ impl TlsConfigs {
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| format!("certificate and key do not fit together: {e}"))?;
         let mut server_direct = server.clone();
-        server_direct.alpn_protocols = vec![crate::transport_header::ALPN.to_vec()];
+        let mut server_transport_header = server.clone();
+        server_transport_header.alpn_protocols = vec![crate::transport_header::ALPN.to_vec()];
+        // A TLS server picks by its own preference: the carrier first.
+        server_direct.alpn_protocols = vec![
+            crate::tunnel::ALPN.to_vec(),
+            crate::transport_header::ALPN.to_vec(),
+        ];
 
         let verifier = Arc::new(ChainOnlyVerifier {
             roots,
@@ -100,12 +112,19 @@ impl TlsConfigs {
             .map_err(|e| format!("certificate and key do not fit together: {e}"))?;
         let mut client_transport_header = client.clone();
         client_transport_header.alpn_protocols = vec![crate::transport_header::ALPN.to_vec()];
+        let mut client_tunnel = client.clone();
+        client_tunnel.alpn_protocols = vec![
+            crate::tunnel::ALPN.to_vec(),
+            crate::transport_header::ALPN.to_vec(),
+        ];
         Ok(TlsConfigs {
             name: Arc::from(name),
             server: Arc::new(server),
             server_direct: Arc::new(server_direct),
+            server_transport_header: Arc::new(server_transport_header),
             client: Arc::new(client),
             client_transport_header: Arc::new(client_transport_header),
+            client_tunnel: Arc::new(client_tunnel),
         })
     }
 }

@@ -1,0 +1,546 @@
+//! Opaque connections between two Tandem proxies, carried as HTTP/2 `CONNECT` streams
+//! over one pooled mTLS connection per peer proxy.
+//!
+//! Why: Linkerd gives every new opaque connection its own TCP connection and mTLS
+//! handshake to the peer's inbound port (with a transport header naming the real
+//! port). A resumed TLS 1.3 handshake still costs an X25519 exchange on both sides
+//! and a second connection set-up per proxy, which made new opaque connections about
+//! ten times dearer through the mesh than without it. A stream on an open connection
+//! costs one HEADERS frame each way.
+//!
+//! Negotiation needs no configuration and stays compatible with Linkerd: the client
+//! dials the peer's inbound port offering two ALPN protocols, [`ALPN`] first and
+//! Linkerd's transport header second. A Tandem peer picks [`ALPN`] (a TLS server picks
+//! by its own preference) and the connection becomes the peer's carrier; a Linkerd
+//! peer picks the transport header, the connection is used the classic way for this
+//! one client connection, and the peer is remembered as classic for a while.
+//!
+//! On a carrier, one client connection is one stream: `CONNECT` with `:authority`
+//! naming the target (only its port is used: the peer connects to its own address, as
+//! with the transport header). The client starts sending at once; the peer connects
+//! to the target, answers `200`, and copies. A failure on either side resets the
+//! stream (`RST_STREAM`), and the other proxy resets its TCP side, so a refused or
+//! reset connection still reaches the application as a reset; a FIN is an empty DATA
+//! frame with END_STREAM, so half-closes pass through as with plain TCP.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::{Reason, RecvStream, SendStream};
+use hyper::{Method, Request, Response, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream as ClientTls;
+use tokio_rustls::server::TlsStream as ServerTls;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use crate::conn::{self, Context};
+use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
+use crate::tcp::Transport;
+use crate::transport::{self, ConnectError};
+
+/// The ALPN protocol a Tandem inbound proxy selects for a carrier connection.
+pub const ALPN: &[u8] = b"tunnel.tandem.io/v1";
+
+/// Streams one carrier takes before new client connections go the classic way, so
+/// long-lived connections can never use up a carrier. The server allows twice as
+/// many, since a stream the client has finished with may still be closing there.
+const MAX_STREAMS: usize = 256;
+
+/// HTTP/2 flow-control windows. A stream's window bounds what one slow reader can
+/// leave buffered in the proxy; the connection's bounds the whole carrier. 256 KiB
+/// keeps one stream at full speed over a sub-millisecond round trip.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// How long a peer that chose the transport header (a Linkerd proxy) is dialled the
+/// classic way before a carrier is tried again.
+const RETRY_CARRIER_AFTER: Duration = Duration::from_secs(60);
+
+/// A peer proxy: its inbound address and identity.
+type PeerKey = (SocketAddr, Arc<str>);
+
+/// One direction's carriers, by peer proxy.
+#[derive(Default)]
+pub struct Peers {
+    peers: Mutex<HashMap<PeerKey, Arc<Peer>>>,
+}
+
+#[derive(Default)]
+struct Peer {
+    carrier: Mutex<Option<Arc<Carrier>>>,
+    classic_until: Mutex<Option<Instant>>,
+}
+
+struct Carrier {
+    sender: h2::client::SendRequest<Bytes>,
+    opened: Instant,
+    /// Set by the task driving the connection when it ends.
+    closed: Arc<AtomicBool>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Carrier {
+    fn usable(&self, max_age: Duration) -> bool {
+        !self.closed.load(Ordering::Acquire)
+            && self.opened.elapsed() < max_age
+            && self.streams.load(Ordering::Relaxed) < MAX_STREAMS
+    }
+}
+
+impl Peers {
+    fn peer(&self, addr: SocketAddr, identity: &Arc<str>) -> Arc<Peer> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.entry((addr, identity.clone())).or_default().clone()
+    }
+
+    /// Forgets peers with no open carrier that nothing is dialling.
+    pub fn sweep(&self) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|_, peer| {
+            let open = peer
+                .carrier
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|c| !c.closed.load(Ordering::Acquire));
+            open || Arc::strong_count(peer) > 1
+        });
+    }
+}
+
+/// How an opaque client connection reaches the peer proxy.
+pub enum Upstream {
+    /// A stream on a carrier.
+    Stream(Stream),
+    /// A connection of its own, with the transport-header ALPN negotiated: the
+    /// caller sends the header first.
+    Classic(Box<ClientTls<TcpStream>>),
+}
+
+/// Opens the way to `port` behind the peer proxy at `peer` (its inbound address),
+/// which must prove `identity`. On failure returns what to count and the errno label.
+pub async fn open(
+    ctx: &Context,
+    peer: SocketAddr,
+    identity: &Arc<str>,
+    port: u16,
+) -> Result<Upstream, (ConnError, &'static str)> {
+    let state = ctx.tunnels.peer(peer, identity);
+    let max_age = ctx.config.http.max_connection_age;
+    let carrier = state
+        .carrier
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .filter(|c| c.usable(max_age));
+    if let Some(carrier) = carrier {
+        if let Some(stream) = carrier.open_stream(ctx, peer, port) {
+            return Ok(Upstream::Stream(stream));
+        }
+    }
+    let classic = !ctx.config.opaque_carrier
+        || state
+            .classic_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| Instant::now() < until);
+    let tcp = connect(ctx, peer).await?;
+    let tls = handshake(ctx, tcp, identity, !classic).await?;
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+        if !classic {
+            debug!(%peer, "the peer proxy takes no carrier; using the transport header");
+            *state
+                .classic_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + RETRY_CARRIER_AFTER);
+        }
+        return Ok(Upstream::Classic(Box::new(tls)));
+    }
+    let carrier = start_carrier(tls, peer).await?;
+    ctx.metrics.carriers.inc();
+    let stream = carrier.open_stream(ctx, peer, port);
+    // Connections that dialled at the same time each get a carrier; the last one
+    // stays pooled and the others close when their stream ends.
+    *state.carrier.lock().unwrap_or_else(|p| p.into_inner()) = Some(carrier);
+    stream.map(Upstream::Stream).ok_or((ConnError::Io, "other"))
+}
+
+async fn connect(ctx: &Context, peer: SocketAddr) -> Result<TcpStream, (ConnError, &'static str)> {
+    transport::connect(
+        peer,
+        ctx.config.connect_timeout,
+        ctx.config.connect_keepalive,
+    )
+    .await
+    .map_err(|error| {
+        debug!(%peer, %error, "cannot connect to the peer proxy");
+        match &error {
+            ConnectError::Refused => (ConnError::ConnectRefused, "ECONNREFUSED"),
+            ConnectError::TimedOut => (ConnError::ConnectTimeout, "ETIMEDOUT"),
+            ConnectError::Other(e) => (ConnError::ConnectError, transport::errno_label(e)),
+        }
+    })
+}
+
+/// Mesh TLS to the peer's inbound port, offering a carrier (when `carrier`) and the
+/// transport header. The peer must prove `identity` and pick one of the two.
+async fn handshake(
+    ctx: &Context,
+    tcp: TcpStream,
+    identity: &str,
+    carrier: bool,
+) -> Result<ClientTls<TcpStream>, (ConnError, &'static str)> {
+    let Some(local) = &ctx.identity else {
+        return Err((ConnError::TlsHandshake, "other"));
+    };
+    let configs = local.configs();
+    let config = if carrier {
+        &configs.client_tunnel
+    } else {
+        &configs.client_transport_header
+    };
+    let Ok(server_name) = ServerName::try_from(identity.to_string()) else {
+        debug!(%identity, "the peer identity is not a valid TLS server name");
+        return Err((ConnError::PeerIdentity, "other"));
+    };
+    let handshake = tokio_rustls::TlsConnector::from(config.clone()).connect(server_name, tcp);
+    let tls = match tokio::time::timeout(
+        ctx.config.connect_timeout.max(ctx.config.detect_timeout),
+        handshake,
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            debug!(%identity, %error, "mesh TLS handshake failed");
+            return Err((ConnError::TlsHandshake, transport::errno_label(&error)));
+        }
+        Err(_) => {
+            debug!(%identity, "mesh TLS handshake timed out");
+            return Err((ConnError::TlsHandshake, "ETIMEDOUT"));
+        }
+    };
+    let session = tls.get_ref().1;
+    if !crate::tls::names(session.peer_certificates(), identity) {
+        debug!(expected = %identity, found = ?crate::tls::peer_identity(session.peer_certificates()), "peer identity mismatch");
+        transport::reset_on_close(tls.get_ref().0);
+        return Err((ConnError::PeerIdentity, "other"));
+    }
+    let alpn = session.alpn_protocol();
+    if alpn != Some(crate::transport_header::ALPN) && alpn != Some(ALPN) {
+        debug!(%identity, "the peer accepted neither a carrier nor the transport header");
+        transport::reset_on_close(tls.get_ref().0);
+        return Err((ConnError::TransportHeader, "other"));
+    }
+    Ok(tls)
+}
+
+async fn start_carrier(
+    tls: ClientTls<TcpStream>,
+    peer: SocketAddr,
+) -> Result<Arc<Carrier>, (ConnError, &'static str)> {
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|error| {
+            debug!(%peer, %error, "carrier handshake failed");
+            (ConnError::Io, "other")
+        })?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let on_close = closed.clone();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%peer, %error, "carrier failed");
+        }
+        on_close.store(true, Ordering::Release);
+    });
+    Ok(Arc::new(Carrier {
+        sender,
+        opened: Instant::now(),
+        closed,
+        streams: Arc::new(AtomicUsize::new(0)),
+    }))
+}
+
+impl Carrier {
+    /// Opens a stream to `port`. `None` when the carrier can take no more streams
+    /// (it is closing, or went away).
+    fn open_stream(&self, ctx: &Context, peer: SocketAddr, port: u16) -> Option<Stream> {
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("{}:{port}", peer.ip()))
+            .body(())
+            .ok()?;
+        // `SendRequest` is ready unless a stream was just opened and not yet sent;
+        // the clone has its own readiness, so this only fails on a closed carrier.
+        let mut sender = self.sender.clone();
+        let (response, send) = match sender.send_request(request, false) {
+            Ok(opened) => opened,
+            Err(error) => {
+                debug!(%peer, %error, "cannot open a stream on the carrier");
+                return None;
+            }
+        };
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.carrier_streams.inc();
+        Some(Stream {
+            send,
+            recv: Recv::Waiting(response),
+            buf: Bytes::new(),
+            sent_eos: false,
+            count: Some(self.streams.clone()),
+        })
+    }
+}
+
+/// Serves a carrier accepted on the inbound port from a peer proxy that proved
+/// `client_id`. Each stream is forwarded to a port on `local` on its own task; the
+/// connection's task lasts until every stream has ended, so draining waits for them.
+pub async fn serve(
+    ctx: &Arc<Context>,
+    tls: ServerTls<conn::Replay<TcpStream>>,
+    client: SocketAddr,
+    client_id: Arc<str>,
+    local: SocketAddr,
+) {
+    let connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(2 * MAX_STREAMS as u32)
+        .handshake::<_, Bytes>(tls);
+    let mut connection = match tokio::time::timeout(ctx.config.detect_timeout, connection).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            debug!(%client, %error, "carrier handshake failed");
+            ctx.metrics.error(ConnError::Io);
+            return;
+        }
+        Err(_) => {
+            debug!(%client, "carrier handshake timed out");
+            ctx.metrics.error(ConnError::Io);
+            return;
+        }
+    };
+    ctx.metrics.carriers.inc();
+    let streams = TaskTracker::new();
+    let mut draining = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = connection.accept() => accepted,
+            _ = ctx.shutdown.cancelled(), if !draining => {
+                // No new streams; the open ones finish.
+                connection.graceful_shutdown();
+                draining = true;
+                continue;
+            }
+        };
+        match accepted {
+            Some(Ok((request, respond))) => {
+                ctx.metrics.carrier_streams.inc();
+                let ctx = ctx.clone();
+                let client_id = client_id.clone();
+                streams.spawn(async move {
+                    serve_stream(&ctx, request, respond, client, client_id, local).await
+                });
+            }
+            Some(Err(error)) => {
+                debug!(%client, %error, "carrier failed");
+                ctx.metrics.error(ConnError::Io);
+                break;
+            }
+            None => break,
+        }
+    }
+    streams.close();
+    streams.wait().await;
+}
+
+async fn serve_stream(
+    ctx: &Context,
+    request: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    client: SocketAddr,
+    client_id: Arc<str>,
+    local: SocketAddr,
+) {
+    let port = (request.method() == Method::CONNECT)
+        .then(|| request.uri().port_u16())
+        .flatten();
+    let Some(port) = port.filter(|p| *p != local.port()) else {
+        debug!(%client, uri = %request.uri(), "refusing a carrier stream that names no other port");
+        ctx.metrics.error(ConnError::TransportHeader);
+        let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
+        return;
+    };
+    let target = SocketAddr::new(local.ip(), port);
+    let stream = Stream {
+        send: match respond.send_response(status(StatusCode::OK), false) {
+            Ok(send) => send,
+            Err(error) => {
+                debug!(%client, %error, "carrier stream went away");
+                return;
+            }
+        },
+        recv: Recv::Open(request.into_body()),
+        buf: Bytes::new(),
+        sent_eos: false,
+        count: None,
+    };
+    let tls = TlsStatus::Established(Some(client_id));
+    let client = conn::client(ctx, stream, client, target, tls, 0);
+    let Some((client, server)) = conn::connect(ctx, client, target).await else {
+        return;
+    };
+    let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+    conn::relay(ctx, client, &[], server, target, tls).await;
+}
+
+fn status(code: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
+    *response.status_mut() = code;
+    response
+}
+
+/// One client connection on a carrier, read and written like a socket.
+pub struct Stream {
+    send: SendStream<Bytes>,
+    recv: Recv,
+    /// Received and not yet read.
+    buf: Bytes,
+    sent_eos: bool,
+    /// The carrier's count of open streams, on the client side.
+    count: Option<Arc<AtomicUsize>>,
+}
+
+enum Recv {
+    /// The client side, until the peer answers the `CONNECT`.
+    Waiting(h2::client::ResponseFuture),
+    Open(RecvStream),
+    Ended,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Some(count) = &self.count {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn h2_to_io(error: h2::Error) -> io::Error {
+    if error.is_io() {
+        return error
+            .into_io()
+            .unwrap_or_else(|| io::ErrorKind::Other.into());
+    }
+    match error.reason() {
+        Some(Reason::REFUSED_STREAM) => io::Error::new(io::ErrorKind::ConnectionRefused, error),
+        Some(_) => io::Error::new(io::ErrorKind::ConnectionReset, error),
+        None => io::Error::other(error),
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.buf.is_empty() {
+                let n = this.buf.len().min(out.remaining());
+                out.put_slice(&this.buf.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            match &mut this.recv {
+                Recv::Waiting(response) => {
+                    let response = ready!(Pin::new(response).poll(cx)).map_err(h2_to_io)?;
+                    if response.status() != StatusCode::OK {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::ConnectionRefused,
+                            format!("the peer proxy answered {}", response.status()),
+                        )));
+                    }
+                    this.recv = Recv::Open(response.into_body());
+                }
+                Recv::Open(body) => match ready!(body.poll_data(cx)) {
+                    Some(Ok(data)) => {
+                        // Our own buffering is this one frame: the window stays the
+                        // bound on what waits for a slow writer.
+                        let _ = body.flow_control().release_capacity(data.len());
+                        this.buf = data;
+                    }
+                    Some(Err(error)) if error.reason() == Some(Reason::NO_ERROR) => {
+                        this.recv = Recv::Ended;
+                    }
+                    Some(Err(error)) => return Poll::Ready(Err(h2_to_io(error))),
+                    None => this.recv = Recv::Ended,
+                },
+                Recv::Ended => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let send = &mut self.send;
+        send.reserve_capacity(buf.len());
+        loop {
+            let available = send.capacity();
+            if available > 0 {
+                let n = available.min(buf.len());
+                send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(h2_to_io)?;
+                return Poll::Ready(Ok(n));
+            }
+            match ready!(send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Poll::Ready(Err(h2_to_io(error))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        // The carrier's connection task writes frames out as soon as they are queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        if !self.sent_eos {
+            self.sent_eos = true;
+            self.send.reserve_capacity(0);
+            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Transport for Stream {
+    fn reset_on_close(&mut self) {
+        self.send.send_reset(Reason::CANCEL);
+    }
+}

@@ -1,0 +1,258 @@
+//! Meshed opaque connections between two Tandem proxies ride one pooled carrier (an
+//! mTLS HTTP/2 connection to the peer's inbound port, one stream per connection);
+//! a peer that takes no carrier (as a Linkerd proxy) gets Linkerd's transport header.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::thread::JoinHandle;
+
+use tandem_tests::apps::{connect, read_all, send_and_finish, Noise, NoiseCheck, Server, IO_LIMIT};
+use tandem_tests::capture::{contains, Capture};
+use tandem_tests::mesh::{env_refs, identity_of, MeshedPair};
+use tandem_tests::probe::metric;
+use tandem_tests::{Pod, Proxy};
+
+fn any(port: u16) -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], port))
+}
+
+/// Echoes `count` connections on `addr` in `pod`, each on its own thread, and returns
+/// how many bytes each echoed.
+fn echo_server(pod: &Pod, addr: SocketAddr, count: usize) -> JoinHandle<Vec<usize>> {
+    let listener = pod
+        .run(|| TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("cannot listen on {addr}: {e}"));
+    std::thread::spawn(move || {
+        let echoes: Vec<JoinHandle<usize>> = (0..count)
+            .map(|_| {
+                let (mut conn, _) = listener.accept().expect("accept");
+                conn.set_read_timeout(Some(IO_LIMIT)).unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut total = 0;
+                    loop {
+                        let n = conn.read(&mut buf).expect("read");
+                        if n == 0 {
+                            conn.shutdown(std::net::Shutdown::Write).unwrap();
+                            return total;
+                        }
+                        conn.write_all(&buf[..n]).expect("write");
+                        total += n;
+                    }
+                })
+            })
+            .collect();
+        echoes.into_iter().map(|e| e.join().unwrap()).collect()
+    })
+}
+
+/// Sends `size` bytes of noise seeded with `seed` and checks the echo, concurrently.
+fn echo_noise(mut client: TcpStream, seed: u64, size: usize) {
+    let mut writer = client.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut noise = Noise::new(seed);
+        let mut chunk = vec![0u8; 32 * 1024];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            noise.fill(&mut chunk[..n]);
+            writer.write_all(&chunk[..n]).expect("write");
+            left -= n;
+        }
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut check = NoiseCheck::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = client.read(&mut buf).expect("read the echo");
+        if n == 0 {
+            break;
+        }
+        check.check(&buf[..n]);
+    }
+    sender.join().unwrap();
+    assert_eq!(
+        check.checked, size,
+        "echo of connection {seed} was cut short"
+    );
+}
+
+#[test]
+fn opaque_connections_ride_one_carrier_intact_and_in_order() {
+    let world = MeshedPair::new();
+    let (_issuer, proxy_a, proxy_b) = world.start(false);
+    let (a, b) = (world.a(), world.b());
+    let capture = Capture::start(b, "veth0");
+    let sequential = 4;
+    let concurrent = 6;
+    let echo = echo_server(b, any(5432), sequential + concurrent);
+
+    // One at a time first, so the first connection's carrier is there for the rest.
+    for i in 0..sequential {
+        let mut client = connect(a, world.b_addr(5432));
+        let secret = format!("SECRET-CARRIED-{i}-7d1e");
+        send_and_finish(&mut client, secret.as_bytes());
+        assert_eq!(read_all(&mut client), secret.as_bytes());
+    }
+    // Then several at once, each with 1 MiB each way: no byte lost, changed, or
+    // crossed into another connection's stream.
+    let clients: Vec<_> = (0..concurrent)
+        .map(|i| {
+            let client = connect(a, world.b_addr(5432));
+            std::thread::spawn(move || echo_noise(client, 100 + i as u64, 1 << 20))
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    let echoed = echo.join().unwrap();
+    assert_eq!(echoed.len(), sequential + concurrent);
+
+    let streams = (sequential + concurrent) as f64;
+    let outbound = [("direction", "outbound")];
+    let inbound = [("direction", "inbound")];
+    let text = proxy_a.wait_metric("tandem_carrier_streams_total", &outbound, streams);
+    assert_eq!(
+        metric(&text, "tandem_carriers_total", &outbound),
+        Some(1.0),
+        "{text}"
+    );
+    let text = proxy_b.wait_metric("tandem_carrier_streams_total", &inbound, streams);
+    assert_eq!(
+        metric(&text, "tandem_carriers_total", &inbound),
+        Some(1.0),
+        "{text}"
+    );
+    // Beta sees each carried connection under its real port, with alpha's identity.
+    let alpha = identity_of("alpha");
+    let carried = [
+        ("direction", "inbound"),
+        ("peer", "src"),
+        ("target_port", "5432"),
+        ("tls", "true"),
+        ("client_id", alpha.as_str()),
+    ];
+    proxy_b.wait_metric("tcp_open_total", &carried, streams);
+
+    let wire = capture.stop();
+    assert!(
+        !contains(&wire, b"SECRET-CARRIED-"),
+        "opaque data crossed the wire in plaintext"
+    );
+}
+
+#[test]
+fn failures_cross_a_carrier_as_resets() {
+    let world = MeshedPair::new();
+    let (_issuer, _proxy_a, proxy_b) = world.start(false);
+    let (a, b) = (world.a(), world.b());
+
+    // A first exchange opens the carrier, so the failures below all happen on it.
+    let echo = echo_server(b, any(6379), 1);
+    let mut client = connect(a, world.b_addr(6379));
+    send_and_finish(&mut client, b"warm-up");
+    assert_eq!(read_all(&mut client), b"warm-up");
+    echo.join().unwrap();
+
+    // Nothing listens on 3306 in beta: alpha's app learns it from a reset, as it
+    // would without the mesh, never from a clean end of stream.
+    let mut client = connect(a, world.b_addr(3306));
+    let mut byte = [0u8; 1];
+    let error = client
+        .read(&mut byte)
+        .expect_err("a refused connection must fail");
+    assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}");
+
+    // The server resets: so does the client's connection.
+    let server = Server::start(b, any(5432), |mut conn| {
+        let mut got = [0u8; 5];
+        conn.read_exact(&mut got).unwrap();
+        socket2::SockRef::from(&conn)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(conn);
+        got
+    });
+    let mut client = connect(a, world.b_addr(5432));
+    client.write_all(b"hello").unwrap();
+    assert_eq!(&server.join(), b"hello");
+    let error = client
+        .read(&mut byte)
+        .expect_err("the server reset the connection");
+    assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}");
+
+    // The client resets: the server sees a reset too, not an end of stream.
+    let server = Server::start(b, any(11211), |mut conn| {
+        let mut got = [0u8; 5];
+        conn.read_exact(&mut got).unwrap();
+        conn.write_all(b"ready").unwrap();
+        let mut rest = [0u8; 1];
+        (got, conn.read(&mut rest).map_err(|e| e.kind()))
+    });
+    let mut client = connect(a, world.b_addr(11211));
+    client.write_all(b"abort").unwrap();
+    let mut ready = [0u8; 5];
+    client.read_exact(&mut ready).unwrap();
+    socket2::SockRef::from(&client)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop(client);
+    let (got, after) = server.join();
+    assert_eq!(&got, b"abort");
+    assert_eq!(after, Err(ErrorKind::ConnectionReset));
+
+    // All of it went over the one carrier.
+    let text = proxy_b.wait_metric(
+        "tandem_carrier_streams_total",
+        &[("direction", "inbound")],
+        4.0,
+    );
+    assert_eq!(
+        metric(&text, "tandem_carriers_total", &[("direction", "inbound")]),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+/// Beta with carriers turned off answers as a Linkerd proxy does: it selects only the
+/// transport header. Alpha then sends each opaque connection the classic way, on the
+/// very connection it offered the carrier on.
+#[test]
+fn a_peer_without_carriers_gets_the_transport_header() {
+    let world = MeshedPair::new();
+    let env_a = world.env(0, false, &[]);
+    let env_b = world.env(1, false, &[("TANDEM_OPAQUE_CARRIER", "false")]);
+    let _issuer = world.start_issuer(&[]);
+    let (a, b) = (world.a(), world.b());
+    let proxy_a = Proxy::start(a, &env_refs(&env_a));
+    let proxy_b = Proxy::start(b, &env_refs(&env_b));
+
+    let count = 3;
+    let echo = echo_server(b, any(5432), count);
+    for i in 0..count {
+        let mut client = connect(a, world.b_addr(5432));
+        let message = format!("classic {i}");
+        send_and_finish(&mut client, message.as_bytes());
+        assert_eq!(read_all(&mut client), message.as_bytes());
+    }
+    echo.join().unwrap();
+
+    // Each connection had its own mTLS connection to beta's inbound port.
+    let direct = [
+        ("direction", "outbound"),
+        ("peer", "dst"),
+        ("target_port", "4143"),
+    ];
+    let text = proxy_a.wait_metric("tcp_close_total", &direct, count as f64);
+    assert_eq!(metric(&text, "tcp_open_total", &direct), Some(count as f64));
+    for (proxy, direction) in [(&proxy_a, "outbound"), (&proxy_b, "inbound")] {
+        let text = proxy.metrics();
+        for name in ["tandem_carriers_total", "tandem_carrier_streams_total"] {
+            assert_eq!(
+                metric(&text, name, &[("direction", direction)]),
+                Some(0.0),
+                "{text}"
+            );
+        }
+    }
+}
