@@ -28,6 +28,17 @@ struct Cli {
     /// Run only the scenarios whose name contains this text (e.g. to profile one).
     #[arg(long)]
     only: Option<String>,
+    /// Extra setting for both proxies, `NAME=VALUE` (repeatable), e.g.
+    /// `TANDEM_OUTBOUND_OPAQUE_CARRIER=true`.
+    #[arg(long = "proxy-env", value_name = "NAME=VALUE", value_parser = parse_setting)]
+    proxy_env: Vec<(String, String)>,
+}
+
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))?;
+    Ok((name.to_string(), value.to_string()))
 }
 
 #[derive(Subcommand)]
@@ -51,6 +62,7 @@ fn main() {
                 mesh::run(
                     Duration::from_secs(cli.seconds),
                     cli.only.as_deref(),
+                    &cli.proxy_env,
                     &signals,
                 )
             })

@@ -103,7 +103,12 @@ struct ProxyCost {
     final_rss: u64,
 }
 
-pub fn run(seconds: Duration, only: Option<&str>, signals: &Signals) -> anyhow::Result<()> {
+pub fn run(
+    seconds: Duration,
+    only: Option<&str>,
+    proxy_env: &[(String, String)],
+    signals: &Signals,
+) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("needs root (it creates network namespaces and firewall rules); run it with sudo");
@@ -143,8 +148,9 @@ pub fn run(seconds: Duration, only: Option<&str>, signals: &Signals) -> anyhow::
     });
 
     // Production settings: warnings only, the default single worker thread.
-    let quiet = [("LINKERD2_PROXY_LOG", "warn")];
-    let (env_a, env_b) = (world.env(0, true, &quiet), world.env(1, true, &quiet));
+    let mut settings = vec![("LINKERD2_PROXY_LOG", "warn")];
+    settings.extend(proxy_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let (env_a, env_b) = (world.env(0, true, &settings), world.env(1, true, &settings));
     let alpha = Proxy::start(client_pod, &env_refs(&env_a));
     let beta = Proxy::start(server_pod, &env_refs(&env_b));
     let proxies = [&alpha, &beta];
@@ -156,6 +162,9 @@ pub fn run(seconds: Duration, only: Option<&str>, signals: &Signals) -> anyhow::
         alpha.process.pid(),
         beta.process.pid(),
     );
+    for (name, value) in proxy_env {
+        println!("tandem-bench: both proxies run with {name}={value}");
+    }
     // Warm up: certificates are issued already; this opens the pooled HTTP/2
     // connection between the proxies and faults in their buffers.
     load(

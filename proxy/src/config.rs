@@ -33,8 +33,8 @@ pub struct DirectionConfig {
     pub connect_keepalive: Option<Duration>,
     pub opaque_ports: PortSet,
     pub http: HttpConfig,
-    /// Carry meshed opaque connections as streams of one pooled connection per peer
-    /// proxy when the peer is Tandem (`TANDEM_OPAQUE_CARRIER`, `tunnel.rs`).
+    /// Outbound: offer peer proxies a carrier for meshed opaque connections. Inbound:
+    /// accept carriers from peer proxies (`tunnel.rs`).
     pub opaque_carrier: bool,
 }
 
@@ -133,7 +133,6 @@ impl Config {
             )],
         };
 
-        let opaque_carrier = env.parse("TANDEM_OPAQUE_CARRIER", "true", parse_bool);
         let inbound = DirectionConfig {
             listen: vec![env.parse(
                 "LINKERD2_PROXY_INBOUND_LISTEN_ADDR",
@@ -161,7 +160,7 @@ impl Config {
                 parse_keepalive,
             ),
             opaque_ports: inbound_opaque,
-            opaque_carrier,
+            opaque_carrier: env.parse("TANDEM_INBOUND_OPAQUE_CARRIER", "true", parse_bool),
             http: HttpConfig {
                 pool_idle_timeout: env.parse(
                     "LINKERD2_PROXY_INBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
@@ -208,7 +207,7 @@ impl Config {
                 parse_keepalive,
             ),
             opaque_ports: outbound_opaque,
-            opaque_carrier,
+            opaque_carrier: env.parse("TANDEM_OUTBOUND_OPAQUE_CARRIER", "false", parse_bool),
             http: HttpConfig {
                 pool_idle_timeout: env.parse(
                     "LINKERD2_PROXY_OUTBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
@@ -521,6 +520,9 @@ mod tests {
         assert!(!c.shutdown_endpoint_enabled);
         assert_eq!(c.cores, crate::cores::CoreSettings::default());
         assert_eq!(c.shutdown_delay, Duration::ZERO);
+        // Carriers: accepted inbound, offered outbound only when asked for.
+        assert!(c.inbound.opaque_carrier);
+        assert!(!c.outbound.opaque_carrier);
         for port in [25, 587, 3306, 4444, 5432, 6379, 9300, 11211] {
             assert!(c.inbound.opaque_ports.contains(port));
             assert!(c.outbound.opaque_ports.contains(port));

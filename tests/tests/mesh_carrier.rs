@@ -1,6 +1,7 @@
-//! Meshed opaque connections between two Tandem proxies ride one pooled carrier (an
-//! mTLS HTTP/2 connection to the peer's inbound port, one stream per connection);
-//! a peer that takes no carrier (as a Linkerd proxy) gets Linkerd's transport header.
+//! With `TANDEM_OUTBOUND_OPAQUE_CARRIER`, meshed opaque connections between two Tandem
+//! proxies ride one pooled carrier (an mTLS HTTP/2 connection to the peer's inbound
+//! port, one stream per connection); a peer that takes no carrier (as a Linkerd
+//! proxy) gets Linkerd's transport header.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -77,10 +78,21 @@ fn echo_noise(mut client: TcpStream, seed: u64, size: usize) {
     );
 }
 
+const CARRIER: (&str, &str) = ("TANDEM_OUTBOUND_OPAQUE_CARRIER", "true");
+
+/// The issuer, and alpha with carriers on, and beta (which accepts them by default).
+fn start(world: &MeshedPair) -> (tandem_tests::Proc, Proxy<'_>, Proxy<'_>) {
+    let (env_a, env_b) = (world.env(0, false, &[CARRIER]), world.env(1, false, &[]));
+    let issuer = world.start_issuer(&[]);
+    let a = Proxy::start(world.a(), &env_refs(&env_a));
+    let b = Proxy::start(world.b(), &env_refs(&env_b));
+    (issuer, a, b)
+}
+
 #[test]
 fn opaque_connections_ride_one_carrier_intact_and_in_order() {
     let world = MeshedPair::new();
-    let (_issuer, proxy_a, proxy_b) = world.start(false);
+    let (_issuer, proxy_a, proxy_b) = start(&world);
     let (a, b) = (world.a(), world.b());
     let capture = Capture::start(b, "veth0");
     let sequential = 4;
@@ -144,7 +156,7 @@ fn opaque_connections_ride_one_carrier_intact_and_in_order() {
 #[test]
 fn failures_cross_a_carrier_as_resets() {
     let world = MeshedPair::new();
-    let (_issuer, _proxy_a, proxy_b) = world.start(false);
+    let (_issuer, _proxy_a, proxy_b) = start(&world);
     let (a, b) = (world.a(), world.b());
 
     // A first exchange opens the carrier, so the failures below all happen on it.
@@ -220,8 +232,8 @@ fn failures_cross_a_carrier_as_resets() {
 #[test]
 fn a_peer_without_carriers_gets_the_transport_header() {
     let world = MeshedPair::new();
-    let env_a = world.env(0, false, &[]);
-    let env_b = world.env(1, false, &[("TANDEM_OPAQUE_CARRIER", "false")]);
+    let env_a = world.env(0, false, &[CARRIER]);
+    let env_b = world.env(1, false, &[("TANDEM_INBOUND_OPAQUE_CARRIER", "false")]);
     let _issuer = world.start_issuer(&[]);
     let (a, b) = (world.a(), world.b());
     let proxy_a = Proxy::start(a, &env_refs(&env_a));

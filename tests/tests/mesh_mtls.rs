@@ -84,6 +84,12 @@ fn meshed_traffic_is_mtls_on_the_wire_and_arrives_intact() {
         Some(1.0),
         "{text}"
     );
+    // By default with Linkerd's transport header, not on a carrier (opt-in).
+    assert_eq!(
+        metric(&text, "tandem_carriers_total", &[("direction", "outbound")]),
+        Some(0.0),
+        "{text}"
+    );
 
     let wire = capture.stop();
     for secret in [

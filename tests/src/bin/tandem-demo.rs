@@ -160,16 +160,12 @@ fn run(args: &Args, signals: &Signals) -> anyhow::Result<()> {
             ("direction", "inbound"),
             ("tls", "true"),
             ("client_id", alpha_id.as_str()),
-            ("target_port", &OPAQUE_PORT.to_string()),
+            // Opaque traffic travels to the peer's inbound port with a transport
+            // header naming the app's port.
+            ("target_port", "4143"),
         ],
     )
     .unwrap_or_default();
-    // Opaque connections between two Tandem proxies are streams of one pooled mTLS
-    // connection (a carrier) to the peer's inbound port.
-    let inbound = [("direction", "inbound")];
-    let carriers = metric(&beta_metrics, "tandem_carriers_total", &inbound).unwrap_or_default();
-    let carried =
-        metric(&beta_metrics, "tandem_carrier_streams_total", &inbound).unwrap_or_default();
     let verified_server = label_of(
         &alpha_metrics,
         "request_total",
@@ -202,7 +198,7 @@ fn run(args: &Args, signals: &Signals) -> anyhow::Result<()> {
     println!("  mTLS    beta's inbound proxy verified client {alpha_id}");
     println!("          alpha's outbound proxy verified server {beta_id}");
     println!(
-        "          {mtls_connections} inbound connections with tls=\"true\" (tcp_open_total), {opaque_mtls} of them to opaque port {OPAQUE_PORT}, carried as {carried} stream(s) of {carriers} pooled mTLS carrier(s)"
+        "          {mtls_connections} inbound connections with tls=\"true\" (tcp_open_total), {opaque_mtls} of them opaque (to port 4143 with a transport header for {OPAQUE_PORT})"
     );
     println!(
         "  HTTP    {} requests, all 200 OK; latency p50 {} p99 {} max {} (client side)",
