@@ -9,10 +9,9 @@
 //! costs one HEADERS frame each way.
 //!
 //! The price: streams of one carrier share one socket and one task per proxy, and
-//! their bytes are copied into HTTP/2 frames. In `tandem-bench` on a 2-vCPU VM a new
-//! opaque connection per exchange ran about three times faster, but exchanges on
-//! long-lived connections ran about half as fast and one bulk stream about a third
-//! slower. Most opaque traffic (database and cache clients) rides pooled long-lived
+//! their bytes are copied into HTTP/2 frames. In `tandem-bench` on a 2-vCPU VM new
+//! opaque connections came about twice as fast, but exchanges on long-lived
+//! connections and one bulk stream ran slower (`benches/RESULTS.md`). Most opaque traffic (database and cache clients) rides pooled long-lived
 //! connections, so the outbound side offers carriers only when
 //! `TANDEM_OUTBOUND_OPAQUE_CARRIER=true`; the inbound side accepts them by default.
 //!
