@@ -210,7 +210,7 @@ async fn sweep_pools(ctx: Arc<Context>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {
                 ctx.http.sweep();
-                ctx.tunnels.sweep();
+                ctx.tunnels.sweep(ctx.config.http.max_connection_age);
             }
         }
     }

@@ -62,14 +62,15 @@ pub const ALPN: &[u8] = b"tunnel.tandem.io/v1";
 /// Streams one carrier takes before new client connections go the classic way, so
 /// long-lived connections can never use up a carrier. The server allows twice as
 /// many, since a stream the client has finished with may still be closing there.
-const MAX_STREAMS: usize = 256;
+const MAX_STREAMS: usize = 32;
 
 /// HTTP/2 flow-control windows. A stream's window bounds what one slow reader can
-/// leave buffered in the proxy; the connection's bounds the whole carrier. 1 MiB
-/// keeps one bulk stream at full speed (256 KiB cost it a third of its throughput in
-/// `tandem-bench`).
+/// leave buffered in the proxy. 1 MiB keeps one bulk stream at full speed (256 KiB
+/// cost it a third of its throughput in `tandem-bench`). The connection's window
+/// holds every stream's, so readers that stall (or wait on each other) can never
+/// stop the other streams of their carrier, as separate sockets would not.
 const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS as u32;
 
 /// How long a peer that chose the transport header (a Linkerd proxy) is dialled the
 /// classic way before a carrier is tried again.
@@ -112,17 +113,20 @@ impl Peers {
         peers.entry((addr, identity.clone())).or_default().clone()
     }
 
-    /// Forgets peers with no open carrier that nothing is dialling.
-    pub fn sweep(&self) {
+    /// Lets carriers past their age go (their open streams run on; the connection
+    /// closes after the last) and forgets peers with no carrier that nothing is
+    /// dialling.
+    pub fn sweep(&self, max_age: Duration) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.retain(|_, peer| {
-            let open = peer
-                .carrier
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            let mut carrier = peer.carrier.lock().unwrap_or_else(|p| p.into_inner());
+            if carrier
                 .as_ref()
-                .is_some_and(|c| !c.closed.load(Ordering::Acquire));
-            open || Arc::strong_count(peer) > 1
+                .is_some_and(|c| c.closed.load(Ordering::Acquire) || c.opened.elapsed() >= max_age)
+            {
+                *carrier = None;
+            }
+            carrier.is_some() || Arc::strong_count(peer) > 1
         });
     }
 }
@@ -294,7 +298,7 @@ impl Carrier {
     fn open_stream(&self, ctx: &Context, peer: SocketAddr, port: u16) -> Option<Stream> {
         let request = Request::builder()
             .method(Method::CONNECT)
-            .uri(format!("{}:{port}", peer.ip()))
+            .uri(authority(peer, port))
             .body(())
             .ok()?;
         // `SendRequest` is ready unless a stream was just opened and not yet sent;
@@ -333,6 +337,8 @@ pub async fn serve(
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(2 * MAX_STREAMS as u32)
+        // Connect-then-reset bursts (health checks) are normal between proxies.
+        .max_pending_accept_reset_streams(2 * MAX_STREAMS)
         .handshake::<_, Bytes>(tls);
     let mut connection = match tokio::time::timeout(ctx.config.detect_timeout, connection).await {
         Ok(Ok(connection)) => connection,
@@ -421,6 +427,11 @@ async fn serve_stream(
     conn::relay(ctx, client, &[], server, target, tls).await;
 }
 
+/// `:authority` of a stream: the peer's address and the target port (IPv6 in brackets).
+fn authority(peer: SocketAddr, port: u16) -> String {
+    SocketAddr::new(peer.ip(), port).to_string()
+}
+
 fn status(code: StatusCode) -> Response<()> {
     let mut response = Response::new(());
     *response.status_mut() = code;
@@ -497,9 +508,8 @@ impl AsyncRead for Stream {
                         let _ = body.flow_control().release_capacity(data.len());
                         this.buf = data;
                     }
-                    Some(Err(error)) if error.reason() == Some(Reason::NO_ERROR) => {
-                        this.recv = Recv::Ended;
-                    }
+                    // Any reset before END_STREAM is a failure (h2 reports a reset
+                    // after END_STREAM as the end), never a quiet end of stream.
                     Some(Err(error)) => return Poll::Ready(Err(h2_to_io(error))),
                     None => this.recv = Recv::Ended,
                 },
@@ -554,5 +564,23 @@ impl AsyncWrite for Stream {
 impl Transport for Stream {
     fn reset_on_close(&mut self) {
         self.send.send_reset(Reason::CANCEL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_authorities_parse_for_both_address_families() {
+        for (peer, expected) in [
+            ("10.0.0.7:4143", "10.0.0.7:5432"),
+            ("[fd00::7]:4143", "[fd00::7]:5432"),
+        ] {
+            let text = authority(peer.parse().unwrap(), 5432);
+            assert_eq!(text, expected);
+            let uri: hyper::Uri = text.parse().unwrap();
+            assert_eq!(uri.port_u16(), Some(5432), "{text}");
+        }
     }
 }
