@@ -165,17 +165,28 @@ pub async fn connect<C: Transport>(
     }
 }
 
-/// Originates mesh TLS on `server` towards a peer that must prove `identity`. With
-/// `transport_header`, also negotiates the transport-header ALPN, which the peer must
-/// accept. Never falls back to plaintext: on any failure the client is refused.
+/// What a meshed connection negotiates by ALPN.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum MeshAlpn {
+    /// Nothing: the peer's inbound detects what follows.
+    None,
+    /// Linkerd's transport header, which the peer must accept.
+    TransportHeader,
+    /// A Tandem carrier, or else the transport header (`tunnel.rs`).
+    CarrierOrHeader,
+}
+
+/// Originates mesh TLS on `server` towards a peer that must prove `identity`,
+/// negotiating `alpn`. Never falls back to plaintext: on any failure the client is
+/// refused.
 pub async fn originate_tls<C: Transport>(
     ctx: &Context,
     client: Client<C>,
     server: TcpStream,
     identity: &str,
-    transport_header: bool,
+    alpn: MeshAlpn,
 ) -> Option<(Client<C>, tokio_rustls::client::TlsStream<TcpStream>)> {
-    match mesh_tls(ctx, server, identity, transport_header).await {
+    match mesh_tls(ctx, server, identity, alpn).await {
         Ok(tls) => Some((client, tls)),
         Err((error, errno)) => {
             debug!(client = %client.addr, "refusing the client: no mesh TLS to its destination");
@@ -191,16 +202,16 @@ pub async fn mesh_tls(
     ctx: &Context,
     server: TcpStream,
     identity: &str,
-    transport_header: bool,
+    alpn: MeshAlpn,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, (ConnError, &'static str)> {
     let Some(local) = &ctx.identity else {
         return Err((ConnError::TlsHandshake, "other"));
     };
     let configs = local.configs();
-    let config = if transport_header {
-        &configs.client_transport_header
-    } else {
-        &configs.client
+    let config = match alpn {
+        MeshAlpn::None => &configs.client,
+        MeshAlpn::TransportHeader => &configs.client_transport_header,
+        MeshAlpn::CarrierOrHeader => &configs.client_tunnel,
     };
     let Ok(server_name) = ServerName::try_from(identity.to_string()) else {
         debug!(%identity, "the peer identity is not a valid TLS server name");
@@ -229,7 +240,16 @@ pub async fn mesh_tls(
         transport::reset_on_close(tls.get_ref().0);
         return Err((ConnError::PeerIdentity, "other"));
     }
-    if transport_header && session.alpn_protocol() != Some(crate::transport_header::ALPN) {
+    let negotiated = session.alpn_protocol();
+    let accepted = match alpn {
+        MeshAlpn::None => true,
+        MeshAlpn::TransportHeader => negotiated == Some(crate::transport_header::ALPN),
+        MeshAlpn::CarrierOrHeader => {
+            negotiated == Some(crate::transport_header::ALPN)
+                || negotiated == Some(crate::tunnel::ALPN)
+        }
+    };
+    if !accepted {
         debug!(%identity, "the peer did not accept the transport header");
         transport::reset_on_close(tls.get_ref().0);
         return Err((ConnError::TransportHeader, "other"));

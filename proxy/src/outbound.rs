@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tracing::debug;
 
-use crate::conn::{self, Context};
+use crate::conn::{self, Context, MeshAlpn};
 use crate::detect::Protocol;
 use crate::http::{self, client::EndpointKey};
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
@@ -105,7 +105,8 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
     let Some((client, server)) = conn::connect(ctx, client, target).await else {
         return;
     };
-    let Some((client, tls)) = conn::originate_tls(ctx, client, server, &identity, false).await
+    let Some((client, tls)) =
+        conn::originate_tls(ctx, client, server, &identity, MeshAlpn::None).await
     else {
         return;
     };

@@ -43,7 +43,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use hyper::{Method, Request, Response, StatusCode};
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream as ClientTls;
@@ -51,7 +50,7 @@ use tokio_rustls::server::TlsStream as ServerTls;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::conn::{self, Context};
+use crate::conn::{self, Context, MeshAlpn};
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
 use crate::tcp::Transport;
 use crate::transport::{self, ConnectError};
@@ -150,7 +149,7 @@ pub async fn open(
 ) -> Result<Upstream, (ConnError, &'static str)> {
     if !ctx.config.opaque_carrier {
         let tcp = connect(ctx, peer).await?;
-        let tls = handshake(ctx, tcp, identity, false).await?;
+        let tls = conn::mesh_tls(ctx, tcp, identity, MeshAlpn::TransportHeader).await?;
         return Ok(Upstream::Classic(Box::new(tls)));
     }
     let state = ctx.tunnels.peer(peer, identity);
@@ -172,7 +171,12 @@ pub async fn open(
         .unwrap_or_else(|p| p.into_inner())
         .is_some_and(|until| Instant::now() < until);
     let tcp = connect(ctx, peer).await?;
-    let tls = handshake(ctx, tcp, identity, !classic).await?;
+    let alpn = if classic {
+        MeshAlpn::TransportHeader
+    } else {
+        MeshAlpn::CarrierOrHeader
+    };
+    let tls = conn::mesh_tls(ctx, tcp, identity, alpn).await?;
     if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
         if !classic {
             debug!(%peer, "the peer proxy takes no carrier; using the transport header");
@@ -207,59 +211,6 @@ async fn connect(ctx: &Context, peer: SocketAddr) -> Result<TcpStream, (ConnErro
             ConnectError::Other(e) => (ConnError::ConnectError, transport::errno_label(e)),
         }
     })
-}
-
-/// Mesh TLS to the peer's inbound port, offering a carrier (when `carrier`) and the
-/// transport header. The peer must prove `identity` and pick one of the two.
-async fn handshake(
-    ctx: &Context,
-    tcp: TcpStream,
-    identity: &str,
-    carrier: bool,
-) -> Result<ClientTls<TcpStream>, (ConnError, &'static str)> {
-    let Some(local) = &ctx.identity else {
-        return Err((ConnError::TlsHandshake, "other"));
-    };
-    let configs = local.configs();
-    let config = if carrier {
-        &configs.client_tunnel
-    } else {
-        &configs.client_transport_header
-    };
-    let Ok(server_name) = ServerName::try_from(identity.to_string()) else {
-        debug!(%identity, "the peer identity is not a valid TLS server name");
-        return Err((ConnError::PeerIdentity, "other"));
-    };
-    let handshake = tokio_rustls::TlsConnector::from(config.clone()).connect(server_name, tcp);
-    let tls = match tokio::time::timeout(
-        ctx.config.connect_timeout.max(ctx.config.detect_timeout),
-        handshake,
-    )
-    .await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            debug!(%identity, %error, "mesh TLS handshake failed");
-            return Err((ConnError::TlsHandshake, transport::errno_label(&error)));
-        }
-        Err(_) => {
-            debug!(%identity, "mesh TLS handshake timed out");
-            return Err((ConnError::TlsHandshake, "ETIMEDOUT"));
-        }
-    };
-    let session = tls.get_ref().1;
-    if !crate::tls::names(session.peer_certificates(), identity) {
-        debug!(expected = %identity, found = ?crate::tls::peer_identity(session.peer_certificates()), "peer identity mismatch");
-        transport::reset_on_close(tls.get_ref().0);
-        return Err((ConnError::PeerIdentity, "other"));
-    }
-    let alpn = session.alpn_protocol();
-    if alpn != Some(crate::transport_header::ALPN) && alpn != Some(ALPN) {
-        debug!(%identity, "the peer accepted neither a carrier nor the transport header");
-        transport::reset_on_close(tls.get_ref().0);
-        return Err((ConnError::TransportHeader, "other"));
-    }
-    Ok(tls)
 }
 
 async fn start_carrier(

@@ -280,16 +280,18 @@ impl Endpoint {
             }
         };
         let (stream, tls) = match &self.key.identity {
-            Some(identity) => match crate::conn::mesh_tls(ctx, tcp, identity, false).await {
-                Ok(tls) => (
-                    Upstream::Tls(Box::new(tls)),
-                    TlsStatus::Established(Some(identity.clone())),
-                ),
-                Err((error, _)) => {
-                    ctx.metrics.error(error);
-                    return Err(ErrorKind::Tls);
+            Some(identity) => {
+                match crate::conn::mesh_tls(ctx, tcp, identity, crate::conn::MeshAlpn::None).await {
+                    Ok(tls) => (
+                        Upstream::Tls(Box::new(tls)),
+                        TlsStatus::Established(Some(identity.clone())),
+                    ),
+                    Err((error, _)) => {
+                        ctx.metrics.error(error);
+                        return Err(ErrorKind::Tls);
+                    }
                 }
-            },
+            }
             None => {
                 let reason = match ctx.metrics.direction {
                     crate::metrics::Direction::Inbound => NoTlsReason::Loopback,
