@@ -154,14 +154,19 @@ pub async fn connect<C: Transport>(
         Ok(server) => Some((client, server)),
         Err(error) => {
             debug!(client = %client.addr, %target, %error, "cannot connect");
-            let (counted, errno) = match &error {
-                ConnectError::Refused => (ConnError::ConnectRefused, "ECONNREFUSED"),
-                ConnectError::TimedOut => (ConnError::ConnectTimeout, "ETIMEDOUT"),
-                ConnectError::Other(e) => (ConnError::ConnectError, transport::errno_label(e)),
-            };
+            let (counted, errno) = connect_failure(&error);
             client.refuse(ctx, counted, errno);
             None
         }
+    }
+}
+
+/// What to count, and the errno label, for a failed connect.
+pub fn connect_failure(error: &ConnectError) -> (ConnError, &'static str) {
+    match error {
+        ConnectError::Refused => (ConnError::ConnectRefused, "ECONNREFUSED"),
+        ConnectError::TimedOut => (ConnError::ConnectTimeout, "ETIMEDOUT"),
+        ConnectError::Other(e) => (ConnError::ConnectError, transport::errno_label(e)),
     }
 }
 

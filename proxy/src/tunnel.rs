@@ -53,7 +53,7 @@ use tracing::debug;
 use crate::conn::{self, Context, MeshAlpn};
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
 use crate::tcp::Transport;
-use crate::transport::{self, ConnectError};
+use crate::transport;
 
 /// The ALPN protocol a Tandem inbound proxy selects for a carrier connection.
 pub const ALPN: &[u8] = b"tunnel.tandem.io/v1";
@@ -99,10 +99,14 @@ struct Carrier {
 }
 
 impl Carrier {
+    /// Still open and young enough to be pooled.
+    fn alive(&self, max_age: Duration) -> bool {
+        !self.closed.load(Ordering::Acquire) && self.opened.elapsed() < max_age
+    }
+
+    /// Alive, with room for another stream.
     fn usable(&self, max_age: Duration) -> bool {
-        !self.closed.load(Ordering::Acquire)
-            && self.opened.elapsed() < max_age
-            && self.streams.load(Ordering::Relaxed) < MAX_STREAMS
+        self.alive(max_age) && self.streams.load(Ordering::Relaxed) < MAX_STREAMS
     }
 }
 
@@ -119,10 +123,7 @@ impl Peers {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.retain(|_, peer| {
             let mut carrier = peer.carrier.lock().unwrap_or_else(|p| p.into_inner());
-            if carrier
-                .as_ref()
-                .is_some_and(|c| c.closed.load(Ordering::Acquire) || c.opened.elapsed() >= max_age)
-            {
+            if carrier.as_ref().is_some_and(|c| !c.alive(max_age)) {
                 *carrier = None;
             }
             carrier.is_some() || Arc::strong_count(peer) > 1
@@ -205,11 +206,7 @@ async fn connect(ctx: &Context, peer: SocketAddr) -> Result<TcpStream, (ConnErro
     .await
     .map_err(|error| {
         debug!(%peer, %error, "cannot connect to the peer proxy");
-        match &error {
-            ConnectError::Refused => (ConnError::ConnectRefused, "ECONNREFUSED"),
-            ConnectError::TimedOut => (ConnError::ConnectTimeout, "ETIMEDOUT"),
-            ConnectError::Other(e) => (ConnError::ConnectError, transport::errno_label(e)),
-        }
+        conn::connect_failure(&error)
     })
 }
 
