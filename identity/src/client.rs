@@ -41,7 +41,7 @@ pub const CSR_FILE: &str = "csr.der";
 
 /// The proxy's current TLS credentials.
 pub struct Credentials {
-    /// The proxy's identity (its certificate's DNS SAN).
+    /// The proxy's identity: its certificate's DNS SAN, or URI SAN for a SPIFFE ID.
     pub name: String,
     /// Leaf first, then intermediates (not the anchor).
     pub cert_chain: Vec<CertificateDer<'static>>,

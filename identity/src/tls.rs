@@ -62,6 +62,92 @@ pub fn verify(
     Ok(())
 }
 
+/// Whether `id` is a SPIFFE ID (`spiffe://trust-domain/path`) rather than a DNS name.
+pub fn is_spiffe_id(id: &str) -> bool {
+    id.starts_with("spiffe://")
+}
+
+/// Checks the shape of a SPIFFE ID: a lower-case trust domain of letters, digits,
+/// `.`, `-` and `_`, then an optional path of non-empty segments.
+pub fn check_spiffe_id(id: &str) -> Result<()> {
+    let Some(rest) = id.strip_prefix("spiffe://") else {
+        anyhow::bail!("expected a SPIFFE ID (spiffe://trust-domain/path)");
+    };
+    let (domain, path) = rest.split_once('/').map_or((rest, ""), |(d, p)| (d, p));
+    let domain_ok = !domain.is_empty()
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    if !domain_ok {
+        anyhow::bail!(
+            "{id:?}: the trust domain must be lower-case letters, digits, '.', '-' or '_'"
+        );
+    }
+    if rest.contains('/')
+        && path
+            .split('/')
+            .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+    {
+        anyhow::bail!("{id:?}: empty, '.' or '..' path segment");
+    }
+    if id.contains(['?', '#']) {
+        anyhow::bail!("{id:?}: a SPIFFE ID has no query or fragment");
+    }
+    Ok(())
+}
+
+/// [`verify`] for either kind of identity: a DNS name is checked as a TLS peer
+/// would check it; a SPIFFE ID must be a URI SAN of the leaf (SNI cannot carry one).
+pub fn verify_id(
+    chain: &[CertificateDer<'_>],
+    anchors: &[CertificateDer<'_>],
+    id: &str,
+    now: SystemTime,
+) -> Result<()> {
+    if !is_spiffe_id(id) {
+        return verify(chain, anchors, id, now);
+    }
+    let (leaf, intermediates) = chain.split_first().context("empty certificate chain")?;
+    let parsed = rustls::server::ParsedCertificate::try_from(leaf)
+        .map_err(|e| anyhow::anyhow!("invalid leaf certificate: {e}"))?;
+    let now = UnixTime::since_unix_epoch(
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+    );
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        &roots(anchors)?,
+        intermediates,
+        now,
+        provider().signature_verification_algorithms.all,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let uris = uri_sans(leaf);
+    if !uris.iter().any(|u| u == id) {
+        anyhow::bail!("the certificate names {uris:?}, not {id}");
+    }
+    Ok(())
+}
+
+/// The URI SANs of a certificate.
+pub fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(uri.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A server certificate that can be swapped while serving: new handshakes use
 /// the new certificate, open connections are untouched.
 #[derive(Debug, Default)]

@@ -75,7 +75,7 @@ pub struct Config {
     pub shutdown_delay: Duration,
     /// Where the proxy's certificate comes from; `None` runs without mesh identity
     /// (no mTLS, nothing meshed).
-    pub identity: Option<tandem_identity::client::ClientConfig>,
+    pub identity: Option<tandem_identity::IdentityConfig>,
     pub discovery_file: Option<PathBuf>,
     pub discovery_reload_interval: Duration,
     /// Inbound ports that refuse connections without an mTLS client identity.
@@ -266,7 +266,7 @@ impl Config {
                     .map(|_| env.parse("LINKERD2_PROXY_CORES_MAX_RATIO", "1", parse_ratio)),
             },
             shutdown_delay: env.parse("TANDEM_SHUTDOWN_DELAY", "0s", parse_duration),
-            identity: match tandem_identity::client::ClientConfig::from_lookup(&lookup) {
+            identity: match tandem_identity::IdentityConfig::from_lookup(&lookup) {
                 Ok(identity) => identity,
                 Err(errors) => {
                     env.errors.extend(errors);

@@ -181,17 +181,18 @@ pub enum MeshAlpn {
     CarrierOrHeader,
 }
 
-/// Originates mesh TLS on `server` towards a peer that must prove `identity`,
-/// negotiating `alpn`. Never falls back to plaintext: on any failure the client is
+/// Originates mesh TLS on `server` towards a peer that must prove `identity` (asking
+/// for `sni`), negotiating `alpn`. Never falls back to plaintext: on any failure the client is
 /// refused.
 pub async fn originate_tls<C: Transport>(
     ctx: &Context,
     client: Client<C>,
     server: TcpStream,
     identity: &str,
+    sni: &str,
     alpn: MeshAlpn,
 ) -> Option<(Client<C>, tokio_rustls::client::TlsStream<TcpStream>)> {
-    match mesh_tls(ctx, server, identity, alpn).await {
+    match mesh_tls(ctx, server, identity, sni, alpn).await {
         Ok(tls) => Some((client, tls)),
         Err((error, errno)) => {
             debug!(client = %client.addr, "refusing the client: no mesh TLS to its destination");
@@ -207,6 +208,7 @@ pub async fn mesh_tls(
     ctx: &Context,
     server: TcpStream,
     identity: &str,
+    sni: &str,
     alpn: MeshAlpn,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, (ConnError, &'static str)> {
     let Some(local) = &ctx.identity else {
@@ -218,8 +220,8 @@ pub async fn mesh_tls(
         MeshAlpn::TransportHeader => &configs.client_transport_header,
         MeshAlpn::CarrierOrHeader => &configs.client_tunnel,
     };
-    let Ok(server_name) = ServerName::try_from(identity.to_string()) else {
-        debug!(%identity, "the peer identity is not a valid TLS server name");
+    let Ok(server_name) = ServerName::try_from(sni.to_string()) else {
+        debug!(%identity, %sni, "not a valid TLS server name");
         return Err((ConnError::PeerIdentity, "other"));
     };
     let handshake = tokio_rustls::TlsConnector::from(config.clone()).connect(server_name, server);

@@ -29,6 +29,9 @@ pub struct Endpoint {
     /// The peer proxy's identity (e.g. `web.ns.serviceaccount.identity.linkerd.cluster.local`);
     /// `None` means the destination is not meshed.
     pub identity: Option<Arc<str>>,
+    /// The name to send in SNI when meshed: the identity itself when it is a DNS
+    /// name; for a SPIFFE ID, the peer's `LINKERD2_PROXY_IDENTITY_SERVER_NAME`.
+    pub server_name: Option<Arc<str>>,
     /// Skip protocol detection and carry the bytes opaquely (with the transport header
     /// when meshed).
     pub opaque: bool,
@@ -92,12 +95,54 @@ struct FileDestination {
     ports: Option<PortsField>,
     #[serde(default)]
     identity: Option<String>,
+    /// Required when `identity` is a SPIFFE ID (SNI cannot carry a URI).
+    #[serde(default)]
+    server_name: Option<String>,
     #[serde(default)]
     opaque: bool,
     #[serde(default)]
     http2: bool,
     #[serde(default = "default_inbound_port")]
     inbound_port: u16,
+}
+
+/// A peer's identity and the SNI to reach it by; both `None` when it is not meshed.
+type MeshNames = (Option<Arc<str>>, Option<Arc<str>>);
+
+/// The identity a peer must prove and the SNI to reach it by. DNS identities are
+/// compared case-insensitively, so they are lower-cased here; a SPIFFE ID is kept
+/// as written (its path is case-sensitive) and needs a `server_name`.
+fn mesh_names(
+    identity: Option<String>,
+    server_name: Option<String>,
+) -> Result<MeshNames, String> {
+    let Some(identity) = identity.map(|id| id.trim().to_string()) else {
+        if server_name.is_some() {
+            return Err("server_name without an identity".into());
+        }
+        return Ok((None, None));
+    };
+    if identity.is_empty() {
+        return Err("identity is empty".into());
+    }
+    let dns = |name: &str| {
+        rustls::pki_types::DnsName::try_from(name)
+            .map(|_| Arc::<str>::from(name.to_ascii_lowercase()))
+            .map_err(|_| format!("{name:?} is not a DNS name"))
+    };
+    let server_name = server_name.map(|n| dns(n.trim())).transpose()?;
+    if tandem_identity::tls::is_spiffe_id(&identity) {
+        tandem_identity::tls::check_spiffe_id(&identity).map_err(|e| format!("identity: {e:#}"))?;
+        let Some(server_name) = server_name else {
+            return Err(format!(
+                "identity {identity} is a SPIFFE ID: server_name (the DNS name the peer answers to in SNI) is required"
+            ));
+        };
+        return Ok((Some(Arc::from(identity)), Some(server_name)));
+    }
+    let identity = Arc::<str>::from(identity.to_ascii_lowercase());
+    let server_name = server_name.unwrap_or_else(|| identity.clone());
+    Ok((Some(identity), Some(server_name)))
 }
 
 /// Ports may be written as a number or as a list string.
@@ -136,13 +181,10 @@ impl Table {
                 Some(PortsField::One(port)) => vec![(*port, *port)],
                 Some(PortsField::List(list)) => parse_port_ranges(list).map_err(what)?,
             };
-            let identity = match d.identity {
-                Some(id) if id.trim().is_empty() => return Err(what("identity is empty".into())),
-                Some(id) => Some(Arc::from(id.trim().to_ascii_lowercase())),
-                None => None,
-            };
+            let (identity, server_name) = mesh_names(d.identity, d.server_name).map_err(what)?;
             let endpoint = Endpoint {
                 identity,
+                server_name,
                 opaque: d.opaque,
                 http2: d.http2,
                 inbound_port: d.inbound_port,
@@ -344,6 +386,35 @@ mod tests {
         );
         assert!(bad("destinations:\n  - addr: 192.0.2.1\n    colour: blue\n").contains("colour"));
         assert!(bad("destinations:\n  - addr: 192.0.2.1\n    identity: \" \"\n").contains("empty"));
+    }
+
+    #[test]
+    fn spiffe_identities_keep_their_case_and_need_a_server_name() {
+        let table = yaml(
+            "destinations:\n  - addr: 192.0.2.10\n    identity: spiffe://root.linkerd.cluster.local/VM-1\n    server_name: VM-1.Example.com\n  - addr: 192.0.2.11\n    identity: Web.Example\n",
+        );
+        let vm = table.lookup(at("192.0.2.10:80")).unwrap();
+        assert_eq!(
+            vm.identity.as_deref(),
+            Some("spiffe://root.linkerd.cluster.local/VM-1")
+        );
+        assert_eq!(vm.server_name.as_deref(), Some("vm-1.example.com"));
+        let pod = table.lookup(at("192.0.2.11:80")).unwrap();
+        assert_eq!(pod.identity.as_deref(), Some("web.example"));
+        assert_eq!(pod.server_name.as_deref(), Some("web.example"));
+
+        let bad = |text: &str| Table::parse(text, Path::new("d.yaml")).unwrap_err();
+        let no_sni =
+            bad("destinations:\n  - addr: 192.0.2.1\n    identity: spiffe://example.org/vm\n");
+        assert!(
+            no_sni.contains("server_name") && no_sni.contains("destination 1"),
+            "{no_sni}"
+        );
+        assert!(bad("destinations:\n  - addr: 192.0.2.1\n    identity: spiffe://Example.org/vm\n    server_name: vm.example.org\n").contains("trust domain"));
+        assert!(
+            bad("destinations:\n  - addr: 192.0.2.1\n    server_name: vm.example.org\n")
+                .contains("without an identity")
+        );
     }
 
     #[tokio::test]

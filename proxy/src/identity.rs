@@ -8,14 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tandem_identity::client::{ClientConfig, Credentials};
+use tandem_identity::client::Credentials;
 use tandem_identity::metrics::IdentityMetrics;
+use tandem_identity::IdentityConfig;
 use tracing::{info, warn};
 
 use crate::tls::TlsConfigs;
 
 pub struct LocalIdentity {
+    /// The identity peers verify: a DNS name or a SPIFFE ID.
     pub name: Arc<str>,
+    /// The SNI that mesh TLS to this proxy carries (a DNS name).
+    pub server_name: Arc<str>,
     configs: ArcSwap<TlsConfigs>,
 }
 
@@ -35,23 +39,26 @@ fn configs_for(credentials: &Credentials) -> Result<TlsConfigs, String> {
     )
 }
 
-/// Starts the certificate client and waits for the first certificate, as Linkerd does
+/// Starts the certificate source and waits for the first certificate, as Linkerd does
 /// before it serves any traffic. Rotations are applied by a background task.
 pub async fn start(
-    config: ClientConfig,
+    config: IdentityConfig,
     metrics: IdentityMetrics,
 ) -> anyhow::Result<Arc<LocalIdentity>> {
-    let name = config.local_name.clone();
-    let mut updates = tandem_identity::client::spawn(config, metrics)?;
+    let name = config.id.clone();
+    let server_name = Arc::from(config.server_name.as_str());
+    let mut updates = config.start(metrics)?;
     let first = loop {
         if let Some(credentials) = updates.borrow_and_update().clone() {
             break credentials;
         }
         match tokio::time::timeout(Duration::from_secs(15), updates.changed()).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => anyhow::bail!("the identity client stopped before issuing a certificate"),
+            Ok(Err(_)) => {
+                anyhow::bail!("the identity source stopped before providing a certificate")
+            }
             Err(_) => {
-                warn!(identity = %name, "still waiting for a certificate from the identity service")
+                warn!(identity = %name, "still waiting for a certificate")
             }
         }
     };
@@ -60,6 +67,7 @@ pub async fn start(
     info!(identity = %first.name, "certified");
     let identity = Arc::new(LocalIdentity {
         name: Arc::from(first.name.as_str()),
+        server_name,
         configs: ArcSwap::from_pointee(configs),
     });
     let rotating = identity.clone();

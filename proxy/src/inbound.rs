@@ -46,10 +46,9 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
     let Some((protocol, prefix)) = conn::detect(ctx, &mut conn.stream, conn.client).await else {
         return;
     };
-    let local = ctx
-        .identity
-        .as_ref()
-        .filter(|id| matches!(&protocol, Protocol::Tls { sni: Some(sni) } if **sni == *id.name));
+    let local = ctx.identity.as_ref().filter(
+        |id| matches!(&protocol, Protocol::Tls { sni: Some(sni) } if **sni == *id.server_name),
+    );
     let Some(local) = local else {
         let tls = match protocol {
             // The application's own TLS (or mesh TLS for another identity): untouched.
@@ -175,6 +174,7 @@ async fn to_app<C: Transport + 'static>(
             endpoint: EndpointKey {
                 target,
                 identity: None,
+                server_name: None,
             },
             side: http::Side::Inbound { client_id },
             tls: mesh.unwrap_or(TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote)),

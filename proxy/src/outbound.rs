@@ -55,11 +55,16 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
 
     let peer_identity = endpoint.as_ref().and_then(|e| e.identity.clone());
     let peer_identity = peer_identity.filter(|_| ctx.identity.is_some());
+    let peer_sni = endpoint
+        .as_ref()
+        .and_then(|e| e.server_name.clone())
+        .or_else(|| peer_identity.clone());
     if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
         let route = http::Route {
             endpoint: EndpointKey {
                 target: conn.orig_dst,
                 identity: peer_identity.clone(),
+                server_name: peer_sni.clone(),
             },
             side: http::Side::Outbound {
                 h2_upgrade: peer_identity.is_some() && endpoint.as_ref().is_some_and(|e| e.http2),
@@ -71,7 +76,7 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
         };
         return http::serve(ctx, client, prefix, protocol, route).await;
     }
-    let Some(identity) = peer_identity else {
+    let (Some(identity), Some(sni)) = (peer_identity, peer_sni) else {
         let Some((client, server)) = conn::connect(ctx, client, conn.orig_dst).await else {
             return;
         };
@@ -85,7 +90,7 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
     if let Some(endpoint) = endpoint.as_ref().filter(|_| opaque) {
         let peer = SocketAddr::new(conn.orig_dst.ip(), endpoint.inbound_port);
         let tls = TlsStatus::Established(Some(identity.clone()));
-        return match tunnel::open(ctx, peer, &identity, conn.orig_dst.port()).await {
+        return match tunnel::open(ctx, peer, &identity, &sni, conn.orig_dst.port()).await {
             Ok(Upstream::Stream(stream)) => conn::relay(ctx, client, &[], stream, peer, tls).await,
             Ok(Upstream::Classic(server)) => {
                 let header = TransportHeader {
@@ -106,7 +111,7 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
         return;
     };
     let Some((client, tls)) =
-        conn::originate_tls(ctx, client, server, &identity, MeshAlpn::None).await
+        conn::originate_tls(ctx, client, server, &identity, &sni, MeshAlpn::None).await
     else {
         return;
     };

@@ -209,11 +209,18 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
     identities(leaf).into_iter().next().map(Arc::from)
 }
 
-/// Whether the peer's leaf certificate names `expected` among its SANs.
+/// Whether the peer's leaf certificate names `expected`: a SPIFFE ID among its URI
+/// SANs (exactly), any other identity among its DNS SANs (ignoring case).
 pub fn names(certs: Option<&[CertificateDer<'_>]>, expected: &str) -> bool {
-    certs.and_then(|c| c.first()).is_some_and(|leaf| {
-        identities(leaf)
+    let Some(leaf) = certs.and_then(|c| c.first()) else {
+        return false;
+    };
+    if tandem_identity::tls::is_spiffe_id(expected) {
+        return tandem_identity::tls::uri_sans(leaf)
             .iter()
-            .any(|id| id.eq_ignore_ascii_case(expected))
-    })
+            .any(|uri| uri == expected);
+    }
+    identities(leaf)
+        .iter()
+        .any(|id| !tandem_identity::tls::is_spiffe_id(id) && id.eq_ignore_ascii_case(expected))
 }

@@ -141,16 +141,18 @@ pub enum Upstream {
 }
 
 /// Opens the way to `port` behind the peer proxy at `peer` (its inbound address),
-/// which must prove `identity`. On failure returns what to count and the errno label.
+/// which must prove `identity` and is reached by `sni`. On failure returns what to
+/// count and the errno label.
 pub async fn open(
     ctx: &Context,
     peer: SocketAddr,
     identity: &Arc<str>,
+    sni: &str,
     port: u16,
 ) -> Result<Upstream, (ConnError, &'static str)> {
     if !ctx.config.opaque_carrier {
         let tcp = connect(ctx, peer).await?;
-        let tls = conn::mesh_tls(ctx, tcp, identity, MeshAlpn::TransportHeader).await?;
+        let tls = conn::mesh_tls(ctx, tcp, identity, sni, MeshAlpn::TransportHeader).await?;
         return Ok(Upstream::Classic(Box::new(tls)));
     }
     let state = ctx.tunnels.peer(peer, identity);
@@ -177,7 +179,7 @@ pub async fn open(
     } else {
         MeshAlpn::CarrierOrHeader
     };
-    let tls = conn::mesh_tls(ctx, tcp, identity, alpn).await?;
+    let tls = conn::mesh_tls(ctx, tcp, identity, sni, alpn).await?;
     if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
         if !classic {
             debug!(%peer, "the peer proxy takes no carrier; using the transport header");

@@ -39,6 +39,8 @@ pub struct EndpointKey {
     pub target: SocketAddr,
     /// The peer proxy's identity: connections are mesh TLS to it.
     pub identity: Option<Arc<str>>,
+    /// The SNI for mesh TLS to it (see `discovery::Endpoint::server_name`).
+    pub server_name: Option<Arc<str>>,
 }
 
 /// Every endpoint of one direction.
@@ -281,7 +283,10 @@ impl Endpoint {
         };
         let (stream, tls) = match &self.key.identity {
             Some(identity) => {
-                match crate::conn::mesh_tls(ctx, tcp, identity, crate::conn::MeshAlpn::None).await {
+                let sni = self.key.server_name.as_deref().unwrap_or(identity);
+                match crate::conn::mesh_tls(ctx, tcp, identity, sni, crate::conn::MeshAlpn::None)
+                    .await
+                {
                     Ok(tls) => (
                         Upstream::Tls(Box::new(tls)),
                         TlsStatus::Established(Some(identity.clone())),
