@@ -75,6 +75,11 @@ pub struct Flags {
     /// Network namespace to act in (e.g. /var/run/netns/NAME or /proc/PID/ns/net).
     #[arg(long, global = true)]
     pub netns: Option<PathBuf>,
+    /// Host mode, for a proxy beside a workload on a VM: only inbound connections
+    /// addressed to this host are redirected (forwarded and container traffic is
+    /// left alone), and SSH (22) and the proxy's admin port (4191) stay direct.
+    #[arg(long, global = true, conflicts_with = "netns")]
+    pub host: bool,
     /// Print exactly what would be applied (or removed) and change nothing.
     #[arg(long, global = true)]
     pub dry_run: bool,
@@ -113,7 +118,13 @@ pub struct Config {
     pub inbound_subnets_to_ignore: Vec<Cidr>,
     pub outbound_subnets_to_ignore: Vec<Cidr>,
     pub ipv6: bool,
+    /// Host mode (see `--host`).
+    pub host: bool,
 }
+
+/// Inbound ports host mode never redirects: SSH, so that a rule mistake cannot lock
+/// the operator out, and the proxy's admin port, which probes reach directly.
+pub const HOST_PORTS_KEPT_DIRECT: &str = "22,4191";
 
 impl Config {
     pub fn from_flags(flags: &Flags) -> anyhow::Result<Config> {
@@ -143,17 +154,23 @@ impl Config {
                 bail!("subnet {v6} is IPv6 but --ipv6=false");
             }
         }
+        let mut inbound_ports_to_ignore = flags.inbound_ports_to_ignore.clone();
+        if flags.host {
+            let kept: PortList = HOST_PORTS_KEPT_DIRECT.parse()?;
+            inbound_ports_to_ignore = inbound_ports_to_ignore.union(&kept);
+        }
         Ok(Config {
             inbound_port: flags.incoming_proxy_port,
             outbound_port: flags.outgoing_proxy_port,
             proxy_uid: flags.proxy_uid,
             proxy_gid: flags.proxy_gid,
-            inbound_ports_to_ignore: flags.inbound_ports_to_ignore.clone(),
+            inbound_ports_to_ignore,
             outbound_ports_to_ignore: flags.outbound_ports_to_ignore.clone(),
             ports_to_redirect: flags.ports_to_redirect.clone(),
             inbound_subnets_to_ignore: dedup(&flags.subnets_to_ignore),
             outbound_subnets_to_ignore: dedup(&flags.outbound_subnets_to_ignore),
             ipv6: flags.ipv6,
+            host: flags.host,
         })
     }
 }
@@ -197,6 +214,11 @@ impl PortList {
 
     pub fn contains(&self, port: u16) -> bool {
         self.0.iter().any(|r| r.contains(port))
+    }
+
+    /// Both lists' ports.
+    pub fn union(&self, other: &PortList) -> PortList {
+        PortList::normalised(self.0.iter().chain(&other.0).copied().collect())
     }
 
     fn normalised(mut ranges: Vec<PortRange>) -> PortList {

@@ -61,6 +61,13 @@ fn run(cli: Cli) -> Outcome<()> {
 
 fn apply(flags: &Flags, config: &Config) -> Outcome<()> {
     log::info(&describe(config, flags));
+    if config.host && !uid_exists(config.proxy_uid) {
+        // A wrong uid loops the proxy's own connections back into it.
+        log::warn(&format!(
+            "no user on this host has uid {}: is --proxy-uid the uid the proxy runs as?",
+            config.proxy_uid
+        ));
+    }
     let rules = RuleSet::build(config);
     let backend = backend::choose(flags.firewall, &rules.families(), flags.dry_run)?;
     let payloads = backend::apply_payloads(&backend, &rules)?;
@@ -85,6 +92,23 @@ fn apply(flags: &Flags, config: &Config) -> Outcome<()> {
         validate::run(config, Duration::from_millis(flags.validate_timeout_ms))?;
     }
     Ok(())
+}
+
+fn uid_exists(uid: u32) -> bool {
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: `pwd`, `result` and `buf` outlive the call, and `buf.len()` is its size.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    rc == 0 && !result.is_null()
 }
 
 fn cleanup(flags: &Flags) -> Outcome<()> {
@@ -137,7 +161,7 @@ fn describe(config: &Config, flags: &Flags) -> String {
     format!(
         "config: inbound port {}, outbound port {}, proxy uid {}, proxy gid {}, \
          inbound ports ignored {}, outbound ports ignored {}, ports redirected {}, \
-         inbound subnets ignored {}, outbound subnets ignored {}, ipv6 {}, netns {}",
+         inbound subnets ignored {}, outbound subnets ignored {}, ipv6 {}, netns {}{}",
         config.inbound_port,
         config.outbound_port,
         config.proxy_uid,
@@ -158,5 +182,10 @@ fn describe(config: &Config, flags: &Flags) -> String {
             .netns
             .as_ref()
             .map_or("current".to_string(), |p| p.display().to_string()),
+        if config.host {
+            ", host mode (only connections addressed to this host are redirected)"
+        } else {
+            ""
+        },
     )
 }

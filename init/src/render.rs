@@ -60,6 +60,7 @@ fn nft_rule(rule: &Rule) -> String {
         Condition::LeavesThrough(iface) => format!("oifname \"{iface}\""),
         Condition::OwnerUid(uid) => format!("meta skuid {uid}"),
         Condition::OwnerGid(gid) => format!("meta skgid {gid}"),
+        Condition::NotAddressedToHost => "fib daddr type != local".to_string(),
         Condition::TcpDestinationPort(ports) => format!("tcp dport {}", nft_ports(ports)),
         Condition::AnyTcp => "meta l4proto tcp".to_string(),
     };
@@ -229,6 +230,7 @@ fn iptables_specs(rule: &Rule) -> Vec<String> {
         Condition::LeavesThrough(iface) => vec![format!("-o {iface}")],
         Condition::OwnerUid(uid) => vec![format!("-m owner --uid-owner {uid}")],
         Condition::OwnerGid(gid) => vec![format!("-m owner --gid-owner {gid}")],
+        Condition::NotAddressedToHost => vec!["-m addrtype ! --dst-type LOCAL".to_string()],
         Condition::TcpDestinationPort(ports) => multiport_chunks(ports)
             .into_iter()
             .map(|chunk| format!("-p tcp -m multiport --dports {chunk}"))

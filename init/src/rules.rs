@@ -41,6 +41,9 @@ pub enum Condition {
     LeavesThrough(&'static str),
     OwnerUid(u32),
     OwnerGid(u32),
+    /// The destination is not one of this host's own addresses (host mode: the
+    /// connection is being forwarded, e.g. to a container).
+    NotAddressedToHost,
     TcpDestinationPort(PortList),
     AnyTcp,
 }
@@ -97,6 +100,13 @@ pub struct RuleSet {
 impl RuleSet {
     pub fn build(config: &Config) -> RuleSet {
         let mut inbound = Vec::new();
+        if config.host {
+            inbound.push(Rule::new(
+                Condition::NotAddressedToHost,
+                Action::Return,
+                "ignore-forwarded",
+            ));
+        }
         for cidr in &config.inbound_subnets_to_ignore {
             inbound.push(Rule::new(
                 Condition::SourceIn(*cidr),
@@ -222,6 +232,25 @@ mod tests {
         assert_eq!(inbound, [Family::V4]);
         assert_eq!(outbound, [Family::V6]);
         assert!(matches!(rules.inbound[0].condition, Condition::SourceIn(_)));
+    }
+
+    #[test]
+    fn host_mode_leaves_forwarded_traffic_ssh_and_admin_alone() {
+        let rules = build(&["--host", "--proxy-uid", "998", "--inbound-ports-to-ignore", "8443"]);
+        assert_eq!(rules.inbound[0].condition, Condition::NotAddressedToHost);
+        let ignored = rules
+            .inbound
+            .iter()
+            .find_map(|r| match &r.condition {
+                Condition::TcpDestinationPort(p) if r.action == Action::Return => Some(p.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(ignored.to_string(), "22,4191,8443");
+        assert_eq!(rules.outbound[0].condition, Condition::OwnerUid(998));
+        // Pod mode has neither.
+        let pod = build(&[]);
+        assert!(pod.inbound.iter().all(|r| r.condition != Condition::NotAddressedToHost));
     }
 
     #[test]

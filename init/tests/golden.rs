@@ -50,6 +50,11 @@ const CASES: &[(&str, &[&str])] = &[
             "169.254.169.254/32,2001:db8::/32,100.64.0.0/10",
         ],
     ),
+    // Host mode on a VM: forwarded traffic, SSH and the admin port stay direct.
+    (
+        "host",
+        &["--host", "--proxy-uid", "998", "--outbound-ports-to-ignore", "443"],
+    ),
     (
         "listed-ports-and-gid",
         &[
