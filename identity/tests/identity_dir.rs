@@ -260,3 +260,44 @@ fn config_follows_linkerd_tls_rules() {
     let many = cfg(base("10.0.0.1:8080,10.0.0.2:8080"));
     assert_eq!(many.svc_addrs, ["10.0.0.1:8080", "10.0.0.2:8080"]);
 }
+
+#[tokio::test]
+async fn key_file_on_disk_is_refused_unless_allowed() {
+    let pki = Pki::new();
+    let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let key = disk.path().join("tls.key").display().to_string();
+    let vars = [
+        ("TANDEM_IDENTITY_CERT_FILE", "/dev/shm/tls.crt".to_string()),
+        ("TANDEM_IDENTITY_KEY_FILE", key),
+        (
+            "LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS",
+            pki.anchor.cert_pem.clone(),
+        ),
+        (
+            "LINKERD2_PROXY_IDENTITY_LOCAL_NAME",
+            "vm.example.com".to_string(),
+        ),
+    ];
+    let lookup = |allow: bool| {
+        let vars = vars.clone();
+        move |k: &str| {
+            if allow && k == "TANDEM_IDENTITY_ALLOW_DISK" {
+                return Some("true".to_string());
+            }
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.clone())
+        }
+    };
+    let config = tandem_identity::IdentityConfig::from_lookup(lookup(false))
+        .unwrap()
+        .unwrap();
+    let msg = format!("{:#}", config.start(metrics()).unwrap_err());
+    assert!(msg.contains("TANDEM_IDENTITY_KEY_FILE"), "{msg}");
+    assert!(msg.contains("not memory-backed"), "{msg}");
+
+    let allowed = tandem_identity::IdentityConfig::from_lookup(lookup(true))
+        .unwrap()
+        .unwrap();
+    assert!(allowed.start(metrics()).is_ok());
+}

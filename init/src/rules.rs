@@ -236,7 +236,13 @@ mod tests {
 
     #[test]
     fn host_mode_leaves_forwarded_traffic_ssh_and_admin_alone() {
-        let rules = build(&["--host", "--proxy-uid", "998", "--inbound-ports-to-ignore", "8443"]);
+        let rules = build(&[
+            "--host",
+            "--proxy-uid",
+            "998",
+            "--inbound-ports-to-ignore",
+            "8443",
+        ]);
         assert_eq!(rules.inbound[0].condition, Condition::NotAddressedToHost);
         let ignored = rules
             .inbound
@@ -250,7 +256,10 @@ mod tests {
         assert_eq!(rules.outbound[0].condition, Condition::OwnerUid(998));
         // Pod mode has neither.
         let pod = build(&[]);
-        assert!(pod.inbound.iter().all(|r| r.condition != Condition::NotAddressedToHost));
+        assert!(pod
+            .inbound
+            .iter()
+            .all(|r| r.condition != Condition::NotAddressedToHost));
     }
 
     #[test]

@@ -112,10 +112,7 @@ type MeshNames = (Option<Arc<str>>, Option<Arc<str>>);
 /// The identity a peer must prove and the SNI to reach it by. DNS identities are
 /// compared case-insensitively, so they are lower-cased here; a SPIFFE ID is kept
 /// as written (its path is case-sensitive) and needs a `server_name`.
-fn mesh_names(
-    identity: Option<String>,
-    server_name: Option<String>,
-) -> Result<MeshNames, String> {
+fn mesh_names(identity: Option<String>, server_name: Option<String>) -> Result<MeshNames, String> {
     let Some(identity) = identity.map(|id| id.trim().to_string()) else {
         if server_name.is_some() {
             return Err("server_name without an identity".into());

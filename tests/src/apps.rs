@@ -206,3 +206,25 @@ pub fn app_tls_exchange(
     assert_eq!(&reply, b"secret reply");
     assert_eq!(&server.join(), b"secret hello");
 }
+
+/// Echoes every connection to `addr` in `pod`, each on its own thread, until the
+/// test process ends: for tests that open an unknown number of connections.
+pub fn serve_echo(pod: &Pod, addr: SocketAddr) {
+    let listener = pod
+        .run(|| TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("cannot listen on {addr} in pod {}: {e}", pod.name));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let _ = conn.set_read_timeout(Some(IO_LIMIT));
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}

@@ -16,6 +16,7 @@ pub mod mesh;
 pub mod netns;
 pub mod probe;
 pub mod proc;
+pub mod spiffe;
 
 pub mod proxy;
 
