@@ -224,3 +224,52 @@ pub fn names(certs: Option<&[CertificateDer<'_>]>, expected: &str) -> bool {
         .iter()
         .any(|id| !tandem_identity::tls::is_spiffe_id(id) && id.eq_ignore_ascii_case(expected))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(sans: Vec<rcgen::SanType>) -> Vec<CertificateDer<'static>> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        vec![params.self_signed(&key).unwrap().der().clone()]
+    }
+
+    #[test]
+    fn spiffe_ids_match_uri_sans_and_dns_names_match_dns_sans() {
+        let id = "spiffe://root.linkerd.cluster.local/vm/billing";
+        let svid = leaf(vec![rcgen::SanType::URI(id.try_into().unwrap())]);
+        assert!(names(Some(&svid), id));
+        assert!(!names(
+            Some(&svid),
+            "spiffe://root.linkerd.cluster.local/vm/Billing"
+        ));
+        assert!(!names(Some(&svid), "billing.vm.example.com"));
+
+        let pod = leaf(vec![rcgen::SanType::DnsName(
+            "Web.NS.serviceaccount.identity.linkerd.cluster.local"
+                .try_into()
+                .unwrap(),
+        )]);
+        assert!(names(
+            Some(&pod),
+            "web.ns.serviceaccount.identity.linkerd.cluster.local"
+        ));
+        assert!(!names(
+            Some(&pod),
+            "spiffe://web.ns.serviceaccount.identity.linkerd.cluster.local"
+        ));
+        assert!(!names(
+            None,
+            "web.ns.serviceaccount.identity.linkerd.cluster.local"
+        ));
+
+        // A URI SAN is never taken for a DNS identity, whatever it spells.
+        let odd = leaf(vec![rcgen::SanType::URI(
+            "spiffe://a.example".try_into().unwrap(),
+        )]);
+        assert!(!names(Some(&odd), "a.example"));
+        assert_eq!(peer_identity(Some(&svid)).as_deref(), Some(id));
+    }
+}
