@@ -90,7 +90,8 @@ impl IdentityConfig {
         Ok(
             ClientConfig::from_lookup(&lookup)?.map(|client| IdentityConfig {
                 id: client.local_name.clone(),
-                server_name: client.local_name.clone(),
+                // Compared with the SNI of a ClientHello, which is read lower-cased.
+                server_name: client.local_name.to_ascii_lowercase(),
                 source: Source::Issuer(client),
             }),
         )
@@ -150,9 +151,9 @@ fn names(
             if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() {
                 errors.push(format!("{ENV_SERVER_NAME}={name:?}: expected a DNS name"));
             }
-            name
+            name.to_ascii_lowercase()
         }
-        None if !crate::tls::is_spiffe_id(&id) => id.clone(),
+        None if !crate::tls::is_spiffe_id(&id) => id.to_ascii_lowercase(),
         None => {
             errors.push(format!(
                 "{ENV_SERVER_NAME}: required with a SPIFFE ID (the DNS name peers send in SNI)"
@@ -263,7 +264,7 @@ mod tests {
                 "LINKERD2_PROXY_IDENTITY_SERVER_ID",
                 "spiffe://root.linkerd.cluster.local/vm",
             ),
-            ("LINKERD2_PROXY_IDENTITY_SERVER_NAME", "vm.cluster.local"),
+            ("LINKERD2_PROXY_IDENTITY_SERVER_NAME", "VM.cluster.local"),
         ])
         .unwrap()
         .unwrap();
