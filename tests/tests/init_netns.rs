@@ -581,3 +581,81 @@ fn bad_flags_exit_2_with_one_line() {
         "bad flags must not touch the namespace"
     );
 }
+
+/// Host mode on a host that also forwards (a VM with containers, a router): a
+/// connection addressed to the host goes to the proxy, one the host only forwards
+/// reaches its destination untouched, and SSH stays direct. Pod 2 is the host; it
+/// routes 198.51.100.3 (on pod 3's loopback) for pod 1. tandem-init runs inside the
+/// host's namespace without `--netns`, as on a real host.
+fn host_mode_scenario(firewall: &str) {
+    let mesh = Mesh::new(3);
+    let (client, host, server) = (mesh.pod(0), mesh.pod(1), mesh.pod(2));
+    let behind: IpAddr = "198.51.100.3".parse().unwrap();
+    server.must("ip", &["addr", "add", "198.51.100.3/32", "dev", "lo"]);
+    let via_host = host.ipv4.to_string();
+    client.must("ip", &["route", "add", "198.51.100.3/32", "via", &via_host]);
+    server.must(
+        "ip",
+        &[
+            "route",
+            "add",
+            &format!("{}/32", client.ipv4),
+            "via",
+            &via_host,
+        ],
+    );
+    host.must(
+        "ip",
+        &[
+            "route",
+            "add",
+            "198.51.100.3/32",
+            "via",
+            &server.ipv4.to_string(),
+        ],
+    );
+    host.must("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+
+    let uid = PROXY_UID.to_string();
+    let init = bin_path("tandem-init");
+    host.must(
+        &init.to_string_lossy(),
+        &[
+            "--host",
+            "--proxy-uid",
+            &uid,
+            "--firewall",
+            firewall,
+            "--ipv6=false",
+        ],
+    );
+    serve(host, sa(wildcard(false), INBOUND_PORT), "proxy");
+    serve(host, sa(wildcard(false), 22), "sshd");
+    serve(server, sa(behind, APP_PORT), "behind");
+
+    let to_host = sa(IpAddr::V4(host.ipv4), APP_PORT);
+    assert_eq!(
+        dial(client, to_host, None, None),
+        format!("proxy {to_host}"),
+        "{firewall}: a connection to the host is redirected"
+    );
+    let forwarded = sa(behind, APP_PORT);
+    assert_eq!(
+        dial(client, forwarded, None, None),
+        format!("behind {forwarded}"),
+        "{firewall}: a forwarded connection is left alone"
+    );
+    let ssh = sa(IpAddr::V4(host.ipv4), 22);
+    assert_eq!(
+        dial(client, ssh, None, None),
+        format!("sshd {ssh}"),
+        "{firewall}: SSH stays direct"
+    );
+}
+
+#[test]
+fn host_mode_redirects_only_what_is_addressed_to_the_host() {
+    for firewall in BACKENDS {
+        host_mode_scenario(firewall);
+    }
+}
