@@ -115,7 +115,7 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
 }
 
-fn parse_bool(var: &str, v: &str, errors: &mut Vec<String>) -> bool {
+pub(crate) fn parse_bool(var: &str, v: &str, errors: &mut Vec<String>) -> bool {
     match v.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" => true,
         "false" | "0" | "no" | "" => false,

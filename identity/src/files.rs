@@ -87,10 +87,8 @@ impl FilesConfig {
                 }
             },
         };
-        let allow_disk = match get(ENV_ALLOW_DISK).as_deref() {
-            None => false,
-            Some(v) => matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes"),
-        };
+        let allow_disk = get(ENV_ALLOW_DISK)
+            .is_some_and(|v| crate::client::parse_bool(ENV_ALLOW_DISK, &v, &mut errors));
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -138,34 +136,42 @@ async fn poll_forever(
     metrics: &IdentityMetrics,
     tx: &watch::Sender<Option<Arc<Credentials>>>,
 ) {
-    let mut seen: Option<ring::digest::Digest> = None;
+    // The files last published, and the last problem reported (each problem is
+    // logged and counted once, not on every poll).
+    let mut published: Option<ring::digest::Digest> = None;
+    let mut reported: Option<String> = None;
     loop {
-        match read_files(config).await {
-            Ok(files) => {
-                let digest = files.digest();
-                if seen.map(|d| d.as_ref() != digest.as_ref()).unwrap_or(true) {
-                    seen = Some(digest);
-                    match files.credentials(config, id) {
-                        Ok(credentials) => {
-                            metrics.refreshed(SystemTime::now(), credentials.not_after);
-                            info!(
-                                id = %credentials.name,
-                                not_after = %crate::pem::rfc3339(credentials.not_after),
-                                cert = %config.cert.display(),
-                                "certificate loaded"
-                            );
-                            tx.send_replace(Some(Arc::new(credentials)));
-                        }
-                        Err(e) => {
-                            metrics.failed();
-                            warn!(cert = %config.cert.display(), "cannot use the certificate files, keeping the current certificate: {e:#}");
-                        }
-                    }
-                }
+        let outcome = match read_files(config).await {
+            Ok(files) if published.is_some_and(|d| d.as_ref() == files.digest().as_ref()) => {
+                Ok(None)
+            }
+            // A failed change is checked again on every poll: a certificate that was
+            // not valid yet (a clock slightly behind the issuer's) becomes usable.
+            Ok(files) => files
+                .credentials(config, id)
+                .map(|c| Some((files.digest(), c))),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(None) => {}
+            Ok(Some((digest, credentials))) => {
+                published = Some(digest);
+                reported = None;
+                metrics.refreshed(SystemTime::now(), credentials.not_after);
+                info!(
+                    id = %credentials.name,
+                    not_after = %crate::pem::rfc3339(credentials.not_after),
+                    cert = %config.cert.display(),
+                    "certificate loaded"
+                );
+                tx.send_replace(Some(Arc::new(credentials)));
             }
             Err(e) => {
-                if seen.take().is_some() || tx.borrow().is_none() {
-                    warn!("{e:#}; waiting for the files");
+                let problem = format!("{e:#}");
+                if reported.as_ref() != Some(&problem) {
+                    metrics.failed();
+                    warn!(cert = %config.cert.display(), "cannot use the certificate files, keeping the current certificate: {problem}");
+                    reported = Some(problem);
                 }
             }
         }
@@ -195,6 +201,14 @@ impl Files {
     }
 
     fn credentials(&self, config: &FilesConfig, id: &str) -> Result<Credentials> {
+        // Checked on every change, following symlinks: a key swapped for a link to a
+        // disk file is refused like one on disk from the start.
+        if !config.allow_disk && !crate::tmpfs::is_memory_backed(&config.key)? {
+            anyhow::bail!(
+                "{} is not memory-backed (tmpfs/ramfs); refusing the key (or set {ENV_ALLOW_DISK}=true)",
+                config.key.display()
+            );
+        }
         let chain =
             crate::pem::certs(&self.cert).with_context(|| format!("{}", config.cert.display()))?;
         let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| {

@@ -7,8 +7,9 @@
 //! | a SPIFFE Workload API, e.g. the SPIRE agent ([`crate::spiffe`]) | `LINKERD2_PROXY_IDENTITY_SPIRE_WORKLOAD_API_ADDRESS` | a `spiffe://` ID |
 //! | files written by something else ([`crate::files`]) | `TANDEM_IDENTITY_CERT_FILE` | either |
 //!
-//! Every source publishes [`Credentials`] on a watch channel, and every
-//! certificate passes [`checked_credentials`] before it is published.
+//! Every source publishes [`Credentials`] on a watch channel. The SPIFFE and file
+//! sources check each certificate with [`checked_credentials`]; the issuer client
+//! applies the same checks to what it is issued (`client.rs`).
 
 use anyhow::{bail, Context, Result};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -51,41 +52,46 @@ impl IdentityConfig {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<IdentityConfig>, Vec<String>> {
         let set = |k: &str| lookup(k).is_some_and(|v| !v.trim().is_empty());
-        let spiffe = set(crate::spiffe::ENV_ADDRESS) || set(crate::spiffe::ENV_SOCKET);
-        let files = set(crate::files::ENV_CERT_FILE) || set(crate::files::ENV_KEY_FILE);
-        let issuer = set(crate::client::ENV_SVC_ADDR);
-        let chosen: Vec<&str> = [
-            (issuer, crate::client::ENV_SVC_ADDR),
-            (spiffe, crate::spiffe::ENV_ADDRESS),
-            (files, crate::files::ENV_CERT_FILE),
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, var)| *var)
-        .collect();
+        // Each source by the variables that select it; the first one set names it.
+        let sources: [&[&str]; 3] = [
+            &[crate::client::ENV_SVC_ADDR],
+            &[crate::spiffe::ENV_ADDRESS, crate::spiffe::ENV_SOCKET],
+            &[crate::files::ENV_CERT_FILE, crate::files::ENV_KEY_FILE],
+        ];
+        let chosen: Vec<&str> = sources
+            .iter()
+            .filter_map(|vars| vars.iter().copied().find(|v| set(v)))
+            .collect();
+        let spiffe = sources[1].iter().any(|v| set(v));
+        let files = sources[2].iter().any(|v| set(v));
         if chosen.len() > 1 {
             return Err(vec![format!(
                 "{}: choose one identity source",
                 chosen.join(" and ")
             )]);
         }
-        if spiffe {
-            let (id, server_name) = names(&lookup, true)?;
-            let source = SpiffeConfig::from_lookup(&lookup, &id)?;
-            return Ok(Some(IdentityConfig {
-                id,
-                server_name,
-                source: Source::Spiffe(source),
-            }));
-        }
-        if files {
-            let (id, server_name) = names(&lookup, false)?;
-            let source = FilesConfig::from_lookup(&lookup)?;
-            return Ok(Some(IdentityConfig {
-                id,
-                server_name,
-                source: Source::Files(source),
-            }));
+        if spiffe || files {
+            // Both halves are read before failing, so every problem is reported at once.
+            let names = names(&lookup, spiffe);
+            let id = names.as_ref().map_or("", |(id, _)| id.as_str());
+            let source = if spiffe {
+                SpiffeConfig::from_lookup(&lookup, id).map(Source::Spiffe)
+            } else {
+                FilesConfig::from_lookup(&lookup).map(Source::Files)
+            };
+            return match (names, source) {
+                (Ok((id, server_name)), Ok(source)) => Ok(Some(IdentityConfig {
+                    id,
+                    server_name,
+                    source,
+                })),
+                (names, source) => Err(names
+                    .err()
+                    .into_iter()
+                    .flatten()
+                    .chain(source.err().into_iter().flatten())
+                    .collect()),
+            };
         }
         Ok(
             ClientConfig::from_lookup(&lookup)?.map(|client| IdentityConfig {
@@ -335,6 +341,18 @@ mod tests {
             errors[0].contains("choose one identity source"),
             "{errors:?}"
         );
+        let older = config(&[
+            ("TANDEM_IDENTITY_KEY_FILE", "/run/tandem/tls.key"),
+            (
+                "LINKERD2_PROXY_IDENTITY_SPIRE_SOCKET",
+                "/run/spire/api.sock",
+            ),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            older,
+            ["LINKERD2_PROXY_IDENTITY_SPIRE_SOCKET and TANDEM_IDENTITY_KEY_FILE: choose one identity source"]
+        );
     }
 
     #[test]
@@ -366,6 +384,17 @@ mod tests {
             missing.iter().any(|e| e.contains("trust anchors")),
             "{missing:?}"
         );
+        let everything_wrong = config(&[
+            ("TANDEM_IDENTITY_CERT_FILE", "/run/tandem/tls.crt"),
+            ("TANDEM_IDENTITY_FILES_POLL_INTERVAL", "often"),
+        ])
+        .unwrap_err();
+        for expected in ["SERVER_ID", "POLL_INTERVAL", "TANDEM_IDENTITY_KEY_FILE"] {
+            assert!(
+                everything_wrong.iter().any(|e| e.contains(expected)),
+                "{expected} missing from {everything_wrong:?}"
+            );
+        }
     }
 
     #[test]

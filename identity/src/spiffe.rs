@@ -179,8 +179,9 @@ async fn watch_forever(
     tx: &watch::Sender<Option<Arc<Credentials>>>,
 ) {
     let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
-    // Warn once per outage, not on every retry.
-    let mut warned = false;
+    // Each distinct problem is a warning once, not on every retry: an agent that is
+    // down and then refuses us shows both causes.
+    let mut warned: Option<String> = None;
     loop {
         let mut accepted = false;
         let error = match watch_once(config, metrics, tx, &mut accepted).await {
@@ -189,15 +190,16 @@ async fn watch_forever(
         };
         if accepted {
             backoff.reset();
-            warned = false;
+            warned = None;
         }
         metrics.failed();
         let socket = config.socket.display();
-        if warned {
-            debug!(%socket, "SPIFFE Workload API: {error:#}");
+        let problem = format!("{error:#}");
+        if warned.as_ref() == Some(&problem) {
+            debug!(%socket, "SPIFFE Workload API: {problem}");
         } else {
-            warn!(%socket, "SPIFFE Workload API: {error:#}; keeping the current certificate and retrying");
-            warned = true;
+            warn!(%socket, "SPIFFE Workload API: {problem}; keeping the current certificate and retrying");
+            warned = Some(problem);
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }

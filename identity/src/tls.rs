@@ -122,30 +122,66 @@ pub fn verify_id(
         provider().signature_verification_algorithms.all,
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let uris = uri_sans(leaf);
-    if !uris.iter().any(|u| u == id) {
-        anyhow::bail!("the certificate names {uris:?}, not {id}");
+    let names = sans(leaf);
+    if !names.prove(id) {
+        anyhow::bail!(
+            "the certificate does not name {id} as its only URI SAN (URI SANs: {:?})",
+            names.uris
+        );
     }
     Ok(())
 }
 
-/// The URI SANs of a certificate.
-pub fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
+/// The names a certificate carries, by kind.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sans {
+    /// DNS SANs, lower-cased (DNS names compare without case).
+    pub dns: Vec<String>,
+    /// URI SANs, as written.
+    pub uris: Vec<String>,
+}
+
+impl Sans {
+    /// The certificate's SPIFFE ID: its URI SAN when it has exactly one and that is a
+    /// `spiffe://` URI (an X.509-SVID carries exactly one).
+    pub fn spiffe_id(&self) -> Option<&str> {
+        match self.uris.as_slice() {
+            [only] if is_spiffe_id(only) => Some(only),
+            _ => None,
+        }
+    }
+
+    /// Whether the certificate proves `id`. A SPIFFE ID must be the certificate's SPIFFE
+    /// ID. A DNS identity must be a DNS SAN of a certificate that is not an SVID: a
+    /// SPIFFE workload's certificate (which may also carry DNS names) never passes for a
+    /// DNS identity, so an SVID cannot stand in for a pod.
+    pub fn prove(&self, id: &str) -> bool {
+        if is_spiffe_id(id) {
+            return self.spiffe_id() == Some(id);
+        }
+        !self.uris.iter().any(|u| is_spiffe_id(u))
+            && self.dns.iter().any(|d| d.eq_ignore_ascii_case(id))
+    }
+}
+
+/// The DNS and URI SANs of a certificate (none when it cannot be parsed).
+pub fn sans(cert: &CertificateDer<'_>) -> Sans {
     use x509_parser::extensions::GeneralName;
+    let mut out = Sans::default();
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return Vec::new();
+        return out;
     };
     let Ok(Some(san)) = parsed.subject_alternative_name() else {
-        return Vec::new();
+        return out;
     };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => Some(uri.to_string()),
-            _ => None,
-        })
-        .collect()
+    for name in &san.value.general_names {
+        match name {
+            GeneralName::DNSName(dns) => out.dns.push(dns.to_ascii_lowercase()),
+            GeneralName::URI(uri) => out.uris.push(uri.to_string()),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// A server certificate that can be swapped while serving: new handshakes use

@@ -95,7 +95,8 @@ fn apply(flags: &Flags, config: &Config) -> Outcome<()> {
 }
 
 fn uid_exists(uid: u32) -> bool {
-    let mut buf = vec![0u8; 16 * 1024];
+    // Large enough for any passwd entry; a smaller buffer could fail with ERANGE.
+    let mut buf = vec![0u8; 256 * 1024];
     // SAFETY: `pwd`, `result` and `buf` outlive the call, and `buf.len()` is its size.
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut result: *mut libc::passwd = std::ptr::null_mut();

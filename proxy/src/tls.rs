@@ -6,9 +6,12 @@
 //!   faster than ChaCha20 where the CPU has AES instructions), then AES-256-GCM, then
 //!   ChaCha20-Poly1305.
 //! - Servers request a client certificate but accept its absence; the client identity
-//!   is the first DNS (or URI) SAN of the client's leaf.
+//!   is the SPIFFE ID of an X.509-SVID (its one `spiffe://` URI SAN), else the first
+//!   DNS SAN of the client's leaf.
 //! - Clients check the server's chain against the trust anchors without matching the
-//!   SNI, then require the identity discovery named among the leaf's SANs.
+//!   SNI, then require the identity discovery named: a SPIFFE ID as the leaf's SPIFFE
+//!   ID, a DNS name among the DNS SANs of a leaf that is not an SVID (so a SPIFFE
+//!   workload can never pass for a pod, even under a shared anchor).
 //! - ALPN `transport.l5d.io/v1` is offered only by the server config used for direct
 //!   connections to the inbound port.
 //!
@@ -183,46 +186,22 @@ impl ServerCertVerifier for ChainOnlyVerifier {
     }
 }
 
-/// The identities a certificate names: its DNS SANs (lower-cased) and URI SANs, in order.
-pub fn identities(cert: &CertificateDer<'_>) -> Vec<String> {
-    use x509_parser::extensions::GeneralName;
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = parsed.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
-            GeneralName::URI(uri) => Some(uri.to_string()),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The identity of a peer: the first DNS or URI SAN of its leaf certificate.
+/// The identity a peer proved: its SPIFFE ID when its leaf is an SVID, else the
+/// leaf's first DNS SAN.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
-    let leaf = certs?.first()?;
-    identities(leaf).into_iter().next().map(Arc::from)
+    let sans = tandem_identity::tls::sans(certs?.first()?);
+    match sans.spiffe_id() {
+        Some(id) => Some(Arc::from(id)),
+        None => sans.dns.into_iter().next().map(Arc::from),
+    }
 }
 
-/// Whether the peer's leaf certificate names `expected`: a SPIFFE ID among its URI
-/// SANs (exactly), any other identity among its DNS SANs (ignoring case).
+/// Whether the peer's leaf certificate proves `expected` (see
+/// [`tandem_identity::tls::Sans::prove`]).
 pub fn names(certs: Option<&[CertificateDer<'_>]>, expected: &str) -> bool {
-    let Some(leaf) = certs.and_then(|c| c.first()) else {
-        return false;
-    };
-    if tandem_identity::tls::is_spiffe_id(expected) {
-        return tandem_identity::tls::uri_sans(leaf)
-            .iter()
-            .any(|uri| uri == expected);
-    }
-    identities(leaf)
-        .iter()
-        .any(|id| !tandem_identity::tls::is_spiffe_id(id) && id.eq_ignore_ascii_case(expected))
+    certs
+        .and_then(|c| c.first())
+        .is_some_and(|leaf| tandem_identity::tls::sans(leaf).prove(expected))
 }
 
 #[cfg(test)]

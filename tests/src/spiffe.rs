@@ -230,7 +230,7 @@ fn serve(
         let accept = async {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                    return;
                 };
                 let (state, calls) = (state.clone(), calls.clone());
                 let service = hyper::service::service_fn(move |request| {

@@ -58,8 +58,13 @@ fn the_unit_passes_systemd_analyze_verify() {
         .expect("run systemd-analyze");
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // Warnings about the host's own units (which verify also loads) are not ours.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("tandem-proxy"))
+        .collect();
     assert!(
-        out.status.success() && stderr.trim().is_empty(),
+        out.status.success() && ours.is_empty(),
         "systemd-analyze verify ({}):\n{stderr}",
         out.status
     );
