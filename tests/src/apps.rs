@@ -56,6 +56,18 @@ pub fn connect(pod: &Pod, addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// One `read`, retried when interrupted. With a read timeout set, Linux returns
+/// EINTR (rather than restarting) after the process was stopped or frozen and resumed,
+/// which says nothing about the proxy under test.
+pub fn read_some(stream: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Reads until the peer's end of stream.
 pub fn read_all(stream: &mut TcpStream) -> Vec<u8> {
     let mut data = Vec::new();
@@ -70,7 +82,7 @@ pub fn read_until(stream: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
     let mut data = Vec::new();
     let mut chunk = [0u8; 4096];
     while !data.windows(needle.len()).any(|w| w == needle) {
-        let n = stream.read(&mut chunk).expect("read");
+        let n = read_some(stream, &mut chunk).expect("read");
         assert!(
             n > 0,
             "stream ended before {:?}; got {:?}",
@@ -219,7 +231,7 @@ pub fn serve_echo(pod: &Pod, addr: SocketAddr) {
             std::thread::spawn(move || {
                 let _ = conn.set_read_timeout(Some(IO_LIMIT));
                 let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n) = conn.read(&mut buf) {
+                while let Ok(n) = read_some(&mut conn, &mut buf) {
                     if n == 0 || conn.write_all(&buf[..n]).is_err() {
                         break;
                     }

@@ -7,7 +7,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread::JoinHandle;
 
-use tandem_tests::apps::{connect, read_all, send_and_finish, Noise, NoiseCheck, Server, IO_LIMIT};
+use tandem_tests::apps::{
+    connect, read_all, read_some, send_and_finish, Noise, NoiseCheck, Server, IO_LIMIT,
+};
 use tandem_tests::capture::{contains, Capture};
 use tandem_tests::mesh::{env_refs, identity_of, MeshedPair};
 use tandem_tests::probe::metric;
@@ -32,7 +34,7 @@ fn echo_server(pod: &Pod, addr: SocketAddr, count: usize) -> JoinHandle<Vec<usiz
                     let mut buf = vec![0u8; 64 * 1024];
                     let mut total = 0;
                     loop {
-                        let n = conn.read(&mut buf).expect("read");
+                        let n = read_some(&mut conn, &mut buf).expect("read");
                         if n == 0 {
                             conn.shutdown(std::net::Shutdown::Write).unwrap();
                             return total;
@@ -65,7 +67,7 @@ fn echo_noise(mut client: TcpStream, seed: u64, size: usize) {
     let mut check = NoiseCheck::new(seed);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = client.read(&mut buf).expect("read the echo");
+        let n = read_some(&mut client, &mut buf).expect("read the echo");
         if n == 0 {
             break;
         }

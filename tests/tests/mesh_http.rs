@@ -15,7 +15,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use tandem_tests::apps::{connect, read_until, Noise, NoiseCheck};
+use tandem_tests::apps::{connect, read_some, read_until, Noise, NoiseCheck};
 use tandem_tests::mesh::{identity_of, MeshedPair};
 use tandem_tests::probe::metric;
 use tandem_tests::Pod;
@@ -302,7 +302,7 @@ fn read_chunked_end(conn: &mut TcpStream, mut got: Vec<u8>) -> String {
                 return String::from_utf8_lossy(&got).into_owned();
             }
         }
-        let n = conn.read(&mut chunk).expect("read a chunked body");
+        let n = read_some(conn, &mut chunk).expect("read a chunked body");
         assert!(
             n > 0,
             "the body ended early: {:?}",
@@ -708,7 +708,7 @@ fn expect_continue_and_absolute_form_reach_the_server() {
             conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
             let mut chunk = [0u8; 64];
             while body.len() < 5 {
-                let n = conn.read(&mut chunk).expect("read the body");
+                let n = read_some(&mut conn, &mut chunk).expect("read the body");
                 assert!(n > 0, "the body ended early");
                 body.extend_from_slice(&chunk[..n]);
             }
@@ -803,7 +803,7 @@ fn connect_becomes_a_tunnel() {
     let greeting = b"hello from the tunnel\n";
     while rest.len() < greeting.len() {
         let mut chunk = [0u8; 64];
-        let n = client.read(&mut chunk).expect("read the greeting");
+        let n = read_some(&mut client, &mut chunk).expect("read the greeting");
         assert!(n > 0, "the tunnel closed early");
         rest.extend_from_slice(&chunk[..n]);
     }
@@ -824,7 +824,7 @@ fn connect_becomes_a_tunnel() {
     });
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let n = client.read(&mut chunk).expect("read the echo");
+        let n = read_some(&mut client, &mut chunk).expect("read the echo");
         if n == 0 {
             break;
         }

@@ -6,7 +6,8 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 
 use tandem_tests::apps::{
-    app_tls_exchange, connect, read_all, read_until, send_and_finish, Noise, NoiseCheck, Server,
+    app_tls_exchange, connect, read_all, read_some, read_until, send_and_finish, Noise, NoiseCheck,
+    Server,
 };
 use tandem_tests::probe::metric;
 use tandem_tests::proxy::redirect;
@@ -64,7 +65,7 @@ fn ten_mib_each_way_arrive_intact_and_are_counted() {
         let mut buf = vec![0; 64 * 1024];
         let mut total = 0;
         loop {
-            let n = conn.read(&mut buf).unwrap();
+            let n = read_some(&mut conn, &mut buf).unwrap();
             if n == 0 {
                 break;
             }
@@ -89,7 +90,7 @@ fn ten_mib_each_way_arrive_intact_and_are_counted() {
     let mut check = NoiseCheck::new(7);
     let mut buf = vec![0; 64 * 1024];
     while check.checked < SIZE {
-        let n = reader.read(&mut buf).unwrap();
+        let n = read_some(&mut reader, &mut buf).unwrap();
         assert!(n > 0, "echo ended after {} bytes", check.checked);
         check.check(&buf[..n]);
     }
