@@ -142,14 +142,16 @@ async fn poll_forever(
     let mut reported: Option<String> = None;
     loop {
         let outcome = match read_files(config).await {
-            Ok(files) if published.is_some_and(|d| d.as_ref() == files.digest().as_ref()) => {
-                Ok(None)
+            Ok(files) => {
+                let digest = files.digest();
+                if published.is_some_and(|d| d.as_ref() == digest.as_ref()) {
+                    Ok(None)
+                } else {
+                    // A failed change is checked again on every poll: a certificate
+                    // not valid yet (a clock behind the issuer's) becomes usable.
+                    files.credentials(config, id).map(|c| Some((digest, c)))
+                }
             }
-            // A failed change is checked again on every poll: a certificate that was
-            // not valid yet (a clock slightly behind the issuer's) becomes usable.
-            Ok(files) => files
-                .credentials(config, id)
-                .map(|c| Some((files.digest(), c))),
             Err(e) => Err(e),
         };
         match outcome {
