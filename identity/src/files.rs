@@ -45,11 +45,7 @@ impl FilesConfig {
     pub fn from_lookup(
         lookup: &impl Fn(&str) -> Option<String>,
     ) -> Result<FilesConfig, Vec<String>> {
-        let get = |k: &str| {
-            lookup(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |var: &str| crate::source::setting(lookup, var);
         let mut errors = Vec::new();
         let mut path = |var: &str| match get(var) {
             Some(p) => PathBuf::from(p),
@@ -63,13 +59,7 @@ impl FilesConfig {
         let cert = path(ENV_CERT_FILE);
         let key = path(ENV_KEY_FILE);
         let trust_anchors_file = get(ENV_TRUST_ANCHORS_FILE).map(PathBuf::from);
-        let trust_anchors = match get(ENV_TRUST_ANCHORS) {
-            Some(pem) => crate::pem::certs(pem.as_bytes()).unwrap_or_else(|e| {
-                errors.push(format!("{ENV_TRUST_ANCHORS}: {e:#}"));
-                Vec::new()
-            }),
-            None => Vec::new(),
-        };
+        let trust_anchors = crate::source::optional_anchors(lookup, &mut errors);
         if trust_anchors_file.is_none() && trust_anchors.is_empty() {
             errors.push(format!(
                 "{ENV_TRUST_ANCHORS_FILE} or {ENV_TRUST_ANCHORS}: trust anchors are required"

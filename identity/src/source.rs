@@ -117,17 +117,55 @@ impl IdentityConfig {
     }
 }
 
+/// A variable's trimmed value; blank counts as unset.
+pub(crate) fn setting(lookup: &impl Fn(&str) -> Option<String>, var: &str) -> Option<String> {
+    lookup(var)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// `LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS` where it is optional (the SPIFFE and file
+/// sources); an unreadable value is reported.
+pub(crate) fn optional_anchors(
+    lookup: &impl Fn(&str) -> Option<String>,
+    errors: &mut Vec<String>,
+) -> Vec<CertificateDer<'static>> {
+    let var = crate::client::ENV_TRUST_ANCHORS;
+    match setting(lookup, var) {
+        None => Vec::new(),
+        Some(pem) => crate::pem::certs(pem.as_bytes()).unwrap_or_else(|e| {
+            errors.push(format!("{var}: {e:#}"));
+            Vec::new()
+        }),
+    }
+}
+
+/// A duration variable, `default` when unset; a bad value is reported.
+pub(crate) fn duration_setting(
+    lookup: &impl Fn(&str) -> Option<String>,
+    var: &str,
+    default: std::time::Duration,
+    errors: &mut Vec<String>,
+) -> std::time::Duration {
+    match setting(lookup, var) {
+        None => default,
+        Some(v) => crate::duration::parse(&v).unwrap_or_else(|_| {
+            errors.push(format!(
+                "{var}={v:?}: expected a duration such as {}",
+                crate::duration::human(default)
+            ));
+            default
+        }),
+    }
+}
+
 /// The identity and SNI name for the SPIFFE and file sources: `SERVER_ID` and
 /// `SERVER_NAME`, or `LOCAL_NAME` for both (Linkerd's older form).
 fn names(
     lookup: &impl Fn(&str) -> Option<String>,
     spiffe: bool,
 ) -> Result<(String, String), Vec<String>> {
-    let get = |k: &str| {
-        lookup(k)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    };
+    let get = |var: &str| setting(lookup, var);
     let local = get(crate::client::ENV_LOCAL_NAME);
     let mut errors = Vec::new();
     let id = match get(ENV_SERVER_ID).or_else(|| local.clone()) {

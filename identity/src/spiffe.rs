@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::client::{Credentials, ENV_TRUST_ANCHORS};
+use crate::client::Credentials;
 use crate::metrics::IdentityMetrics;
 use crate::refresh::Backoff;
 
@@ -105,11 +105,7 @@ impl SpiffeConfig {
         lookup: &impl Fn(&str) -> Option<String>,
         id: &str,
     ) -> Result<SpiffeConfig, Vec<String>> {
-        let get = |k: &str| {
-            lookup(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |var: &str| crate::source::setting(lookup, var);
         let mut errors = Vec::new();
         let (var, address) = match get(ENV_ADDRESS) {
             Some(a) => (ENV_ADDRESS, a),
@@ -121,19 +117,9 @@ impl SpiffeConfig {
                 "{var}={address:?}: expected a Unix socket path (unix:///path or /path)"
             ));
         }
-        let trust_anchors = match get(ENV_TRUST_ANCHORS) {
-            None => Vec::new(),
-            Some(pem) => crate::pem::certs(pem.as_bytes()).unwrap_or_else(|e| {
-                errors.push(format!("{ENV_TRUST_ANCHORS}: {e:#}"));
-                Vec::new()
-            }),
-        };
-        let duration = |var: &str, default: Duration, errors: &mut Vec<String>| match get(var) {
-            None => default,
-            Some(v) => crate::duration::parse(&v).unwrap_or_else(|_| {
-                errors.push(format!("{var}={v:?}: expected a duration such as 100ms"));
-                default
-            }),
+        let trust_anchors = crate::source::optional_anchors(lookup, &mut errors);
+        let duration = |var: &str, default: Duration, errors: &mut Vec<String>| {
+            crate::source::duration_setting(lookup, var, default, errors)
         };
         let backoff_min = duration(ENV_BACKOFF_MIN, Duration::from_millis(100), &mut errors);
         let backoff_max = duration(ENV_BACKOFF_MAX, Duration::from_secs(1), &mut errors);
