@@ -353,6 +353,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Replay<T> {
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
+    // Without these, h2 and hyper see a stream that cannot gather writes and
+    // split each body chunk over 1 KiB into two writes: two TLS records, two
+    // segments, and often two wake-ups at the peer.
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -371,5 +386,36 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Replay<T> {
 impl<T: Transport> Transport for Replay<T> {
     fn reset_on_close(&mut self) {
         self.inner.reset_on_close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::IoSlice;
+
+    use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::Replay;
+
+    /// A frame head and its body leave in one write; without vectored writes h2
+    /// sends each body chunk over 1 KiB as two TLS records.
+    #[tokio::test]
+    async fn replay_gathers_writes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut writer = Replay::new(b"seen".to_vec(), client.unwrap());
+        let (mut reader, _) = accepted.unwrap();
+
+        assert!(writer.is_write_vectored());
+        let written = writer
+            .write_vectored(&[IoSlice::new(b"head"), IoSlice::new(b"body")])
+            .await
+            .unwrap();
+        assert_eq!(written, 8, "both slices in one write");
+        let mut received = [0u8; 8];
+        reader.read_exact(&mut received).await.unwrap();
+        assert_eq!(&received, b"headbody");
     }
 }
