@@ -11,9 +11,9 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p tandem-proxy -p tandem-init -p tandem-identity --bins \
+RUN cargo build --profile production --locked -p tandem-proxy -p tandem-init -p tandem-identity --bins \
     && mkdir -p /out \
-    && cp target/release/tandem-proxy target/release/tandem-init target/release/tandem-identity /out/
+    && cp target/production/tandem-proxy target/production/tandem-init target/production/tandem-identity /out/
 
 FROM debian:bookworm-slim AS init
 # iptables brings both the nf_tables and the legacy backends; nftables brings nft.
