@@ -53,6 +53,19 @@ pub struct HttpConfig {
     /// only with `LINKERD2_PROXY_INBOUND_METRICS_AUTHORITY_LABELS=unsafe`, since there
     /// clients choose it and the series count would be unbounded.
     pub authority_labels: bool,
+    /// HTTP/2 connections between proxies (pooled HTTP/2 and carriers) send a PING
+    /// this often and are closed when the answer takes longer than `keepalive_timeout`,
+    /// so a peer that went away without a FIN (node lost, process frozen) fails its
+    /// streams instead of stalling them until TCP gives up.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl HttpConfig {
+    /// The PING interval, `None` when keepalive is off (`0`).
+    pub fn keepalive(&self) -> Option<Duration> {
+        (!self.keepalive_interval.is_zero()).then_some(self.keepalive_interval)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -182,6 +195,16 @@ impl Config {
                     "",
                     parse_authority_labels,
                 ),
+                keepalive_interval: env.parse(
+                    "TANDEM_INBOUND_HTTP2_KEEPALIVE_INTERVAL",
+                    "10s",
+                    parse_duration,
+                ),
+                keepalive_timeout: env.parse(
+                    "TANDEM_INBOUND_HTTP2_KEEPALIVE_TIMEOUT",
+                    "20s",
+                    parse_duration,
+                ),
             },
         };
         let outbound = DirectionConfig {
@@ -225,6 +248,16 @@ impl Config {
                     parse_duration,
                 ),
                 authority_labels: true,
+                keepalive_interval: env.parse(
+                    "TANDEM_OUTBOUND_HTTP2_KEEPALIVE_INTERVAL",
+                    "10s",
+                    parse_duration,
+                ),
+                keepalive_timeout: env.parse(
+                    "TANDEM_OUTBOUND_HTTP2_KEEPALIVE_TIMEOUT",
+                    "20s",
+                    parse_duration,
+                ),
             },
         };
 
@@ -523,6 +556,14 @@ mod tests {
         // Carriers: accepted inbound, offered outbound only when asked for.
         assert!(c.inbound.opaque_carrier);
         assert!(!c.outbound.opaque_carrier);
+        // HTTP/2 between proxies: a PING every 10 s, 20 s for its answer; 0 is off.
+        for http in [&c.inbound.http, &c.outbound.http] {
+            assert_eq!(http.keepalive(), Some(Duration::from_secs(10)));
+            assert_eq!(http.keepalive_timeout, Duration::from_secs(20));
+        }
+        let off = config(&[("TANDEM_OUTBOUND_HTTP2_KEEPALIVE_INTERVAL", "0")]).unwrap();
+        assert_eq!(off.outbound.http.keepalive(), None);
+        assert_eq!(off.inbound.http.keepalive(), Some(Duration::from_secs(10)));
         for port in [25, 587, 3306, 4444, 5432, 6379, 9300, 11211] {
             assert!(c.inbound.opaque_ports.contains(port));
             assert!(c.outbound.opaque_ports.contains(port));

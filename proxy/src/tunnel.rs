@@ -29,6 +29,10 @@
 //! stream (`RST_STREAM`), and the other proxy resets its TCP side, so a refused or
 //! reset connection still reaches the application as a reset; a FIN is an empty DATA
 //! frame with END_STREAM, so half-closes pass through as with plain TCP.
+//!
+//! Both sides PING the other (`TANDEM_*_HTTP2_KEEPALIVE_*`, idle or not): a peer that
+//! vanished without a FIN, whose streams would otherwise wait for TCP to give up,
+//! loses its carrier, and every stream on it is reset.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -190,7 +194,7 @@ pub async fn open(
         }
         return Ok(Upstream::Classic(Box::new(tls)));
     }
-    let carrier = start_carrier(tls, peer).await?;
+    let carrier = start_carrier(ctx, tls, peer).await?;
     ctx.metrics.carriers.inc();
     let stream = carrier.open_stream(ctx, peer, port);
     // Connections that dialled at the same time each get a carrier; the last one
@@ -213,10 +217,11 @@ async fn connect(ctx: &Context, peer: SocketAddr) -> Result<TcpStream, (ConnErro
 }
 
 async fn start_carrier(
+    ctx: &Context,
     tls: ClientTls<TcpStream>,
     peer: SocketAddr,
 ) -> Result<Arc<Carrier>, (ConnError, &'static str)> {
-    let (sender, connection) = h2::client::Builder::new()
+    let (sender, mut connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .enable_push(false)
@@ -228,10 +233,24 @@ async fn start_carrier(
         })?;
     let closed = Arc::new(AtomicBool::new(false));
     let on_close = closed.clone();
+    let keepalive = keepalive(
+        ctx.config.http.keepalive(),
+        ctx.config.http.keepalive_timeout,
+        connection.ping_pong(),
+    );
+    let metrics = ctx.metrics.clone();
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            debug!(%peer, %error, "carrier failed");
+        tokio::select! {
+            ended = &mut connection => if let Err(error) = ended {
+                debug!(%peer, %error, "carrier failed");
+            },
+            () = keepalive => {
+                debug!(%peer, "the peer proxy stopped answering PINGs; closing its carrier");
+                metrics.error(ConnError::Io);
+            }
         }
+        // Dropping the connection fails the streams still on it.
+        drop(connection);
         on_close.store(true, Ordering::Release);
     });
     Ok(Arc::new(Carrier {
@@ -306,9 +325,20 @@ pub async fn serve(
     ctx.metrics.carriers.inc();
     let streams = TaskTracker::new();
     let mut draining = false;
+    let keepalive = keepalive(
+        ctx.config.http.keepalive(),
+        ctx.config.http.keepalive_timeout,
+        connection.ping_pong(),
+    );
+    tokio::pin!(keepalive);
     loop {
         let accepted = tokio::select! {
             accepted = connection.accept() => accepted,
+            () = &mut keepalive => {
+                debug!(%client, "the peer proxy stopped answering PINGs; closing its carrier");
+                ctx.metrics.error(ConnError::Io);
+                break;
+            }
             _ = ctx.shutdown.cancelled(), if !draining => {
                 // No new streams; the open ones finish.
                 connection.graceful_shutdown();
@@ -333,8 +363,27 @@ pub async fn serve(
             None => break,
         }
     }
+    // Dropping the connection fails the streams still on it, so none waits on a
+    // connection nobody drives any more.
+    drop(connection);
     streams.close();
     streams.wait().await;
+}
+
+/// Resolves when the peer fails to answer a PING in time (never while it answers,
+/// nor when keepalive is off or the connection has ended: its own task sees that).
+async fn keepalive(interval: Option<Duration>, timeout: Duration, ping_pong: Option<h2::PingPong>) {
+    let (Some(interval), Some(mut ping_pong)) = (interval, ping_pong) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_closed)) => return std::future::pending().await,
+            Err(_elapsed) => return,
+        }
+    }
 }
 
 async fn serve_stream(

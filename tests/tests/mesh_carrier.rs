@@ -270,3 +270,110 @@ fn a_peer_without_carriers_gets_the_transport_header() {
         }
     }
 }
+
+/// A proxy stopped with SIGSTOP until the guard is dropped (also when the test fails).
+struct Frozen<'a>(&'a tandem_tests::Proc);
+
+impl<'a> Frozen<'a> {
+    fn freeze(process: &'a tandem_tests::Proc) -> Frozen<'a> {
+        process.signal(libc::SIGSTOP);
+        Frozen(process)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0.signal(libc::SIGCONT);
+    }
+}
+
+/// A peer proxy that stops answering (frozen here; a lost node in production) sends
+/// no FIN and its kernel still acknowledges, so only HTTP/2 PINGs notice. Each side
+/// then closes the carrier: the streams on it fail at once instead of stalling
+/// until TCP gives up, and the next connection gets a new carrier.
+#[test]
+fn a_peer_that_stops_answering_loses_its_carrier() {
+    let world = MeshedPair::new();
+    let quick = [
+        // Short, so the test is quick; long enough that a busy machine never
+        // misses an answer from a proxy that runs.
+        ("TANDEM_OUTBOUND_HTTP2_KEEPALIVE_INTERVAL", "1s"),
+        ("TANDEM_OUTBOUND_HTTP2_KEEPALIVE_TIMEOUT", "3s"),
+        ("TANDEM_INBOUND_HTTP2_KEEPALIVE_INTERVAL", "1s"),
+        ("TANDEM_INBOUND_HTTP2_KEEPALIVE_TIMEOUT", "3s"),
+    ];
+    let mut settings_a = vec![CARRIER];
+    settings_a.extend(quick);
+    let (env_a, env_b) = (
+        world.env(0, false, &settings_a),
+        world.env(1, false, &quick),
+    );
+    let _issuer = world.start_issuer(&[]);
+    let proxy_a = Proxy::start(world.a(), &env_refs(&env_a));
+    let proxy_b = Proxy::start(world.b(), &env_refs(&env_b));
+    let (a, b) = (world.a(), world.b());
+    let outbound = [("direction", "outbound")];
+
+    // Beta stops answering while a carried connection is open: alpha's app gets a
+    // reset, not a connection that hangs.
+    let server = Server::start(b, any(6379), |mut conn| {
+        let mut got = [0u8; 6];
+        conn.read_exact(&mut got).unwrap();
+        conn.write_all(&got).unwrap();
+        // Whatever beta still delivers once it runs again, the connection ends.
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).map_err(|e| e.kind())
+    });
+    let mut client = connect(a, world.b_addr(6379));
+    client.write_all(b"before").unwrap();
+    let mut echoed = [0u8; 6];
+    client.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"before");
+    {
+        let _frozen = Frozen::freeze(&proxy_b.process);
+        client.write_all(b"during").unwrap();
+        let mut byte = [0u8; 1];
+        let error = client
+            .read(&mut byte)
+            .expect_err("the carrier to a silent peer must fail its streams");
+        assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}");
+    }
+    drop(client);
+    let ended = server.join();
+    assert!(
+        !matches!(ended, Err(ErrorKind::WouldBlock | ErrorKind::TimedOut)),
+        "the backend connection of a failed carrier stream must end, got {ended:?}"
+    );
+    let text = proxy_a.wait_metric("tandem_carriers_total", &outbound, 1.0);
+    assert_eq!(
+        metric(&text, "tandem_carrier_streams_total", &outbound),
+        Some(1.0),
+        "{text}"
+    );
+
+    // The next connection gets a new carrier and works.
+    let server = Server::start(b, any(5432), |mut conn| {
+        let mut got = [0u8; 5];
+        conn.read_exact(&mut got).unwrap();
+        conn.write_all(&got).unwrap();
+        // Then alpha stops answering: beta closes the carrier and with it this
+        // connection, instead of holding it open for an app that is gone.
+        let mut rest = [0u8; 1];
+        (got, conn.read(&mut rest).map_err(|e| e.kind()))
+    });
+    let mut client = connect(a, world.b_addr(5432));
+    client.write_all(b"again").unwrap();
+    let mut echoed = [0u8; 5];
+    client.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"again");
+    proxy_a.wait_metric("tandem_carriers_total", &outbound, 2.0);
+    let (got, after) = {
+        let _frozen = Frozen::freeze(&proxy_a.process);
+        server.join()
+    };
+    assert_eq!(&got, b"again");
+    assert!(
+        matches!(after, Ok(0) | Err(ErrorKind::ConnectionReset)),
+        "beta must end the backend connection of a silent carrier, got {after:?}"
+    );
+}

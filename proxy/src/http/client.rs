@@ -239,8 +239,8 @@ impl Endpoint {
         let io = self.dial(ctx).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_interval(self.config.keepalive())
+            .keep_alive_timeout(self.config.keepalive_timeout)
             .handshake(TokioIo::new(io))
             .await
             .map_err(upstream_error)?;

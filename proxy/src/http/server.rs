@@ -35,9 +35,13 @@ pub async fn serve_h2<I>(io: I, connection: Arc<Connection>) -> hyper::Result<()
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let http = &connection.ctx.config.http;
+    let (keepalive, keepalive_timeout) = (http.keepalive(), http.keepalive_timeout);
     let service = service_fn(move |request| super::handle(connection.clone(), request));
     http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive_timeout)
         .auto_date_header(false)
         .serve_connection(TokioIo::new(io), service)
         .await
