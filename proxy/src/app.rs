@@ -142,8 +142,14 @@ async fn serve(
     ];
     let mut accept_loops = Vec::new();
     for (direction, listeners, direction_config, direction_metrics) in directions {
+        let mut pool_config = direction_config.http.clone();
+        if direction == Direction::Inbound {
+            // The inbound pool reaches the local app: a PING there finds nothing a
+            // FIN would not, and would cut an app that stalls (GC, a blocked loop).
+            pool_config.keepalive_interval = std::time::Duration::ZERO;
+        }
         let ctx = Arc::new(Context {
-            http: crate::http::client::Pools::new(direction_config.http.clone()),
+            http: crate::http::client::Pools::new(pool_config),
             config: direction_config,
             metrics: direction_metrics,
             discovery: discovery.clone(),

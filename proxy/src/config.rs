@@ -53,18 +53,21 @@ pub struct HttpConfig {
     /// only with `LINKERD2_PROXY_INBOUND_METRICS_AUTHORITY_LABELS=unsafe`, since there
     /// clients choose it and the series count would be unbounded.
     pub authority_labels: bool,
-    /// HTTP/2 connections between proxies (pooled HTTP/2 and carriers) send a PING
-    /// this often and are closed when the answer takes longer than `keepalive_timeout`,
-    /// so a peer that went away without a FIN (node lost, process frozen) fails its
-    /// streams instead of stalling them until TCP gives up.
+    /// HTTP/2 connections across the network (outbound: pooled HTTP/2 and carriers
+    /// to upstreams; inbound: HTTP/2 and carriers served to remote clients) send a
+    /// PING this often and are closed when the answer takes longer than
+    /// `keepalive_timeout`, so a peer that went away without a FIN (node lost,
+    /// process frozen) fails its streams instead of stalling them until TCP gives
+    /// up. Connections with the local app are never pinged.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
 }
 
 impl HttpConfig {
-    /// The PING interval, `None` when keepalive is off (`0`).
+    /// The PING interval, `None` when keepalive is off (either setting `0`).
     pub fn keepalive(&self) -> Option<Duration> {
-        (!self.keepalive_interval.is_zero()).then_some(self.keepalive_interval)
+        (!self.keepalive_interval.is_zero() && !self.keepalive_timeout.is_zero())
+            .then_some(self.keepalive_interval)
     }
 }
 
@@ -564,6 +567,9 @@ mod tests {
         let off = config(&[("TANDEM_OUTBOUND_HTTP2_KEEPALIVE_INTERVAL", "0")]).unwrap();
         assert_eq!(off.outbound.http.keepalive(), None);
         assert_eq!(off.inbound.http.keepalive(), Some(Duration::from_secs(10)));
+        // A zero timeout would cut every connection at its first PING: also off.
+        let off = config(&[("TANDEM_INBOUND_HTTP2_KEEPALIVE_TIMEOUT", "0")]).unwrap();
+        assert_eq!(off.inbound.http.keepalive(), None);
         for port in [25, 587, 3306, 4444, 5432, 6379, 9300, 11211] {
             assert!(c.inbound.opaque_ports.contains(port));
             assert!(c.outbound.opaque_ports.contains(port));

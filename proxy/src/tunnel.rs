@@ -241,6 +241,9 @@ async fn start_carrier(
     let metrics = ctx.metrics.clone();
     tokio::spawn(async move {
         tokio::select! {
+            // The connection first: after the proxy itself was paused, a PONG waiting
+            // in the socket must count before the expired timeout does.
+            biased;
             ended = &mut connection => if let Err(error) = ended {
                 debug!(%peer, %error, "carrier failed");
             },
@@ -333,6 +336,8 @@ pub async fn serve(
     tokio::pin!(keepalive);
     loop {
         let accepted = tokio::select! {
+            // The connection first, as in `start_carrier`.
+            biased;
             accepted = connection.accept() => accepted,
             () = &mut keepalive => {
                 debug!(%client, "the peer proxy stopped answering PINGs; closing its carrier");

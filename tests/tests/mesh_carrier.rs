@@ -298,9 +298,9 @@ fn a_peer_that_stops_answering_loses_its_carrier() {
         // Short, so the test is quick; long enough that a busy machine never
         // misses an answer from a proxy that runs.
         ("TANDEM_OUTBOUND_HTTP2_KEEPALIVE_INTERVAL", "1s"),
-        ("TANDEM_OUTBOUND_HTTP2_KEEPALIVE_TIMEOUT", "3s"),
+        ("TANDEM_OUTBOUND_HTTP2_KEEPALIVE_TIMEOUT", "5s"),
         ("TANDEM_INBOUND_HTTP2_KEEPALIVE_INTERVAL", "1s"),
-        ("TANDEM_INBOUND_HTTP2_KEEPALIVE_TIMEOUT", "3s"),
+        ("TANDEM_INBOUND_HTTP2_KEEPALIVE_TIMEOUT", "5s"),
     ];
     let mut settings_a = vec![CARRIER];
     settings_a.extend(quick);

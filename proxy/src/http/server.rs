@@ -35,8 +35,14 @@ pub async fn serve_h2<I>(io: I, connection: Arc<Connection>) -> hyper::Result<()
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Only clients across the network get PINGs: on the outbound side the client is
+    // the local app, whose end a FIN reports, and which may stall for a while.
     let http = &connection.ctx.config.http;
-    let (keepalive, keepalive_timeout) = (http.keepalive(), http.keepalive_timeout);
+    let keepalive = match connection.side {
+        super::Side::Inbound { .. } => http.keepalive(),
+        super::Side::Outbound { .. } => None,
+    };
+    let keepalive_timeout = http.keepalive_timeout;
     let service = service_fn(move |request| super::handle(connection.clone(), request));
     http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
