@@ -54,6 +54,7 @@ use tokio_rustls::server::TlsStream as ServerTls;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::config::HttpConfig;
 use crate::conn::{self, Context, MeshAlpn};
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
 use crate::tcp::Transport;
@@ -233,11 +234,7 @@ async fn start_carrier(
         })?;
     let closed = Arc::new(AtomicBool::new(false));
     let on_close = closed.clone();
-    let keepalive = keepalive(
-        ctx.config.http.keepalive(),
-        ctx.config.http.keepalive_timeout,
-        connection.ping_pong(),
-    );
+    let keepalive = keepalive(&ctx.config.http, connection.ping_pong());
     let metrics = ctx.metrics.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -328,11 +325,7 @@ pub async fn serve(
     ctx.metrics.carriers.inc();
     let streams = TaskTracker::new();
     let mut draining = false;
-    let keepalive = keepalive(
-        ctx.config.http.keepalive(),
-        ctx.config.http.keepalive_timeout,
-        connection.ping_pong(),
-    );
+    let keepalive = keepalive(&ctx.config.http, connection.ping_pong());
     tokio::pin!(keepalive);
     loop {
         let accepted = tokio::select! {
@@ -377,16 +370,23 @@ pub async fn serve(
 
 /// Resolves when the peer fails to answer a PING in time (never while it answers,
 /// nor when keepalive is off or the connection has ended: its own task sees that).
-async fn keepalive(interval: Option<Duration>, timeout: Duration, ping_pong: Option<h2::PingPong>) {
-    let (Some(interval), Some(mut ping_pong)) = (interval, ping_pong) else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(interval).await;
-        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(_closed)) => return std::future::pending().await,
-            Err(_elapsed) => return,
+/// Owns copies of the settings, so it can run on the connection's task.
+fn keepalive(
+    http: &HttpConfig,
+    ping_pong: Option<h2::PingPong>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (interval, timeout) = (http.keepalive(), http.keepalive_timeout);
+    async move {
+        let (Some(interval), Some(mut ping_pong)) = (interval, ping_pong) else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(interval).await;
+            match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_pong)) => {}
+                Ok(Err(_closed)) => return std::future::pending().await,
+                Err(_elapsed) => return,
+            }
         }
     }
 }
