@@ -170,6 +170,9 @@ pub fn connect_failure(error: &ConnectError) -> (ConnError, &'static str) {
     }
 }
 
+/// A meshed connection this proxy opened.
+pub type MeshTls = tokio_rustls::client::TlsStream<Replay<TcpStream>>;
+
 /// What a meshed connection negotiates by ALPN.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum MeshAlpn {
@@ -191,7 +194,7 @@ pub async fn originate_tls<C: Transport>(
     identity: &str,
     sni: &str,
     alpn: MeshAlpn,
-) -> Option<(Client<C>, tokio_rustls::client::TlsStream<TcpStream>)> {
+) -> Option<(Client<C>, MeshTls)> {
     match mesh_tls(ctx, server, identity, sni, alpn).await {
         Ok(tls) => Some((client, tls)),
         Err((error, errno)) => {
@@ -210,7 +213,7 @@ pub async fn mesh_tls(
     identity: &str,
     sni: &str,
     alpn: MeshAlpn,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, (ConnError, &'static str)> {
+) -> Result<MeshTls, (ConnError, &'static str)> {
     let Some(local) = &ctx.identity else {
         return Err((ConnError::TlsHandshake, "other"));
     };
@@ -224,7 +227,8 @@ pub async fn mesh_tls(
         debug!(%identity, %sni, "not a valid TLS server name");
         return Err((ConnError::PeerIdentity, "other"));
     };
-    let handshake = tokio_rustls::TlsConnector::from(config.clone()).connect(server_name, server);
+    let handshake = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(server_name, Replay::under_tls(Vec::new(), server));
     let tls = match tokio::time::timeout(
         ctx.config.connect_timeout.max(ctx.config.detect_timeout),
         handshake,
@@ -244,7 +248,7 @@ pub async fn mesh_tls(
     let session = tls.get_ref().1;
     if !crate::tls::names(session.peer_certificates(), identity) {
         debug!(expected = %identity, found = ?crate::tls::peer_identity(session.peer_certificates()), "peer identity mismatch");
-        transport::reset_on_close(tls.get_ref().0);
+        transport::reset_on_close(tls.get_ref().0.get_ref());
         return Err((ConnError::PeerIdentity, "other"));
     }
     let negotiated = session.alpn_protocol();
@@ -258,7 +262,7 @@ pub async fn mesh_tls(
     };
     if !accepted {
         debug!(%identity, "the peer did not accept the transport header");
-        transport::reset_on_close(tls.get_ref().0);
+        transport::reset_on_close(tls.get_ref().0.get_ref());
         return Err((ConnError::TransportHeader, "other"));
     }
     debug!(local = %configs.name, server = %identity, "meshed connection");
@@ -305,21 +309,63 @@ pub async fn relay<C: Transport, S: Transport>(
     }
 }
 
-/// A stream that first yields bytes already read from it (during detection), so a
+/// A socket that first yields bytes already read from it (during detection), so a
 /// TLS server can read a ClientHello the detector consumed.
+///
+/// Under a TLS session it also reads ahead: rustls asks for at most 4 KiB per read,
+/// so a 16 KiB record took five `recvfrom` calls. Once a read fills what rustls asked
+/// for (more is likely waiting), reads go through a [`READ_AHEAD`] buffer instead,
+/// one syscall for several records; after eight reads in a row that would have fitted
+/// rustls's own buffer, the buffer is freed again. Request/response traffic of a few
+/// KiB never engages it, so it costs neither a copy nor memory there.
 pub struct Replay<T> {
     prefix: Vec<u8>,
     read: usize,
+    read_ahead: Option<ReadAhead>,
     inner: T,
 }
 
+/// Bytes a TLS socket reads at once when it reads ahead: about two full records.
+const READ_AHEAD: usize = 32 * 1024;
+
+/// Read-ahead state: `buf` is allocated only while engaged.
+#[derive(Default)]
+struct ReadAhead {
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    /// Reads in a row that returned no more than the caller asked for.
+    small_reads: u8,
+}
+
 impl<T> Replay<T> {
+    /// Replays `prefix`, then reads `inner` directly: for readers with their own
+    /// large buffers (hyper).
     pub fn new(prefix: Vec<u8>, inner: T) -> Replay<T> {
         Replay {
             prefix,
             read: 0,
+            read_ahead: None,
             inner,
         }
+    }
+
+    /// Replays `prefix`, then reads ahead when the peer sends more than a TLS
+    /// session asks for at once.
+    pub fn under_tls(prefix: Vec<u8>, inner: T) -> Replay<T> {
+        Replay {
+            read_ahead: Some(ReadAhead::default()),
+            ..Replay::new(prefix, inner)
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    #[cfg(test)]
+    fn reading_ahead(&self) -> bool {
+        self.read_ahead.as_ref().is_some_and(|a| a.buf.is_some())
     }
 }
 
@@ -329,18 +375,66 @@ impl<T: AsyncRead + Unpin> AsyncRead for Replay<T> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if self.read < self.prefix.len() {
-            let n = buf.remaining().min(self.prefix.len() - self.read);
-            let start = self.read;
-            buf.put_slice(&self.prefix[start..start + n]);
-            self.read += n;
-            if self.read == self.prefix.len() {
-                self.prefix = Vec::new();
-                self.read = 0;
+        let this = &mut *self;
+        if this.read < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.read);
+            let start = this.read;
+            buf.put_slice(&this.prefix[start..start + n]);
+            this.read += n;
+            if this.read == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.read = 0;
             }
             return std::task::Poll::Ready(Ok(()));
         }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        match &mut this.read_ahead {
+            None => std::pin::Pin::new(&mut this.inner).poll_read(cx, buf),
+            Some(ahead) => ahead.poll_read(&mut this.inner, cx, buf),
+        }
+    }
+}
+
+impl ReadAhead {
+    fn poll_read<T: AsyncRead + Unpin>(
+        &mut self,
+        inner: &mut T,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{ready, Poll};
+        let wanted = out.remaining();
+        if self.start == self.end {
+            let Some(ahead) = self.buf.as_deref_mut() else {
+                // Not engaged: read straight into the caller's buffer.
+                let before = out.filled().len();
+                ready!(std::pin::Pin::new(inner).poll_read(cx, out))?;
+                if wanted > 0 && out.filled().len() - before == wanted && wanted < READ_AHEAD {
+                    self.buf = Some(vec![0; READ_AHEAD].into_boxed_slice());
+                    self.small_reads = 0;
+                }
+                return Poll::Ready(Ok(()));
+            };
+            let mut into = tokio::io::ReadBuf::new(ahead);
+            ready!(std::pin::Pin::new(inner).poll_read(cx, &mut into))?;
+            let n = into.filled().len();
+            (self.start, self.end) = (0, n);
+            if n <= wanted {
+                self.small_reads += 1;
+            } else {
+                self.small_reads = 0;
+            }
+        }
+        let Some(ahead) = self.buf.as_deref() else {
+            return Poll::Ready(Ok(()));
+        };
+        let n = wanted.min(self.end - self.start);
+        out.put_slice(&ahead[self.start..self.start + n]);
+        self.start += n;
+        if self.start == self.end && self.small_reads >= 8 {
+            self.buf = None;
+            (self.start, self.end) = (0, 0);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -396,7 +490,75 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::Replay;
+    use super::{Replay, READ_AHEAD};
+
+    /// Reads `len` bytes in 4 KiB reads, as rustls does.
+    async fn read_as_tls_does(reader: &mut Replay<TcpStream>, len: usize) -> Vec<u8> {
+        let mut received = Vec::with_capacity(len);
+        let mut chunk = [0u8; 4096];
+        while received.len() < len {
+            let n = reader.read(&mut chunk).await.unwrap();
+            assert_ne!(n, 0, "end of stream after {} bytes", received.len());
+            received.extend_from_slice(&chunk[..n]);
+        }
+        received
+    }
+
+    /// A burst engages the read-ahead buffer without losing or reordering a byte,
+    /// and small exchanges afterwards free it again.
+    #[tokio::test]
+    async fn tls_socket_reads_ahead_through_bursts_only() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut writer = client.unwrap();
+        let mut reader = Replay::under_tls(b"hello".to_vec(), accepted.unwrap().0);
+
+        let burst: Vec<u8> = (0..4 * READ_AHEAD + 123).map(|i| (i % 251) as u8).collect();
+        let mut expected = b"hello".to_vec();
+        expected.extend_from_slice(&burst);
+        // The first 8 KiB wait in the socket before the first read (loopback delivers
+        // during the send), so that read fills what it asked for; the rest follows
+        // while the reader reads.
+        writer.write_all(&burst[..8192]).await.unwrap();
+        let sending = tokio::spawn(async move {
+            writer.write_all(&burst[8192..]).await.unwrap();
+            writer
+        });
+        let received = read_as_tls_does(&mut reader, expected.len()).await;
+        let mut writer = sending.await.unwrap();
+        assert!(received == expected, "the burst arrived changed");
+        assert!(reader.reading_ahead(), "a burst must engage read-ahead");
+
+        for round in 0..8u8 {
+            writer.write_all(&[round; 100]).await.unwrap();
+            assert_eq!(read_as_tls_does(&mut reader, 100).await, vec![round; 100]);
+        }
+        assert!(
+            !reader.reading_ahead(),
+            "small exchanges must free the buffer"
+        );
+
+        drop(writer);
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "end of stream passes through");
+    }
+
+    /// Request/response traffic never allocates the buffer.
+    #[tokio::test]
+    async fn tls_socket_reads_small_messages_directly() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut writer = client.unwrap();
+        let mut reader = Replay::under_tls(Vec::new(), accepted.unwrap().0);
+        for round in 0..20u8 {
+            writer.write_all(&[round; 1091]).await.unwrap();
+            assert_eq!(read_as_tls_does(&mut reader, 1091).await, vec![round; 1091]);
+            assert!(!reader.reading_ahead());
+        }
+    }
 
     /// A frame head and its body leave in one write; without vectored writes h2
     /// sends each body chunk over 1 KiB as two TLS records.

@@ -83,7 +83,7 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
         configs.server.clone()
     };
     let handshake =
-        tokio_rustls::TlsAcceptor::from(config).accept(Replay::new(prefix, conn.stream));
+        tokio_rustls::TlsAcceptor::from(config).accept(Replay::under_tls(prefix, conn.stream));
     let tls = match tokio::time::timeout(ctx.config.detect_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {

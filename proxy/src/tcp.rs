@@ -20,8 +20,11 @@ use tokio::net::TcpStream;
 
 use crate::metrics::TransportSeries;
 
-/// Bytes buffered per direction: large enough for bulk throughput (a full TLS record).
+/// Bytes buffered per direction at first: a full TLS record.
 const COPY_BUFFER: usize = 16 * 1024;
+/// What a direction's buffer grows to once a read fills it (a bulk transfer): four
+/// TLS records per read and per write instead of one.
+const BULK_COPY_BUFFER: usize = 64 * 1024;
 
 /// A stream the proxy forwards: plain TCP, TLS over TCP, or a stream on a carrier
 /// between proxies (`tunnel.rs`). A failure must be able to end it with a reset.
@@ -180,27 +183,48 @@ impl Direction {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            let mut read = ReadBuf::new(&mut self.buf);
-            match Pin::new(&mut *reader).poll_read(cx, &mut read) {
-                Poll::Ready(Ok(())) => {
-                    let n = read.filled().len();
-                    (self.start, self.end) = (0, n);
-                    if n == 0 {
-                        self.read_done = true;
-                    } else {
+            // Gather what is readable now before writing again: a TLS reader yields
+            // one record per read, and one write of several records is one syscall.
+            (self.start, self.end) = (0, 0);
+            loop {
+                let mut read = ReadBuf::new(&mut self.buf[self.end..]);
+                match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        let n = read.filled().len();
+                        if n == 0 {
+                            self.read_done = true;
+                            break;
+                        }
                         read_series.add_read(n);
+                        self.end += n;
+                        if self.end == self.buf.len() {
+                            self.grow();
+                            break;
+                        }
                     }
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err((true, e))),
-                Poll::Pending => {
-                    // Nothing more to read for now: push out what the writer holds.
-                    if self.unflushed {
-                        ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|e| (false, e))?;
-                        self.unflushed = false;
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((true, e))),
+                    Poll::Pending if self.end > 0 => break,
+                    Poll::Pending => {
+                        // Nothing more to read for now: push out what the writer holds.
+                        if self.unflushed {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))
+                                .map_err(|e| (false, e))?;
+                            self.unflushed = false;
+                        }
+                        return Poll::Pending;
                     }
-                    return Poll::Pending;
                 }
             }
+        }
+    }
+
+    /// A read filled the buffer: this is a bulk transfer, so move to the larger
+    /// buffer (once; it stays for the connection's life).
+    fn grow(&mut self) {
+        if self.buf.len() < BULK_COPY_BUFFER {
+            let mut bigger = vec![0; BULK_COPY_BUFFER].into_boxed_slice();
+            bigger[..self.end].copy_from_slice(&self.buf[..self.end]);
+            self.buf = bigger;
         }
     }
 }
@@ -265,6 +289,46 @@ mod tests {
             assert_eq!(answer, b"answer");
         };
         let (result, ()) = tokio::join!(forwarding, peers);
+        result.unwrap();
+    }
+
+    /// A transfer large enough to grow the buffers arrives whole and in order, in
+    /// both directions at once.
+    #[tokio::test]
+    async fn bulk_passes_unchanged_both_ways() {
+        const LEN: usize = 4 << 20;
+        let pattern =
+            |seed: usize| -> Vec<u8> { (0..LEN).map(|i| ((i * 7 + seed) % 253) as u8).collect() };
+        let (src, dst) = series();
+        let (app, proxy_client) = pair().await;
+        let (proxy_server, upstream) = pair().await;
+        let forwarding = forward(
+            Side {
+                stream: proxy_client,
+                series: src.series(),
+            },
+            b"",
+            Side {
+                stream: proxy_server,
+                series: dst.series(),
+            },
+        );
+        // Each end sends its pattern and reads the other's, concurrently.
+        let exchange = |mut stream: TcpStream, seed: usize, expect: usize| async move {
+            let (mut reader, mut writer) = stream.split();
+            let sent = pattern(seed);
+            let send = async {
+                writer.write_all(&sent).await.unwrap();
+                writer.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let receive = reader.read_to_end(&mut got);
+            let ((), received) = tokio::join!(send, receive);
+            received.unwrap();
+            assert!(got == pattern(expect), "bytes changed or lost on the way");
+        };
+        let (result, (), ()) =
+            tokio::join!(forwarding, exchange(app, 1, 2), exchange(upstream, 2, 1));
         result.unwrap();
     }
 

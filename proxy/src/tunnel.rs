@@ -49,7 +49,6 @@ use h2::{Reason, RecvStream, SendStream};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream as ClientTls;
 use tokio_rustls::server::TlsStream as ServerTls;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
@@ -142,7 +141,7 @@ pub enum Upstream {
     Stream(Stream),
     /// A connection of its own, with the transport-header ALPN negotiated: the
     /// caller sends the header first.
-    Classic(Box<ClientTls<TcpStream>>),
+    Classic(Box<conn::MeshTls>),
 }
 
 /// Opens the way to `port` behind the peer proxy at `peer` (its inbound address),
@@ -219,7 +218,7 @@ async fn connect(ctx: &Context, peer: SocketAddr) -> Result<TcpStream, (ConnErro
 
 async fn start_carrier(
     ctx: &Context,
-    tls: ClientTls<TcpStream>,
+    tls: conn::MeshTls,
     peer: SocketAddr,
 ) -> Result<Arc<Carrier>, (ConnError, &'static str)> {
     let (sender, mut connection) = h2::client::Builder::new()

@@ -324,7 +324,7 @@ fn upstream_error(error: hyper::Error) -> ErrorKind {
 /// A connection the proxy opened: plain TCP, or mesh TLS over TCP.
 pub enum Upstream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<crate::conn::MeshTls>),
 }
 
 impl AsyncRead for Upstream {
