@@ -158,6 +158,7 @@ async fn serve(
             require_tls: config.inbound_require_tls.clone(),
             tunnels: Default::default(),
             shutdown: shutdown.clone(),
+            connections: connections.clone(),
         });
         tokio::spawn(sweep_pools(ctx.clone(), shutdown.clone()));
         for listener in listeners {
@@ -166,7 +167,6 @@ async fn serve(
                 direction,
                 listener,
                 ctx.clone(),
-                connections.clone(),
                 shutdown.clone(),
             )));
         }
@@ -226,7 +226,6 @@ async fn accept_loop(
     direction: Direction,
     listener: TcpListener,
     ctx: Arc<Context>,
-    connections: TaskTracker,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -236,8 +235,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, client)) => {
-                let ctx = ctx.clone();
-                connections.spawn(async move {
+                let task_ctx = ctx.clone();
+                ctx.connections.spawn(async move {
+                    let ctx = task_ctx;
                     match direction {
                         Direction::Inbound => crate::inbound::handle(&ctx, stream, client).await,
                         Direction::Outbound => crate::outbound::handle(&ctx, stream, client).await,

@@ -36,6 +36,9 @@ pub struct Context {
     pub tunnels: crate::tunnel::Peers,
     /// Cancelled when the proxy starts draining.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Every accepted connection's task, and the tunnel an upgraded HTTP connection
+    /// becomes: draining waits for all of them.
+    pub connections: tokio_util::task::TaskTracker,
 }
 
 /// The accepted socket and where it was going.

@@ -72,6 +72,58 @@ fn sigterm_lets_open_connections_finish_then_exits_zero() {
 }
 
 #[test]
+fn draining_waits_for_an_upgraded_http_connection() {
+    let mesh = Mesh::new(2);
+    let (a, b) = (mesh.pod(0), mesh.pod(1));
+    redirect(a);
+    redirect(b);
+    let (mut proxy_a, _proxy_b) = (Proxy::start(a, &[]), Proxy::start(b, &[]));
+    // A WebSocket-style server on an HTTP port: after the 101, it echoes bytes.
+    let server = Server::start(b, SocketAddr::from(([0, 0, 0, 0], 8082)), |mut conn| {
+        read_until(&mut conn, b"\r\n\r\n");
+        conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").unwrap();
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while let Ok(1) = std::io::Read::read(&mut conn, &mut byte) {
+            seen.push(byte[0]);
+            if conn.write_all(&byte).is_err() {
+                break;
+            }
+        }
+        seen
+    });
+    let mut client = connect(a, SocketAddr::from((b.ipv4, 8082)));
+    client.write_all(b"GET /chat HTTP/1.1\r\nHost: beta\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").unwrap();
+    let head = read_until(&mut client, b"\r\n\r\n");
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    client.write_all(b"before\n").unwrap();
+    assert_eq!(read_until(&mut client, b"\n"), b"before\n");
+
+    proxy_a.process.signal(libc::SIGTERM);
+    wait_until_not_accepting(&mesh);
+    // The tunnel outlives its HTTP connection's task; the drain must still wait for it.
+    client.write_all(b"after\n").unwrap();
+    assert_eq!(read_until(&mut client, b"\n"), b"after\n");
+    assert!(
+        proxy_a.process.try_exit().is_none(),
+        "the proxy exited with an upgraded connection open"
+    );
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    assert_eq!(server.join(), b"before\nafter\n");
+    let status = proxy_a.process.wait_exit(PATIENCE);
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        proxy_a.process.output()
+    );
+}
+
+#[test]
 fn a_shutdown_delay_keeps_serving_new_outbound_connections_then_exits_zero() {
     let mesh = Mesh::new(2);
     let env = [("TANDEM_SHUTDOWN_DELAY", "5s")];

@@ -202,7 +202,8 @@ impl Connection {
         }
         let upstream = hyper::upgrade::on(&mut response);
         let target = self.target;
-        tokio::spawn(async move {
+        // Tracked like a connection: draining waits for the tunnel (a WebSocket) too.
+        self.ctx.connections.spawn(async move {
             let (down, up) = match tokio::join!(downstream, upstream) {
                 (Ok(down), Ok(up)) => (down, up),
                 (down, up) => {
