@@ -203,11 +203,13 @@ impl Connection {
         let upstream = hyper::upgrade::on(&mut response);
         let target = self.target;
         // Tracked like a connection: draining waits for the tunnel (a WebSocket) too.
+        let ctx = self.ctx.clone();
         self.ctx.connections.spawn(async move {
             let (down, up) = match tokio::join!(downstream, upstream) {
                 (Ok(down), Ok(up)) => (down, up),
                 (down, up) => {
                     debug!(%target, down = ?down.err(), up = ?up.err(), "upgrade failed");
+                    ctx.metrics.error(ConnError::Io);
                     return;
                 }
             };
@@ -217,6 +219,7 @@ impl Connection {
             let mut up = hyper_util::rt::TokioIo::new(up);
             if let Err(error) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
                 debug!(%target, %error, "upgraded connection failed");
+                ctx.metrics.error(ConnError::Io);
             }
         });
         Ok((response, None))
