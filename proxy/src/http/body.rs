@@ -3,7 +3,10 @@
 //!
 //! It is also where a response ends, so it records the response's metrics (status,
 //! gRPC status from headers or trailers, latency) and returns a pooled HTTP/1
-//! connection once the body has been read to its end.
+//! connection once the body has been read to its end. Latency is Linkerd's
+//! time to first byte: until the first DATA frame, or the end of a body without one,
+//! so a long download or a server stream reads as the server's reaction time, not as
+//! the stream's length.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -27,12 +30,22 @@ pub struct ResponseBody {
 pub struct Recorder {
     pub series: SeriesHandle,
     pub start: Instant,
+    /// Request headers received → first body bytes, once they came.
+    pub first_byte: Option<std::time::Duration>,
     pub status: u16,
     /// The gRPC status, once seen (headers of a trailers-only response, or trailers).
     pub grpc: Option<u32>,
 }
 
 impl Recorder {
+    fn on_frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(trailers) = frame.trailers_ref() {
+            self.grpc = grpc_status(trailers).or(self.grpc);
+        } else if self.first_byte.is_none() && frame.data_ref().is_some_and(|d| !d.is_empty()) {
+            self.first_byte = Some(self.start.elapsed());
+        }
+    }
+
     fn finish(self, error: bool) {
         let outcome = if error {
             Outcome::Error(ErrorKind::Stream)
@@ -42,7 +55,8 @@ impl Recorder {
                 grpc: self.grpc,
             }
         };
-        self.series.response(outcome, self.start.elapsed());
+        let latency = self.first_byte.unwrap_or_else(|| self.start.elapsed());
+        self.series.response(outcome, latency);
     }
 }
 
@@ -97,9 +111,8 @@ impl Body for ResponseBody {
         let polled = Pin::new(inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(trailers), Some(recorder)) = (frame.trailers_ref(), &mut this.recorder)
-                {
-                    recorder.grpc = grpc_status(trailers).or(recorder.grpc);
+                if let Some(recorder) = &mut this.recorder {
+                    recorder.on_frame(frame);
                 }
             }
             Poll::Ready(Some(Err(_))) => this.end(true),
@@ -129,5 +142,76 @@ impl Drop for ResponseBody {
             self.checkin = None;
         }
         self.end(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::http::metrics::{RequestCollector, RequestMetrics};
+    use crate::metrics::{Direction, NoTlsReason, TlsStatus};
+
+    /// Records one response through `frames`, moving its start back by `before` before
+    /// the frames and by `after` once they are in, and returns the latency sum (ms).
+    fn recorded_latency_ms(frames: &[Frame<Bytes>], before: u64, after: u64) -> f64 {
+        let metrics = Arc::new(RequestMetrics::new(
+            Direction::Outbound,
+            Duration::from_secs(60),
+            10,
+        ));
+        let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+        let series = metrics.series(None, "192.0.2.1:80".parse().unwrap(), &tls);
+        let back = |secs| {
+            Instant::now()
+                .checked_sub(Duration::from_secs(secs))
+                .unwrap()
+        };
+        let mut recorder = Recorder {
+            series,
+            start: back(before),
+            first_byte: None,
+            status: 200,
+            grpc: None,
+        };
+        for frame in frames {
+            recorder.on_frame(frame);
+        }
+        recorder.start = back(after);
+        recorder.finish(false);
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(RequestCollector {
+            directions: [metrics.clone(), metrics],
+        }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find(|l| l.starts_with("response_latency_ms_sum"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no latency sum in {text}"))
+    }
+
+    /// A stream that lasts a minute after its first bytes reads as its first bytes.
+    #[test]
+    fn latency_is_time_to_first_byte() {
+        let frames = [
+            Frame::data(Bytes::new()),
+            Frame::data(Bytes::from_static(b"first")),
+            Frame::data(Bytes::from_static(b"later")),
+            Frame::trailers(HeaderMap::new()),
+        ];
+        let ms = recorded_latency_ms(&frames, 5, 60);
+        assert!((5_000.0..30_000.0).contains(&ms), "{ms} ms");
+    }
+
+    /// Without body bytes, the end of the stream is the first byte.
+    #[test]
+    fn latency_without_data_is_until_the_end() {
+        let frames = [Frame::data(Bytes::new()), Frame::trailers(HeaderMap::new())];
+        let ms = recorded_latency_ms(&frames, 5, 60);
+        assert!(ms >= 60_000.0, "{ms} ms");
     }
 }

@@ -335,7 +335,7 @@ impl Collector for RequestCollector {
         }
         let mut family = encoder.encode_descriptor(
             "response_latency_ms",
-            "Elapsed times between a request's headers being received and its response stream completing",
+            "Elapsed times between a request's headers being received and the first bytes of its response body (or its end, without a body)",
             None,
             MetricType::Histogram,
         )?;

@@ -240,6 +240,7 @@ async fn handle(
             let recorder = Recorder {
                 series,
                 start,
+                first_byte: None,
                 status: response.status().as_u16(),
                 grpc: body::grpc_status(response.headers()),
             };
