@@ -94,6 +94,7 @@ struct Measured {
     /// The backend's CPU over the same run: a calibration of what one trivial process
     /// costs per request on this machine.
     backend_cores: f64,
+    host: HostTicks,
 }
 
 #[derive(Clone, Copy)]
@@ -222,6 +223,7 @@ fn measure(
         .map(|p| cpu_ticks(p.process.pid()))
         .collect::<anyhow::Result<_>>()?;
     let backend_before = cpu_ticks(backend)?;
+    let host_before = host_ticks()?;
     let started = Instant::now();
     let report = load(
         client,
@@ -245,10 +247,12 @@ fn measure(
         });
     }
     let backend_used = cpu_ticks(backend)?.saturating_sub(backend_before) as f64;
+    let host = host_ticks()?.since(&host_before);
     Ok(Measured {
         report,
         proxies: costs,
         backend_cores: backend_used / ticks_per_second / wall,
+        host,
     })
 }
 
@@ -287,6 +291,52 @@ fn load(
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     Report::from_line(stdout.trim()).with_context(|| format!("load {mode} to {target}"))
+}
+
+/// The machine's CPU time from `/proc/stat`, for the share the hypervisor took
+/// (steal) and the network stack ran outside any process (softirq): the first says
+/// how much a run was disturbed, the second what three TCP hops cost the kernel.
+#[derive(Clone, Copy, Debug, Default)]
+struct HostTicks {
+    total: u64,
+    steal: u64,
+    softirq: u64,
+}
+
+impl HostTicks {
+    fn since(&self, before: &HostTicks) -> HostTicks {
+        HostTicks {
+            total: self.total.saturating_sub(before.total),
+            steal: self.steal.saturating_sub(before.steal),
+            softirq: self.softirq.saturating_sub(before.softirq),
+        }
+    }
+
+    fn percent(&self, part: u64) -> f64 {
+        100.0 * part as f64 / self.total.max(1) as f64
+    }
+}
+
+fn host_ticks() -> anyhow::Result<HostTicks> {
+    let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    parse_host_ticks(&stat).with_context(|| "unexpected first line in /proc/stat".to_string())
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal …` (proc(5)).
+fn parse_host_ticks(stat: &str) -> Option<HostTicks> {
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // guest and guest_nice (fields 9 and 10) are already counted in user and nice.
+    Some(HostTicks {
+        total: fields.iter().take(8).sum(),
+        softirq: *fields.get(6)?,
+        steal: *fields.get(7)?,
+    })
 }
 
 fn ticks_per_second() -> f64 {
@@ -352,11 +402,11 @@ fn table(results: &[(&Scenario, Measured, Measured)]) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| scenario | path | req/s | vs direct | p50 ms | p99 ms | max ms | errors | CPU cores (client proxy / server proxy) | peak RSS MiB | final RSS MiB | backend cores |"
+        "| scenario | path | req/s | vs direct | p50 ms | p99 ms | max ms | errors | CPU cores (client proxy / server proxy) | peak RSS MiB | final RSS MiB | backend cores | host steal / softirq % |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for (scenario, direct, meshed) in results {
         for (path, m) in [("direct", direct), ("meshed", meshed)] {
@@ -397,7 +447,7 @@ fn table(results: &[(&Scenario, Measured, Measured)]) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {path} | {rate} | {ratio} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {:.3} |",
+                "| {} | {path} | {rate} | {ratio} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {:.3} | {:.0} / {:.0} |",
                 scenario.name,
                 ms(r.p50),
                 ms(r.p99),
@@ -407,6 +457,8 @@ fn table(results: &[(&Scenario, Measured, Measured)]) -> String {
                 costs.1,
                 costs.2,
                 m.backend_cores,
+                m.host.percent(m.host.steal),
+                m.host.percent(m.host.softirq),
             );
         }
     }
@@ -494,4 +546,19 @@ fn derived(results: &[(&Scenario, Measured, Measured)]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ticks_read_steal_and_softirq() {
+        let stat = "cpu  100 5 50 800 10 2 30 3 7 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
+        let ticks = parse_host_ticks(stat).unwrap();
+        assert_eq!(ticks.total, 1000, "guest time is already in user time");
+        assert_eq!((ticks.softirq, ticks.steal), (30, 3));
+        assert_eq!(ticks.percent(ticks.softirq), 3.0);
+        assert!(parse_host_ticks("intr 1 2 3\n").is_none());
+    }
 }
