@@ -29,13 +29,25 @@ pub struct DirectionConfig {
     pub listen: Vec<SocketAddr>,
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
-    pub accept_keepalive: Option<Duration>,
-    pub connect_keepalive: Option<Duration>,
+    /// Options for the sockets this direction accepts, and for those it opens.
+    pub accept: SocketOptions,
+    pub connect: SocketOptions,
     pub opaque_ports: PortSet,
     pub http: HttpConfig,
     /// Outbound: offer peer proxies a carrier for meshed opaque connections. Inbound:
     /// accept carriers from peer proxies (`tunnel.rs`).
     pub opaque_carrier: bool,
+}
+
+/// TCP options for one kind of socket (accepted or opened, per direction).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// TCP keepalive idle time: dead peers are noticed on long-idle connections.
+    pub keepalive: Option<Duration>,
+    /// `TCP_USER_TIMEOUT`: a connection whose sent data stays unacknowledged this
+    /// long is closed, so a peer that vanished with data in flight is noticed in
+    /// seconds rather than after minutes of retransmissions.
+    pub user_timeout: Option<Duration>,
 }
 
 /// HTTP connection pooling towards one direction's destinations.
@@ -162,19 +174,33 @@ impl Config {
             ),
             connect_timeout: env.parse(
                 "LINKERD2_PROXY_INBOUND_CONNECT_TIMEOUT",
-                "100ms",
+                "300ms",
                 parse_duration,
             ),
-            accept_keepalive: env.parse(
-                "LINKERD2_PROXY_INBOUND_ACCEPT_KEEPALIVE",
-                "10s",
-                parse_keepalive,
-            ),
-            connect_keepalive: env.parse(
-                "LINKERD2_PROXY_INBOUND_CONNECT_KEEPALIVE",
-                "10s",
-                parse_keepalive,
-            ),
+            accept: SocketOptions {
+                keepalive: env.parse(
+                    "LINKERD2_PROXY_INBOUND_ACCEPT_KEEPALIVE",
+                    "10s",
+                    parse_keepalive,
+                ),
+                user_timeout: env.parse(
+                    "LINKERD2_PROXY_INBOUND_ACCEPT_USER_TIMEOUT",
+                    "",
+                    parse_user_timeout,
+                ),
+            },
+            connect: SocketOptions {
+                keepalive: env.parse(
+                    "LINKERD2_PROXY_INBOUND_CONNECT_KEEPALIVE",
+                    "10s",
+                    parse_keepalive,
+                ),
+                user_timeout: env.parse(
+                    "LINKERD2_PROXY_INBOUND_CONNECT_USER_TIMEOUT",
+                    "",
+                    parse_user_timeout,
+                ),
+            },
             opaque_ports: inbound_opaque,
             opaque_carrier: env.parse("TANDEM_INBOUND_OPAQUE_CARRIER", "true", parse_bool),
             http: HttpConfig {
@@ -184,7 +210,8 @@ impl Config {
                     parse_duration,
                 ),
                 max_idle_per_endpoint: env.parse(
-                    "LINKERD2_PROXY_INBOUND_MAX_IDLE_CONNS_PER_ENDPOINT",
+                    // Linkerd's name: the inbound one has no INBOUND_.
+                    "LINKERD2_PROXY_MAX_IDLE_CONNS_PER_ENDPOINT",
                     "10000",
                     parse_count,
                 ),
@@ -222,16 +249,30 @@ impl Config {
                 "1s",
                 parse_duration,
             ),
-            accept_keepalive: env.parse(
-                "LINKERD2_PROXY_OUTBOUND_ACCEPT_KEEPALIVE",
-                "10s",
-                parse_keepalive,
-            ),
-            connect_keepalive: env.parse(
-                "LINKERD2_PROXY_OUTBOUND_CONNECT_KEEPALIVE",
-                "10s",
-                parse_keepalive,
-            ),
+            accept: SocketOptions {
+                keepalive: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_ACCEPT_KEEPALIVE",
+                    "10s",
+                    parse_keepalive,
+                ),
+                user_timeout: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_ACCEPT_USER_TIMEOUT",
+                    "",
+                    parse_user_timeout,
+                ),
+            },
+            connect: SocketOptions {
+                keepalive: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_CONNECT_KEEPALIVE",
+                    "10s",
+                    parse_keepalive,
+                ),
+                user_timeout: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_CONNECT_USER_TIMEOUT",
+                    "",
+                    parse_user_timeout,
+                ),
+            },
             opaque_ports: outbound_opaque,
             opaque_carrier: env.parse("TANDEM_OUTBOUND_OPAQUE_CARRIER", "false", parse_bool),
             http: HttpConfig {
@@ -400,6 +441,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// A keepalive of `0` turns TCP keepalive off.
 fn parse_keepalive(text: &str) -> Result<Option<Duration>, String> {
     parse_duration(text).map(|d| (!d.is_zero()).then_some(d))
+}
+
+/// Unset or `0` leaves the kernel's behaviour; the kernel takes whole milliseconds.
+fn parse_user_timeout(text: &str) -> Result<Option<Duration>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let timeout = parse_keepalive(text)?;
+    match timeout {
+        Some(t) if t.as_millis() > u128::from(u32::MAX) => {
+            Err("too long for TCP_USER_TIMEOUT (at most 49 days)".into())
+        }
+        _ => Ok(timeout),
+    }
 }
 
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
@@ -575,6 +630,48 @@ mod tests {
             assert!(c.outbound.opaque_ports.contains(port));
         }
         assert!(!c.inbound.opaque_ports.contains(80));
+        assert_eq!(c.inbound.connect_timeout, Duration::from_millis(300));
+        assert_eq!(c.outbound.connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.inbound.http.max_idle_per_endpoint, 10_000);
+        for options in [
+            c.inbound.accept,
+            c.inbound.connect,
+            c.outbound.accept,
+            c.outbound.connect,
+        ] {
+            assert_eq!(options.keepalive, Some(Duration::from_secs(10)));
+            assert_eq!(options.user_timeout, None);
+        }
+    }
+
+    /// The settings Linkerd's injection template sets, under Linkerd's names.
+    #[test]
+    fn linkerd_template_socket_settings_apply() {
+        let c = config(&[
+            ("LINKERD2_PROXY_INBOUND_ACCEPT_USER_TIMEOUT", "30s"),
+            ("LINKERD2_PROXY_OUTBOUND_CONNECT_USER_TIMEOUT", "30000ms"),
+            ("LINKERD2_PROXY_INBOUND_ACCEPT_KEEPALIVE", "10000ms"),
+            ("LINKERD2_PROXY_OUTBOUND_CONNECT_KEEPALIVE", "0"),
+            ("LINKERD2_PROXY_MAX_IDLE_CONNS_PER_ENDPOINT", "7"),
+        ])
+        .unwrap();
+        assert_eq!(c.inbound.accept.user_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            c.outbound.connect.user_timeout,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(c.inbound.connect.user_timeout, None);
+        assert_eq!(c.inbound.accept.keepalive, Some(Duration::from_secs(10)));
+        assert_eq!(c.outbound.connect.keepalive, None);
+        assert_eq!(c.inbound.http.max_idle_per_endpoint, 7);
+        assert_eq!(c.outbound.http.max_idle_per_endpoint, 10_000);
+        let error = config(&[("LINKERD2_PROXY_OUTBOUND_ACCEPT_USER_TIMEOUT", "5000h")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("LINKERD2_PROXY_OUTBOUND_ACCEPT_USER_TIMEOUT"),
+            "{error}"
+        );
     }
 
     #[test]

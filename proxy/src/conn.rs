@@ -52,7 +52,7 @@ pub struct Accepted {
 
 /// Reads the original destination of a freshly accepted socket.
 pub fn accept(ctx: &Context, stream: TcpStream, client: SocketAddr) -> Option<Accepted> {
-    if let Err(error) = transport::set_options(&stream, ctx.config.accept_keepalive) {
+    if let Err(error) = transport::set_options(&stream, ctx.config.accept) {
         debug!(%client, %error, "cannot set socket options");
     }
     let addrs = stream
@@ -147,13 +147,7 @@ pub async fn connect<C: Transport>(
     client: Client<C>,
     target: SocketAddr,
 ) -> Option<(Client<C>, TcpStream)> {
-    match transport::connect(
-        target,
-        ctx.config.connect_timeout,
-        ctx.config.connect_keepalive,
-    )
-    .await
-    {
+    match transport::connect(target, ctx.config.connect_timeout, ctx.config.connect).await {
         Ok(server) => Some((client, server)),
         Err(error) => {
             debug!(client = %client.addr, %target, %error, "cannot connect");

@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
+
+use crate::config::SocketOptions;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Binds a listener the way a sidecar needs: address reuse so a restarted proxy can
@@ -55,12 +57,16 @@ pub fn unmap(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Options for every socket the proxy accepts or opens: no Nagle delay (the proxy
-/// must not add latency to small writes) and optional TCP keepalive so dead peers
-/// are noticed on long-idle connections.
-pub fn set_options(stream: &TcpStream, keepalive: Option<Duration>) -> io::Result<()> {
+/// must not add latency to small writes), then the configured keepalive and user
+/// timeout.
+pub fn set_options(stream: &TcpStream, options: SocketOptions) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    if let Some(idle) = keepalive {
-        SockRef::from(stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
+    let socket = SockRef::from(stream);
+    if let Some(idle) = options.keepalive {
+        socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
+    }
+    if let Some(timeout) = options.user_timeout {
+        socket.set_tcp_user_timeout(Some(timeout))?;
     }
     Ok(())
 }
@@ -96,7 +102,7 @@ impl std::fmt::Display for ConnectError {
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
-    keepalive: Option<Duration>,
+    options: SocketOptions,
 ) -> Result<TcpStream, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(ConnectError::TimedOut),
@@ -106,7 +112,7 @@ pub async fn connect(
         Ok(Err(e)) => return Err(ConnectError::Other(e)),
         Ok(Ok(stream)) => stream,
     };
-    set_options(&stream, keepalive).map_err(ConnectError::Other)?;
+    set_options(&stream, options).map_err(ConnectError::Other)?;
     Ok(stream)
 }
 
@@ -129,5 +135,43 @@ pub fn errno_label(error: &io::Error) -> &'static str {
         Some(libc::EHOSTUNREACH) => "EHOSTUNREACH",
         Some(libc::ENETUNREACH) => "ENETUNREACH",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn options_reach_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let options = SocketOptions {
+            keepalive: Some(Duration::from_secs(7)),
+            user_timeout: Some(Duration::from_millis(30_500)),
+        };
+        let stream = connect(
+            listener.local_addr().unwrap(),
+            Duration::from_secs(5),
+            options,
+        )
+        .await
+        .unwrap();
+        let socket = SockRef::from(&stream);
+        assert!(stream.nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_millis(30_500))
+        );
+
+        let plain = connect(
+            listener.local_addr().unwrap(),
+            Duration::from_secs(5),
+            SocketOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(SockRef::from(&plain).tcp_user_timeout().unwrap(), None);
     }
 }

@@ -204,16 +204,12 @@ pub async fn open(
 }
 
 async fn connect(ctx: &Context, peer: SocketAddr) -> Result<TcpStream, (ConnError, &'static str)> {
-    transport::connect(
-        peer,
-        ctx.config.connect_timeout,
-        ctx.config.connect_keepalive,
-    )
-    .await
-    .map_err(|error| {
-        debug!(%peer, %error, "cannot connect to the peer proxy");
-        conn::connect_failure(&error)
-    })
+    transport::connect(peer, ctx.config.connect_timeout, ctx.config.connect)
+        .await
+        .map_err(|error| {
+            debug!(%peer, %error, "cannot connect to the peer proxy");
+            conn::connect_failure(&error)
+        })
 }
 
 async fn start_carrier(

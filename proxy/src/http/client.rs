@@ -260,12 +260,8 @@ impl Endpoint {
     /// Opens a connection to the endpoint: TCP, then mesh TLS when it has an identity.
     async fn dial(&self, ctx: &Context) -> Result<Counted<Upstream>, ErrorKind> {
         let target = self.key.target;
-        let tcp = match transport::connect(
-            target,
-            ctx.config.connect_timeout,
-            ctx.config.connect_keepalive,
-        )
-        .await
+        let tcp = match transport::connect(target, ctx.config.connect_timeout, ctx.config.connect)
+            .await
         {
             Ok(tcp) => tcp,
             Err(error) => {
