@@ -33,6 +33,12 @@ pub const LATENCY_BUCKETS_MS: [u64; 25] = [
 /// gRPC status codes 0..=16 have their own slot; anything else shares the last.
 const GRPC_SLOTS: usize = 18;
 
+/// The gRPC statuses current Linkerd classifies as failures by default: UNKNOWN,
+/// DEADLINE_EXCEEDED, PERMISSION_DENIED, INTERNAL, UNAVAILABLE, DATA_LOSS. The
+/// others (NOT_FOUND, INVALID_ARGUMENT, CANCELLED, …) are answers the caller asked
+/// for, so they count as successes, as in Linkerd's success rates.
+const GRPC_FAILURES: [usize; 6] = [2, 4, 7, 13, 14, 15];
+
 /// The counters of every request with the same labels.
 #[derive(Debug, Default)]
 pub struct RequestSeries {
@@ -271,7 +277,7 @@ fn responses(s: &RequestSeries) -> Vec<(ResponseLabels, u64)> {
             let labels = ResponseLabels {
                 status: Some(200),
                 grpc: Some(code as u32),
-                failure: code != 0,
+                failure: GRPC_FAILURES.contains(&code),
                 error: None,
             };
             out.push((labels, count));
@@ -391,6 +397,13 @@ mod tests {
             Duration::from_millis(3),
         );
         series.response(
+            Outcome::Status {
+                status: 200,
+                grpc: Some(5),
+            },
+            Duration::from_millis(3),
+        );
+        series.response(
             Outcome::Error(ErrorKind::ConnectRefused),
             Duration::from_millis(3),
         );
@@ -408,6 +421,10 @@ mod tests {
             text.contains(r#"status_code="200",classification="failure",grpc_status="14""#),
             "{text}"
         );
+        assert!(
+            text.contains(r#"status_code="200",classification="success",grpc_status="5""#),
+            "NOT_FOUND is an answer, not a failure: {text}"
+        );
         assert!(text.contains(r#"status_code="502",classification="failure",grpc_status="",error="connect_refused""#), "{text}");
         assert!(
             text.contains(r#"response_latency_ms_count{direction="outbound",authority="web:80""#),
@@ -420,6 +437,6 @@ mod tests {
                 .map(str::to_string)
         };
         assert_eq!(bucket("2.0").as_deref(), Some("0"), "{text}");
-        assert_eq!(bucket("3.0").as_deref(), Some("3"), "{text}");
+        assert_eq!(bucket("3.0").as_deref(), Some("4"), "{text}");
     }
 }
