@@ -94,14 +94,16 @@ async fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Reply
     let remote_client = !peer.ip().is_loopback();
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => metrics(admin, &req),
-        (&Method::GET, "/ready") => {
+        // HEAD too: some load balancers and VM health checkers probe with it
+        // (hyper leaves the body out).
+        (&Method::GET | &Method::HEAD, "/ready") => {
             if admin.ready.load(Ordering::Acquire) {
                 reply(StatusCode::OK, "ready\n")
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        (&Method::GET, "/live") => reply(StatusCode::OK, "live\n"),
+        (&Method::GET | &Method::HEAD, "/live") => reply(StatusCode::OK, "live\n"),
         (&Method::GET, "/env.json") => {
             let mut response = reply(StatusCode::OK, env_json(std::env::vars()));
             response

@@ -26,6 +26,20 @@ fn probes_env_and_gzip_metrics() {
         (200, "live\n".into())
     );
     assert_eq!(proxy.admin_request("GET", "/nope", "").unwrap().0, 404);
+    for probe in ["/ready", "/live"] {
+        let admin = proxy.admin;
+        let request = format!("HEAD {probe} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let response = mesh.pod(0).run(|| raw(admin, request.as_bytes())).unwrap();
+        let response = String::from_utf8_lossy(&response);
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "HEAD {probe}: {response}"
+        );
+        assert!(
+            response.ends_with("\r\n\r\n"),
+            "HEAD has no body: {response}"
+        );
+    }
 
     let (status, body) = proxy.admin_request("GET", "/env.json", "").unwrap();
     assert_eq!(status, 200);
