@@ -17,25 +17,52 @@ fn mesh_with_open_connection<'m>(
     redirect(a);
     redirect(b);
     let (proxy_a, proxy_b) = (Proxy::start(a, env), Proxy::start(b, env));
-    let server = Server::start(b, SocketAddr::from(([0, 0, 0, 0], 6379)), |mut conn| {
-        let mut seen = Vec::new();
-        loop {
-            let mut byte = [0u8; 1];
-            match std::io::Read::read(&mut conn, &mut byte) {
-                Ok(0) | Err(_) => return seen,
-                Ok(_) => {
-                    seen.push(byte[0]);
-                    if conn.write_all(&byte).is_err() {
-                        return seen;
-                    }
-                }
-            }
-        }
-    });
+    let server = Server::start(b, SocketAddr::from(([0, 0, 0, 0], 6379)), echo_bytes);
     let mut client = connect(a, SocketAddr::from((b.ipv4, 6379)));
     client.write_all(b"before\n").unwrap();
     assert_eq!(read_until(&mut client, b"\n"), b"before\n");
     (proxy_a, proxy_b, client, server)
+}
+
+/// Echoes byte by byte until the client closes; returns what it saw.
+fn echo_bytes(mut conn: TcpStream) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while let Ok(1) = std::io::Read::read(&mut conn, &mut byte) {
+        seen.push(byte[0]);
+        if conn.write_all(&byte).is_err() {
+            break;
+        }
+    }
+    seen
+}
+
+/// SIGTERM to pod A's proxy while `client` (which already exchanged `before`) is
+/// open: new connections are refused, yet `client` keeps working both ways and the
+/// proxy exits 0 only after it closes.
+fn drain_waits_for(
+    mesh: &Mesh,
+    proxy: &mut Proxy<'_>,
+    mut client: TcpStream,
+    server: Server<Vec<u8>>,
+) {
+    proxy.process.signal(libc::SIGTERM);
+    wait_until_not_accepting(mesh);
+    client.write_all(b"after\n").unwrap();
+    assert_eq!(read_until(&mut client, b"\n"), b"after\n");
+    assert!(
+        proxy.process.try_exit().is_none(),
+        "the proxy exited with a connection open"
+    );
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    assert_eq!(server.join(), b"before\nafter\n");
+    let status = proxy.process.wait_exit(PATIENCE);
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        proxy.process.output()
+    );
 }
 
 /// Waits until the pod's outbound listener is gone: a new connection is refused.
@@ -50,25 +77,9 @@ fn wait_until_not_accepting(mesh: &Mesh) {
 #[test]
 fn sigterm_lets_open_connections_finish_then_exits_zero() {
     let mesh = Mesh::new(2);
-    let (mut proxy_a, _proxy_b, mut client, server) = mesh_with_open_connection(&mesh, &[]);
-    proxy_a.process.signal(libc::SIGTERM);
-    wait_until_not_accepting(&mesh);
+    let (mut proxy_a, _proxy_b, client, server) = mesh_with_open_connection(&mesh, &[]);
     // The connection opened before the signal still works both ways.
-    client.write_all(b"after\n").unwrap();
-    assert_eq!(read_until(&mut client, b"\n"), b"after\n");
-    assert!(
-        proxy_a.process.try_exit().is_none(),
-        "the proxy exited with a connection open"
-    );
-    client.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(read_all(&mut client), b"");
-    assert_eq!(server.join(), b"before\nafter\n");
-    let status = proxy_a.process.wait_exit(PATIENCE);
-    assert!(
-        status.success(),
-        "exit status {status}\n{}",
-        proxy_a.process.output()
-    );
+    drain_waits_for(&mesh, &mut proxy_a, client, server);
 }
 
 #[test]
@@ -82,15 +93,7 @@ fn draining_waits_for_an_upgraded_http_connection() {
     let server = Server::start(b, SocketAddr::from(([0, 0, 0, 0], 8082)), |mut conn| {
         read_until(&mut conn, b"\r\n\r\n");
         conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").unwrap();
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while let Ok(1) = std::io::Read::read(&mut conn, &mut byte) {
-            seen.push(byte[0]);
-            if conn.write_all(&byte).is_err() {
-                break;
-            }
-        }
-        seen
+        echo_bytes(conn)
     });
     let mut client = connect(a, SocketAddr::from((b.ipv4, 8082)));
     client.write_all(b"GET /chat HTTP/1.1\r\nHost: beta\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").unwrap();
@@ -103,24 +106,8 @@ fn draining_waits_for_an_upgraded_http_connection() {
     client.write_all(b"before\n").unwrap();
     assert_eq!(read_until(&mut client, b"\n"), b"before\n");
 
-    proxy_a.process.signal(libc::SIGTERM);
-    wait_until_not_accepting(&mesh);
     // The tunnel outlives its HTTP connection's task; the drain must still wait for it.
-    client.write_all(b"after\n").unwrap();
-    assert_eq!(read_until(&mut client, b"\n"), b"after\n");
-    assert!(
-        proxy_a.process.try_exit().is_none(),
-        "the proxy exited with an upgraded connection open"
-    );
-    client.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(read_all(&mut client), b"");
-    assert_eq!(server.join(), b"before\nafter\n");
-    let status = proxy_a.process.wait_exit(PATIENCE);
-    assert!(
-        status.success(),
-        "exit status {status}\n{}",
-        proxy_a.process.output()
-    );
+    drain_waits_for(&mesh, &mut proxy_a, client, server);
 }
 
 #[test]
