@@ -319,7 +319,7 @@ impl HostTicks {
 
 fn host_ticks() -> anyhow::Result<HostTicks> {
     let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
-    parse_host_ticks(&stat).with_context(|| "unexpected first line in /proc/stat".to_string())
+    parse_host_ticks(&stat).context("unexpected first line in /proc/stat")
 }
 
 /// `cpu  user nice system idle iowait irq softirq steal …` (proc(5)).

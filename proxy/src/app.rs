@@ -235,9 +235,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, client)) => {
-                let task_ctx = ctx.clone();
-                ctx.connections.spawn(async move {
-                    let ctx = task_ctx;
+                let ctx = ctx.clone();
+                let connections = ctx.connections.clone();
+                connections.spawn(async move {
                     match direction {
                         Direction::Inbound => crate::inbound::handle(&ctx, stream, client).await,
                         Direction::Outbound => crate::outbound::handle(&ctx, stream, client).await,

@@ -325,10 +325,10 @@ pub struct Replay<T> {
 /// Bytes a TLS socket reads at once when it reads ahead: about two full records.
 const READ_AHEAD: usize = 32 * 1024;
 
-/// Read-ahead state: `buf` is allocated only while engaged.
+/// Read-ahead state: `buf` is allocated (non-empty) only while engaged.
 #[derive(Default)]
 struct ReadAhead {
-    buf: Option<Box<[u8]>>,
+    buf: Box<[u8]>,
     start: usize,
     end: usize,
     /// Reads in a row that returned no more than the caller asked for.
@@ -362,7 +362,7 @@ impl<T> Replay<T> {
 
     #[cfg(test)]
     fn reading_ahead(&self) -> bool {
-        self.read_ahead.as_ref().is_some_and(|a| a.buf.is_some())
+        self.read_ahead.as_ref().is_some_and(|a| !a.buf.is_empty())
     }
 }
 
@@ -401,17 +401,17 @@ impl ReadAhead {
         use std::task::{ready, Poll};
         let wanted = out.remaining();
         if self.start == self.end {
-            let Some(ahead) = self.buf.as_deref_mut() else {
+            if self.buf.is_empty() {
                 // Not engaged: read straight into the caller's buffer.
                 let before = out.filled().len();
                 ready!(std::pin::Pin::new(inner).poll_read(cx, out))?;
                 if wanted > 0 && out.filled().len() - before == wanted && wanted < READ_AHEAD {
-                    self.buf = Some(vec![0; READ_AHEAD].into_boxed_slice());
+                    self.buf = vec![0; READ_AHEAD].into_boxed_slice();
                     self.small_reads = 0;
                 }
                 return Poll::Ready(Ok(()));
-            };
-            let mut into = tokio::io::ReadBuf::new(ahead);
+            }
+            let mut into = tokio::io::ReadBuf::new(&mut self.buf);
             ready!(std::pin::Pin::new(inner).poll_read(cx, &mut into))?;
             let n = into.filled().len();
             (self.start, self.end) = (0, n);
@@ -421,14 +421,11 @@ impl ReadAhead {
                 self.small_reads = 0;
             }
         }
-        let Some(ahead) = self.buf.as_deref() else {
-            return Poll::Ready(Ok(()));
-        };
         let n = wanted.min(self.end - self.start);
-        out.put_slice(&ahead[self.start..self.start + n]);
+        out.put_slice(&self.buf[self.start..self.start + n]);
         self.start += n;
         if self.start == self.end && self.small_reads >= 8 {
-            self.buf = None;
+            self.buf = Box::default();
             (self.start, self.end) = (0, 0);
         }
         Poll::Ready(Ok(()))

@@ -6,9 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::SocketOptions;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Binds a listener the way a sidecar needs: address reuse so a restarted proxy can
 /// bind while old connections sit in TIME_WAIT, and a dual-stack socket for `[::]`.

@@ -10,7 +10,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -31,7 +31,7 @@ pub struct Recorder {
     pub series: SeriesHandle,
     pub start: Instant,
     /// Request headers received → first body bytes, once they came.
-    pub first_byte: Option<std::time::Duration>,
+    pub first_byte: Option<Duration>,
     pub status: u16,
     /// The gRPC status, once seen (headers of a trailers-only response, or trailers).
     pub grpc: Option<u32>,
@@ -148,7 +148,6 @@ impl Drop for ResponseBody {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
 
     use super::*;
     use crate::http::metrics::{RequestCollector, RequestMetrics};
