@@ -2,13 +2,14 @@
 //!
 //! `tandem-bench` (no subcommand) builds the demo's topology, runs every scenario
 //! through the meshed pair and through a direct path in the same run, and prints one
-//! table. The `serve` and `load` subcommands are the backend and the load generator it
-//! starts inside the pods; they are separate processes so that their CPU time never
-//! mixes with the proxies'.
+//! table. The `serve`, `load` and `relay` subcommands are the backend, the load
+//! generator and the plain relays it starts inside the pods; they are separate
+//! processes so that their CPU time never mixes with the proxies'.
 
 mod backend;
 mod load;
 mod mesh;
+mod relay;
 
 use std::time::Duration;
 
@@ -49,6 +50,9 @@ enum Command {
     /// Run one load scenario and print its report line (used inside the client pod).
     #[command(hide = true)]
     Load(load::LoadArgs),
+    /// Run the plain TCP relay that stands in for a proxy in the floor rows.
+    #[command(hide = true)]
+    Relay(relay::RelayArgs),
 }
 
 fn main() {
@@ -56,6 +60,7 @@ fn main() {
     let result = match cli.command {
         Some(Command::Serve(args)) => backend::serve(args),
         Some(Command::Load(args)) => load::run(args).map(|report| println!("{}", report.to_line())),
+        Some(Command::Relay(args)) => relay::relay(args),
         None => {
             let signals = tandem_tests::Signals::block();
             let result = tandem_tests::catch_harness_failure(|| {

@@ -1,7 +1,8 @@
 //! The mesh benchmark: the demo's topology (two pods with `tandem-init` rules and a
-//! proxy each, and the issuer), every scenario once through the proxies and once on
-//! ports the rules leave alone (the direct baseline, same pods, same kernel, same run),
-//! and one table of the figures.
+//! proxy each, and the issuer), every scenario on three paths in the same run: on
+//! ports the rules leave alone (the direct baseline, same pods, same kernel), through
+//! a plain TCP relay in each pod (the floor a proxy pair starts from on this machine),
+//! and through the proxies; and one table of the figures.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tandem_tests::mesh::{env_refs, MeshedPair};
-use tandem_tests::{bin_path, wait_for, Pod, Proxy, Signals, PATIENCE};
+use tandem_tests::{bin_path, wait_for, Pod, Proc, Proxy, Signals, PATIENCE};
 
 use crate::load::Report;
 
@@ -23,6 +24,12 @@ const SINK: u16 = 5432;
 const DIRECT_HTTP: u16 = 18080;
 const DIRECT_ECHO: u16 = 16379;
 const DIRECT_SINK: u16 = 15432;
+
+/// The floor path: a plain TCP relay in each pod (see `relay.rs`), on ports the rules
+/// skip. The client-side relay listens on a direct port plus `RELAY_OUT`, the
+/// server-side one on it plus `RELAY_IN`, and that one relays to the direct port.
+const RELAY_OUT: u16 = 10000;
+const RELAY_IN: u16 = 20000;
 
 /// Bytes of the single-stream bulk transfer.
 const BULK_BYTES: u64 = 1 << 30;
@@ -87,10 +94,11 @@ const SCENARIOS: &[Scenario] = &[
     },
 ];
 
-/// What one scenario measured on one path, with the proxies' cost over it.
+/// What one scenario measured on one path, with the cost of the two processes in the
+/// path (proxies or relays; none on the direct path) over it.
 struct Measured {
     report: Report,
-    proxies: Vec<ProxyCost>,
+    hops: Vec<HopCost>,
     /// The backend's CPU over the same run: a calibration of what one trivial process
     /// costs per request on this machine.
     backend_cores: f64,
@@ -98,7 +106,7 @@ struct Measured {
 }
 
 #[derive(Clone, Copy)]
-struct ProxyCost {
+struct HopCost {
     cores: f64,
     peak_rss: u64,
     final_rss: u64,
@@ -116,7 +124,13 @@ pub fn run(
     }
     let bench = std::env::current_exe().context("cannot find tandem-bench's own path")?;
     let proxy_bin = bin_path("tandem-proxy");
-    let world = MeshedPair::with_direct_ports(&[DIRECT_HTTP, DIRECT_ECHO, DIRECT_SINK]);
+    let direct_ports = [DIRECT_HTTP, DIRECT_ECHO, DIRECT_SINK];
+    let relay_ports = direct_ports.map(|p| [p + RELAY_OUT, p + RELAY_IN]);
+    let skipped: Vec<u16> = direct_ports
+        .into_iter()
+        .chain(relay_ports.into_iter().flatten())
+        .collect();
+    let world = MeshedPair::with_direct_ports(&skipped);
     let (client_pod, server_pod) = (world.a(), world.b());
     let _issuer = world.start_issuer(&[]);
     // A new connection per request leaves the closing side's ports in TIME_WAIT;
@@ -140,13 +154,8 @@ pub fn run(
             serve.arg(flag).arg(format!("0.0.0.0:{port}"));
         }
     }
-    let mut backend = server_pod.spawn("backend", serve);
-    wait_for("the backend to listen", PATIENCE, || {
-        if let Some(status) = backend.try_exit() {
-            panic!("the backend exited with {status}: {}", backend.output());
-        }
-        backend.output().contains("ready").then_some(())
-    });
+    let backend = spawn_ready(server_pod, "backend", serve);
+    let relays = start_relays(&world, &bench, &direct_ports);
 
     // Production settings: warnings only, the default single worker thread.
     let mut settings = vec![("LINKERD2_PROXY_LOG", "warn")];
@@ -154,7 +163,7 @@ pub fn run(
     let (env_a, env_b) = (world.env(0, true, &settings), world.env(1, true, &settings));
     let alpha = Proxy::start(client_pod, &env_refs(&env_a));
     let beta = Proxy::start(server_pod, &env_refs(&env_b));
-    let proxies = [&alpha, &beta];
+    let proxies = [alpha.process.pid(), beta.process.pid()];
 
     println!(
         "tandem-bench: {} s per scenario; proxy {} (client side pid {}, server side pid {}); backend and load generator: tandem-bench (Rust, one thread each)",
@@ -185,25 +194,76 @@ pub fn run(
         if signals.pending().is_some() {
             bail!("interrupted; the pods are removed");
         }
-        let on_port = |port| {
-            let target = world.b_addr(port);
+        let on = |target, hops: &[u32]| {
             measure(
                 client_pod,
                 &bench,
                 scenario,
                 target,
                 seconds,
-                &proxies,
+                hops,
                 backend.pid(),
             )
         };
-        let direct = on_port(scenario.direct_port)?;
-        let meshed = on_port(scenario.meshed_port)?;
+        let direct = on(world.b_addr(scenario.direct_port), &[])?;
+        let relayed = on(
+            SocketAddr::from((client_pod.ipv4, scenario.direct_port + RELAY_OUT)),
+            &relays.pids,
+        )?;
+        let meshed = on(world.b_addr(scenario.meshed_port), &proxies)?;
         eprintln!("  done: {}", scenario.name);
-        results.push((scenario, direct, meshed));
+        results.push(Row {
+            scenario,
+            direct,
+            relayed,
+            meshed,
+        });
     }
     print!("{}", table(&results));
     Ok(())
+}
+
+/// Starts `cmd` in `pod` and waits for it to print `ready` (everything bound).
+fn spawn_ready(pod: &Pod, label: &str, cmd: Command) -> Proc {
+    let mut process = pod.spawn(label, cmd);
+    wait_for(&format!("the {label} to listen"), PATIENCE, || {
+        if let Some(status) = process.try_exit() {
+            panic!("the {label} exited with {status}: {}", process.output());
+        }
+        process.output().contains("ready").then_some(())
+    });
+    process
+}
+
+/// The two plain relays of the floor path; they run until dropped.
+struct Relays {
+    _processes: [Proc; 2],
+    pids: [u32; 2],
+}
+
+/// Client pod: direct port + `RELAY_OUT` to the server pod's direct port + `RELAY_IN`;
+/// server pod: that to the backend's direct port.
+fn start_relays(world: &MeshedPair, bench: &Path, direct_ports: &[u16]) -> Relays {
+    let server = world.b().ipv4;
+    let start = |pod: &Pod, label: &str, hop: &dyn Fn(u16) -> (u16, u16)| {
+        let mut cmd = Command::new(bench);
+        cmd.arg("relay");
+        for &port in direct_ports {
+            let (listen, target) = hop(port);
+            cmd.arg("--forward")
+                .arg(format!("0.0.0.0:{listen}={server}:{target}"));
+        }
+        spawn_ready(pod, label, cmd)
+    };
+    let client_side = start(world.a(), "client-side relay", &|p| {
+        (p + RELAY_OUT, p + RELAY_IN)
+    });
+    let server_side = start(world.b(), "server-side relay", &|p| (p + RELAY_IN, p));
+    let pids = [client_side.pid(), server_side.pid()];
+    Relays {
+        _processes: [client_side, server_side],
+        pids,
+    }
 }
 
 fn measure(
@@ -212,15 +272,15 @@ fn measure(
     scenario: &Scenario,
     target: SocketAddr,
     seconds: Duration,
-    proxies: &[&Proxy<'_>],
+    hops: &[u32],
     backend: u32,
 ) -> anyhow::Result<Measured> {
-    for proxy in proxies {
-        reset_peak_rss(proxy.process.pid())?;
+    for &pid in hops {
+        reset_peak_rss(pid)?;
     }
-    let before: Vec<u64> = proxies
+    let before: Vec<u64> = hops
         .iter()
-        .map(|p| cpu_ticks(p.process.pid()))
+        .map(|&pid| cpu_ticks(pid))
         .collect::<anyhow::Result<_>>()?;
     let backend_before = cpu_ticks(backend)?;
     let host_before = host_ticks()?;
@@ -236,11 +296,10 @@ fn measure(
     let wall = started.elapsed().as_secs_f64();
     let ticks_per_second = ticks_per_second();
     let mut costs = Vec::new();
-    for (proxy, before) in proxies.iter().zip(before) {
-        let pid = proxy.process.pid();
+    for (&pid, before) in hops.iter().zip(before) {
         let used = cpu_ticks(pid)?.saturating_sub(before) as f64 / ticks_per_second;
         let (peak_rss, final_rss) = rss(pid)?;
-        costs.push(ProxyCost {
+        costs.push(HopCost {
             cores: used / wall,
             peak_rss,
             final_rss,
@@ -250,7 +309,7 @@ fn measure(
     let host = host_ticks()?.since(&host_before);
     Ok(Measured {
         report,
-        proxies: costs,
+        hops: costs,
         backend_cores: backend_used / ticks_per_second / wall,
         host,
     })
@@ -397,21 +456,35 @@ fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn table(results: &[(&Scenario, Measured, Measured)]) -> String {
+/// One scenario on its three paths.
+struct Row<'a> {
+    scenario: &'a Scenario,
+    direct: Measured,
+    /// Through the plain relays: the floor any user-space proxy pair starts from.
+    relayed: Measured,
+    meshed: Measured,
+}
+
+fn table(rows: &[Row<'_>]) -> String {
     let mut out = String::new();
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| scenario | path | req/s | vs direct | p50 ms | p99 ms | max ms | errors | CPU cores (client proxy / server proxy) | peak RSS MiB | final RSS MiB | backend cores | host steal / softirq % |"
+        "| scenario | path | req/s | vs direct | p50 ms | p99 ms | max ms | errors | CPU cores (client side / server side) | peak RSS MiB | final RSS MiB | backend cores | host steal / softirq % |"
     );
     let _ = writeln!(
         out,
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    for (scenario, direct, meshed) in results {
-        for (path, m) in [("direct", direct), ("meshed", meshed)] {
+    for row in rows {
+        let paths = [
+            ("direct", &row.direct),
+            ("plain relays", &row.relayed),
+            ("meshed", &row.meshed),
+        ];
+        for (path, m) in paths {
             let r = &m.report;
-            let rate = if scenario.mode == "bulk" {
+            let rate = if row.scenario.mode == "bulk" {
                 format!(
                     "{:.0} MiB/s",
                     r.bytes as f64 / MIB / r.elapsed.as_secs_f64()
@@ -419,43 +492,34 @@ fn table(results: &[(&Scenario, Measured, Measured)]) -> String {
             } else {
                 format!("{:.0}", r.per_second())
             };
-            let ratio = if path == "meshed" {
-                format!(
-                    "{:.0} %",
-                    100.0 * throughput(r) / throughput(&direct.report)
-                )
-            } else {
-                String::new()
-            };
-            let costs = if path == "meshed" {
-                let p = &m.proxies;
-                (
-                    format!("{:.3} / {:.3}", p[0].cores, p[1].cores),
+            let (ratio, cores, peak, last) = match m.hops.as_slice() {
+                [a, b] => (
+                    format!(
+                        "{:.0} %",
+                        100.0 * throughput(r) / throughput(&row.direct.report)
+                    ),
+                    format!("{:.3} / {:.3}", a.cores, b.cores),
                     format!(
                         "{:.1} / {:.1}",
-                        p[0].peak_rss as f64 / MIB,
-                        p[1].peak_rss as f64 / MIB
+                        a.peak_rss as f64 / MIB,
+                        b.peak_rss as f64 / MIB
                     ),
                     format!(
                         "{:.1} / {:.1}",
-                        p[0].final_rss as f64 / MIB,
-                        p[1].final_rss as f64 / MIB
+                        a.final_rss as f64 / MIB,
+                        b.final_rss as f64 / MIB
                     ),
-                )
-            } else {
-                Default::default()
+                ),
+                _ => Default::default(),
             };
             let _ = writeln!(
                 out,
-                "| {} | {path} | {rate} | {ratio} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {:.3} | {:.0} / {:.0} |",
-                scenario.name,
+                "| {} | {path} | {rate} | {ratio} | {:.3} | {:.3} | {:.3} | {} | {cores} | {peak} | {last} | {:.3} | {:.0} / {:.0} |",
+                row.scenario.name,
                 ms(r.p50),
                 ms(r.p99),
                 ms(r.max),
                 r.errors,
-                costs.0,
-                costs.1,
-                costs.2,
                 m.backend_cores,
                 m.host.percent(m.host.steal),
                 m.host.percent(m.host.softirq),
@@ -463,7 +527,7 @@ fn table(results: &[(&Scenario, Measured, Measured)]) -> String {
         }
     }
     let _ = writeln!(out);
-    let _ = write!(out, "{}", derived(results));
+    let _ = write!(out, "{}", derived(rows));
     out
 }
 
@@ -479,69 +543,106 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// The figures the budget is stated in, next to the budget.
-fn derived(results: &[(&Scenario, Measured, Measured)]) -> String {
-    let by_mode = |mode: &str, conns: usize| {
-        results
-            .iter()
-            .find(|(s, _, _)| s.mode == mode && s.conns == conns)
+/// One figure of the summary, computed the same way for the proxies and for the
+/// relays in their place.
+fn figure(
+    out: &mut String,
+    name: &str,
+    of: &dyn Fn(&Measured) -> String,
+    row: &Row<'_>,
+    target: &str,
+    budget: &str,
+) {
+    let (tandem, floor) = (of(&row.meshed), of(&row.relayed));
+    let _ = writeln!(out, "| {name} | {tandem} | {floor} | {target} | {budget} |");
+}
+
+/// The figures the budget is stated in, next to the target and the budget.
+fn derived(rows: &[Row<'_>]) -> String {
+    let find = |mode: &str, conns: usize| {
+        rows.iter()
+            .find(|r| r.scenario.mode == mode && r.scenario.conns == conns)
     };
+    let busier_cores = |m: &Measured| m.hops.iter().map(|h| h.cores).fold(0.0, f64::max);
     let mut out = String::new();
-    let _ = writeln!(out, "| figure | Tandem | target | runbook budget |");
-    let _ = writeln!(out, "|---|---:|---:|---:|");
-    if let Some((_, direct, meshed)) = by_mode("http-fixed-rate", 4) {
-        let krps = meshed.report.per_second() / 1000.0;
-        let worst_cores = meshed.proxies.iter().map(|p| p.cores).fold(0.0, f64::max);
-        let worst_peak = meshed.proxies.iter().map(|p| p.peak_rss).max().unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "| CPU cores per 1,000 RPS per proxy (busier proxy) | {:.3} | ≤ 0.05 | 0.25 |",
-            worst_cores / krps
+    let _ = writeln!(
+        out,
+        "| figure | Tandem | plain relays (floor) | target | runbook budget |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    if let Some(row) = find("http-fixed-rate", 4) {
+        let direct = &row.direct;
+        figure(
+            &mut out,
+            "CPU cores per 1,000 RPS per proxy (busier one)",
+            &|m| format!("{:.3}", busier_cores(m) / (m.report.per_second() / 1000.0)),
+            row,
+            "≤ 0.05",
+            "0.25",
+        );
+        figure(
+            &mut out,
+            "MiB per proxy (peak RSS at 1,000 RPS)",
+            &|m| {
+                let peak = m.hops.iter().map(|h| h.peak_rss).max().unwrap_or(0);
+                format!("{:.1}", peak as f64 / MIB)
+            },
+            row,
+            "≤ 10",
+            "19 (20 MB)",
+        );
+        figure(
+            &mut out,
+            "added latency at 1,000 RPS, p50 / p99 (ms)",
+            &|m| {
+                format!(
+                    "{:.3} / {:.3}",
+                    ms(m.report.p50) - ms(direct.report.p50),
+                    ms(m.report.p99) - ms(direct.report.p99)
+                )
+            },
+            row,
+            "≤ 0.3 / 0.6",
+            "",
         );
         let _ = writeln!(
             out,
-            "| MiB per proxy (peak RSS at 1,000 RPS) | {:.1} | ≤ 10 | 19 (20 MB) |",
-            worst_peak as f64 / MIB
-        );
-        let _ = writeln!(
-            out,
-            "| calibration: the backend's CPU cores per 1,000 RPS on the direct path | {:.3} | | |",
+            "| calibration: the backend's CPU cores per 1,000 RPS on the direct path | {:.3} | | | |",
             direct.backend_cores / (direct.report.per_second() / 1000.0)
         );
-        let _ = writeln!(
-            out,
-            "| added latency at 1,000 RPS, p50 / p99 (ms) | {:.3} / {:.3} | ≤ 0.3 / 0.6 | |",
-            ms(meshed.report.p50) - ms(direct.report.p50),
-            ms(meshed.report.p99) - ms(direct.report.p99),
+    }
+    if let Some(row) = find("http", 50) {
+        let direct_rps = row.direct.report.per_second();
+        figure(
+            &mut out,
+            "CPU µs per request per proxy, saturated (busier one)",
+            &|m| format!("{:.1}", busier_cores(m) * 1e6 / m.report.per_second()),
+            row,
+            "≤ 20",
+            "",
+        );
+        figure(
+            &mut out,
+            "saturated HTTP, 50 conns, vs direct",
+            &|m| format!("{:.0} %", 100.0 * m.report.per_second() / direct_rps),
+            row,
+            "≥ 60 %",
+            "",
         );
     }
-    if let Some((_, direct, meshed)) = by_mode("http", 50) {
-        let rps = meshed.report.per_second();
-        let worst_cores = meshed.proxies.iter().map(|p| p.cores).fold(0.0, f64::max);
-        let _ = writeln!(
-            out,
-            "| CPU µs per request per proxy, saturated (busier proxy) | {:.1} | ≤ 20 | |",
-            worst_cores * 1e6 / rps
-        );
-        let _ = writeln!(
-            out,
-            "| saturated HTTP, 50 conns, vs direct | {:.0} % | ≥ 60 % | |",
-            100.0 * rps / direct.report.per_second()
-        );
-    }
-    for (mode, label, target) in [
-        (
-            "echo-new-conn",
-            "new opaque conn per request, vs direct",
-            "≥ 25 %",
-        ),
-        ("bulk", "bulk transfer, one stream, vs direct", "≥ 25 %"),
+    for (mode, conns, name) in [
+        ("echo-new-conn", 4, "new opaque conn per request, vs direct"),
+        ("bulk", 1, "bulk transfer, one stream, vs direct"),
     ] {
-        if let Some((_, direct, meshed)) = by_mode(mode, if mode == "bulk" { 1 } else { 4 }) {
-            let _ = writeln!(
-                out,
-                "| {label} | {:.0} % | {target} | |",
-                100.0 * throughput(&meshed.report) / throughput(&direct.report)
+        if let Some(row) = find(mode, conns) {
+            let direct = throughput(&row.direct.report);
+            figure(
+                &mut out,
+                name,
+                &|m| format!("{:.0} %", 100.0 * throughput(&m.report) / direct),
+                row,
+                "≥ 25 %",
+                "",
             );
         }
     }
