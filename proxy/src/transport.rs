@@ -124,6 +124,25 @@ pub fn reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// A second handle on a connection's socket, kept beside a protocol stack that owns
+/// the stream and gives no access to it (h2), so the connection can still be made to
+/// end with RST. The socket closes when both handles are gone.
+pub struct SocketHandle(std::os::fd::OwnedFd);
+
+impl SocketHandle {
+    pub fn of(stream: &TcpStream) -> io::Result<SocketHandle> {
+        use std::os::fd::AsFd;
+        stream.as_fd().try_clone_to_owned().map(SocketHandle)
+    }
+
+    /// The close (once the stack has dropped its handle too) sends RST: a peer that
+    /// stopped answering gets no FIN that its kernel would retransmit for minutes.
+    pub fn reset_on_close(&self) {
+        // As in `reset_on_close`: a dead socket has nothing left to reset.
+        let _ = SockRef::from(&self.0).set_linger(Some(Duration::ZERO));
+    }
+}
+
 /// A bounded label for an I/O error's errno, as Linkerd's `tcp_close_total` uses.
 pub fn errno_label(error: &io::Error) -> &'static str {
     match error.raw_os_error() {

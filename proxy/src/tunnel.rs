@@ -217,6 +217,10 @@ async fn start_carrier(
     tls: conn::MeshTls,
     peer: SocketAddr,
 ) -> Result<Arc<Carrier>, (ConnError, &'static str)> {
+    let socket = transport::SocketHandle::of(tls.get_ref().0.get_ref()).map_err(|error| {
+        debug!(%peer, %error, "cannot keep a handle on the carrier's socket");
+        (ConnError::Io, "other")
+    })?;
     let (sender, mut connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -240,12 +244,14 @@ async fn start_carrier(
                 debug!(%peer, %error, "carrier failed");
             },
             () = keepalive => {
-                debug!(%peer, "the peer proxy stopped answering PINGs; closing its carrier");
+                debug!(%peer, "the peer proxy stopped answering PINGs; resetting its carrier");
                 metrics.error(ConnError::Io);
+                socket.reset_on_close();
             }
         }
         // Dropping the connection fails the streams still on it.
         drop(connection);
+        drop(socket);
         on_close.store(true, Ordering::Release);
     });
     Ok(Arc::new(Carrier {
@@ -297,6 +303,14 @@ pub async fn serve(
     client_id: Arc<str>,
     local: SocketAddr,
 ) {
+    let socket = match transport::SocketHandle::of(tls.get_ref().0.get_ref()) {
+        Ok(socket) => socket,
+        Err(error) => {
+            debug!(%client, %error, "cannot keep a handle on the carrier's socket");
+            ctx.metrics.error(ConnError::Io);
+            return;
+        }
+    };
     let connection = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -328,8 +342,9 @@ pub async fn serve(
             biased;
             accepted = connection.accept() => accepted,
             () = &mut keepalive => {
-                debug!(%client, "the peer proxy stopped answering PINGs; closing its carrier");
+                debug!(%client, "the peer proxy stopped answering PINGs; resetting its carrier");
                 ctx.metrics.error(ConnError::Io);
+                socket.reset_on_close();
                 break;
             }
             _ = ctx.shutdown.cancelled(), if !draining => {
@@ -359,6 +374,7 @@ pub async fn serve(
     // Dropping the connection fails the streams still on it, so none waits on a
     // connection nobody drives any more.
     drop(connection);
+    drop(socket);
     streams.close();
     streams.wait().await;
 }

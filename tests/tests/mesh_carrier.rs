@@ -337,6 +337,19 @@ fn a_peer_that_stops_answering_loses_its_carrier() {
             .read(&mut byte)
             .expect_err("the carrier to a silent peer must fail its streams");
         assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}");
+        // Reset, not closed: a FIN to a silent peer would sit in FIN-WAIT while the
+        // kernel retransmits it.
+        let left = a.must(
+            "ss",
+            &[
+                "-tnH",
+                "state",
+                "connected",
+                "dst",
+                &format!("{}:4143", b.ipv4),
+            ],
+        );
+        assert_eq!(left.trim(), "", "alpha's carrier to beta must be reset");
     }
     drop(client);
     let ended = server.join();
@@ -376,4 +389,6 @@ fn a_peer_that_stops_answering_loses_its_carrier() {
         matches!(after, Ok(0) | Err(ErrorKind::ConnectionReset)),
         "beta must end the backend connection of a silent carrier, got {after:?}"
     );
+    let left = b.must("ss", &["-tnH", "state", "connected", "sport", "=", ":4143"]);
+    assert_eq!(left.trim(), "", "beta's carrier from alpha must be reset");
 }
