@@ -72,7 +72,16 @@ async fn relay_all(forwards: Vec<(std::net::TcpListener, SocketAddr)>) -> anyhow
 
 async fn accept_loop(listener: TcpListener, target: SocketAddr) -> anyhow::Result<()> {
     loop {
-        let (client, _) = listener.accept().await.context("accept")?;
+        let client = match listener.accept().await {
+            Ok((client, _)) => client,
+            Err(error) => {
+                // Aborted handshakes and a full descriptor table pass; the relay
+                // must outlive them, as a proxy does.
+                eprintln!("tandem-bench relay: accept failed: {error}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
         tokio::spawn(async move {
             // A failed relay shows as an error in the load generator's report.
             let _ = relay_one(client, target).await;

@@ -127,12 +127,14 @@ pub fn reset_on_close(stream: &TcpStream) {
 /// A second handle on a connection's socket, kept beside a protocol stack that owns
 /// the stream and gives no access to it (h2), so the connection can still be made to
 /// end with RST. The socket closes when both handles are gone.
-pub struct SocketHandle(std::os::fd::OwnedFd);
+pub struct ResetHandle(std::os::fd::OwnedFd);
 
-impl SocketHandle {
-    pub fn of(stream: &TcpStream) -> io::Result<SocketHandle> {
+impl ResetHandle {
+    /// Duplicates `stream`'s descriptor (close-on-exec); fails only when the process
+    /// is out of descriptors.
+    pub fn of(stream: &TcpStream) -> io::Result<ResetHandle> {
         use std::os::fd::AsFd;
-        stream.as_fd().try_clone_to_owned().map(SocketHandle)
+        stream.as_fd().try_clone_to_owned().map(ResetHandle)
     }
 
     /// The close (once the stack has dropped its handle too) sends RST: a peer that

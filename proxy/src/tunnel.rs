@@ -217,9 +217,9 @@ async fn start_carrier(
     tls: conn::MeshTls,
     peer: SocketAddr,
 ) -> Result<Arc<Carrier>, (ConnError, &'static str)> {
-    let socket = transport::SocketHandle::of(tls.get_ref().0.get_ref()).map_err(|error| {
+    let socket = transport::ResetHandle::of(tls.get_ref().0.get_ref()).map_err(|error| {
         debug!(%peer, %error, "cannot keep a handle on the carrier's socket");
-        (ConnError::Io, "other")
+        (ConnError::Io, transport::errno_label(&error))
     })?;
     let (sender, mut connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -303,7 +303,9 @@ pub async fn serve(
     client_id: Arc<str>,
     local: SocketAddr,
 ) {
-    let socket = match transport::SocketHandle::of(tls.get_ref().0.get_ref()) {
+    // Without a handle a carrier could not be reset when its peer goes silent; a
+    // proxy out of descriptors refuses it, and the peer dials the classic way later.
+    let socket = match transport::ResetHandle::of(tls.get_ref().0.get_ref()) {
         Ok(socket) => socket,
         Err(error) => {
             debug!(%client, %error, "cannot keep a handle on the carrier's socket");
