@@ -4,7 +4,7 @@
 //! proxy) gets Linkerd's transport header.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -154,6 +154,66 @@ fn opaque_connections_ride_one_carrier_intact_and_in_order() {
         !contains(&wire, b"SECRET-CARRIED-"),
         "opaque data crossed the wire in plaintext"
     );
+}
+
+/// Over IPv6 the carrier dials the peer's IPv6 inbound address and each stream names
+/// an IPv6 target (`[2001:db8::2]:5432`), which beta forwards to its app over IPv6.
+#[test]
+fn carriers_work_over_ipv6() {
+    let world = MeshedPair::new();
+    let (a, b) = (world.a(), world.b());
+    let dual_stack = [
+        (
+            "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS",
+            "127.0.0.1:4140,[::1]:4140",
+        ),
+        ("LINKERD2_PROXY_INBOUND_LISTEN_ADDR", "[::]:4143"),
+    ];
+    let settings = |name: &str, peer: &Pod, peer_name: &str, carrier: bool| {
+        let peer_addr = peer.ipv6.to_string();
+        let mut env = world.domain.proxy_env_with(
+            name,
+            world.issuer_addr(),
+            &[(&peer_addr, peer_name)],
+            false,
+        );
+        let extra = dual_stack.iter().chain(carrier.then_some(&CARRIER));
+        env.extend(extra.map(|(k, v)| (k.to_string(), v.to_string())));
+        env
+    };
+    let (env_a, env_b) = (
+        settings("alpha", b, "beta", true),
+        settings("beta", a, "alpha", false),
+    );
+    let _issuer = world.start_issuer(&[]);
+    let proxy_a = Proxy::start(a, &env_refs(&env_a));
+    let proxy_b = Proxy::start(b, &env_refs(&env_b));
+
+    let echo = echo_server(b, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 5432)), 2);
+    for i in 0..2 {
+        let mut client = connect(a, SocketAddr::from((b.ipv6, 5432)));
+        let secret = format!("SIX-CARRIED-{i}");
+        send_and_finish(&mut client, secret.as_bytes());
+        assert_eq!(read_all(&mut client), secret.as_bytes());
+    }
+    assert_eq!(echo.join().unwrap().len(), 2);
+
+    let outbound = [("direction", "outbound")];
+    let text = proxy_a.wait_metric("tandem_carrier_streams_total", &outbound, 2.0);
+    assert_eq!(
+        metric(&text, "tandem_carriers_total", &outbound),
+        Some(1.0),
+        "{text}"
+    );
+    let alpha = identity_of("alpha");
+    let carried = [
+        ("direction", "inbound"),
+        ("peer", "src"),
+        ("target_addr", "[2001:db8::2]:5432"),
+        ("tls", "true"),
+        ("client_id", alpha.as_str()),
+    ];
+    proxy_b.wait_metric("tcp_open_total", &carried, 2.0);
 }
 
 #[test]
