@@ -19,11 +19,16 @@ struct ReasonLabel {
 }
 
 /// The proxy's certificate metrics, registered under Tandem's names and under
-/// Linkerd's `control_identity_*` names so existing dashboards and alerts work.
+/// Linkerd's names (`identity_cert_refresh_count`, `control_identity_*`) so existing
+/// dashboards and alerts work.
 #[derive(Clone, Debug, Default)]
 pub struct IdentityMetrics {
     expiration: Gauge,
     refresh: Gauge,
+    /// Successful refreshes, as linkerd2-proxy's `identity_cert_refresh_count`. A
+    /// gauge only because a counter would be exposed with a `_total` suffix, and
+    /// queries name the series exactly.
+    refresh_count: Gauge,
     refreshes: Family<ResultLabel, Counter>,
     linkerd_refreshes: Family<ResultLabel, Counter>,
 }
@@ -33,6 +38,7 @@ impl IdentityMetrics {
     /// `identity_cert_expiration_timestamp_seconds`,
     /// `identity_cert_refresh_timestamp_seconds`,
     /// `identity_cert_refresh_total{result="ok"|"failure"}`, and Linkerd's
+    /// `identity_cert_refresh_count`,
     /// `control_identity_cert_expiration_timestamp_seconds`,
     /// `control_identity_cert_refresh_timestamp_seconds`,
     /// `control_identity_cert_refreshes_total{result="ok"|"error"}`.
@@ -52,6 +58,11 @@ impl IdentityMetrics {
             "identity_cert_refresh",
             "Certificate refresh attempts by result",
             m.refreshes.clone(),
+        );
+        registry.register(
+            "identity_cert_refresh_count",
+            "Successful certificate refreshes (Linkerd name; only ever increases)",
+            m.refresh_count.clone(),
         );
         registry.register(
             "control_identity_cert_expiration_timestamp_seconds",
@@ -74,6 +85,7 @@ impl IdentityMetrics {
     pub(crate) fn refreshed(&self, at: SystemTime, not_after: SystemTime) {
         self.expiration.set(crate::pem::unix_secs(not_after));
         self.refresh.set(crate::pem::unix_secs(at));
+        self.refresh_count.inc();
         self.refreshes
             .get_or_create(&ResultLabel { result: "ok" })
             .inc();

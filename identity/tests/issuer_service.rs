@@ -98,6 +98,10 @@ async fn client_obtains_a_certificate_over_tls_that_verifies_against_the_anchor(
         "{text}"
     );
     assert!(
+        metric(&text, "identity_cert_refresh_count").unwrap() >= 1.0,
+        "{text}"
+    );
+    assert!(
         metric(
             &text,
             "control_identity_cert_refreshes_total{result=\"ok\"}"
