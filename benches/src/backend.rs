@@ -31,17 +31,22 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("nothing to serve: give --http, --echo or --sink");
     }
     let listeners = Listeners::bind(&args)?;
+    runtime_announcing_ready()?.block_on(serve_listeners(listeners))
+}
+
+/// A one-thread runtime (the backend and the relays share the machine's few cores
+/// with what is measured), after printing `ready` on stdout. The orchestrator starts
+/// the load as soon as it reads that line, so every listener must already be bound.
+pub fn runtime_announcing_ready() -> anyhow::Result<tokio::runtime::Runtime> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("building the runtime")?;
-    // The orchestrator starts the load as soon as it reads this line, so every listener
-    // must already be bound.
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "ready")
         .and_then(|()| stdout.flush())
         .context("announcing readiness on stdout")?;
-    runtime.block_on(serve_listeners(listeners))
+    Ok(runtime)
 }
 
 pub const HTTP_BODY_LEN: usize = 1024;

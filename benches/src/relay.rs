@@ -4,7 +4,7 @@
 //! processes to wake per request, four more sockets, two more TCP hops), so the
 //! proxies' figures can be read against it rather than only against a direct path.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
 
 use anyhow::Context;
@@ -41,18 +41,7 @@ pub fn relay(args: RelayArgs) -> anyhow::Result<()> {
         forwards.push((listener, target));
     }
     // One thread, like a proxy with its default single worker.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the runtime")?;
-    // The orchestrator starts the load as soon as it reads this line, so every listener
-    // must already be bound.
-    let mut stdout = io::stdout().lock();
-    writeln!(stdout, "ready")
-        .and_then(|()| stdout.flush())
-        .context("announcing readiness on stdout")?;
-    drop(stdout);
-    runtime.block_on(relay_all(forwards))
+    crate::backend::runtime_announcing_ready()?.block_on(relay_all(forwards))
 }
 
 async fn relay_all(forwards: Vec<(std::net::TcpListener, SocketAddr)>) -> anyhow::Result<()> {

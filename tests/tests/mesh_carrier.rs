@@ -124,30 +124,10 @@ fn opaque_connections_ride_one_carrier_intact_and_in_order() {
     assert_eq!(echoed.len(), sequential + concurrent);
 
     let streams = (sequential + concurrent) as f64;
-    let outbound = [("direction", "outbound")];
-    let inbound = [("direction", "inbound")];
-    let text = proxy_a.wait_metric("tandem_carrier_streams_total", &outbound, streams);
-    assert_eq!(
-        metric(&text, "tandem_carriers_total", &outbound),
-        Some(1.0),
-        "{text}"
-    );
-    let text = proxy_b.wait_metric("tandem_carrier_streams_total", &inbound, streams);
-    assert_eq!(
-        metric(&text, "tandem_carriers_total", &inbound),
-        Some(1.0),
-        "{text}"
-    );
+    assert_one_carrier(&proxy_a, "outbound", streams);
+    assert_one_carrier(&proxy_b, "inbound", streams);
     // Beta sees each carried connection under its real port, with alpha's identity.
-    let alpha = identity_of("alpha");
-    let carried = [
-        ("direction", "inbound"),
-        ("peer", "src"),
-        ("target_port", "5432"),
-        ("tls", "true"),
-        ("client_id", alpha.as_str()),
-    ];
-    proxy_b.wait_metric("tcp_open_total", &carried, streams);
+    assert_carried_to(&proxy_b, ("target_port", "5432"), streams);
 
     let wire = capture.stop();
     assert!(
@@ -198,22 +178,8 @@ fn carriers_work_over_ipv6() {
     }
     assert_eq!(echo.join().unwrap().len(), 2);
 
-    let outbound = [("direction", "outbound")];
-    let text = proxy_a.wait_metric("tandem_carrier_streams_total", &outbound, 2.0);
-    assert_eq!(
-        metric(&text, "tandem_carriers_total", &outbound),
-        Some(1.0),
-        "{text}"
-    );
-    let alpha = identity_of("alpha");
-    let carried = [
-        ("direction", "inbound"),
-        ("peer", "src"),
-        ("target_addr", "[2001:db8::2]:5432"),
-        ("tls", "true"),
-        ("client_id", alpha.as_str()),
-    ];
-    proxy_b.wait_metric("tcp_open_total", &carried, 2.0);
+    assert_one_carrier(&proxy_a, "outbound", 2.0);
+    assert_carried_to(&proxy_b, ("target_addr", "[2001:db8::2]:5432"), 2.0);
 }
 
 #[test]
@@ -330,6 +296,32 @@ fn a_peer_without_carriers_gets_the_transport_header() {
             );
         }
     }
+}
+
+/// Waits for `streams` carried connections in `direction`, and asserts that they all
+/// rode one carrier.
+fn assert_one_carrier(proxy: &Proxy<'_>, direction: &str, streams: f64) {
+    let labels = [("direction", direction)];
+    let text = proxy.wait_metric("tandem_carrier_streams_total", &labels, streams);
+    assert_eq!(
+        metric(&text, "tandem_carriers_total", &labels),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+/// Waits for beta to count `streams` carried connections to `target` (a
+/// `target_port` or `target_addr` label), mTLS with alpha's identity.
+fn assert_carried_to(beta: &Proxy<'_>, target: (&str, &str), streams: f64) {
+    let alpha = identity_of("alpha");
+    let carried = [
+        ("direction", "inbound"),
+        ("peer", "src"),
+        target,
+        ("tls", "true"),
+        ("client_id", alpha.as_str()),
+    ];
+    beta.wait_metric("tcp_open_total", &carried, streams);
 }
 
 /// Asserts that `pod` soon has no TCP connection matching the `ss` filter: the
