@@ -4,13 +4,14 @@
 //! As with transport metrics, labels are resolved per connection (or per authority
 //! change on a connection), never per request: a request only adds to atomics in a
 //! series it already holds. Response outcomes are indexed arrays (status code, gRPC
-//! status, error kind) rather than a map, so recording a response takes no lock and
-//! allocates nothing. Series are keyed by target address and authority, which churn,
+//! status, error kind) rather than a map, and latencies go to one of a few histogram
+//! slots claimed per status code, so recording a response takes no lock and
+//! allocates nothing after a series' first response with a given status. Series are keyed by target address and authority, which churn,
 //! so idle ones are dropped at scrape time and their number is capped.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -50,10 +51,51 @@ pub struct RequestSeries {
     grpc: [AtomicU64; GRPC_SLOTS],
     /// Responses the proxy made up, or streams that failed, by cause.
     errors: [AtomicU64; ErrorKind::ALL.len()],
-    /// Non-cumulative bucket counts; the last is +Inf.
-    latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
-    latency_sum_us: AtomicU64,
+    /// `response_latency_ms` by status code, as Linkerd labels it: each slot is
+    /// claimed by the first status that needs one, so a series that only answers 200
+    /// holds one histogram.
+    latency: [OnceLock<Box<Latency>>; LATENCY_SLOTS],
     last_active_ms: AtomicU64,
+}
+
+/// Latency histograms per series. The first codes seen claim one each; the last is
+/// shared by the codes that come after, and is exported without a `status_code`
+/// label once a second code uses it, so sums over all labels stay whole.
+const LATENCY_SLOTS: usize = 6;
+
+/// The status of responses the proxy has none for (a stream that failed midway).
+const NO_STATUS: u16 = 0;
+/// The last slot's status: several codes share it.
+const MIXED_STATUS: u16 = u16::MAX;
+
+#[derive(Debug)]
+struct Latency {
+    /// `NO_STATUS`, a status code, or `MIXED_STATUS`.
+    status: AtomicU16,
+    /// Non-cumulative bucket counts; the last is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Latency {
+    fn new(status: u16) -> Box<Latency> {
+        Box::new(Latency {
+            status: AtomicU16::new(status),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_us: AtomicU64::new(0),
+        })
+    }
+
+    fn record(&self, latency: Duration) {
+        // Prometheus buckets are inclusive upper bounds.
+        let us = latency.as_micros() as u64;
+        let bucket = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|le| us <= le * 1000)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
 }
 
 /// How one response ended, for `response_total`.
@@ -71,6 +113,11 @@ impl RequestSeries {
     }
 
     pub fn response(&self, outcome: Outcome, latency: Duration) {
+        let status = match outcome {
+            Outcome::Status { status, .. } => status,
+            Outcome::Error(kind) => kind.status().map_or(NO_STATUS, |s| s.as_u16()),
+        };
+        self.latency_for(status).record(latency);
         match outcome {
             Outcome::Status {
                 status: 200,
@@ -92,15 +139,23 @@ impl RequestSeries {
                 self.errors[kind.index()].fetch_add(1, Relaxed);
             }
         }
-        // Prometheus buckets are inclusive upper bounds.
-        let us = latency.as_micros() as u64;
-        let bucket = LATENCY_BUCKETS_MS
-            .iter()
-            .position(|le| us <= le * 1000)
-            .unwrap_or(LATENCY_BUCKETS_MS.len());
-        self.latency[bucket].fetch_add(1, Relaxed);
-        self.latency_sum_us
-            .fetch_add(latency.as_micros() as u64, Relaxed);
+    }
+
+    /// The histogram of `status`: its slot, else the first free one (claimed for
+    /// it), else the shared last one.
+    fn latency_for(&self, status: u16) -> &Latency {
+        let (last, own) = self.latency.split_last().expect("LATENCY_SLOTS > 0");
+        for slot in own {
+            let latency = slot.get_or_init(|| Latency::new(status));
+            if latency.status.load(Relaxed) == status {
+                return latency;
+            }
+        }
+        let shared = last.get_or_init(|| Latency::new(status));
+        if shared.status.load(Relaxed) != status {
+            shared.status.store(MIXED_STATUS, Relaxed);
+        }
+        shared
     }
 }
 
@@ -212,6 +267,8 @@ struct Labels<'a> {
     direction: Direction,
     key: &'a Key,
     response: Option<ResponseLabels>,
+    /// `response_latency_ms`'s status (`NO_STATUS` and `MIXED_STATUS` included).
+    latency_status: Option<u16>,
 }
 
 #[derive(Clone, Copy)]
@@ -247,6 +304,11 @@ impl EncodeLabelSet for Labels<'_> {
             if let Some(error) = r.error {
                 ("error", error).encode(encoder.encode_label())?;
             }
+        }
+        match self.latency_status {
+            None | Some(MIXED_STATUS) => {}
+            Some(NO_STATUS) => ("status_code", "").encode(encoder.encode_label())?,
+            Some(status) => ("status_code", status.to_string()).encode(encoder.encode_label())?,
         }
         Ok(())
     }
@@ -316,6 +378,7 @@ impl Collector for RequestCollector {
                 direction: *direction,
                 key,
                 response: None,
+                latency_status: None,
             };
             family
                 .encode_family(&labels)?
@@ -333,6 +396,7 @@ impl Collector for RequestCollector {
                     direction: *direction,
                     key,
                     response: Some(response),
+                    latency_status: None,
                 };
                 family
                     .encode_family(&labels)?
@@ -346,22 +410,25 @@ impl Collector for RequestCollector {
             MetricType::Histogram,
         )?;
         for (direction, key, s) in &series {
-            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_MS
-                .iter()
-                .map(|le| *le as f64)
-                .chain([f64::MAX])
-                .zip(s.latency.iter().map(|c| c.load(Relaxed)))
-                .collect();
-            let count = buckets.iter().map(|(_, c)| c).sum();
-            let sum_ms = s.latency_sum_us.load(Relaxed) as f64 / 1000.0;
-            let labels = Labels {
-                direction: *direction,
-                key,
-                response: None,
-            };
-            family
-                .encode_family(&labels)?
-                .encode_histogram::<NoLabelSet>(sum_ms, count, &buckets, None)?;
+            for latency in s.latency.iter().filter_map(OnceLock::get) {
+                let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_MS
+                    .iter()
+                    .map(|le| *le as f64)
+                    .chain([f64::MAX])
+                    .zip(latency.buckets.iter().map(|c| c.load(Relaxed)))
+                    .collect();
+                let count = buckets.iter().map(|(_, c)| c).sum();
+                let sum_ms = latency.sum_us.load(Relaxed) as f64 / 1000.0;
+                let labels = Labels {
+                    direction: *direction,
+                    key,
+                    response: None,
+                    latency_status: Some(latency.status.load(Relaxed)),
+                };
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(sum_ms, count, &buckets, None)?;
+            }
         }
         Ok(())
     }
@@ -430,13 +497,69 @@ mod tests {
             text.contains(r#"response_latency_ms_count{direction="outbound",authority="web:80""#),
             "{text}"
         );
-        let bucket = |le: &str| {
-            text.lines()
-                .find(|l| l.starts_with(&format!("response_latency_ms_bucket{{le=\"{le}\"")))
-                .and_then(|l| l.rsplit(' ').next())
-                .map(str::to_string)
-        };
-        assert_eq!(bucket("2.0").as_deref(), Some("0"), "{text}");
-        assert_eq!(bucket("3.0").as_deref(), Some("4"), "{text}");
+        // Latency by status code, as Linkerd labels it.
+        for (status, count) in [("204", "1"), ("200", "2"), ("502", "1")] {
+            assert_eq!(latency_bucket(&text, "2.0", status), Some("0"), "{text}");
+            assert_eq!(latency_bucket(&text, "3.0", status), Some(count), "{text}");
+        }
+    }
+
+    /// The `le` bucket of the latency histogram labelled `status_code` (`None`: the
+    /// one without the label).
+    fn latency_bucket<'t>(
+        text: &'t str,
+        le: &str,
+        status: impl Into<Option<&'static str>>,
+    ) -> Option<&'t str> {
+        let status = status.into();
+        text.lines()
+            .filter(|l| l.starts_with(&format!("response_latency_ms_bucket{{le=\"{le}\"")))
+            .find(|l| match status {
+                Some(code) => l.contains(&format!("status_code=\"{code}\"")),
+                None => !l.contains("status_code="),
+            })
+            .and_then(|l| l.rsplit(' ').next())
+    }
+
+    #[test]
+    fn latency_slots_are_claimed_per_status_and_the_last_is_shared() {
+        let metrics = Arc::new(RequestMetrics::new(
+            Direction::Inbound,
+            Duration::from_secs(60),
+            10,
+        ));
+        let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+        let series = metrics.series(None, "192.0.2.1:80".parse().unwrap(), &tls);
+        let codes = [200, 201, 202, 203, 204, 205, 206, 207];
+        for (i, status) in codes.into_iter().enumerate() {
+            // 200 three times, the codes at odd positions twice, the others once.
+            for _ in 0..if status == 200 { 3 } else { 1 } + i % 2 {
+                series.response(
+                    Outcome::Status { status, grpc: None },
+                    Duration::from_millis(1),
+                );
+            }
+        }
+        series.response(Outcome::Error(ErrorKind::Stream), Duration::from_millis(1));
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(RequestCollector {
+            directions: [metrics.clone(), metrics.clone()],
+        }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        // The first five statuses have their own histogram (counts 3, 2, 1, 2, 1)...
+        for (status, count) in [
+            ("200", "3"),
+            ("201", "2"),
+            ("202", "1"),
+            ("203", "2"),
+            ("204", "1"),
+        ] {
+            assert_eq!(latency_bucket(&text, "1.0", status), Some(count), "{text}");
+        }
+        // ...the rest (205, 206, 207 and the failed stream: 2 + 1 + 2 + 1) share one
+        // without a status_code label, so sums over all labels stay whole.
+        assert_eq!(latency_bucket(&text, "1.0", "205"), None, "{text}");
+        assert_eq!(latency_bucket(&text, "1.0", None), Some("6"), "{text}");
     }
 }
