@@ -150,7 +150,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::http::metrics::{RequestCollector, RequestMetrics};
+    use crate::http::metrics::{scrape, RequestMetrics};
     use crate::metrics::{Direction, NoTlsReason, TlsStatus};
 
     /// Records one response through `frames`, moving its start back by `before` before
@@ -180,12 +180,7 @@ mod tests {
         }
         recorder.start = back(after);
         recorder.finish(false);
-        let mut registry = prometheus_client::registry::Registry::default();
-        registry.register_collector(Box::new(RequestCollector {
-            directions: [metrics.clone(), metrics],
-        }));
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let text = scrape(&metrics);
         text.lines()
             .find(|l| l.starts_with("response_latency_ms_sum"))
             .and_then(|l| l.rsplit(' ').next())

@@ -434,6 +434,18 @@ impl Collector for RequestCollector {
     }
 }
 
+/// What a scrape shows of `metrics`, registered for both directions.
+#[cfg(test)]
+pub(crate) fn scrape(metrics: &Arc<RequestMetrics>) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(RequestCollector {
+        directions: [metrics.clone(), metrics.clone()],
+    }));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoding");
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,12 +486,7 @@ mod tests {
             Outcome::Error(ErrorKind::ConnectRefused),
             Duration::from_millis(3),
         );
-        let mut registry = prometheus_client::registry::Registry::default();
-        registry.register_collector(Box::new(RequestCollector {
-            directions: [metrics.clone(), metrics.clone()],
-        }));
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let text = scrape(&metrics);
         assert!(
             text.contains(r#"status_code="204",classification="success",grpc_status="""#),
             "{text}"
@@ -541,12 +548,7 @@ mod tests {
             }
         }
         series.response(Outcome::Error(ErrorKind::Stream), Duration::from_millis(1));
-        let mut registry = prometheus_client::registry::Registry::default();
-        registry.register_collector(Box::new(RequestCollector {
-            directions: [metrics.clone(), metrics.clone()],
-        }));
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let text = scrape(&metrics);
         // The first five statuses have their own histogram (counts 3, 2, 1, 2, 1)...
         for (status, count) in [
             ("200", "3"),
