@@ -161,6 +161,7 @@ pub fn run(
     }
     let backend = spawn_ready(server_pod, "backend", serve);
     let relays = start_relays(&world, &bench, &direct_ports);
+    let relay_pids = relays.each_ref().map(Proc::pid);
 
     // Production settings: warnings only, the default single worker thread.
     let mut settings = vec![("LINKERD2_PROXY_LOG", "warn")];
@@ -217,7 +218,7 @@ pub fn run(
         let direct = on(world.b_addr(scenario.direct_port), &[])?;
         let relayed = on(
             SocketAddr::from((client_pod.ipv4, scenario.direct_port + RELAY_OUT)),
-            &relays.pids,
+            &relay_pids,
         )?;
         let meshed = on(world.b_addr(scenario.meshed_port), &proxies)?;
         eprintln!("  done: {}", scenario.name);
@@ -244,15 +245,10 @@ fn spawn_ready(pod: &Pod, label: &str, cmd: Command) -> Proc {
     process
 }
 
-/// The two plain relays of the floor path; they run until dropped.
-struct Relays {
-    _processes: [Proc; 2],
-    pids: [u32; 2],
-}
-
+/// The two plain relays of the floor path, client side first; they run until dropped.
 /// Client pod: direct port + `RELAY_OUT` to the server pod's direct port + `RELAY_IN`;
 /// server pod: that to the backend's direct port.
-fn start_relays(world: &MeshedPair, bench: &Path, direct_ports: &[u16]) -> Relays {
+fn start_relays(world: &MeshedPair, bench: &Path, direct_ports: &[u16]) -> [Proc; 2] {
     let server = world.b().ipv4;
     let start = |pod: &Pod, label: &str, hop: &dyn Fn(u16) -> (u16, u16)| {
         let mut cmd = Command::new(bench);
@@ -268,11 +264,7 @@ fn start_relays(world: &MeshedPair, bench: &Path, direct_ports: &[u16]) -> Relay
         (p + RELAY_OUT, p + RELAY_IN)
     });
     let server_side = start(world.b(), "server-side relay", &|p| (p + RELAY_IN, p));
-    let pids = [client_side.pid(), server_side.pid()];
-    Relays {
-        _processes: [client_side, server_side],
-        pids,
-    }
+    [client_side, server_side]
 }
 
 fn measure(

@@ -152,7 +152,8 @@ impl RequestSeries {
             }
         }
         let shared = last.get_or_init(|| Latency::new(status));
-        if shared.status.load(Relaxed) != status {
+        let claimed = shared.status.load(Relaxed);
+        if claimed != status && claimed != MIXED_STATUS {
             shared.status.store(MIXED_STATUS, Relaxed);
         }
         shared
