@@ -20,7 +20,7 @@ use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -182,7 +182,9 @@ impl Endpoint {
         }
         let (mut sender, opened) = match pooled {
             Some(found) => found,
-            None => (self.open_h1(ctx).await?, Instant::now()),
+            // Boxed: opening (connect, TLS) is rare next to reuse, and inline it
+            // would size every request's future for a handshake.
+            None => (Box::pin(self.open_h1(ctx)).await?, Instant::now()),
         };
         let response = sender.send_request(request).await.map_err(upstream_error)?;
         let checkin = Checkin {
@@ -218,7 +220,7 @@ impl Endpoint {
     ) -> Result<Response<Incoming>, ErrorKind> {
         let mut sender = match self.current_h2() {
             Some(sender) => sender,
-            None => self.open_h2(ctx).await?,
+            None => Box::pin(self.open_h2(ctx)).await?,
         };
         sender.send_request(request).await.map_err(upstream_error)
     }
@@ -237,7 +239,7 @@ impl Endpoint {
             return Ok(sender);
         }
         let io = self.dial(ctx).await?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        let (sender, connection) = http2::Builder::new(super::BoxingExecutor)
             .timer(TokioTimer::new())
             .keep_alive_interval(self.config.keepalive())
             .keep_alive_timeout(self.config.keepalive_timeout)

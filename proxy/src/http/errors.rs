@@ -5,12 +5,14 @@
 //! with a gRPC status, because gRPC clients read the status, not the HTTP code.
 //! Responses from the upstream, including its errors, are passed through untouched.
 
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 
 use super::body::ResponseBody;
 
-pub const L5D_PROXY_ERROR: &str = "l5d-proxy-error";
+pub const L5D_PROXY_ERROR: HeaderName = HeaderName::from_static("l5d-proxy-error");
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// Why the proxy could not produce the upstream's response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,8 +97,8 @@ pub fn respond(kind: ErrorKind, grpc: bool) -> Response<ResponseBody> {
     if grpc {
         // Trailers-only: the status travels in the only HEADERS frame.
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from_static(GRPC_UNAVAILABLE));
-        headers.insert("grpc-message", message.clone());
+        headers.insert(GRPC_STATUS, HeaderValue::from_static(GRPC_UNAVAILABLE));
+        headers.insert(GRPC_MESSAGE, message.clone());
     }
     headers.insert(L5D_PROXY_ERROR, message);
     response

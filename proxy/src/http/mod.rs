@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, HOST, UPGRADE};
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
 use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tracing::debug;
@@ -39,7 +39,25 @@ use crate::detect::Protocol;
 use crate::metrics::{ConnError, TlsStatus};
 use crate::tcp::Transport;
 
-const L5D_CLIENT_ID: &str = "l5d-client-id";
+const L5D_CLIENT_ID: HeaderName = HeaderName::from_static("l5d-client-id");
+
+/// The executor hyper's HTTP/2 side spawns its futures on: one per request (the
+/// client's response driver, the server's stream) besides one per connection. hyper
+/// hands them over as one enum sized for its largest variant, the whole connection,
+/// so spawning it as is makes tokio copy that size into and out of each task cell.
+/// Boxing first keeps the task cell small and copies the future once.
+#[derive(Clone, Copy)]
+pub struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(Box::pin(future));
+    }
+}
 
 /// What differs between the two directions.
 pub enum Side {
@@ -67,6 +85,9 @@ pub struct Connection {
     tls: TlsStatus,
     /// Used as `:authority` for an upgraded HTTP/1.0 request that named none.
     fallback_authority: Authority,
+    /// Inbound: the verified client identity as an `l5d-client-id` value, made once
+    /// per connection rather than per request.
+    client_id: Option<HeaderValue>,
     authority_labels: bool,
     /// The series of the last authority seen on this connection: almost every
     /// connection sends one authority, so this is looked up once.
@@ -88,6 +109,12 @@ pub async fn serve<C: Transport + 'static>(
     route: Route,
 ) {
     let target = route.endpoint.target;
+    let client_id = match &route.side {
+        Side::Inbound { client_id } => client_id
+            .as_deref()
+            .and_then(|id| HeaderValue::from_str(id).ok()),
+        Side::Outbound { .. } => None,
+    };
     let connection = Arc::new(Connection {
         ctx: ctx.clone(),
         endpoint: ctx.http.endpoint(route.endpoint),
@@ -96,6 +123,7 @@ pub async fn serve<C: Transport + 'static>(
         tls: route.tls,
         fallback_authority: Authority::try_from(target.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("localhost")),
+        client_id,
         authority_labels: ctx.config.http.authority_labels,
         series: ArcSwapOption::empty(),
     });
@@ -145,15 +173,12 @@ impl Connection {
     ) -> Result<(Response<Incoming>, Option<Checkin>), ErrorKind> {
         let ctx = &*self.ctx;
         match &self.side {
-            Side::Inbound { client_id } => {
+            Side::Inbound { .. } => {
                 // Only the proxy vouches for a client's identity: whatever the client
                 // itself put in the header is removed.
                 request.headers_mut().remove(L5D_CLIENT_ID);
-                let id = client_id
-                    .as_deref()
-                    .and_then(|id| HeaderValue::from_str(id).ok());
-                if let Some(id) = id {
-                    request.headers_mut().insert(L5D_CLIENT_ID, id);
+                if let Some(id) = &self.client_id {
+                    request.headers_mut().insert(L5D_CLIENT_ID, id.clone());
                 }
                 if request.version() == Version::HTTP_2 {
                     if let Some(original) = orig_proto::downgrade(&mut request) {

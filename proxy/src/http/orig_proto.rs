@@ -8,19 +8,22 @@
 //! before it reaches the application, and marks its response so the outbound side
 //! can restore the response's version.
 
-use hyper::header::{HeaderValue, HOST, TRANSFER_ENCODING};
+use hyper::header::{HeaderName, HeaderValue, HOST, TRANSFER_ENCODING};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, Uri, Version};
 
-pub const L5D_ORIG_PROTO: &str = "l5d-orig-proto";
+pub const L5D_ORIG_PROTO: HeaderName = HeaderName::from_static("l5d-orig-proto");
 const ABSOLUTE_FORM: &str = "; absolute-form";
 
-fn version_name(version: Version) -> &'static str {
-    if version == Version::HTTP_10 {
-        "HTTP/1.0"
-    } else {
-        "HTTP/1.1"
-    }
+/// The `l5d-orig-proto` value for a request: its version, and whether its URI was in
+/// absolute form.
+fn orig_proto_value(version: Version, absolute: bool) -> HeaderValue {
+    HeaderValue::from_static(match (version == Version::HTTP_10, absolute) {
+        (true, false) => "HTTP/1.0",
+        (true, true) => "HTTP/1.0; absolute-form",
+        (false, false) => "HTTP/1.1",
+        (false, true) => "HTTP/1.1; absolute-form",
+    })
 }
 
 /// Rewrites an HTTP/1 request to go over HTTP/2. `fallback` is the authority to use
@@ -29,14 +32,9 @@ fn version_name(version: Version) -> &'static str {
 pub fn upgrade<B>(request: &mut Request<B>, fallback: &Authority) -> Version {
     let version = request.version();
     let absolute = request.uri().authority().is_some();
-    let value = if absolute {
-        format!("{}{ABSOLUTE_FORM}", version_name(version))
-    } else {
-        version_name(version).to_string()
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        request.headers_mut().insert(L5D_ORIG_PROTO, value);
-    }
+    request
+        .headers_mut()
+        .insert(L5D_ORIG_PROTO, orig_proto_value(version, absolute));
     // HTTP/2 frames the body itself and forbids this header.
     request.headers_mut().remove(TRANSFER_ENCODING);
     if !absolute {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Connection;
@@ -44,7 +44,7 @@ where
     };
     let keepalive_timeout = http.keepalive_timeout;
     let service = service_fn(move |request| super::handle(connection.clone(), request));
-    http2::Builder::new(TokioExecutor::new())
+    http2::Builder::new(super::BoxingExecutor)
         .timer(TokioTimer::new())
         .keep_alive_interval(keepalive)
         .keep_alive_timeout(keepalive_timeout)
