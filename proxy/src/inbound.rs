@@ -175,6 +175,7 @@ async fn to_app<C: Transport + 'static>(
                 target,
                 identity: None,
                 server_name: None,
+                http1_case: protocol == Protocol::Http1,
             },
             side: http::Side::Inbound { client_id },
             tls: mesh.unwrap_or(TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote)),

@@ -60,15 +60,15 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
         .and_then(|e| e.server_name.clone())
         .or_else(|| peer_identity.clone());
     if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
+        let h2_upgrade = peer_identity.is_some() && endpoint.as_ref().is_some_and(|e| e.http2);
         let route = http::Route {
             endpoint: EndpointKey {
                 target: conn.orig_dst,
                 identity: peer_identity.clone(),
                 server_name: peer_sni.clone(),
+                http1_case: protocol == Protocol::Http1 && !h2_upgrade,
             },
-            side: http::Side::Outbound {
-                h2_upgrade: peer_identity.is_some() && endpoint.as_ref().is_some_and(|e| e.http2),
-            },
+            side: http::Side::Outbound { h2_upgrade },
             tls: match &peer_identity {
                 Some(identity) => TlsStatus::Established(Some(identity.clone())),
                 None => TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery),

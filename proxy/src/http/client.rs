@@ -41,6 +41,11 @@ pub struct EndpointKey {
     pub identity: Option<Arc<str>>,
     /// The SNI for mesh TLS to it (see `discovery::Endpoint::server_name`).
     pub server_name: Option<Arc<str>>,
+    /// HTTP/1 header-name case is kept on this path: HTTP/1 from the client all the
+    /// way to the destination. Where HTTP/2 is on the way its names are lower case,
+    /// and recording the case (a map and an extension per message) would be wasted;
+    /// such connections pool apart from those that keep it.
+    pub http1_case: bool,
 }
 
 /// Every endpoint of one direction.
@@ -198,7 +203,7 @@ impl Endpoint {
     async fn open_h1(&self, ctx: &Context) -> Result<Sender1, ErrorKind> {
         let io = self.dial(ctx).await?;
         let (sender, connection) = http1::Builder::new()
-            .preserve_header_case(true)
+            .preserve_header_case(self.key.http1_case)
             .title_case_headers(false)
             .handshake(TokioIo::new(io))
             .await
