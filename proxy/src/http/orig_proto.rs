@@ -100,7 +100,7 @@ pub fn downgrade<B>(request: &mut Request<B>) -> Option<HeaderValue> {
         *request.uri_mut() = Uri::from(origin);
     }
     *request.version_mut() = version;
-    HeaderValue::from_str(name.trim()).ok()
+    Some(orig_proto_value(version, false))
 }
 
 #[cfg(test)]
