@@ -105,7 +105,12 @@ async fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Reply
         }
         (&Method::GET | &Method::HEAD, "/live") => reply(StatusCode::OK, "live\n"),
         (&Method::GET, "/env.json") => {
-            let mut response = reply(StatusCode::OK, env_json(std::env::vars()));
+            let query = req.uri().query();
+            let (status, body) = match env_json(std::env::vars(), query) {
+                Ok(json) => (StatusCode::OK, json),
+                Err(error) => (StatusCode::BAD_REQUEST, error),
+            };
+            let mut response = reply(status, body);
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -175,8 +180,15 @@ fn metrics(admin: &Admin, req: &Request<Incoming>) -> Reply {
 
 /// The proxy's own settings (`LINKERD2_PROXY_*` and `TANDEM_*` only, unlike Linkerd,
 /// which dumps the whole environment), with anything secret-looking redacted.
-pub fn env_json(vars: impl Iterator<Item = (String, String)>) -> String {
-    let settings: serde_json::Map<String, serde_json::Value> = vars
+///
+/// `query` is Linkerd's filter, `?NAME&NAME`: only those names, each with its value or
+/// `null` when unset (or not a proxy setting). A `NAME=value` pair is refused, as
+/// Linkerd refuses it, with the error as JSON.
+pub fn env_json(
+    vars: impl Iterator<Item = (String, String)>,
+    query: Option<&str>,
+) -> Result<String, String> {
+    let mut settings: serde_json::Map<String, serde_json::Value> = vars
         .filter(|(name, _)| name.starts_with("LINKERD2_PROXY_") || name.starts_with("TANDEM_"))
         .map(|(name, value)| {
             let value = if is_secret(&name) {
@@ -187,7 +199,21 @@ pub fn env_json(vars: impl Iterator<Item = (String, String)>) -> String {
             (name, serde_json::Value::String(value))
         })
         .collect();
-    serde_json::Value::Object(settings).to_string()
+    if let Some(query) = query {
+        if query.contains('=') {
+            let error = "env.json takes variable names only, not NAME=value pairs";
+            return Err(serde_json::json!({ "error": error }).to_string());
+        }
+        settings = query
+            .split('&')
+            .filter(|name| !name.is_empty())
+            .map(|name| {
+                let value = settings.remove(name).unwrap_or(serde_json::Value::Null);
+                (name.to_string(), value)
+            })
+            .collect();
+    }
+    Ok(serde_json::Value::Object(settings).to_string())
 }
 
 /// Names of secrets themselves; paths and addresses of secrets are not secret.
@@ -215,11 +241,27 @@ mod tests {
             ("HOME", "/root"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let json: serde_json::Value = serde_json::from_str(&env_json(vars.into_iter())).unwrap();
+        let json = env_json(vars.clone().into_iter(), None).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(json["LINKERD2_PROXY_LOG"], "debug");
         assert_eq!(json["TANDEM_EXTRA_OPAQUE_PORTS"], "8000");
         assert_eq!(json["TANDEM_IDENTITY_TOKEN"], "<redacted>");
         assert_eq!(json["LINKERD2_PROXY_IDENTITY_TOKEN_FILE"], "/var/run/token");
         assert!(json.get("HOME").is_none());
+
+        let query = Some("LINKERD2_PROXY_LOG&TANDEM_IDENTITY_TOKEN&HOME&LINKERD2_PROXY_UNSET");
+        let json = env_json(vars.clone().into_iter(), query).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let expected = serde_json::json!({
+            "LINKERD2_PROXY_LOG": "debug",
+            "TANDEM_IDENTITY_TOKEN": "<redacted>",
+            "HOME": null,
+            "LINKERD2_PROXY_UNSET": null,
+        });
+        assert_eq!(json, expected);
+
+        let refused = env_json(vars.into_iter(), Some("LINKERD2_PROXY_LOG=trace")).unwrap_err();
+        let refused: serde_json::Value = serde_json::from_str(&refused).unwrap();
+        assert!(refused["error"].as_str().unwrap().contains("NAME=value"));
     }
 }

@@ -47,6 +47,17 @@ fn probes_env_and_gzip_metrics() {
     assert_eq!(env["TANDEM_EXTRA_OPAQUE_PORTS"], "7777");
     assert_eq!(env["TANDEM_TEST_TOKEN"], "<redacted>", "{body}");
     assert!(!body.contains("hunter2"));
+    // Linkerd's filter: the names asked for, null when unset.
+    let query = "/env.json?TANDEM_EXTRA_OPAQUE_PORTS&TANDEM_NOT_SET";
+    let (status, body) = proxy.admin_request("GET", query, "").unwrap();
+    assert_eq!(status, 200);
+    let env: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let expected = serde_json::json!({"TANDEM_EXTRA_OPAQUE_PORTS": "7777", "TANDEM_NOT_SET": null});
+    assert_eq!(env, expected, "{body}");
+    let (status, _) = proxy
+        .admin_request("GET", "/env.json?TANDEM_EXTRA_OPAQUE_PORTS=1", "")
+        .unwrap();
+    assert_eq!(status, 400);
 
     let admin = proxy.admin;
     let response = mesh
