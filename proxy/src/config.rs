@@ -85,6 +85,8 @@ impl HttpConfig {
 
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Settings that were ignored, one line each, to log once logging is set up.
+    pub warnings: Vec<String>,
     pub inbound: DirectionConfig,
     pub outbound: DirectionConfig,
     pub admin_listen: SocketAddr,
@@ -137,6 +139,7 @@ impl Config {
         let mut env = Env {
             lookup: &lookup,
             errors: Vec::new(),
+            warnings: Vec::new(),
         };
 
         let extra_opaque = env.parse("TANDEM_EXTRA_OPAQUE_PORTS", "", PortSet::parse);
@@ -305,7 +308,8 @@ impl Config {
             },
         };
 
-        let config = Config {
+        let mut config = Config {
+            warnings: Vec::new(),
             inbound,
             outbound,
             admin_listen: env.parse(
@@ -331,16 +335,14 @@ impl Config {
             ),
             log_filter: lookup("LINKERD2_PROXY_LOG").unwrap_or_else(|| "warn,tandem=info".into()),
             log_format: env.parse("LINKERD2_PROXY_LOG_FORMAT", "plain", parse_log_format),
+            // Linkerd ignores a bad thread count with a warning rather than refusing
+            // to start; so does Tandem, since a pod is better slow than down.
             cores: crate::cores::CoreSettings {
-                min: match lookup("LINKERD2_PROXY_CORES_MIN") {
-                    Some(_) => Some(env.parse("LINKERD2_PROXY_CORES_MIN", "1", parse_positive)),
-                    None => lookup("LINKERD2_PROXY_CORES")
-                        .map(|_| env.parse("LINKERD2_PROXY_CORES", "1", parse_positive)),
-                },
-                max: lookup("LINKERD2_PROXY_CORES_MAX")
-                    .map(|_| env.parse("LINKERD2_PROXY_CORES_MAX", "1", parse_positive)),
-                max_ratio: lookup("LINKERD2_PROXY_CORES_MAX_RATIO")
-                    .map(|_| env.parse("LINKERD2_PROXY_CORES_MAX_RATIO", "1", parse_ratio)),
+                min: env
+                    .parse_or_ignore("LINKERD2_PROXY_CORES_MIN", parse_positive)
+                    .or_else(|| env.parse_or_ignore("LINKERD2_PROXY_CORES", parse_positive)),
+                max: env.parse_or_ignore("LINKERD2_PROXY_CORES_MAX", parse_positive),
+                max_ratio: env.parse_or_ignore("LINKERD2_PROXY_CORES_MAX_RATIO", parse_ratio),
             },
             shutdown_delay: env.parse("TANDEM_SHUTDOWN_DELAY", "0s", parse_duration),
             identity: match tandem_identity::IdentityConfig::from_lookup(&lookup) {
@@ -377,6 +379,7 @@ impl Config {
             );
         }
         if env.errors.is_empty() {
+            config.warnings = env.warnings;
             Ok(config)
         } else {
             Err(ConfigError(env.errors))
@@ -387,6 +390,7 @@ impl Config {
 struct Env<'a> {
     lookup: &'a dyn Fn(&str) -> Option<String>,
     errors: Vec<String>,
+    warnings: Vec<String>,
 }
 
 impl Env<'_> {
@@ -405,6 +409,21 @@ impl Env<'_> {
             }
         }
         parse(default).unwrap_or_else(|why| panic!("default for {var} is invalid: {why}"))
+    }
+
+    /// Parses `var` if set; a value that does not parse is left out with a warning.
+    fn parse_or_ignore<T>(
+        &mut self,
+        var: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let value = (self.lookup)(var)?;
+        parse(value.trim())
+            .map_err(|why| {
+                self.warnings
+                    .push(format!("{var}={value:?}: {why}; ignored"))
+            })
+            .ok()
     }
 }
 
@@ -712,8 +731,24 @@ mod tests {
             max_ratio: Some(0.5),
         };
         assert_eq!(c.cores, want);
-        let err = config(&[("LINKERD2_PROXY_CORES_MAX_RATIO", "1.5")]).unwrap_err();
-        assert!(err.to_string().contains("LINKERD2_PROXY_CORES_MAX_RATIO"));
+        // Bad values are ignored with a warning, as Linkerd does, not fatal.
+        let c = config(&[
+            ("LINKERD2_PROXY_CORES_MAX_RATIO", "1.5"),
+            ("LINKERD2_PROXY_CORES", "two"),
+            ("LINKERD2_PROXY_CORES_MAX", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.cores, CoreSettings::default());
+        assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+        assert!(c.warnings[0].starts_with("LINKERD2_PROXY_CORES=\"two\""));
+        assert!(c.warnings.iter().all(|w| w.ends_with("; ignored")));
+        // A bad minimum under the new name still falls back to the older name.
+        let c = config(&[
+            ("LINKERD2_PROXY_CORES_MIN", "x"),
+            ("LINKERD2_PROXY_CORES", "2"),
+        ])
+        .unwrap();
+        assert_eq!(c.cores.min, Some(2));
     }
 
     #[test]
@@ -732,7 +767,7 @@ mod tests {
         let err = config(&[
             ("LINKERD2_PROXY_INBOUND_DETECT_TIMEOUT", "soon"),
             ("LINKERD2_PROXY_ADMIN_LISTEN_ADDR", "localhost"),
-            ("LINKERD2_PROXY_CORES", "0"),
+            ("LINKERD2_PROXY_OUTBOUND_CONNECT_TIMEOUT", "fast"),
         ])
         .unwrap_err();
         let text = err.to_string();
@@ -742,7 +777,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("LINKERD2_PROXY_ADMIN_LISTEN_ADDR"), "{text}");
-        assert!(text.contains("LINKERD2_PROXY_CORES"), "{text}");
+        assert!(
+            text.contains("LINKERD2_PROXY_OUTBOUND_CONNECT_TIMEOUT"),
+            "{text}"
+        );
         assert!(!text.contains('\n'));
     }
 

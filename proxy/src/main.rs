@@ -110,6 +110,9 @@ fn run_proxy() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     match tandem_proxy::app::run(config, log_level) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
