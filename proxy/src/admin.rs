@@ -182,7 +182,7 @@ fn metrics(admin: &Admin, req: &Request<Incoming>) -> Reply {
 /// which dumps the whole environment), with anything secret-looking redacted.
 ///
 /// `query` is Linkerd's filter, `?NAME&NAME`: only those names, each with its value or
-/// `null` when unset (or not a proxy setting). A `NAME=value` pair is refused, as
+/// `null` when unset or not a proxy setting (Linkerd would show any variable). A `NAME=value` pair is refused, as
 /// Linkerd refuses it, with the error as JSON.
 pub fn env_json(
     vars: impl Iterator<Item = (String, String)>,
@@ -199,7 +199,7 @@ pub fn env_json(
             (name, serde_json::Value::String(value))
         })
         .collect();
-    if let Some(query) = query {
+    if let Some(query) = query.filter(|q| !q.trim_matches('&').is_empty()) {
         if query.contains('=') {
             let error = "env.json takes variable names only, not NAME=value pairs";
             return Err(serde_json::json!({ "error": error }).to_string());
@@ -208,8 +208,8 @@ pub fn env_json(
             .split('&')
             .filter(|name| !name.is_empty())
             .map(|name| {
-                let value = settings.remove(name).unwrap_or(serde_json::Value::Null);
-                (name.to_string(), value)
+                let value = settings.get(name).cloned();
+                (name.to_string(), value.unwrap_or(serde_json::Value::Null))
             })
             .collect();
     }
@@ -249,7 +249,9 @@ mod tests {
         assert_eq!(json["LINKERD2_PROXY_IDENTITY_TOKEN_FILE"], "/var/run/token");
         assert!(json.get("HOME").is_none());
 
-        let query = Some("LINKERD2_PROXY_LOG&TANDEM_IDENTITY_TOKEN&HOME&LINKERD2_PROXY_UNSET");
+        let query = Some(
+            "LINKERD2_PROXY_LOG&TANDEM_IDENTITY_TOKEN&HOME&LINKERD2_PROXY_UNSET&LINKERD2_PROXY_LOG",
+        );
         let json = env_json(vars.clone().into_iter(), query).unwrap();
         let json: serde_json::Value = serde_json::from_str(&json).unwrap();
         let expected = serde_json::json!({
@@ -259,6 +261,12 @@ mod tests {
             "LINKERD2_PROXY_UNSET": null,
         });
         assert_eq!(json, expected);
+
+        for everything in ["", "&"] {
+            let json = env_json(vars.clone().into_iter(), Some(everything)).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(json["TANDEM_EXTRA_OPAQUE_PORTS"], "8000", "{everything:?}");
+        }
 
         let refused = env_json(vars.into_iter(), Some("LINKERD2_PROXY_LOG=trace")).unwrap_err();
         let refused: serde_json::Value = serde_json::from_str(&refused).unwrap();

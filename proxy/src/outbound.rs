@@ -66,7 +66,10 @@ pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: S
                 target: conn.orig_dst,
                 identity: peer_identity.clone(),
                 server_name: peer_sni.clone(),
-                http1_case: protocol == Protocol::Http1 && !h2_upgrade,
+                // Recorded even when requests go on over HTTP/2: an Upgrade or
+                // CONNECT stays HTTP/1 to the peer, and which request is one is
+                // known only after its head was parsed.
+                http1_case: protocol == Protocol::Http1,
             },
             side: http::Side::Outbound { h2_upgrade },
             tls: match &peer_identity {

@@ -41,10 +41,10 @@ pub struct EndpointKey {
     pub identity: Option<Arc<str>>,
     /// The SNI for mesh TLS to it (see `discovery::Endpoint::server_name`).
     pub server_name: Option<Arc<str>>,
-    /// HTTP/1 header-name case is kept on this path: HTTP/1 from the client all the
-    /// way to the destination. Where HTTP/2 is on the way its names are lower case,
-    /// and recording the case (a map and an extension per message) would be wasted;
-    /// such connections pool apart from those that keep it.
+    /// HTTP/1 header-name case is recorded on this path: the client speaks HTTP/1.
+    /// Inbound from a peer's HTTP/2 connection its names are lower case already, and
+    /// recording the case (a map and an extension per message) would be wasted; such
+    /// connections to the app pool apart from those that keep it.
     pub http1_case: bool,
 }
 

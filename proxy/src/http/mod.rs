@@ -88,8 +88,6 @@ pub struct Connection {
     /// Inbound: the verified client identity as an `l5d-client-id` value, made once
     /// per connection rather than per request.
     client_id: Option<HeaderValue>,
-    /// See [`EndpointKey::http1_case`].
-    http1_case: bool,
     authority_labels: bool,
     /// The series of the last authority seen on this connection: almost every
     /// connection sends one authority, so this is looked up once.
@@ -111,7 +109,6 @@ pub async fn serve<C: Transport + 'static>(
     route: Route,
 ) {
     let target = route.endpoint.target;
-    let http1_case = route.endpoint.http1_case;
     let client_id = match &route.side {
         Side::Inbound { client_id } => client_id
             .as_deref()
@@ -127,7 +124,6 @@ pub async fn serve<C: Transport + 'static>(
         fallback_authority: Authority::try_from(target.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("localhost")),
         client_id,
-        http1_case,
         authority_labels: ctx.config.http.authority_labels,
         series: ArcSwapOption::empty(),
     });

@@ -14,15 +14,13 @@ use super::Connection;
 /// back the same way on its response (and upstream by the client side), since
 /// applications exist that depend on it; no read timeout on headers, because a
 /// keep-alive client may sit idle as long as it likes.
-/// Not when the requests go on over HTTP/2 (see `EndpointKey::http1_case`).
 pub async fn serve_h1<I>(io: I, connection: Arc<Connection>) -> hyper::Result<()>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let preserve_case = connection.http1_case;
     let service = service_fn(move |request| super::handle(connection.clone(), request));
     http1::Builder::new()
-        .preserve_header_case(preserve_case)
+        .preserve_header_case(true)
         .title_case_headers(false)
         .keep_alive(true)
         // The application's response goes out as it was sent: no added `Date`.
