@@ -182,8 +182,8 @@ fn metrics(admin: &Admin, req: &Request<Incoming>) -> Reply {
 /// which dumps the whole environment), with anything secret-looking redacted.
 ///
 /// `query` is Linkerd's filter, `?NAME&NAME`: only those names, each with its value or
-/// `null` when unset or not a proxy setting (Linkerd would show any variable). A `NAME=value` pair is refused, as
-/// Linkerd refuses it, with the error as JSON.
+/// `null` when unset or not a proxy setting (Linkerd would show any variable). A
+/// `NAME=value` pair is refused, as Linkerd refuses it, with the error as JSON.
 pub fn env_json(
     vars: impl Iterator<Item = (String, String)>,
     query: Option<&str>,
