@@ -498,15 +498,20 @@ mod tests {
         received
     }
 
+    /// A connected client socket and the server side of it, over loopback.
+    async fn loopback_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
     /// A burst engages the read-ahead buffer without losing or reordering a byte,
     /// and small exchanges afterwards free it again.
     #[tokio::test]
     async fn tls_socket_reads_ahead_through_bursts_only() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut writer = client.unwrap();
-        let mut reader = Replay::under_tls(b"hello".to_vec(), accepted.unwrap().0);
+        let (mut writer, accepted) = loopback_pair().await;
+        let mut reader = Replay::under_tls(b"hello".to_vec(), accepted);
 
         let burst: Vec<u8> = (0..4 * READ_AHEAD + 123).map(|i| (i % 251) as u8).collect();
         let mut expected = b"hello".to_vec();
@@ -542,11 +547,8 @@ mod tests {
     /// Request/response traffic never allocates the buffer.
     #[tokio::test]
     async fn tls_socket_reads_small_messages_directly() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut writer = client.unwrap();
-        let mut reader = Replay::under_tls(Vec::new(), accepted.unwrap().0);
+        let (mut writer, accepted) = loopback_pair().await;
+        let mut reader = Replay::under_tls(Vec::new(), accepted);
         for round in 0..20u8 {
             writer.write_all(&[round; 1091]).await.unwrap();
             assert_eq!(read_as_tls_does(&mut reader, 1091).await, vec![round; 1091]);
@@ -558,11 +560,8 @@ mod tests {
     /// sends each body chunk over 1 KiB as two TLS records.
     #[tokio::test]
     async fn replay_gathers_writes() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut writer = Replay::new(b"seen".to_vec(), client.unwrap());
-        let (mut reader, _) = accepted.unwrap();
+        let (client, mut reader) = loopback_pair().await;
+        let mut writer = Replay::new(b"seen".to_vec(), client);
 
         assert!(writer.is_write_vectored());
         let written = writer

@@ -147,22 +147,16 @@ impl Drop for ResponseBody {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
-    use crate::http::metrics::{scrape, RequestMetrics};
+    use crate::http::metrics::{scrape, test_series};
     use crate::metrics::{Direction, NoTlsReason, TlsStatus};
 
     /// Records one response through `frames`, moving its start back by `before` before
     /// the frames and by `after` once they are in, and returns the latency sum (ms).
     fn recorded_latency_ms(frames: &[Frame<Bytes>], before: u64, after: u64) -> f64 {
-        let metrics = Arc::new(RequestMetrics::new(
-            Direction::Outbound,
-            Duration::from_secs(60),
-            10,
-        ));
         let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
-        let series = metrics.series(None, "192.0.2.1:80".parse().unwrap(), &tls);
+        let (metrics, series) = test_series(Direction::Outbound, None, tls);
         let back = |secs| {
             Instant::now()
                 .checked_sub(Duration::from_secs(secs))

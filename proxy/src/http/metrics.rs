@@ -447,6 +447,19 @@ pub(crate) fn scrape(metrics: &Arc<RequestMetrics>) -> String {
     text
 }
 
+/// A fresh registry of `direction` (60 s idle retention, 10 targets) and one series in
+/// it, to 192.0.2.1:80.
+#[cfg(test)]
+pub(crate) fn test_series(
+    direction: Direction,
+    authority: Option<&str>,
+    tls: TlsStatus,
+) -> (Arc<RequestMetrics>, SeriesHandle) {
+    let metrics = Arc::new(RequestMetrics::new(direction, Duration::from_secs(60), 10));
+    let series = metrics.series(authority, "192.0.2.1:80".parse().unwrap(), &tls);
+    (metrics, series)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,13 +467,8 @@ mod tests {
 
     #[test]
     fn responses_are_counted_by_status_grpc_status_and_error() {
-        let metrics = Arc::new(RequestMetrics::new(
-            Direction::Outbound,
-            Duration::from_secs(60),
-            10,
-        ));
         let tls = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
-        let series = metrics.series(Some("web:80"), "192.0.2.1:80".parse().unwrap(), &tls);
+        let (metrics, series) = test_series(Direction::Outbound, Some("web:80"), tls);
         series.request();
         series.response(
             Outcome::Status {
@@ -531,13 +539,8 @@ mod tests {
 
     #[test]
     fn latency_slots_are_claimed_per_status_and_the_last_is_shared() {
-        let metrics = Arc::new(RequestMetrics::new(
-            Direction::Inbound,
-            Duration::from_secs(60),
-            10,
-        ));
         let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
-        let series = metrics.series(None, "192.0.2.1:80".parse().unwrap(), &tls);
+        let (metrics, series) = test_series(Direction::Inbound, None, tls);
         let codes = [200, 201, 202, 203, 204, 205, 206, 207];
         for (i, status) in codes.into_iter().enumerate() {
             // 200 three times, the codes at odd positions twice, the others once.
