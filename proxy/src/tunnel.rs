@@ -53,8 +53,8 @@ use tokio_rustls::server::TlsStream as ServerTls;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::config::HttpConfig;
 use crate::conn::{self, Context, MeshAlpn};
+use crate::http::h2_client::keepalive;
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
 use crate::tcp::Transport;
 use crate::transport;
@@ -379,29 +379,6 @@ pub async fn serve(
     drop(socket);
     streams.close();
     streams.wait().await;
-}
-
-/// Resolves when the peer fails to answer a PING in time (never while it answers,
-/// nor when keepalive is off or the connection has ended: its own task sees that).
-/// Owns copies of the settings, so it can run on the connection's task.
-fn keepalive(
-    http: &HttpConfig,
-    ping_pong: Option<h2::PingPong>,
-) -> impl Future<Output = ()> + Send + 'static {
-    let (interval, timeout) = (http.keepalive(), http.keepalive_timeout);
-    async move {
-        let (Some(interval), Some(mut ping_pong)) = (interval, ping_pong) else {
-            return std::future::pending().await;
-        };
-        loop {
-            tokio::time::sleep(interval).await;
-            match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
-                Ok(Ok(_pong)) => {}
-                Ok(Err(_closed)) => return std::future::pending().await,
-                Err(_elapsed) => return,
-            }
-        }
-    }
 }
 
 async fn serve_stream(

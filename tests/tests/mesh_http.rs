@@ -237,6 +237,46 @@ fn h2_request(
     })
 }
 
+/// An HTTP/2 server in `pod` that closes each connection gracefully (GOAWAY) once it
+/// has answered a request, as servers that rotate connections do, and names the
+/// connection in every response. `/hold` leaves its response open after that first
+/// chunk, and the connection with it: only the GOAWAY says not to send more.
+fn h2_server_closing_after_each_request(pod: &Pod, port: u16) {
+    let listener = pod
+        .run(|| TcpListener::bind(any(port)))
+        .expect("bind the test server");
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            for number in 1.. {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    let mut held = Vec::new();
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        let hold = request.uri().path() == "/hold";
+                        if let Ok(mut body) = respond.send_response(Response::new(()), false) {
+                            let text = format!("connection {number}\n");
+                            let _ = body.send_data(Bytes::from(text), !hold);
+                            held.push(body);
+                        }
+                        connection.graceful_shutdown();
+                    }
+                });
+            }
+        });
+    });
+}
+
 fn curl(pod: &Pod, args: &[&str]) -> String {
     let out = pod.exec("curl", args);
     assert!(
@@ -444,6 +484,76 @@ fn header_case_and_order_survive_http1_end_to_end() {
         ["Host", "X-MiXeD-CaSe", "lower-case", "UPPER-CASE"],
         "{seen}"
     );
+}
+
+/// An HTTP/2 upstream that closes its connection after a request (GOAWAY) costs no
+/// request, even while a response keeps that connection open: the next request goes
+/// on a new connection instead of failing on the closing one.
+#[test]
+fn an_upstream_closing_http2_connections_gracefully_loses_no_request() {
+    let world = MeshedPair::new();
+    let (_issuer, _proxy_a, proxy_b) = world.start(true);
+    h2_server_closing_after_each_request(world.b(), 8090);
+    let addr = world.b_addr(8090);
+
+    // A response that stays open holds the first connection open.
+    let stream = world.a().run(|| TcpStream::connect(addr)).expect("connect");
+    stream.set_nonblocking(true).unwrap();
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let held = runtime.block_on(async move {
+            let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .expect("h2 handshake");
+            tokio::spawn(conn);
+            let request = Request::get(format!("http://{addr}/hold"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response = sender.send_request(request).await.expect("h2 response");
+            let mut body = response.into_body();
+            let first = body.frame().await.expect("a first chunk").expect("h2 body");
+            first_tx
+                .send(first.into_data().unwrap_or_default())
+                .unwrap();
+            (sender, body)
+        });
+        // Not driven any more, the client's connection stays open and the held
+        // response with it.
+        let _ = done_rx.recv();
+        drop(held);
+    });
+    let first = first_rx.recv().expect("the held response starts");
+    assert_eq!(&first[..], b"connection 1\n");
+
+    let url = format!("http://{addr}/");
+    for number in 2..=3 {
+        let out = curl(world.a(), &["-sS", "-i", "--http2-prior-knowledge", &url]);
+        assert!(out.starts_with("HTTP/2 200"), "request {number}: {out}");
+        assert!(out.ends_with(&format!("connection {number}\n")), "{out}");
+    }
+    let text = proxy_b.wait_metric(
+        "response_total",
+        &[("direction", "inbound"), ("status_code", "200")],
+        2.0,
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "tcp_open_total",
+            &[("direction", "inbound"), ("peer", "dst")]
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    done_tx.send(()).unwrap();
+    holder.join().unwrap();
 }
 
 #[test]

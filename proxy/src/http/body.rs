@@ -18,10 +18,44 @@ use hyper::HeaderMap;
 
 use super::client::Checkin;
 use super::errors::ErrorKind;
+use super::h2_client::ResponseStream;
 use super::metrics::{Outcome, SeriesHandle};
 
+/// A body error, whichever client it came from. hyper's server finds an `h2`
+/// reset reason inside it and resets the client's stream with the same reason.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The upstream's response body: from hyper's HTTP/1 client, or an `h2` stream.
+pub enum UpstreamBody {
+    Http1(Incoming),
+    Http2(ResponseStream),
+}
+
+impl UpstreamBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            UpstreamBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(body) => body.is_end_stream(),
+            UpstreamBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Http1(body) => body.size_hint(),
+            UpstreamBody::Http2(body) => body.size_hint(),
+        }
+    }
+}
+
 pub struct ResponseBody {
-    inner: Option<Incoming>,
+    inner: Option<UpstreamBody>,
     recorder: Option<Recorder>,
     checkin: Option<Checkin>,
 }
@@ -76,7 +110,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn new(inner: Incoming, recorder: Recorder, checkin: Option<Checkin>) -> ResponseBody {
+    pub fn new(inner: UpstreamBody, recorder: Recorder, checkin: Option<Checkin>) -> ResponseBody {
         ResponseBody {
             inner: Some(inner),
             recorder: Some(recorder),
@@ -98,17 +132,17 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(inner).poll_frame(cx);
+        let polled = inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(recorder) = &mut this.recorder {

@@ -18,21 +18,23 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::body::UpstreamBody;
 use super::errors::ErrorKind;
+use super::h2_client;
 use crate::config::HttpConfig;
 use crate::conn::Context;
 use crate::metrics::{ConnError, NoTlsReason, OpenConnection, Peer, TlsStatus};
 use crate::transport::{self, ConnectError};
 
 type Sender1 = http1::SendRequest<Incoming>;
-type Sender2 = http2::SendRequest<Incoming>;
+type Sender2 = h2::client::SendRequest<bytes::Bytes>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct EndpointKey {
@@ -84,11 +86,7 @@ impl Pools {
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, endpoint| {
             let idle_left = endpoint.sweep();
-            let h2_open = endpoint
-                .h2
-                .load()
-                .as_ref()
-                .is_some_and(|c| !c.sender.is_closed());
+            let h2_open = endpoint.h2.load().as_ref().is_some_and(|c| !c.is_closed());
             Arc::strong_count(endpoint) > 1 || idle_left || h2_open
         });
     }
@@ -103,7 +101,7 @@ pub struct Endpoint {
     key: EndpointKey,
     config: HttpConfig,
     idle: Mutex<Vec<Idle>>,
-    h2: ArcSwapOption<H2Connection>,
+    h2: ArcSwapOption<h2_client::Connection>,
     /// Held while opening the HTTP/2 connection, so concurrent first requests share
     /// one connection instead of racing to open several.
     connecting: tokio::sync::Mutex<()>,
@@ -113,11 +111,6 @@ struct Idle {
     sender: Sender1,
     opened: Instant,
     since: Instant,
-}
-
-struct H2Connection {
-    sender: Sender2,
-    opened: Instant,
 }
 
 /// A checked-out HTTP/1 connection, returned to its endpoint when the response ends.
@@ -175,7 +168,7 @@ impl Endpoint {
         self: &Arc<Self>,
         ctx: &Context,
         request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Checkin), ErrorKind> {
+    ) -> Result<(Response<UpstreamBody>, Checkin), ErrorKind> {
         let mut pooled = None;
         while let Some((mut sender, opened)) = self.checkout() {
             // A pooled connection the server has closed meanwhile fails here, before
@@ -197,7 +190,7 @@ impl Endpoint {
             sender,
             opened,
         };
-        Ok((response, checkin))
+        Ok((response.map(UpstreamBody::Http1), checkin))
     }
 
     async fn open_h1(&self, ctx: &Context) -> Result<Sender1, ErrorKind> {
@@ -222,20 +215,38 @@ impl Endpoint {
         &self,
         ctx: &Context,
         request: Request<Incoming>,
-    ) -> Result<Response<Incoming>, ErrorKind> {
+    ) -> Result<Response<UpstreamBody>, ErrorKind> {
         let mut sender = match self.current_h2() {
             Some(sender) => sender,
+            // A connection the peer is closing (GOAWAY) refuses the stream before
+            // anything is sent, so a new connection takes the request instead.
             None => Box::pin(self.open_h2(ctx)).await?,
         };
-        sender.send_request(request).await.map_err(upstream_error)
+        // The connection was ready a moment ago: what fails here is the request
+        // (headers HTTP/2 cannot carry), as hyper's client reported it too.
+        let response = h2_client::send(&mut sender, request).map_err(|error| {
+            debug!(%error, "cannot send the request over HTTP/2");
+            ErrorKind::Upstream
+        })?;
+        let response = response.await.map_err(|error| {
+            debug!(%error, "upstream request failed");
+            // REFUSED_STREAM: the server says it did not process the request.
+            if error.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                ErrorKind::Unavailable
+            } else {
+                ErrorKind::Upstream
+            }
+        })?;
+        Ok(h2_client::response(response).map(UpstreamBody::Http2))
     }
 
     fn current_h2(&self) -> Option<Sender2> {
         let guard = self.h2.load();
         let connection = guard.as_ref()?;
-        (!connection.sender.is_closed()
-            && connection.opened.elapsed() < self.config.max_connection_age)
-            .then(|| connection.sender.clone())
+        if connection.opened.elapsed() >= self.config.max_connection_age {
+            return None;
+        }
+        connection.sender()
     }
 
     async fn open_h2(&self, ctx: &Context) -> Result<Sender2, ErrorKind> {
@@ -244,23 +255,14 @@ impl Endpoint {
             return Ok(sender);
         }
         let io = self.dial(ctx).await?;
-        let (sender, connection) = http2::Builder::new(super::BoxingExecutor)
-            .timer(TokioTimer::new())
-            .keep_alive_interval(self.config.keepalive())
-            .keep_alive_timeout(self.config.keepalive_timeout)
-            .handshake(TokioIo::new(io))
+        let connection = h2_client::Connection::handshake(io, &self.config, self.key.target)
             .await
-            .map_err(upstream_error)?;
-        let target = self.key.target;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(%target, %error, "HTTP/2 connection failed");
-            }
-        });
-        self.h2.store(Some(Arc::new(H2Connection {
-            sender: sender.clone(),
-            opened: Instant::now(),
-        })));
+            .map_err(|error| {
+                debug!(target = %self.key.target, %error, "HTTP/2 handshake failed");
+                ErrorKind::Upstream
+            })?;
+        let sender = connection.sender().ok_or(ErrorKind::Unavailable)?;
+        self.h2.store(Some(Arc::new(connection)));
         Ok(sender)
     }
 

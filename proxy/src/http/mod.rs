@@ -14,6 +14,7 @@
 pub mod body;
 pub mod client;
 pub mod errors;
+pub mod h2_client;
 pub mod metrics;
 pub mod orig_proto;
 mod server;
@@ -30,7 +31,7 @@ use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tracing::debug;
 
-use self::body::{Recorder, ResponseBody};
+use self::body::{Recorder, ResponseBody, UpstreamBody};
 use self::client::{Checkin, Endpoint, EndpointKey};
 use self::errors::ErrorKind;
 use self::metrics::{Outcome, SeriesHandle};
@@ -170,7 +171,7 @@ impl Connection {
     async fn forward(
         &self,
         mut request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), ErrorKind> {
+    ) -> Result<(Response<UpstreamBody>, Option<Checkin>), ErrorKind> {
         let ctx = &*self.ctx;
         match &self.side {
             Side::Inbound { .. } => {
@@ -212,7 +213,7 @@ impl Connection {
     async fn http1(
         &self,
         mut request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), ErrorKind> {
+    ) -> Result<(Response<UpstreamBody>, Option<Checkin>), ErrorKind> {
         if !is_upgrade(&request) {
             let (response, checkin) = self.endpoint.send_h1(&self.ctx, request).await?;
             return Ok((response, Some(checkin)));
