@@ -233,7 +233,7 @@ async fn start_carrier(
         })?;
     let closed = Arc::new(AtomicBool::new(false));
     let on_close = closed.clone();
-    let keepalive = keepalive(&ctx.config.http, connection.ping_pong());
+    let keepalive = keepalive(&ctx.config.http, connection.ping_pong(), None);
     let metrics = ctx.metrics.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -336,7 +336,7 @@ pub async fn serve(
     ctx.metrics.carriers.inc();
     let streams = TaskTracker::new();
     let mut draining = false;
-    let keepalive = keepalive(&ctx.config.http, connection.ping_pong());
+    let keepalive = keepalive(&ctx.config.http, connection.ping_pong(), None);
     tokio::pin!(keepalive);
     loop {
         let accepted = tokio::select! {

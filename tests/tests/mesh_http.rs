@@ -15,7 +15,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use tandem_tests::apps::{connect, read_some, read_until, Noise, NoiseCheck};
+use tandem_tests::apps::{connect, read_some, read_until, Noise, NoiseCheck, IO_LIMIT};
 use tandem_tests::mesh::{identity_of, MeshedPair};
 use tandem_tests::probe::metric;
 use tandem_tests::Pod;
@@ -270,6 +270,52 @@ fn h2_server_closing_after_each_request(pod: &Pod, port: u16) {
                             held.push(body);
                         }
                         connection.graceful_shutdown();
+                    }
+                });
+            }
+        });
+    });
+}
+
+/// An HTTP/2 server in `pod` that never reads a request body nor answers: it reports
+/// each request's head, then how the stream ended (`reset: CANCEL`, …), on `events`.
+fn h2_server_reporting_resets(
+    pod: &Pod,
+    port: u16,
+    events: tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    let listener = pod
+        .run(|| TcpListener::bind(any(port)))
+        .expect("bind the test server");
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        let events = events.clone();
+                        tokio::spawn(async move {
+                            let _ = events.send(format!("head {}", request.uri().path()));
+                            // Held, unread: the stream's window fills and stays full.
+                            let _unread = request;
+                            let ended = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                            let _ = events.send(match ended {
+                                Ok(reason) => format!("reset: {reason:?}"),
+                                Err(error) => format!("error: {error}"),
+                            });
+                        });
                     }
                 });
             }
@@ -554,6 +600,47 @@ fn an_upstream_closing_http2_connections_gracefully_loses_no_request() {
     );
     done_tx.send(()).unwrap();
     holder.join().unwrap();
+}
+
+/// A request the client gives up on is reset upstream too, even while its body waits
+/// for flow-control capacity on every hop (the server reads none of it): the server
+/// learns it from a `CANCEL`, instead of holding a stream nobody wants.
+#[test]
+fn a_request_the_client_gives_up_is_reset_upstream_while_its_body_waits() {
+    let world = MeshedPair::new();
+    let (_issuer, _proxy_a, _proxy_b) = world.start(true);
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    h2_server_reporting_resets(world.b(), 8092, events_tx);
+    let addr = world.b_addr(8092);
+    let stream = world.a().run(|| TcpStream::connect(addr)).expect("connect");
+    stream.set_nonblocking(true).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        static CHUNK: [u8; 16 * 1024] = [7; 16 * 1024];
+        let endless = PollBody(|_: &mut Context<'_>| {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&CHUNK)))))
+        })
+        .boxed();
+        let request = Request::post(format!("http://{addr}/upload"))
+            .body(endless)
+            .unwrap();
+        let response = tokio::spawn(sender.send_request(request));
+        let head = tokio::time::timeout(IO_LIMIT, events.recv()).await;
+        assert_eq!(head.ok().flatten().as_deref(), Some("head /upload"));
+        // The client gives up: hyper resets its stream.
+        response.abort();
+        let ended = tokio::time::timeout(IO_LIMIT, events.recv()).await;
+        assert_eq!(ended.ok().flatten().as_deref(), Some("reset: CANCEL"));
+    });
 }
 
 #[test]

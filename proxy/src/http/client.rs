@@ -34,7 +34,7 @@ use crate::metrics::{ConnError, NoTlsReason, OpenConnection, Peer, TlsStatus};
 use crate::transport::{self, ConnectError};
 
 type Sender1 = http1::SendRequest<Incoming>;
-type Sender2 = h2::client::SendRequest<bytes::Bytes>;
+type Sender2 = h2_client::Sender;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct EndpointKey {
@@ -216,28 +216,21 @@ impl Endpoint {
         ctx: &Context,
         request: Request<Incoming>,
     ) -> Result<Response<UpstreamBody>, ErrorKind> {
-        let mut sender = match self.current_h2() {
+        let sender = match self.current_h2() {
             Some(sender) => sender,
             // A connection the peer is closing (GOAWAY) refuses the stream before
             // anything is sent, so a new connection takes the request instead.
             None => Box::pin(self.open_h2(ctx)).await?,
         };
-        // The connection was ready a moment ago: what fails here is the request
-        // (headers HTTP/2 cannot carry), as hyper's client reported it too.
-        let response = h2_client::send(&mut sender, request).map_err(|error| {
+        let response = sender.send(request).map_err(|error| {
             debug!(%error, "cannot send the request over HTTP/2");
-            ErrorKind::Upstream
+            h2_error(&error)
         })?;
         let response = response.await.map_err(|error| {
             debug!(%error, "upstream request failed");
-            // REFUSED_STREAM: the server says it did not process the request.
-            if error.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                ErrorKind::Unavailable
-            } else {
-                ErrorKind::Upstream
-            }
+            h2_error(&error)
         })?;
-        Ok(h2_client::response(response).map(UpstreamBody::Http2))
+        Ok(response.map(UpstreamBody::Http2))
     }
 
     fn current_h2(&self) -> Option<Sender2> {
@@ -314,6 +307,19 @@ impl Endpoint {
         };
         let metrics = ctx.metrics.transport.open(Peer::Dst, target, tls);
         Ok(Counted::new(stream, metrics))
+    }
+}
+
+/// A request the server did not process is `Unavailable` (503): it refused the
+/// stream, or announced GOAWAY before it; any other failure is the upstream's.
+/// (A request HTTP/2 cannot carry fails in `send`, as `Upstream`, as with hyper.)
+fn h2_error(error: &h2::Error) -> ErrorKind {
+    let unprocessed = error.reason() == Some(h2::Reason::REFUSED_STREAM)
+        || (error.is_go_away() && error.is_remote());
+    if unprocessed {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Upstream
     }
 }
 

@@ -17,7 +17,7 @@
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
@@ -31,6 +31,7 @@ use hyper::header::{
 };
 use hyper::{HeaderMap, Method, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::config::HttpConfig;
@@ -55,6 +56,16 @@ pub struct Connection {
     /// Set when the connection's task ends, or when the connection refused a new
     /// stream (the peer sent GOAWAY): no new request goes on it.
     closed: Arc<AtomicBool>,
+    /// Requests whose response has not ended. The connection is PINGed only while
+    /// there are some, as hyper did: servers may refuse PINGs on an idle connection
+    /// (gRPC's answer is a GOAWAY, "too_many_pings").
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A handle to open one stream on a [`Connection`].
+pub struct Sender {
+    inner: SendRequest<Bytes>,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Connection {
@@ -79,7 +90,8 @@ impl Connection {
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
         let on_close = closed.clone();
-        let keepalive = keepalive(config, connection.ping_pong());
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let keepalive = keepalive(config, connection.ping_pong(), Some(in_flight.clone()));
         tokio::spawn(async move {
             tokio::select! {
                 // The connection first: a PONG waiting in the socket counts before
@@ -99,6 +111,7 @@ impl Connection {
             sender,
             opened: Instant::now(),
             closed,
+            in_flight,
         })
     }
 
@@ -108,7 +121,7 @@ impl Connection {
 
     /// A handle to open a stream with, or `None` when the connection takes no new
     /// streams (it ended, or the peer is closing it); it is then marked closed.
-    pub fn sender(&self) -> Option<SendRequest<Bytes>> {
+    pub fn sender(&self) -> Option<Sender> {
         if self.is_closed() {
             return None;
         }
@@ -117,7 +130,10 @@ impl Connection {
         let mut sender = self.sender.clone();
         let waker = std::task::Waker::noop();
         match sender.poll_ready(&mut Context::from_waker(waker)) {
-            Poll::Ready(Ok(())) => Some(sender),
+            Poll::Ready(Ok(())) => Some(Sender {
+                inner: sender,
+                in_flight: self.in_flight.clone(),
+            }),
             _ => {
                 self.closed.store(true, Ordering::Release);
                 None
@@ -126,28 +142,75 @@ impl Connection {
     }
 }
 
-/// Opens a stream for `request` on `sender` (ready: see [`Connection::sender`]) and
-/// returns the response to come. A body is streamed by a task of its own.
-pub fn send(
-    sender: &mut SendRequest<Bytes>,
-    request: Request<Incoming>,
-) -> Result<ResponseFuture, h2::Error> {
-    let (mut head, body) = request.into_parts();
-    strip_connection_headers(&mut head.headers);
-    if let Some(length) = body.size_hint().exact() {
-        if (length != 0 || has_payload_semantics(&head.method))
-            && !head.headers.contains_key(CONTENT_LENGTH)
-        {
-            head.headers
-                .insert(CONTENT_LENGTH, HeaderValue::from(length));
+impl Sender {
+    /// Opens a stream for `request` and returns the response to come. A body is
+    /// streamed by a task of its own.
+    pub fn send(mut self, request: Request<Incoming>) -> Result<PendingResponse, h2::Error> {
+        let (mut head, body) = request.into_parts();
+        strip_connection_headers(&mut head.headers);
+        if let Some(length) = body.size_hint().exact() {
+            if (length != 0 || has_payload_semantics(&head.method))
+                && !head.headers.contains_key(CONTENT_LENGTH)
+            {
+                head.headers
+                    .insert(CONTENT_LENGTH, HeaderValue::from(length));
+            }
+        }
+        let end_of_stream = body.is_end_stream();
+        let (response, stream) = self
+            .inner
+            .send_request(Request::from_parts(head, ()), end_of_stream)?;
+        let cancel = (!end_of_stream).then(|| {
+            let (cancel, canceled) = oneshot::channel();
+            tokio::spawn(send_body(body, stream, canceled));
+            cancel
+        });
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(PendingResponse {
+            response,
+            in_flight: Some(InFlight(self.in_flight)),
+            cancel,
+        })
+    }
+}
+
+/// Counts a request in its connection's `in_flight` until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The response to a request sent with [`Sender::send`]. Dropped before the response
+/// came (the client gave up), it resets the stream, even while the request body
+/// waits for flow-control capacity.
+pub struct PendingResponse {
+    response: ResponseFuture,
+    in_flight: Option<InFlight>,
+    /// Tells the request body's task to reset the stream; taken, unused, once the
+    /// response came, since the body may go on streaming after it (gRPC).
+    cancel: Option<oneshot::Sender<()>>,
+}
+
+impl Future for PendingResponse {
+    type Output = Result<Response<ResponseStream>, h2::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let response = ready!(Pin::new(&mut this.response).poll(cx))?;
+        this.cancel = None;
+        Poll::Ready(Ok(response_stream(response, this.in_flight.take())))
+    }
+}
+
+impl Drop for PendingResponse {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.cancel.take() {
+            let _ = cancel.send(());
         }
     }
-    let end_of_stream = body.is_end_stream();
-    let (response, stream) = sender.send_request(Request::from_parts(head, ()), end_of_stream)?;
-    if !end_of_stream {
-        tokio::spawn(send_body(body, stream));
-    }
-    Ok(response)
 }
 
 /// Methods whose requests carry a body by definition: they get `content-length: 0`
@@ -190,32 +253,68 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
 
 /// Streams a request body into its HTTP/2 stream: data within the flow-control
 /// window, then trailers or the end of the stream. Stops when the peer resets the
-/// stream (it answered without needing the rest); a body that fails resets it.
-async fn send_body(mut body: Incoming, mut stream: SendStream<Bytes>) {
-    if let Err(reason) = pump(&mut body, &mut stream).await {
+/// stream (it answered without needing the rest); resets it when the body fails or
+/// the request is `canceled` before its response.
+async fn send_body(
+    mut body: Incoming,
+    mut stream: SendStream<Bytes>,
+    canceled: oneshot::Receiver<()>,
+) {
+    let mut canceled = Some(canceled);
+    if let Err(reason) = pump(&mut body, &mut stream, &mut canceled).await {
         stream.send_reset(reason);
     }
 }
 
-async fn pump(body: &mut Incoming, stream: &mut SendStream<Bytes>) -> Result<(), Reason> {
+/// Whether the request was canceled (see [`PendingResponse`]). Once the response
+/// came, the signal can no longer arrive and is not polled again.
+fn poll_canceled(canceled: &mut Option<oneshot::Receiver<()>>, cx: &mut Context<'_>) -> bool {
+    let Some(receiver) = canceled else {
+        return false;
+    };
+    match Pin::new(receiver).poll(cx) {
+        Poll::Ready(Ok(())) => true,
+        Poll::Ready(Err(_)) => {
+            *canceled = None;
+            false
+        }
+        Poll::Pending => false,
+    }
+}
+
+/// What ends a request body's stream early.
+enum Stop {
+    /// The peer reset the stream: nothing more to send.
+    Reset,
+    Canceled,
+}
+
+async fn pump(
+    body: &mut Incoming,
+    stream: &mut SendStream<Bytes>,
+    canceled: &mut Option<oneshot::Receiver<()>>,
+) -> Result<(), Reason> {
     loop {
         let frame = poll_fn(|cx| {
+            if poll_canceled(canceled, cx) {
+                return Poll::Ready(Err(Stop::Canceled));
+            }
             if let Poll::Ready(reset) = stream.poll_reset(cx) {
                 debug!(reason = ?reset.ok(), "the peer reset the stream; the request body stops");
-                return Poll::Ready(None);
+                return Poll::Ready(Err(Stop::Reset));
             }
-            Pin::new(&mut *body).poll_frame(cx).map(Some)
+            Pin::new(&mut *body).poll_frame(cx).map(Ok)
         })
         .await;
         let frame = match frame {
-            // Reset by the peer: nothing more to send.
-            None => return Ok(()),
-            Some(None) => return end(stream),
-            Some(Some(Err(error))) => {
+            Err(Stop::Reset) => return Ok(()),
+            Err(Stop::Canceled) => return Err(Reason::CANCEL),
+            Ok(None) => return end(stream),
+            Ok(Some(Err(error))) => {
                 debug!(%error, "the request body failed");
-                return Err(Reason::CANCEL);
+                return Err(reset_reason(&error));
             }
-            Some(Some(Ok(frame))) => frame,
+            Ok(Some(Ok(frame))) => frame,
         };
         let mut data = match frame.into_data() {
             Ok(data) => data,
@@ -234,10 +333,18 @@ async fn pump(body: &mut Incoming, stream: &mut SendStream<Bytes>) -> Result<(),
             let available = stream.capacity();
             if available == 0 && !data.is_empty() {
                 stream.reserve_capacity(data.len());
-                match poll_fn(|cx| stream.poll_capacity(cx)).await {
-                    Some(Ok(_)) => continue,
+                let granted = poll_fn(|cx| {
+                    if poll_canceled(canceled, cx) {
+                        return Poll::Ready(Err(Stop::Canceled));
+                    }
+                    stream.poll_capacity(cx).map(Ok)
+                })
+                .await;
+                match granted {
+                    Ok(Some(Ok(_))) => continue,
+                    Err(_) => return Err(Reason::CANCEL),
                     // The stream closed or was reset meanwhile.
-                    _ => return Ok(()),
+                    Ok(_) => return Ok(()),
                 }
             }
             let chunk = data.split_to(available.min(data.len()));
@@ -255,6 +362,22 @@ async fn pump(body: &mut Incoming, stream: &mut SendStream<Bytes>) -> Result<(),
     }
 }
 
+/// The reason to reset the upstream stream with when the request body failed: the
+/// client's own, when it reset its HTTP/2 stream, as hyper passed it on.
+fn reset_reason(error: &hyper::Error) -> Reason {
+    let mut source = std::error::Error::source(error);
+    while let Some(error) = source {
+        if let Some(reason) = error
+            .downcast_ref::<h2::Error>()
+            .and_then(h2::Error::reason)
+        {
+            return reason;
+        }
+        source = error.source();
+    }
+    Reason::INTERNAL_ERROR
+}
+
 fn end(stream: &mut SendStream<Bytes>) -> Result<(), Reason> {
     stream.reserve_capacity(0);
     stream
@@ -268,10 +391,14 @@ pub struct ResponseStream {
     data_done: bool,
     /// What `content-length` announced and has not arrived yet.
     remaining: Option<u64>,
+    _in_flight: Option<InFlight>,
 }
 
 /// Turns a response from `h2` into one whose body hyper's server can send on.
-pub fn response(response: Response<RecvStream>) -> Response<ResponseStream> {
+fn response_stream(
+    response: Response<RecvStream>,
+    in_flight: Option<InFlight>,
+) -> Response<ResponseStream> {
     let length = response
         .headers()
         .get(CONTENT_LENGTH)
@@ -284,6 +411,7 @@ pub fn response(response: Response<RecvStream>) -> Response<ResponseStream> {
             stream,
             data_done: false,
             remaining,
+            _in_flight: in_flight,
         }
     })
 }
@@ -334,10 +462,12 @@ impl Body for ResponseStream {
 /// Resolves when the peer fails to answer a PING in time (never while it answers,
 /// nor when keepalive is off or the connection has ended: its own task sees that).
 /// Owns copies of the settings, so it can run on the connection's task. Used by
-/// the pooled HTTP/2 connections here and by the carriers (`tunnel`).
+/// the pooled HTTP/2 connections here, which ping only while `in_flight` counts
+/// requests, and by the carriers (`tunnel`), which ping idle or not.
 pub fn keepalive(
     http: &HttpConfig,
     ping_pong: Option<h2::PingPong>,
+    in_flight: Option<Arc<AtomicUsize>>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let (interval, timeout) = (http.keepalive(), http.keepalive_timeout);
     async move {
@@ -346,6 +476,12 @@ pub fn keepalive(
         };
         loop {
             tokio::time::sleep(interval).await;
+            if in_flight
+                .as_ref()
+                .is_some_and(|n| n.load(Ordering::Relaxed) == 0)
+            {
+                continue;
+            }
             match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
                 Ok(Ok(_pong)) => {}
                 Ok(Err(_closed)) => return std::future::pending().await,
