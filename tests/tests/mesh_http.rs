@@ -277,8 +277,9 @@ fn h2_server_closing_after_each_request(pod: &Pod, port: u16) {
     });
 }
 
-/// An HTTP/2 server in `pod` that never reads a request body nor answers: it reports
-/// each request's head, then how the stream ended (`reset: CANCEL`, …), on `events`.
+/// An HTTP/2 server in `pod` that never answers and takes no more of a request body
+/// than the stream's first window: it reports each request's head, that window
+/// full (`full`), then how the stream ended (`reset: CANCEL`, …), on `events`.
 fn h2_server_reporting_resets(
     pod: &Pod,
     port: u16,
@@ -308,8 +309,17 @@ fn h2_server_reporting_resets(
                         let events = events.clone();
                         tokio::spawn(async move {
                             let _ = events.send(format!("head {}", request.uri().path()));
-                            // Held, unread: the stream's window fills and stays full.
-                            let _unread = request;
+                            // Read without releasing capacity: once the initial window
+                            // is in, the sender must wait for capacity that never comes.
+                            let mut body = request.into_body();
+                            let mut received = 0;
+                            while received < 65_535 {
+                                match body.data().await {
+                                    Some(Ok(data)) => received += data.len(),
+                                    _ => break,
+                                }
+                            }
+                            let _ = events.send(format!("full {received}"));
                             let ended = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
                             let _ = events.send(match ended {
                                 Ok(reason) => format!("reset: {reason:?}"),
@@ -603,8 +613,8 @@ fn an_upstream_closing_http2_connections_gracefully_loses_no_request() {
 }
 
 /// A request the client gives up on is reset upstream too, even while its body waits
-/// for flow-control capacity on every hop (the server reads none of it): the server
-/// learns it from a `CANCEL`, instead of holding a stream nobody wants.
+/// for flow-control capacity on every hop (the server takes only its first window):
+/// the server learns it from a `CANCEL`, instead of holding a stream nobody wants.
 #[test]
 fn a_request_the_client_gives_up_is_reset_upstream_while_its_body_waits() {
     let world = MeshedPair::new();
@@ -636,6 +646,9 @@ fn a_request_the_client_gives_up_is_reset_upstream_while_its_body_waits() {
         let response = tokio::spawn(sender.send_request(request));
         let head = tokio::time::timeout(IO_LIMIT, events.recv()).await;
         assert_eq!(head.ok().flatten().as_deref(), Some("head /upload"));
+        // Every hop's window to the server is full: the body waits for capacity.
+        let full = tokio::time::timeout(IO_LIMIT, events.recv()).await;
+        assert_eq!(full.ok().flatten().as_deref(), Some("full 65535"));
         // The client gives up: hyper resets its stream.
         response.abort();
         let ended = tokio::time::timeout(IO_LIMIT, events.recv()).await;

@@ -162,20 +162,31 @@ impl Sender {
             .send_request(Request::from_parts(head, ()), end_of_stream)?;
         let cancel = (!end_of_stream).then(|| {
             let (cancel, canceled) = oneshot::channel();
-            tokio::spawn(send_body(body, stream, canceled));
+            // The body's task counts as in flight too: an upload that outlives
+            // its response still needs its connection watched.
+            let in_flight = InFlight::new(&self.in_flight);
+            tokio::spawn(send_body(body, stream, canceled, in_flight));
             cancel
         });
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(PendingResponse {
             response,
-            in_flight: Some(InFlight(self.in_flight)),
-            cancel,
+            outstanding: Some(Outstanding {
+                _in_flight: InFlight::new(&self.in_flight),
+                cancel,
+            }),
         })
     }
 }
 
-/// Counts a request in its connection's `in_flight` until dropped.
+/// Counts in its connection's `in_flight` until dropped.
 struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count.clone())
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -183,15 +194,30 @@ impl Drop for InFlight {
     }
 }
 
+/// A request until its response ends: counted in flight, and able to stop its
+/// body's task.
+struct Outstanding {
+    _in_flight: InFlight,
+    /// Tells the request body's task to reset the stream. Dropped unused when the
+    /// response ends, since the body may go on streaming after it (the server
+    /// answered early, or resets the stream itself when it wants no more).
+    cancel: Option<oneshot::Sender<()>>,
+}
+
+impl Outstanding {
+    fn cancel(&mut self) {
+        if let Some(cancel) = self.cancel.take() {
+            let _ = cancel.send(());
+        }
+    }
+}
+
 /// The response to a request sent with [`Sender::send`]. Dropped before the response
 /// came (the client gave up), it resets the stream, even while the request body
-/// waits for flow-control capacity.
+/// waits for flow-control capacity; so does its body, dropped before its end.
 pub struct PendingResponse {
     response: ResponseFuture,
-    in_flight: Option<InFlight>,
-    /// Tells the request body's task to reset the stream; taken, unused, once the
-    /// response came, since the body may go on streaming after it (gRPC).
-    cancel: Option<oneshot::Sender<()>>,
+    outstanding: Option<Outstanding>,
 }
 
 impl Future for PendingResponse {
@@ -200,15 +226,14 @@ impl Future for PendingResponse {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let response = ready!(Pin::new(&mut this.response).poll(cx))?;
-        this.cancel = None;
-        Poll::Ready(Ok(response_stream(response, this.in_flight.take())))
+        Poll::Ready(Ok(response_stream(response, this.outstanding.take())))
     }
 }
 
 impl Drop for PendingResponse {
     fn drop(&mut self) {
-        if let Some(cancel) = self.cancel.take() {
-            let _ = cancel.send(());
+        if let Some(outstanding) = &mut self.outstanding {
+            outstanding.cancel();
         }
     }
 }
@@ -254,11 +279,12 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
 /// Streams a request body into its HTTP/2 stream: data within the flow-control
 /// window, then trailers or the end of the stream. Stops when the peer resets the
 /// stream (it answered without needing the rest); resets it when the body fails or
-/// the request is `canceled` before its response.
+/// the request is `canceled` before its response has ended.
 async fn send_body(
     mut body: Incoming,
     mut stream: SendStream<Bytes>,
     canceled: oneshot::Receiver<()>,
+    _in_flight: InFlight,
 ) {
     let mut canceled = Some(canceled);
     if let Err(reason) = pump(&mut body, &mut stream, &mut canceled).await {
@@ -267,7 +293,7 @@ async fn send_body(
 }
 
 /// Whether the request was canceled (see [`PendingResponse`]). Once the response
-/// came, the signal can no longer arrive and is not polled again.
+/// has ended, the signal can no longer arrive and is not polled again.
 fn poll_canceled(canceled: &mut Option<oneshot::Receiver<()>>, cx: &mut Context<'_>) -> bool {
     let Some(receiver) = canceled else {
         return false;
@@ -391,13 +417,23 @@ pub struct ResponseStream {
     data_done: bool,
     /// What `content-length` announced and has not arrived yet.
     remaining: Option<u64>,
-    _in_flight: Option<InFlight>,
+    outstanding: Option<Outstanding>,
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        if let Some(outstanding) = &mut self.outstanding {
+            if !self.stream.is_end_stream() {
+                outstanding.cancel();
+            }
+        }
+    }
 }
 
 /// Turns a response from `h2` into one whose body hyper's server can send on.
 fn response_stream(
     response: Response<RecvStream>,
-    in_flight: Option<InFlight>,
+    outstanding: Option<Outstanding>,
 ) -> Response<ResponseStream> {
     let length = response
         .headers()
@@ -411,7 +447,7 @@ fn response_stream(
             stream,
             data_done: false,
             remaining,
-            _in_flight: in_flight,
+            outstanding,
         }
     })
 }
