@@ -24,9 +24,14 @@ fn any(port: u16) -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], port))
 }
 
-/// A hyper server (HTTP/1 and HTTP/2 on the same port, by preface) in `pod`, serving
-/// on its own thread until the test ends.
-fn hyper_server(pod: &Pod, port: u16) {
+/// A test server in `pod`: on a thread of its own until the test ends, each accepted
+/// connection is served by `serve` (given the connection's number, from 1) on its own
+/// task.
+fn serve_in<F, Fut>(pod: &Pod, port: u16, serve: F)
+where
+    F: Fn(tokio::net::TcpStream, u64) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = pod
         .run(|| TcpListener::bind(any(port)))
         .expect("bind the test server");
@@ -38,18 +43,23 @@ fn hyper_server(pod: &Pod, port: u16) {
             .unwrap();
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
+            for number in 1.. {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(app);
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                tokio::spawn(serve(stream, number));
             }
         });
+    });
+}
+
+/// A hyper server (HTTP/1 and HTTP/2 on the same port, by preface) in `pod`.
+fn hyper_server(pod: &Pod, port: u16) {
+    serve_in(pod, port, |stream, _| async move {
+        let service = hyper::service::service_fn(app);
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
     });
 }
 
@@ -242,38 +252,20 @@ fn h2_request(
 /// connection in every response. `/hold` leaves its response open after that first
 /// chunk, and the connection with it: only the GOAWAY says not to send more.
 fn h2_server_closing_after_each_request(pod: &Pod, port: u16) {
-    let listener = pod
-        .run(|| TcpListener::bind(any(port)))
-        .expect("bind the test server");
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            for number in 1.. {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let Ok(mut connection) = h2::server::handshake(stream).await else {
-                        return;
-                    };
-                    let mut held = Vec::new();
-                    while let Some(Ok((request, mut respond))) = connection.accept().await {
-                        let hold = request.uri().path() == "/hold";
-                        if let Ok(mut body) = respond.send_response(Response::new(()), false) {
-                            let text = format!("connection {number}\n");
-                            let _ = body.send_data(Bytes::from(text), !hold);
-                            held.push(body);
-                        }
-                        connection.graceful_shutdown();
-                    }
-                });
+    serve_in(pod, port, |stream, number| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        let mut held = Vec::new();
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let hold = request.uri().path() == "/hold";
+            if let Ok(mut body) = respond.send_response(Response::new(()), false) {
+                let text = format!("connection {number}\n");
+                let _ = body.send_data(Bytes::from(text), !hold);
+                held.push(body);
             }
-        });
+            connection.graceful_shutdown();
+        }
     });
 }
 
@@ -285,51 +277,35 @@ fn h2_server_reporting_resets(
     port: u16,
     events: tokio::sync::mpsc::UnboundedSender<String>,
 ) {
-    let listener = pod
-        .run(|| TcpListener::bind(any(port)))
-        .expect("bind the test server");
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
+    serve_in(pod, port, move |stream, _| {
+        let events = events.clone();
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
                 let events = events.clone();
                 tokio::spawn(async move {
-                    let Ok(mut connection) = h2::server::handshake(stream).await else {
-                        return;
-                    };
-                    while let Some(Ok((request, mut respond))) = connection.accept().await {
-                        let events = events.clone();
-                        tokio::spawn(async move {
-                            let _ = events.send(format!("head {}", request.uri().path()));
-                            // Read without releasing capacity: once the initial window
-                            // is in, the sender must wait for capacity that never comes.
-                            let mut body = request.into_body();
-                            let mut received = 0;
-                            while received < 65_535 {
-                                match body.data().await {
-                                    Some(Ok(data)) => received += data.len(),
-                                    _ => break,
-                                }
-                            }
-                            let _ = events.send(format!("full {received}"));
-                            let ended = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
-                            let _ = events.send(match ended {
-                                Ok(reason) => format!("reset: {reason:?}"),
-                                Err(error) => format!("error: {error}"),
-                            });
-                        });
+                    let _ = events.send(format!("head {}", request.uri().path()));
+                    // Read without releasing capacity: once the initial window is in,
+                    // the sender must wait for capacity that never comes.
+                    let mut body = request.into_body();
+                    let mut received = 0;
+                    while received < 65_535 {
+                        match body.data().await {
+                            Some(Ok(data)) => received += data.len(),
+                            _ => break,
+                        }
                     }
+                    let _ = events.send(format!("full {received}"));
+                    let ended = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                    let _ = events.send(match ended {
+                        Ok(reason) => format!("reset: {reason:?}"),
+                        Err(error) => format!("error: {error}"),
+                    });
                 });
             }
-        });
+        }
     });
 }
 
