@@ -37,11 +37,7 @@ where
         .expect("bind the test server");
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
+        test_runtime().block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             for number in 1.. {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -211,25 +207,48 @@ async fn app(request: Request<Incoming>) -> Result<Response<AppBody>, hyper::Err
     }
 }
 
+/// A connection from `pod` to `addr`, as an application there opens it, ready to
+/// be handed to a tokio runtime.
+fn connect_nonblocking(pod: &Pod, addr: SocketAddr) -> TcpStream {
+    let stream = pod.run(|| TcpStream::connect(addr)).expect("connect");
+    stream.set_nonblocking(true).unwrap();
+    stream
+}
+
+/// A runtime for a test's own server or client, on the calling thread.
+fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The HTTP/2 handshake (prior knowledge) on `stream`; the connection runs on a task
+/// of the current runtime.
+async fn h2_handshake<B>(stream: TcpStream) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
 /// One HTTP/2 request from `pod` (prior knowledge), as an application there makes it.
 fn h2_request(
     pod: &Pod,
     addr: SocketAddr,
     request: Request<Full<Bytes>>,
 ) -> (Response<()>, Bytes, Option<hyper::HeaderMap>) {
-    let stream = pod.run(|| TcpStream::connect(addr)).expect("connect");
-    stream.set_nonblocking(true).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .expect("h2 handshake");
-        tokio::spawn(conn);
+    let stream = connect_nonblocking(pod, addr);
+    test_runtime().block_on(async move {
+        let mut sender = h2_handshake(stream).await;
         let response = sender.send_request(request).await.expect("h2 response");
         let (parts, mut body) = response.into_parts();
         let mut data = Vec::new();
@@ -529,22 +548,14 @@ fn an_upstream_closing_http2_connections_gracefully_loses_no_request() {
     let addr = world.b_addr(8090);
 
     // A response that stays open holds the first connection open.
-    let stream = world.a().run(|| TcpStream::connect(addr)).expect("connect");
-    stream.set_nonblocking(true).unwrap();
+    let stream = connect_nonblocking(world.a(), addr);
     let (first_tx, first_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        // Kept until the end: dropping the runtime would close the connection.
+        let runtime = test_runtime();
         let held = runtime.block_on(async move {
-            let stream = tokio::net::TcpStream::from_std(stream).unwrap();
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                    .await
-                    .expect("h2 handshake");
-            tokio::spawn(conn);
+            let mut sender = h2_handshake(stream).await;
             let request = Request::get(format!("http://{addr}/hold"))
                 .body(Full::new(Bytes::new()))
                 .unwrap();
@@ -559,7 +570,7 @@ fn an_upstream_closing_http2_connections_gracefully_loses_no_request() {
         // Not driven any more, the client's connection stays open and the held
         // response with it.
         let _ = done_rx.recv();
-        drop(held);
+        drop((held, runtime));
     });
     let first = first_rx.recv().expect("the held response starts");
     assert_eq!(&first[..], b"connection 1\n");
@@ -598,19 +609,9 @@ fn a_request_the_client_gives_up_is_reset_upstream_while_its_body_waits() {
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     h2_server_reporting_resets(world.b(), 8092, events_tx);
     let addr = world.b_addr(8092);
-    let stream = world.a().run(|| TcpStream::connect(addr)).expect("connect");
-    stream.set_nonblocking(true).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .expect("h2 handshake");
-        tokio::spawn(conn);
+    let stream = connect_nonblocking(world.a(), addr);
+    test_runtime().block_on(async move {
+        let mut sender = h2_handshake(stream).await;
         static CHUNK: [u8; 16 * 1024] = [7; 16 * 1024];
         let endless = PollBody(|_: &mut Context<'_>| {
             Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&CHUNK)))))
