@@ -599,6 +599,14 @@ fn an_upstream_closing_http2_connections_gracefully_loses_no_request() {
     holder.join().unwrap();
 }
 
+/// The test server's next event, or `None` if none came within `IO_LIMIT`.
+async fn next_event(events: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Option<String> {
+    tokio::time::timeout(IO_LIMIT, events.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
 /// A request the client gives up on is reset upstream too, even while its body waits
 /// for flow-control capacity on every hop (the server takes only its first window):
 /// the server learns it from a `CANCEL`, instead of holding a stream nobody wants.
@@ -621,15 +629,18 @@ fn a_request_the_client_gives_up_is_reset_upstream_while_its_body_waits() {
             .body(endless)
             .unwrap();
         let response = tokio::spawn(sender.send_request(request));
-        let head = tokio::time::timeout(IO_LIMIT, events.recv()).await;
-        assert_eq!(head.ok().flatten().as_deref(), Some("head /upload"));
+        assert_eq!(
+            next_event(&mut events).await.as_deref(),
+            Some("head /upload")
+        );
         // Every hop's window to the server is full: the body waits for capacity.
-        let full = tokio::time::timeout(IO_LIMIT, events.recv()).await;
-        assert_eq!(full.ok().flatten().as_deref(), Some("full 65535"));
+        assert_eq!(next_event(&mut events).await.as_deref(), Some("full 65535"));
         // The client gives up: hyper resets its stream.
         response.abort();
-        let ended = tokio::time::timeout(IO_LIMIT, events.recv()).await;
-        assert_eq!(ended.ok().flatten().as_deref(), Some("reset: CANCEL"));
+        assert_eq!(
+            next_event(&mut events).await.as_deref(),
+            Some("reset: CANCEL")
+        );
     });
 }
 

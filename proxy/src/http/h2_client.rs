@@ -164,14 +164,14 @@ impl Sender {
             let (cancel, canceled) = oneshot::channel();
             // The body's task counts as in flight too: an upload that outlives
             // its response still needs its connection watched.
-            let in_flight = InFlight::new(&self.in_flight);
+            let in_flight = InFlight::new(self.in_flight.clone());
             tokio::spawn(send_body(body, stream, canceled, in_flight));
             cancel
         });
         Ok(PendingResponse {
             response,
             outstanding: Some(Outstanding {
-                _in_flight: InFlight::new(&self.in_flight),
+                _in_flight: InFlight::new(self.in_flight),
                 cancel,
             }),
         })
@@ -182,9 +182,9 @@ impl Sender {
 struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
-    fn new(count: &Arc<AtomicUsize>) -> InFlight {
+    fn new(count: Arc<AtomicUsize>) -> InFlight {
         count.fetch_add(1, Ordering::Relaxed);
-        InFlight(count.clone())
+        InFlight(count)
     }
 }
 
