@@ -54,7 +54,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::conn::{self, Context, MeshAlpn};
-use crate::http::h2_client::keepalive;
+use crate::http::h2_streams::keepalive;
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
 use crate::tcp::Transport;
 use crate::transport;

@@ -18,44 +18,52 @@ use hyper::HeaderMap;
 
 use super::client::Checkin;
 use super::errors::ErrorKind;
-use super::h2_client::ResponseStream;
+use super::h2_streams::H2Body;
 use super::metrics::{Outcome, SeriesHandle};
 
-/// A body error, whichever client it came from. hyper's server finds an `h2`
-/// reset reason inside it and resets the client's stream with the same reason.
+/// A body error, whichever side it came from. A body sent on an HTTP/2 stream that
+/// fails resets the stream with the `h2` reason found inside it, if any.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The upstream's response body: from hyper's HTTP/1 client, or an `h2` stream.
-pub enum UpstreamBody {
+/// A body the proxy receives and passes on: a request's from its client, a
+/// response's from the destination; read by hyper on HTTP/1, from an `h2` stream
+/// on HTTP/2.
+pub enum RecvBody {
     Http1(Incoming),
-    Http2(ResponseStream),
+    Http2(H2Body),
 }
 
-impl UpstreamBody {
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self {
-            UpstreamBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+impl Body for RecvBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RecvBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            RecvBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Http1(body) => body.is_end_stream(),
-            UpstreamBody::Http2(body) => body.is_end_stream(),
+            RecvBody::Http1(body) => body.is_end_stream(),
+            RecvBody::Http2(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Http1(body) => body.size_hint(),
-            UpstreamBody::Http2(body) => body.size_hint(),
+            RecvBody::Http1(body) => body.size_hint(),
+            RecvBody::Http2(body) => body.size_hint(),
         }
     }
 }
 
 pub struct ResponseBody {
-    inner: Option<UpstreamBody>,
+    inner: Option<RecvBody>,
     recorder: Option<Recorder>,
     checkin: Option<Checkin>,
 }
@@ -110,7 +118,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn new(inner: UpstreamBody, recorder: Recorder, checkin: Option<Checkin>) -> ResponseBody {
+    pub fn new(inner: RecvBody, recorder: Recorder, checkin: Option<Checkin>) -> ResponseBody {
         ResponseBody {
             inner: Some(inner),
             recorder: Some(recorder),
@@ -142,7 +150,7 @@ impl Body for ResponseBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = inner.poll_frame(cx);
+        let polled = Pin::new(inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(recorder) = &mut this.recorder {

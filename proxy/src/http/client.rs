@@ -17,7 +17,6 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -25,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::body::UpstreamBody;
+use super::body::RecvBody;
 use super::errors::ErrorKind;
 use super::h2_client;
 use crate::config::HttpConfig;
@@ -33,7 +32,7 @@ use crate::conn::Context;
 use crate::metrics::{ConnError, NoTlsReason, OpenConnection, Peer, TlsStatus};
 use crate::transport::{self, ConnectError};
 
-type Sender1 = http1::SendRequest<Incoming>;
+type Sender1 = http1::SendRequest<RecvBody>;
 type Sender2 = h2_client::Sender;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -167,8 +166,8 @@ impl Endpoint {
     pub async fn send_h1(
         self: &Arc<Self>,
         ctx: &Context,
-        request: Request<Incoming>,
-    ) -> Result<(Response<UpstreamBody>, Checkin), ErrorKind> {
+        request: Request<RecvBody>,
+    ) -> Result<(Response<RecvBody>, Checkin), ErrorKind> {
         let mut pooled = None;
         while let Some((mut sender, opened)) = self.checkout() {
             // A pooled connection the server has closed meanwhile fails here, before
@@ -190,7 +189,7 @@ impl Endpoint {
             sender,
             opened,
         };
-        Ok((response.map(UpstreamBody::Http1), checkin))
+        Ok((response.map(RecvBody::Http1), checkin))
     }
 
     async fn open_h1(&self, ctx: &Context) -> Result<Sender1, ErrorKind> {
@@ -214,8 +213,8 @@ impl Endpoint {
     pub async fn send_h2(
         &self,
         ctx: &Context,
-        request: Request<Incoming>,
-    ) -> Result<Response<UpstreamBody>, ErrorKind> {
+        request: Request<RecvBody>,
+    ) -> Result<Response<RecvBody>, ErrorKind> {
         let sender = match self.current_h2() {
             Some(sender) => sender,
             // A connection the peer is closing (GOAWAY) refuses the stream before
@@ -230,7 +229,7 @@ impl Endpoint {
             debug!(%error, "upstream request failed");
             h2_error(&error)
         })?;
-        Ok(response.map(UpstreamBody::Http2))
+        Ok(response.map(RecvBody::Http2))
     }
 
     fn current_h2(&self) -> Option<Sender2> {

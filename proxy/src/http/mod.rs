@@ -14,24 +14,24 @@
 pub mod body;
 pub mod client;
 pub mod errors;
+mod h1_server;
 pub mod h2_client;
+mod h2_server;
+pub mod h2_streams;
 pub mod metrics;
 pub mod orig_proto;
-mod server;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
-use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
 use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tracing::debug;
 
-use self::body::{Recorder, ResponseBody, UpstreamBody};
+use self::body::{BoxError, Recorder, RecvBody, ResponseBody};
 use self::client::{Checkin, Endpoint, EndpointKey};
 use self::errors::ErrorKind;
 use self::metrics::{Outcome, SeriesHandle};
@@ -41,24 +41,6 @@ use crate::metrics::{ConnError, TlsStatus};
 use crate::tcp::Transport;
 
 const L5D_CLIENT_ID: HeaderName = HeaderName::from_static("l5d-client-id");
-
-/// The executor hyper's HTTP/2 side spawns its futures on: one per request (the
-/// client's response driver, the server's stream) besides one per connection. hyper
-/// hands them over as one enum sized for its largest variant, the whole connection,
-/// so spawning it as is makes tokio copy that size into and out of each task cell.
-/// Boxing first keeps the task cell small and copies the future once.
-#[derive(Clone, Copy)]
-pub struct BoxingExecutor;
-
-impl<F> hyper::rt::Executor<F> for BoxingExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        tokio::spawn(Box::pin(future));
-    }
-}
 
 /// What differs between the two directions.
 pub enum Side {
@@ -134,18 +116,18 @@ pub async fn serve<C: Transport + 'static>(
         metrics,
     } = client;
     let io = client::Counted::new(Replay::new(prefix, stream), metrics);
-    let result = match protocol {
-        Protocol::Http2 => server::serve_h2(io, connection).await,
-        _ => server::serve_h1(io, connection).await,
+    let failure: Option<BoxError> = match protocol {
+        Protocol::Http2 => h2_server::serve(io, connection).await.err(),
+        _ => h1_server::serve(io, connection).await.err().map(Into::into),
     };
-    if let Err(error) = result {
+    if let Some(error) = failure {
         debug!(client = %addr, %error, "HTTP connection failed");
         ctx.metrics.error(ConnError::Io);
     }
 }
 
 impl Connection {
-    fn series(&self, request: &Request<Incoming>) -> SeriesHandle {
+    fn series(&self, request: &Request<RecvBody>) -> SeriesHandle {
         let authority = if self.authority_labels {
             authority_of(request)
         } else {
@@ -170,8 +152,8 @@ impl Connection {
 
     async fn forward(
         &self,
-        mut request: Request<Incoming>,
-    ) -> Result<(Response<UpstreamBody>, Option<Checkin>), ErrorKind> {
+        mut request: Request<RecvBody>,
+    ) -> Result<(Response<RecvBody>, Option<Checkin>), ErrorKind> {
         let ctx = &*self.ctx;
         match &self.side {
             Side::Inbound { .. } => {
@@ -212,8 +194,8 @@ impl Connection {
     /// turns both connections into one byte stream, forwarded like opaque TCP.
     async fn http1(
         &self,
-        mut request: Request<Incoming>,
-    ) -> Result<(Response<UpstreamBody>, Option<Checkin>), ErrorKind> {
+        mut request: Request<RecvBody>,
+    ) -> Result<(Response<RecvBody>, Option<Checkin>), ErrorKind> {
         if !is_upgrade(&request) {
             let (response, checkin) = self.endpoint.send_h1(&self.ctx, request).await?;
             return Ok((response, Some(checkin)));
@@ -253,10 +235,7 @@ impl Connection {
 }
 
 /// Handles one request: forwards it and wraps the response so its end is measured.
-async fn handle(
-    connection: Arc<Connection>,
-    request: Request<Incoming>,
-) -> Result<Response<ResponseBody>, Infallible> {
+async fn handle(connection: Arc<Connection>, request: Request<RecvBody>) -> Response<ResponseBody> {
     let start = Instant::now();
     let series = connection.series(&request);
     series.request();
@@ -272,11 +251,11 @@ async fn handle(
             };
             let (parts, body) = response.into_parts();
             let body = ResponseBody::new(body, recorder, checkin);
-            Ok(Response::from_parts(parts, body))
+            Response::from_parts(parts, body)
         }
         Err(kind) => {
             series.response(Outcome::Error(kind), start.elapsed());
-            Ok(errors::respond(kind, grpc))
+            errors::respond(kind, grpc)
         }
     }
 }
@@ -295,7 +274,7 @@ fn is_upgrade<B>(request: &Request<B>) -> bool {
     connection_upgrade && request.headers().contains_key(UPGRADE)
 }
 
-fn authority_of(request: &Request<Incoming>) -> Option<&str> {
+fn authority_of(request: &Request<RecvBody>) -> Option<&str> {
     match request.uri().authority() {
         Some(authority) => Some(authority.as_str()),
         None => request.headers().get(HOST).and_then(|h| h.to_str().ok()),
