@@ -22,6 +22,7 @@ use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::conn::Context;
 use crate::discovery::{Discover, FileDiscovery, NoDiscovery};
+use crate::drain::Drain;
 use crate::identity;
 use crate::log::LogLevel;
 use crate::metrics::{Direction, Metrics};
@@ -126,6 +127,7 @@ async fn serve(
     };
 
     let connections = TaskTracker::new();
+    let drain = Arc::new(Drain::default());
     let directions = [
         (
             Direction::Inbound,
@@ -157,7 +159,7 @@ async fn serve(
             require_identity: config.inbound_require_identity.clone(),
             require_tls: config.inbound_require_tls.clone(),
             tunnels: Default::default(),
-            shutdown: shutdown.clone(),
+            drain: drain.clone(),
             connections: connections.clone(),
         });
         tokio::spawn(sweep_pools(ctx.clone(), shutdown.clone()));
@@ -187,6 +189,7 @@ async fn serve(
         }
     }
     shutdown.cancel();
+    drain.start();
     for accept_loop in accept_loops {
         // The loops end as soon as they see the cancellation, dropping their listeners.
         let _ = accept_loop.await;

@@ -34,8 +34,8 @@ pub struct Context {
     pub require_tls: PortSet,
     /// Carriers to peer proxies for opaque connections (outbound).
     pub tunnels: crate::tunnel::Peers,
-    /// Cancelled when the proxy starts draining.
-    pub shutdown: tokio_util::sync::CancellationToken,
+    /// Started when the proxy starts draining.
+    pub drain: Arc<crate::drain::Drain>,
     /// Every accepted connection's task, and the tunnel an upgraded HTTP connection
     /// becomes: draining waits for all of them.
     pub connections: tokio_util::task::TaskTracker,

@@ -16,6 +16,7 @@ pub mod conn;
 pub mod cores;
 pub mod detect;
 pub mod discovery;
+pub mod drain;
 pub mod http;
 pub mod identity;
 pub mod inbound;

@@ -336,6 +336,7 @@ pub async fn serve(
     ctx.metrics.carriers.inc();
     let streams = TaskTracker::new();
     let mut draining = false;
+    let mut drain = ctx.drain.watch();
     let keepalive = keepalive(&ctx.config.http, connection.ping_pong(), None);
     tokio::pin!(keepalive);
     loop {
@@ -349,7 +350,7 @@ pub async fn serve(
                 socket.reset_on_close();
                 break;
             }
-            _ = ctx.shutdown.cancelled(), if !draining => {
+            () = drain.started(), if !draining => {
                 // No new streams; the open ones finish.
                 connection.graceful_shutdown();
                 draining = true;

@@ -15,10 +15,10 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use tandem_tests::apps::{connect, read_some, read_until, Noise, NoiseCheck, IO_LIMIT};
-use tandem_tests::mesh::{identity_of, MeshedPair};
+use tandem_tests::apps::{connect, read_all, read_some, read_until, Noise, NoiseCheck, IO_LIMIT};
+use tandem_tests::mesh::{env_refs, identity_of, MeshedPair};
 use tandem_tests::probe::metric;
-use tandem_tests::Pod;
+use tandem_tests::{Pod, Proxy, PATIENCE};
 
 fn any(port: u16) -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], port))
@@ -1063,4 +1063,82 @@ fn grpc_stream_longer_than_a_minute_arrives_whole() {
         ("classification", "success"),
     ];
     proxy_a.wait_metric("response_total", &succeeded, 1.0);
+}
+
+/// Draining ends HTTP connections as linkerd2-proxy does, instead of holding them
+/// open until the grace period (ten minutes here) is over: an idle HTTP/1 keep-alive
+/// connection is closed at once, an HTTP/2 one gets GOAWAY and closes, and one with
+/// a request in flight carries it to its end before it closes. The proxy then exits.
+#[test]
+fn draining_ends_http_connections_instead_of_waiting_out_the_grace_period() {
+    let world = MeshedPair::new();
+    let grace = [("LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD", "10m")];
+    let (env_a, env_b) = (world.env(0, true, &grace), world.env(1, true, &[]));
+    let _issuer = world.start_issuer(&[]);
+    let mut proxy_a = Proxy::start(world.a(), &env_refs(&env_a));
+    let _proxy_b = Proxy::start(world.b(), &env_refs(&env_b));
+    hyper_server(world.b(), 8080);
+    let addr = world.b_addr(8080);
+
+    let mut idle = connect(world.a(), addr);
+    idle.write_all(b"GET /hello HTTP/1.1\r\nHost: beta\r\n\r\n")
+        .unwrap();
+    read_until(&mut idle, b"hello from beta\n");
+    // Its request body still streaming, so is its echo.
+    let mut busy = connect(world.a(), addr);
+    busy.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: beta\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+    )
+    .unwrap();
+    read_until(&mut busy, b"first");
+    let (answered_tx, answered) = std::sync::mpsc::channel();
+    let (ended_tx, ended) = std::sync::mpsc::channel();
+    let stream = connect_nonblocking(world.a(), addr);
+    std::thread::spawn(move || {
+        test_runtime().block_on(async move {
+            let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .expect("h2 handshake");
+            let connection = tokio::spawn(connection);
+            let request = Request::get(format!("http://{addr}/hello"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response = sender.send_request(request).await.expect("h2 response");
+            let body = response.into_body().collect().await.expect("h2 body");
+            answered_tx.send(body.to_bytes()).unwrap();
+            // The sender stays: the client itself never ends the connection.
+            let ended = connection.await.unwrap().map_err(|e| e.to_string());
+            let _ = ended_tx.send(ended);
+            drop(sender);
+        });
+    });
+    let answer = answered.recv_timeout(PATIENCE).expect("the HTTP/2 answer");
+    assert_eq!(answer, "hello from beta\n");
+
+    proxy_a.process.signal(libc::SIGTERM);
+    assert_eq!(read_all(&mut idle), b"", "the idle connection is closed");
+    let ended = ended.recv_timeout(PATIENCE);
+    assert_eq!(
+        ended,
+        Ok(Ok(())),
+        "the HTTP/2 connection ends gracefully (GOAWAY)"
+    );
+    assert!(
+        proxy_a.process.try_exit().is_none(),
+        "the proxy exited with a request in flight"
+    );
+    busy.write_all(b"4\r\nlast\r\n0\r\n\r\n").unwrap();
+    let rest = String::from_utf8_lossy(&read_all(&mut busy)).into_owned();
+    assert!(
+        rest.contains("last") && rest.ends_with("0\r\n\r\n"),
+        "{rest:?}"
+    );
+    let status = proxy_a.process.wait_exit(PATIENCE);
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        proxy_a.process.output()
+    );
 }

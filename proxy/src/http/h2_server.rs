@@ -40,7 +40,8 @@ const MAX_SEND_BUFFER: usize = 400 * 1024;
 const MAX_CONCURRENT_STREAMS: u32 = 200;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
-/// Serves HTTP/2 on `io` until the client closes the connection.
+/// Serves HTTP/2 on `io` until the client closes the connection, or until the
+/// streams open when the proxy began to drain have ended.
 pub async fn serve<I>(io: I, connection: Arc<Connection>) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -62,6 +63,9 @@ where
     };
     let keepalive = keepalive(&connection.ctx.config.http, ping_pong, None);
     tokio::pin!(keepalive);
+    let ctx = connection.ctx.clone();
+    let mut drain = ctx.drain.watch();
+    let mut draining = false;
     loop {
         let accepted = tokio::select! {
             // The connection first: a PONG waiting in the socket counts before an
@@ -71,6 +75,13 @@ where
             () = &mut keepalive => {
                 let timed_out = io::Error::new(io::ErrorKind::TimedOut, "the client stopped answering PINGs");
                 return Err(timed_out.into());
+            }
+            () = drain.started(), if !draining => {
+                // GOAWAY: the client opens no new stream here, the open ones end,
+                // and then the connection closes (as linkerd2-proxy drains).
+                h2.graceful_shutdown();
+                draining = true;
+                continue;
             }
         };
         match accepted {
