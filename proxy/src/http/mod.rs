@@ -158,11 +158,11 @@ impl Connection {
         match &self.side {
             Side::Inbound { .. } => {
                 // Only the proxy vouches for a client's identity: whatever the client
-                // itself put in the header is removed.
-                request.headers_mut().remove(L5D_CLIENT_ID);
-                if let Some(id) = &self.client_id {
-                    request.headers_mut().insert(L5D_CLIENT_ID, id.clone());
-                }
+                // itself put in the header goes (`insert` replaces every value).
+                match &self.client_id {
+                    Some(id) => request.headers_mut().insert(L5D_CLIENT_ID, id.clone()),
+                    None => request.headers_mut().remove(L5D_CLIENT_ID),
+                };
                 if request.version() == Version::HTTP_2 {
                     if let Some(original) = orig_proto::downgrade(&mut request) {
                         let (mut response, checkin) = self.endpoint.send_h1(ctx, request).await?;

@@ -8,7 +8,7 @@
 //! before it reaches the application, and marks its response so the outbound side
 //! can restore the response's version.
 
-use hyper::header::{HeaderName, HeaderValue, HOST, TRANSFER_ENCODING};
+use hyper::header::{HeaderName, HeaderValue, HOST};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, Uri, Version};
 
@@ -35,8 +35,8 @@ pub fn upgrade<B>(request: &mut Request<B>, fallback: &Authority) -> Version {
     request
         .headers_mut()
         .insert(L5D_ORIG_PROTO, orig_proto_value(version, absolute));
-    // HTTP/2 frames the body itself and forbids this header.
-    request.headers_mut().remove(TRANSFER_ENCODING);
+    // `transfer-encoding` and the other headers HTTP/2 forbids go in the HTTP/2
+    // client, which removes them from every request it sends.
     if !absolute {
         let authority = request
             .headers()
@@ -117,14 +117,12 @@ mod tests {
             let mut request = Request::builder()
                 .uri(uri)
                 .header(HOST, host)
-                .header(TRANSFER_ENCODING, "chunked")
                 .body(())
                 .unwrap();
             let version = upgrade(&mut request, &fallback);
             assert_eq!(version, Version::HTTP_11);
             assert_eq!(request.version(), Version::HTTP_2);
             assert_eq!(request.uri().authority().unwrap().as_str(), "web:8080");
-            assert!(request.headers().get(TRANSFER_ENCODING).is_none());
             let marked = downgrade(&mut request).unwrap();
             assert_eq!(marked, "HTTP/1.1");
             assert_eq!(request.version(), Version::HTTP_11);
