@@ -328,6 +328,41 @@ fn h2_server_reporting_resets(
     });
 }
 
+/// An HTTP/2 server that answers `CONNECT` with 200 and then echoes the stream's
+/// bytes back, as an HTTP/2 forward proxy relays them; it reports the authority the
+/// `CONNECT` named.
+fn h2_connect_echo_server(
+    pod: &Pod,
+    port: u16,
+    events: tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    serve_in(pod, port, move |stream, _| {
+        let events = events.clone();
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let _ = events.send(format!("{} {}", request.method(), request.uri()));
+                    let Ok(mut send) = respond.send_response(Response::new(()), false) else {
+                        return;
+                    };
+                    let mut body = request.into_body();
+                    while let Some(Ok(data)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(data.len());
+                        if send.send_data(data, false).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = send.send_data(Bytes::new(), true);
+                });
+            }
+        }
+    });
+}
+
 fn curl(pod: &Pod, args: &[&str]) -> String {
     let out = pod.exec("curl", args);
     assert!(
@@ -1141,4 +1176,50 @@ fn draining_ends_http_connections_instead_of_waiting_out_the_grace_period() {
         "exit status {status}\n{}",
         proxy_a.process.output()
     );
+}
+
+/// A `CONNECT` from an HTTP/2 client becomes a byte stream through the mesh, both
+/// ways and in order, when the destination speaks HTTP/2 too (an HTTP/2 forward
+/// proxy, say): each hop carries the stream's DATA frames as they come.
+#[test]
+fn http2_connect_becomes_a_byte_stream() {
+    let world = MeshedPair::new();
+    let (_issuer, _proxy_a, _proxy_b) = world.start(true);
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    h2_connect_echo_server(world.b(), 8093, events_tx);
+    let addr = world.b_addr(8093);
+    let stream = connect_nonblocking(world.a(), addr);
+    test_runtime().block_on(async move {
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        let (client, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let request = Request::connect(format!("{addr}")).body(()).unwrap();
+        let (response, mut send) = client.send_request(request, false).unwrap();
+        let response = response.await.expect("the CONNECT's response");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            next_event(&mut events).await.as_deref(),
+            Some(format!("CONNECT {addr}").as_str())
+        );
+        let mut echoed = response.into_body();
+        // Each message waits for its echo: a proxy that held bytes back until the
+        // stream ended (or a whole body) would never answer the first.
+        for message in ["first\n", "second\n", "third\n"] {
+            send.send_data(Bytes::from(message), false).unwrap();
+            let mut got = Vec::new();
+            while got.len() < message.len() {
+                let data = echoed.data().await.expect("echo").expect("echo data");
+                let _ = echoed.flow_control().release_capacity(data.len());
+                got.extend_from_slice(&data);
+            }
+            assert_eq!(got, message.as_bytes());
+        }
+        send.send_data(Bytes::new(), true).unwrap();
+        // The stream ends when the client's side does, with nothing more on it.
+        while let Some(data) = echoed.data().await {
+            let data = data.expect("the end of the stream");
+            assert!(data.is_empty(), "{data:?} after the end");
+        }
+    });
 }
