@@ -294,6 +294,7 @@ fn h2_server_closing_after_each_request(pod: &Pod, port: u16) {
 fn h2_server_reporting_resets(
     pod: &Pod,
     port: u16,
+    respond_first: bool,
     events: tokio::sync::mpsc::UnboundedSender<String>,
 ) {
     serve_in(pod, port, move |stream, _| {
@@ -306,6 +307,10 @@ fn h2_server_reporting_resets(
                 let events = events.clone();
                 tokio::spawn(async move {
                     let _ = events.send(format!("head {}", request.uri().path()));
+                    // Response headers first, when asked: the reset then comes while
+                    // the response is under way (its body not started).
+                    let mut response_body = respond_first
+                        .then(|| respond.send_response(Response::new(()), false).unwrap());
                     // Read without releasing capacity: once the initial window is in,
                     // the sender must wait for capacity that never comes.
                     let mut body = request.into_body();
@@ -317,7 +322,11 @@ fn h2_server_reporting_resets(
                         }
                     }
                     let _ = events.send(format!("full {received}"));
-                    let ended = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                    // Once the response is under way, its stream hears the reset.
+                    let ended = match &mut response_body {
+                        Some(send) => std::future::poll_fn(|cx| send.poll_reset(cx)).await,
+                        None => std::future::poll_fn(|cx| respond.poll_reset(cx)).await,
+                    };
                     let _ = events.send(match ended {
                         Ok(reason) => format!("reset: {reason:?}"),
                         Err(error) => format!("error: {error}"),
@@ -650,7 +659,7 @@ fn a_request_the_client_gives_up_is_reset_upstream_while_its_body_waits() {
     let world = MeshedPair::new();
     let (_issuer, _proxy_a, _proxy_b) = world.start(true);
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    h2_server_reporting_resets(world.b(), 8092, events_tx);
+    h2_server_reporting_resets(world.b(), 8092, false, events_tx);
     let addr = world.b_addr(8092);
     let stream = connect_nonblocking(world.a(), addr);
     test_runtime().block_on(async move {
@@ -1221,5 +1230,44 @@ fn http2_connect_becomes_a_byte_stream() {
             let data = data.expect("the end of the stream");
             assert!(data.is_empty(), "{data:?} after the end");
         }
+    });
+}
+
+/// The same once the response is under way: a client that resets its stream after
+/// the response's headers (while its request body still waits for capacity on every
+/// hop) has the stream reset upstream too, by each proxy in turn.
+#[test]
+fn a_stream_the_client_resets_mid_response_is_reset_upstream_while_its_body_waits() {
+    let world = MeshedPair::new();
+    let (_issuer, _proxy_a, _proxy_b) = world.start(true);
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    h2_server_reporting_resets(world.b(), 8094, true, events_tx);
+    let addr = world.b_addr(8094);
+    let stream = connect_nonblocking(world.a(), addr);
+    test_runtime().block_on(async move {
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        let (client, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let request = Request::post(format!("http://{addr}/upload"))
+            .body(())
+            .unwrap();
+        let (response, mut upload) = client.send_request(request, false).unwrap();
+        // More than every window on the way: `h2` holds the rest back.
+        upload
+            .send_data(Bytes::from(vec![7u8; 1 << 20]), false)
+            .unwrap();
+        let response = response.await.expect("the response's headers");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            next_event(&mut events).await.as_deref(),
+            Some("head /upload")
+        );
+        assert_eq!(next_event(&mut events).await.as_deref(), Some("full 65535"));
+        upload.send_reset(h2::Reason::CANCEL);
+        assert_eq!(
+            next_event(&mut events).await.as_deref(),
+            Some("reset: CANCEL")
+        );
     });
 }
