@@ -297,44 +297,38 @@ fn h2_server_reporting_resets(
     respond_first: bool,
     events: tokio::sync::mpsc::UnboundedSender<String>,
 ) {
-    serve_in(pod, port, move |stream, _| {
-        let events = events.clone();
-        async move {
-            let Ok(mut connection) = h2::server::handshake(stream).await else {
-                return;
-            };
-            while let Some(Ok((request, mut respond))) = connection.accept().await {
-                let events = events.clone();
-                tokio::spawn(async move {
-                    let _ = events.send(format!("head {}", request.uri().path()));
-                    // Response headers first, when asked: the reset then comes while
-                    // the response is under way (its body not started).
-                    let mut response_body = respond_first
-                        .then(|| respond.send_response(Response::new(()), false).unwrap());
-                    // Read without releasing capacity: once the initial window is in,
-                    // the sender must wait for capacity that never comes.
-                    let mut body = request.into_body();
-                    let mut received = 0;
-                    while received < 65_535 {
-                        match body.data().await {
-                            Some(Ok(data)) => received += data.len(),
-                            _ => break,
-                        }
-                    }
-                    let _ = events.send(format!("full {received}"));
-                    // Once the response is under way, its stream hears the reset.
-                    let ended = match &mut response_body {
-                        Some(send) => std::future::poll_fn(|cx| send.poll_reset(cx)).await,
-                        None => std::future::poll_fn(|cx| respond.poll_reset(cx)).await,
-                    };
-                    let _ = events.send(match ended {
-                        Ok(reason) => format!("reset: {reason:?}"),
-                        Err(error) => format!("error: {error}"),
-                    });
-                });
+    h2_crate_server(
+        pod,
+        port,
+        events,
+        move |request, mut respond, events| async move {
+            let _ = events.send(format!("head {}", request.uri().path()));
+            // Response headers first, when asked: the reset then comes while
+            // the response is under way (its body not started).
+            let mut response_body =
+                respond_first.then(|| respond.send_response(Response::new(()), false).unwrap());
+            // Read without releasing capacity: once the initial window is in,
+            // the sender must wait for capacity that never comes.
+            let mut body = request.into_body();
+            let mut received = 0;
+            while received < 65_535 {
+                match body.data().await {
+                    Some(Ok(data)) => received += data.len(),
+                    _ => break,
+                }
             }
-        }
-    });
+            let _ = events.send(format!("full {received}"));
+            // Once the response is under way, its stream hears the reset.
+            let ended = match &mut response_body {
+                Some(send) => std::future::poll_fn(|cx| send.poll_reset(cx)).await,
+                None => std::future::poll_fn(|cx| respond.poll_reset(cx)).await,
+            };
+            let _ = events.send(match ended {
+                Ok(reason) => format!("reset: {reason:?}"),
+                Err(error) => format!("error: {error}"),
+            });
+        },
+    );
 }
 
 /// An HTTP/2 server that answers `CONNECT` with 200 and then echoes the stream's
@@ -345,31 +339,67 @@ fn h2_connect_echo_server(
     port: u16,
     events: tokio::sync::mpsc::UnboundedSender<String>,
 ) {
+    h2_crate_server(
+        pod,
+        port,
+        events,
+        |request, mut respond, events| async move {
+            let _ = events.send(format!("{} {}", request.method(), request.uri()));
+            let Ok(mut send) = respond.send_response(Response::new(()), false) else {
+                return;
+            };
+            let mut body = request.into_body();
+            while let Some(Ok(data)) = body.data().await {
+                let _ = body.flow_control().release_capacity(data.len());
+                if send.send_data(data, false).is_err() {
+                    return;
+                }
+            }
+            let _ = send.send_data(Bytes::new(), true);
+        },
+    );
+}
+
+/// A test server speaking HTTP/2 with the `h2` crate itself (for what hyper does not
+/// expose: flow-control capacity, resets): each stream is served by `serve` on a task
+/// of its own, with a sender for the test's `events`.
+fn h2_crate_server<F, Fut>(
+    pod: &Pod,
+    port: u16,
+    events: tokio::sync::mpsc::UnboundedSender<String>,
+    serve: F,
+) where
+    F: Fn(
+            Request<h2::RecvStream>,
+            h2::server::SendResponse<Bytes>,
+            tokio::sync::mpsc::UnboundedSender<String>,
+        ) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     serve_in(pod, port, move |stream, _| {
         let events = events.clone();
+        let serve = serve.clone();
         async move {
             let Ok(mut connection) = h2::server::handshake(stream).await else {
                 return;
             };
-            while let Some(Ok((request, mut respond))) = connection.accept().await {
-                let events = events.clone();
-                tokio::spawn(async move {
-                    let _ = events.send(format!("{} {}", request.method(), request.uri()));
-                    let Ok(mut send) = respond.send_response(Response::new(()), false) else {
-                        return;
-                    };
-                    let mut body = request.into_body();
-                    while let Some(Ok(data)) = body.data().await {
-                        let _ = body.flow_control().release_capacity(data.len());
-                        if send.send_data(data, false).is_err() {
-                            return;
-                        }
-                    }
-                    let _ = send.send_data(Bytes::new(), true);
-                });
+            while let Some(Ok((request, respond))) = connection.accept().await {
+                tokio::spawn(serve(request, respond, events.clone()));
             }
         }
     });
+}
+
+/// An `h2`-crate client (prior knowledge) on `stream`, ready for a request; the
+/// connection runs on a task of the current runtime.
+async fn h2_crate_client(stream: TcpStream) -> h2::client::SendRequest<Bytes> {
+    let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+    let (client, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    client.ready().await.expect("h2 client ready")
 }
 
 fn curl(pod: &Pod, args: &[&str]) -> String {
@@ -1199,10 +1229,7 @@ fn http2_connect_becomes_a_byte_stream() {
     let addr = world.b_addr(8093);
     let stream = connect_nonblocking(world.a(), addr);
     test_runtime().block_on(async move {
-        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
-        let (client, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
-        tokio::spawn(connection);
-        let mut client = client.ready().await.unwrap();
+        let mut client = h2_crate_client(stream).await;
         let request = Request::connect(format!("{addr}")).body(()).unwrap();
         let (response, mut send) = client.send_request(request, false).unwrap();
         let response = response.await.expect("the CONNECT's response");
@@ -1245,10 +1272,7 @@ fn a_stream_the_client_resets_mid_response_is_reset_upstream_while_its_body_wait
     let addr = world.b_addr(8094);
     let stream = connect_nonblocking(world.a(), addr);
     test_runtime().block_on(async move {
-        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
-        let (client, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
-        tokio::spawn(connection);
-        let mut client = client.ready().await.unwrap();
+        let mut client = h2_crate_client(stream).await;
         let request = Request::post(format!("http://{addr}/upload"))
             .body(())
             .unwrap();

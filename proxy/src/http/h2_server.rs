@@ -63,8 +63,7 @@ where
     };
     let keepalive = keepalive(&connection.ctx.config.http, ping_pong, None);
     tokio::pin!(keepalive);
-    let ctx = connection.ctx.clone();
-    let mut drain = ctx.drain.watch();
+    let mut drain = connection.ctx.drain.watch();
     let mut draining = false;
     loop {
         let accepted = tokio::select! {
