@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod app;
 pub mod await_ready;
+pub mod batched_writes;
 pub mod config;
 pub mod conn;
 pub mod cores;

@@ -14,7 +14,7 @@
 //! the response body returns its flow-control capacity as it is read (the last two
 //! in `h2_streams`, which the server shares).
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -33,6 +33,7 @@ use tracing::debug;
 
 use super::body::RecvBody;
 use super::h2_streams::{keepalive, send_body, strip_connection_headers, H2Body};
+use crate::batched_writes::batched;
 use crate::config::HttpConfig;
 
 /// hyper's defaults for its HTTP/2 client, kept so that switching to `h2` changed
@@ -75,6 +76,7 @@ impl Connection {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let (io, flusher) = batched(io);
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -93,7 +95,11 @@ impl Connection {
                 // The connection first: a PONG waiting in the socket counts before
                 // an expired timeout does.
                 biased;
-                ended = &mut connection => if let Err(error) = ended {
+                ended = poll_fn(|cx| {
+                    let ended = Pin::new(&mut connection).poll(cx);
+                    flusher.poll_flush(cx);
+                    ended
+                }) => if let Err(error) = ended {
                     debug!(%target, %error, "HTTP/2 connection failed");
                 },
                 () = keepalive => {

@@ -30,6 +30,7 @@ use tracing::debug;
 use super::body::{BoxError, RecvBody};
 use super::h2_streams::{keepalive, send_body, strip_connection_headers, H2Body};
 use super::{Connection, Side};
+use crate::batched_writes::batched;
 
 /// hyper's defaults for its HTTP/2 server, kept so that switching to `h2` changed
 /// nothing on the wire.
@@ -46,6 +47,7 @@ pub async fn serve<I>(io: I, connection: Arc<Connection>) -> Result<(), BoxError
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (io, flusher) = batched(io);
     let mut h2 = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -70,7 +72,11 @@ where
             // The connection first: a PONG waiting in the socket counts before an
             // expired timeout does.
             biased;
-            accepted = h2.accept() => accepted,
+            accepted = poll_fn(|cx| {
+                let accepted = h2.poll_accept(cx);
+                flusher.poll_flush(cx);
+                accepted
+            }) => accepted,
             () = &mut keepalive => {
                 let timed_out = io::Error::new(io::ErrorKind::TimedOut, "the client stopped answering PINGs");
                 return Err(timed_out.into());

@@ -1,0 +1,280 @@
+//! One write per wake-up for an HTTP/2 connection, instead of one per response.
+//!
+//! `h2` sends a DATA frame of 256 bytes or more without copying it, and so must
+//! flush its socket before it can queue the next frame. With many streams that
+//! means a TLS record and a `writev` per response: at 50 concurrent requests the
+//! server-side proxy woke once for a score of responses and wrote them in a score of
+//! `writev`s. Under [`BatchedWrites`], what `h2` writes in one poll of its connection
+//! is gathered in a buffer, and the task that drives the connection writes it out
+//! when that poll is over ([`Flusher::poll_flush`]): one record per 16 KiB, one
+//! system call.
+//!
+//! The buffer is shared by the connection (which `h2` owns) and its driving task
+//! through a mutex. Both live on that one task, so the lock is never contended; it
+//! only proves to the compiler what the task's order already guarantees.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Writes up to this size are gathered; a larger one goes straight through after
+/// what was gathered before it. One TLS record's worth: a larger batch would be
+/// split into records anyway, and a large DATA frame is not worth a copy.
+const BATCH_LIMIT: usize = 16 * 1024;
+
+/// Wraps `io` for `h2`: the first half goes to `h2`, the second stays with the task
+/// that polls the connection, which must call [`Flusher::poll_flush`] after every
+/// poll of it. Until the first such call, flushes go through at once (the
+/// handshake's, whose peer may wait for them).
+pub fn batched<T>(io: T) -> (BatchedWrites<T>, Flusher<T>) {
+    let shared = Arc::new(Mutex::new(Shared {
+        io,
+        batch: Vec::new(),
+        deferring: false,
+        failed: None,
+    }));
+    (BatchedWrites(shared.clone()), Flusher(shared))
+}
+
+struct Shared<T> {
+    io: T,
+    /// What was written since the last flush, not yet handed to `io`.
+    batch: Vec<u8>,
+    /// Whether flushes wait for the driving task.
+    deferring: bool,
+    /// A failure of a write the driving task made, for `h2` to see at its next
+    /// write or flush.
+    failed: Option<io::Error>,
+}
+
+pub struct BatchedWrites<T>(Arc<Mutex<Shared<T>>>);
+
+pub struct Flusher<T>(Arc<Mutex<Shared<T>>>);
+
+fn lock<T>(shared: &Mutex<Shared<T>>) -> MutexGuard<'_, Shared<T>> {
+    // A panic cannot leave the buffer half-written: it is only appended to whole.
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<T: AsyncWrite + Unpin> Shared<T> {
+    /// Hands the whole batch to `io`; `Pending` while `io` cannot take it all.
+    fn poll_write_batch(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut written = 0;
+        while written < self.batch.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.batch[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    self.batch.drain(..written);
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(error)) => {
+                    self.batch.drain(..written);
+                    return Poll::Ready(Err(error));
+                }
+                Poll::Pending => {
+                    self.batch.drain(..written);
+                    return Poll::Pending;
+                }
+            }
+        }
+        self.batch.clear();
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_write_through(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_write_batch(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn take_failure(&mut self) -> io::Result<()> {
+        match self.failed.take() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `len` more bytes are to be gathered; if not, the batch has been
+    /// written out first (or `Pending` says it could not be).
+    fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        self.take_failure()?;
+        if self.batch.len() + len <= BATCH_LIMIT {
+            return Poll::Ready(Ok(true));
+        }
+        std::task::ready!(self.poll_write_batch(cx))?;
+        Poll::Ready(Ok(len <= BATCH_LIMIT))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for BatchedWrites<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut lock(&self.0).io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let shared = &mut *lock(&self.0);
+        if std::task::ready!(shared.poll_room(cx, buf.len()))? {
+            shared.batch.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        } else {
+            Pin::new(&mut shared.io).poll_write(cx, buf)
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let shared = &mut *lock(&self.0);
+        let len = bufs.iter().map(|buf| buf.len()).sum();
+        if std::task::ready!(shared.poll_room(cx, len))? {
+            for buf in bufs {
+                shared.batch.extend_from_slice(buf);
+            }
+            Poll::Ready(Ok(len))
+        } else {
+            Pin::new(&mut shared.io).poll_write_vectored(cx, bufs)
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let shared = &mut *lock(&self.0);
+        shared.take_failure()?;
+        if shared.deferring {
+            return Poll::Ready(Ok(()));
+        }
+        shared.poll_write_through(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let shared = &mut *lock(&self.0);
+        shared.take_failure()?;
+        std::task::ready!(shared.poll_write_batch(cx))?;
+        Pin::new(&mut shared.io).poll_shutdown(cx)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Flusher<T> {
+    /// Writes out what the connection's last poll gathered. A failure is kept for
+    /// the connection, and the task woken so that `h2` meets it and closes.
+    pub fn poll_flush(&self, cx: &mut Context<'_>) {
+        let shared = &mut *lock(&self.0);
+        shared.deferring = true;
+        if shared.failed.is_some() {
+            return;
+        }
+        if let Poll::Ready(Err(error)) = shared.poll_write_through(cx) {
+            shared.failed = Some(error);
+            cx.waker().wake_by_ref();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn writes_wait_for_the_flusher_once_it_has_run() {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let (mut io, flusher) = batched(near);
+        io.write_all(b"handshake").await.unwrap();
+        io.flush().await.unwrap();
+        let mut got = [0; 9];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"handshake");
+
+        poll_fn(|cx| {
+            flusher.poll_flush(cx);
+            Poll::Ready(())
+        })
+        .await;
+        io.write_all(b"one ").await.unwrap();
+        io.flush().await.unwrap();
+        io.write_vectored(&[IoSlice::new(b"two "), IoSlice::new(b"three")])
+            .await
+            .unwrap();
+        io.flush().await.unwrap();
+        let mut nothing = [0; 1];
+        let pending = poll_fn(|cx| {
+            let mut buf = ReadBuf::new(&mut nothing);
+            Poll::Ready(Pin::new(&mut far).poll_read(cx, &mut buf).is_pending())
+        })
+        .await;
+        assert!(pending, "a deferred flush wrote before the flusher ran");
+
+        poll_fn(|cx| {
+            flusher.poll_flush(cx);
+            Poll::Ready(())
+        })
+        .await;
+        let mut got = [0; 13];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"one two three");
+    }
+
+    #[tokio::test]
+    async fn a_write_larger_than_a_batch_goes_after_the_batch_in_order() {
+        let (near, mut far) = tokio::io::duplex(256 * 1024);
+        let (mut io, flusher) = batched(near);
+        poll_fn(|cx| {
+            flusher.poll_flush(cx);
+            Poll::Ready(())
+        })
+        .await;
+        let large: Vec<u8> = (0..BATCH_LIMIT * 2).map(|i| i as u8).collect();
+        io.write_all(b"small").await.unwrap();
+        io.write_all(&large).await.unwrap();
+        io.write_all(b"tail").await.unwrap();
+        poll_fn(|cx| {
+            flusher.poll_flush(cx);
+            Poll::Ready(())
+        })
+        .await;
+        let mut got = vec![0; 5 + large.len() + 4];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..5], b"small");
+        assert_eq!(&got[5..5 + large.len()], &large[..]);
+        assert_eq!(&got[5 + large.len()..], b"tail");
+    }
+
+    #[tokio::test]
+    async fn a_failed_deferred_write_reaches_the_connection() {
+        let (near, far) = tokio::io::duplex(1024);
+        let (mut io, flusher) = batched(near);
+        poll_fn(|cx| {
+            flusher.poll_flush(cx);
+            Poll::Ready(())
+        })
+        .await;
+        drop(far);
+        io.write_all(b"lost").await.unwrap();
+        poll_fn(|cx| {
+            flusher.poll_flush(cx);
+            Poll::Ready(())
+        })
+        .await;
+        assert!(io.flush().await.is_err());
+    }
+}
