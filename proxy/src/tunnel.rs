@@ -35,7 +35,7 @@
 //! loses its carrier, and every stream on it is reset.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -53,6 +53,7 @@ use tokio_rustls::server::TlsStream as ServerTls;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::batched_writes::batched;
 use crate::conn::{self, Context, MeshAlpn};
 use crate::http::h2_streams::keepalive;
 use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
@@ -221,6 +222,7 @@ async fn start_carrier(
         debug!(%peer, %error, "cannot keep a handle on the carrier's socket");
         (ConnError::Io, transport::errno_label(&error))
     })?;
+    let (tls, flusher) = batched(tls);
     let (sender, mut connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -240,7 +242,11 @@ async fn start_carrier(
             // The connection first: after the proxy itself was paused, a PONG waiting
             // in the socket must count before the expired timeout does.
             biased;
-            ended = &mut connection => if let Err(error) = ended {
+            ended = poll_fn(|cx| {
+                let ended = Pin::new(&mut connection).poll(cx);
+                flusher.poll_flush(cx);
+                ended
+            }) => if let Err(error) = ended {
                 debug!(%peer, %error, "carrier failed");
             },
             () = keepalive => {
@@ -251,6 +257,7 @@ async fn start_carrier(
         }
         // Dropping the connection fails the streams still on it.
         drop(connection);
+        drop(flusher);
         drop(socket);
         on_close.store(true, Ordering::Release);
     });
@@ -313,6 +320,7 @@ pub async fn serve(
             return;
         }
     };
+    let (tls, flusher) = batched(tls);
     let connection = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -343,7 +351,11 @@ pub async fn serve(
         let accepted = tokio::select! {
             // The connection first, as in `start_carrier`.
             biased;
-            accepted = connection.accept() => accepted,
+            accepted = poll_fn(|cx| {
+                let accepted = connection.poll_accept(cx);
+                flusher.poll_flush(cx);
+                accepted
+            }) => accepted,
             () = &mut keepalive => {
                 debug!(%client, "the peer proxy stopped answering PINGs; resetting its carrier");
                 ctx.metrics.error(ConnError::Io);
@@ -375,8 +387,9 @@ pub async fn serve(
         }
     }
     // Dropping the connection fails the streams still on it, so none waits on a
-    // connection nobody drives any more.
+    // connection nobody drives any more. The flusher holds the socket too.
     drop(connection);
+    drop(flusher);
     drop(socket);
     streams.close();
     streams.wait().await;
