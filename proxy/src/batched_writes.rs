@@ -212,9 +212,11 @@ mod tests {
         .await;
         io.write_all(b"one ").await.unwrap();
         io.flush().await.unwrap();
-        io.write_vectored(&[IoSlice::new(b"two "), IoSlice::new(b"three")])
+        let written = io
+            .write_vectored(&[IoSlice::new(b"two "), IoSlice::new(b"three")])
             .await
             .unwrap();
+        assert_eq!(written, 9, "a small vectored write is gathered whole");
         io.flush().await.unwrap();
         let mut nothing = [0; 1];
         let pending = poll_fn(|cx| {
