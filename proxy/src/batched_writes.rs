@@ -55,7 +55,8 @@ pub struct BatchedWrites<T>(Arc<Mutex<Shared<T>>>);
 pub struct Flusher<T>(Arc<Mutex<Shared<T>>>);
 
 fn lock<T>(shared: &Mutex<Shared<T>>) -> MutexGuard<'_, Shared<T>> {
-    // A panic cannot leave the buffer half-written: it is only appended to whole.
+    // A panic while writing would lose the connection's state anyway, and both
+    // halves go with the task that panicked; nothing is left to protect.
     shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -82,7 +83,9 @@ impl<T: AsyncWrite + Unpin> Shared<T> {
                 }
             }
         }
-        self.batch.clear();
+        // Freed rather than kept: a connection idle after this costs nothing, and
+        // under load one allocation serves a whole poll's responses.
+        self.batch = Vec::new();
         Poll::Ready(Ok(()))
     }
 
@@ -102,11 +105,17 @@ impl<T: AsyncWrite + Unpin> Shared<T> {
     /// written out first (or `Pending` says it could not be).
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
         self.take_failure()?;
-        if self.batch.len() + len <= BATCH_LIMIT {
-            return Poll::Ready(Ok(true));
+        if self.batch.len() + len > BATCH_LIMIT {
+            std::task::ready!(self.poll_write_batch(cx))?;
+            if len > BATCH_LIMIT {
+                return Poll::Ready(Ok(false));
+            }
         }
-        std::task::ready!(self.poll_write_batch(cx))?;
-        Poll::Ready(Ok(len <= BATCH_LIMIT))
+        if self.batch.capacity() == 0 {
+            // Exactly one batch: appends never exceed it, so it never reallocates.
+            self.batch.reserve_exact(BATCH_LIMIT);
+        }
+        Poll::Ready(Ok(true))
     }
 }
 
@@ -234,6 +243,11 @@ mod tests {
         let mut got = [0; 13];
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"one two three");
+        assert_eq!(
+            lock(&io.0).batch.capacity(),
+            0,
+            "a connection with nothing to write holds no buffer"
+        );
     }
 
     #[tokio::test]
