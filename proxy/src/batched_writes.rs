@@ -6,13 +6,14 @@
 //! server-side proxy woke once for a score of responses and wrote them in a score of
 //! `writev`s. Under [`BatchedWrites`], what `h2` writes in one poll of its connection
 //! is gathered in a buffer, and the task that drives the connection writes it out
-//! when that poll is over ([`Flusher::poll_flush`]): one record per 16 KiB, one
+//! when that poll is over ([`Flusher::drive`]): one record per 16 KiB, one
 //! system call.
 //!
 //! The buffer is shared by the connection (which `h2` owns) and its driving task
 //! through a mutex. Both live on that one task, so the lock is never contended; it
 //! only proves to the compiler what the task's order already guarantees.
 
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,8 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const BATCH_LIMIT: usize = 16 * 1024;
 
 /// Wraps `io` for `h2`: the first half goes to `h2`, the second stays with the task
-/// that polls the connection, which must call [`Flusher::poll_flush`] after every
-/// poll of it. Until the first such call, flushes go through at once (the
+/// that polls the connection, which must poll it through [`Flusher::drive`]. Until the first such call, flushes go through at once (the
 /// handshake's, whose peer may wait for them).
 pub fn batched<T>(io: T) -> (BatchedWrites<T>, Flusher<T>) {
     let shared = Arc::new(Mutex::new(Shared {
@@ -183,9 +183,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
 }
 
 impl<T: AsyncWrite + Unpin> Flusher<T> {
+    /// Polls the connection with `poll` until it is ready, writing out after each
+    /// poll what that poll gathered; the only way a driving task should poll it.
+    pub fn drive<'a, R>(
+        &'a self,
+        mut poll: impl FnMut(&mut Context<'_>) -> Poll<R> + 'a,
+    ) -> impl Future<Output = R> + 'a {
+        poll_fn(move |cx| {
+            let polled = poll(cx);
+            self.poll_flush(cx);
+            polled
+        })
+    }
+
     /// Writes out what the connection's last poll gathered. A failure is kept for
     /// the connection, and the task woken so that `h2` meets it and closes.
-    pub fn poll_flush(&self, cx: &mut Context<'_>) {
+    fn poll_flush(&self, cx: &mut Context<'_>) {
         let shared = &mut *lock(&self.0);
         shared.deferring = true;
         if shared.failed.is_some() {
@@ -201,7 +214,6 @@ impl<T: AsyncWrite + Unpin> Flusher<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]

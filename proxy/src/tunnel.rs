@@ -35,7 +35,7 @@
 //! loses its carrier, and every stream on it is reset.
 
 use std::collections::HashMap;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -242,11 +242,7 @@ async fn start_carrier(
             // The connection first: after the proxy itself was paused, a PONG waiting
             // in the socket must count before the expired timeout does.
             biased;
-            ended = poll_fn(|cx| {
-                let ended = Pin::new(&mut connection).poll(cx);
-                flusher.poll_flush(cx);
-                ended
-            }) => if let Err(error) = ended {
+            ended = flusher.drive(|cx| Pin::new(&mut connection).poll(cx)) => if let Err(error) = ended {
                 debug!(%peer, %error, "carrier failed");
             },
             () = keepalive => {
@@ -351,11 +347,7 @@ pub async fn serve(
         let accepted = tokio::select! {
             // The connection first, as in `start_carrier`.
             biased;
-            accepted = poll_fn(|cx| {
-                let accepted = connection.poll_accept(cx);
-                flusher.poll_flush(cx);
-                accepted
-            }) => accepted,
+            accepted = flusher.drive(|cx| connection.poll_accept(cx)) => accepted,
             () = &mut keepalive => {
                 debug!(%client, "the peer proxy stopped answering PINGs; resetting its carrier");
                 ctx.metrics.error(ConnError::Io);

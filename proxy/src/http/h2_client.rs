@@ -14,7 +14,7 @@
 //! the response body returns its flow-control capacity as it is read (the last two
 //! in `h2_streams`, which the server shares).
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -95,11 +95,7 @@ impl Connection {
                 // The connection first: a PONG waiting in the socket counts before
                 // an expired timeout does.
                 biased;
-                ended = poll_fn(|cx| {
-                    let ended = Pin::new(&mut connection).poll(cx);
-                    flusher.poll_flush(cx);
-                    ended
-                }) => if let Err(error) = ended {
+                ended = flusher.drive(|cx| Pin::new(&mut connection).poll(cx)) => if let Err(error) = ended {
                     debug!(%target, %error, "HTTP/2 connection failed");
                 },
                 () = keepalive => {

@@ -72,11 +72,7 @@ where
             // The connection first: a PONG waiting in the socket counts before an
             // expired timeout does.
             biased;
-            accepted = poll_fn(|cx| {
-                let accepted = h2.poll_accept(cx);
-                flusher.poll_flush(cx);
-                accepted
-            }) => accepted,
+            accepted = flusher.drive(|cx| h2.poll_accept(cx)) => accepted,
             () = &mut keepalive => {
                 let timed_out = io::Error::new(io::ErrorKind::TimedOut, "the client stopped answering PINGs");
                 return Err(timed_out.into());

@@ -146,11 +146,10 @@ pub fn strip_connection_headers(headers: &mut HeaderMap) {
 pub async fn send_body<B>(
     mut body: B,
     mut stream: SendStream<Bytes>,
-    canceled: Option<oneshot::Receiver<()>>,
+    mut canceled: Option<oneshot::Receiver<()>>,
 ) where
     B: Body<Data = Bytes, Error = BoxError> + Unpin,
 {
-    let mut canceled = canceled;
     if let Err(reason) = pump(&mut body, &mut stream, &mut canceled).await {
         stream.send_reset(reason);
     }
