@@ -134,6 +134,7 @@ pub async fn forward<C: Transport, S: Transport>(
 
 /// The state of copying one direction.
 struct Direction {
+    /// The first [`LEAD`] bytes are never used.
     buf: Box<[u8]>,
     /// Bytes in `buf[start..end]` are read but not yet written.
     start: usize,
