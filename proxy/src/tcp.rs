@@ -29,10 +29,11 @@ const BULK_COPY_BUFFER: usize = 64 * 1024;
 /// Where a direction's bytes start in its buffer. rustls copies what it is given into
 /// a new record whose payload starts 5 bytes into its allocation; with both buffers
 /// page-aligned, source and destination sit 5 bytes apart modulo 4 KiB, and glibc's
-/// `rep movsb` copy then runs some 30 times slower on AMD Zen (4K-aliasing; 3 instead
-/// of 90 GB/s for 16 KiB here). That one copy was 29 % of the client-side proxy's
-/// time in a bulk transfer. Starting 64 bytes in puts the destination behind the
-/// source, where the copy runs at full speed.
+/// `rep movsb` copy then runs some 30 times slower on the AMD EPYC hosts we measure on
+/// (2-3 instead of 80-105 GB/s for 16 KiB, whenever the destination is 1 to 15 bytes
+/// past the source modulo 4 KiB). That one copy was 29 % of the client-side proxy's
+/// time in a bulk transfer. Starting 64 bytes in puts the destination 59 bytes before
+/// the source instead, where the copy runs at full speed.
 const LEAD: usize = 64;
 
 /// A copy of `data` that starts [`LEAD`] bytes into its allocation, for bytes on

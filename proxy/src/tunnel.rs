@@ -10,8 +10,8 @@
 //!
 //! The price: streams of one carrier share one socket and one task per proxy, and
 //! their bytes are copied into HTTP/2 frames. In `tandem-bench` on a 2-vCPU VM new
-//! opaque connections came about twice as fast, but exchanges on long-lived
-//! connections and one bulk stream ran slower (`benches/RESULTS.md`). Most opaque traffic (database and cache clients) rides pooled long-lived
+//! opaque connections came 2-2.6 times as fast, but exchanges on long-lived
+//! connections ran slower (`benches/RESULTS.md`). Most opaque traffic (database and cache clients) rides pooled long-lived
 //! connections, so the outbound side offers carriers only when
 //! `TANDEM_OUTBOUND_OPAQUE_CARRIER=true`; the inbound side accepts them by default.
 //!
