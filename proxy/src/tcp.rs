@@ -21,7 +21,9 @@ use tokio::net::TcpStream;
 
 use crate::metrics::TransportSeries;
 
-/// Bytes buffered per direction at first: a full TLS record.
+/// A direction's buffer at first: a TLS record's worth (less [`LEAD`]). The
+/// allocation is exactly 16 KiB, an allocator size class; 64 bytes more would round
+/// up to 20 KiB.
 const COPY_BUFFER: usize = 16 * 1024;
 /// What a direction's buffer grows to once a read fills it (a bulk transfer): four
 /// TLS records per read and per write instead of one.
@@ -159,7 +161,7 @@ struct Direction {
 
 impl Direction {
     fn with_prefix(prefix: &[u8]) -> Direction {
-        let mut buf = vec![0; LEAD + COPY_BUFFER.max(prefix.len())].into_boxed_slice();
+        let mut buf = vec![0; COPY_BUFFER.max(LEAD + prefix.len())].into_boxed_slice();
         buf[LEAD..LEAD + prefix.len()].copy_from_slice(prefix);
         Direction {
             buf,
@@ -242,8 +244,8 @@ impl Direction {
     /// A read filled the buffer: this is a bulk transfer, so move to the larger
     /// buffer (once; it stays for the connection's life).
     fn grow(&mut self) {
-        if self.buf.len() < LEAD + BULK_COPY_BUFFER {
-            let mut bigger = vec![0; LEAD + BULK_COPY_BUFFER].into_boxed_slice();
+        if self.buf.len() < BULK_COPY_BUFFER {
+            let mut bigger = vec![0; BULK_COPY_BUFFER].into_boxed_slice();
             bigger[LEAD..self.end].copy_from_slice(&self.buf[LEAD..self.end]);
             self.buf = bigger;
         }
