@@ -9,6 +9,13 @@
 //! when that poll is over ([`Flusher::drive`]): one record per 16 KiB, one
 //! system call.
 //!
+//! Large DATA frames are gathered too, though `h2` hands them over without a copy:
+//! copying them here, to [`LEAD`] bytes into our own buffer, is what keeps rustls's
+//! own copy of them into its records fast. From where `h2` has them (the start of a
+//! body chunk, often the start of a page), rustls's copy ran at a thirtieth of its
+//! speed on AMD hosts (`tcp.rs` says why) and took a quarter of the proxy's time in a
+//! large download; our extra copy costs a few per cent of the AES-GCM that follows.
+//!
 //! The buffer is shared by the connection (which `h2` owns) and its driving task
 //! through a mutex. Both live on that one task, so the lock is never contended; it
 //! only proves to the compiler what the task's order already guarantees.
@@ -21,10 +28,12 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Writes up to this size are gathered; a larger one goes straight through after
-/// what was gathered before it. One TLS record's worth: a larger batch would be
-/// split into records anyway, and a large DATA frame is not worth a copy.
-const BATCH_LIMIT: usize = 16 * 1024;
+/// Writes up to this size are gathered; a larger one (only a peer that allows frames
+/// over 64 KiB can cause one) goes straight through after what was gathered before
+/// it. With [`LEAD`], the buffer is one 64 KiB allocation, an allocator size class.
+const BATCH_LIMIT: usize = 64 * 1024 - LEAD;
+/// Where gathered bytes start in the batch's buffer (see `tcp.rs`).
+const LEAD: usize = crate::tcp::LEAD;
 
 /// Wraps `io` for `h2`: the first half goes to `h2`, the second stays with the task
 /// that polls the connection, which must poll it through [`Flusher::drive`]. Until the first such call, flushes go through at once (the
@@ -41,7 +50,8 @@ pub fn batched<T>(io: T) -> (BatchedWrites<T>, Flusher<T>) {
 
 struct Shared<T> {
     io: T,
-    /// What was written since the last flush, not yet handed to `io`.
+    /// What was written since the last flush, not yet handed to `io`, after
+    /// [`LEAD`] unused bytes; empty (no allocation) when nothing is gathered.
     batch: Vec<u8>,
     /// Whether flushes wait for the driving task.
     deferring: bool,
@@ -65,20 +75,20 @@ fn lock<T>(shared: &Mutex<Shared<T>>) -> MutexGuard<'_, Shared<T>> {
 impl<T: AsyncWrite + Unpin> Shared<T> {
     /// Hands the whole batch to `io`; `Pending` while `io` cannot take it all.
     fn poll_write_batch(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut written = 0;
+        let mut written = LEAD;
         while written < self.batch.len() {
             match Pin::new(&mut self.io).poll_write(cx, &self.batch[written..]) {
                 Poll::Ready(Ok(0)) => {
-                    self.batch.drain(..written);
+                    self.batch.drain(LEAD..written);
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 Poll::Ready(Ok(n)) => written += n,
                 Poll::Ready(Err(error)) => {
-                    self.batch.drain(..written);
+                    self.batch.drain(LEAD..written);
                     return Poll::Ready(Err(error));
                 }
                 Poll::Pending => {
-                    self.batch.drain(..written);
+                    self.batch.drain(LEAD..written);
                     return Poll::Pending;
                 }
             }
@@ -105,15 +115,16 @@ impl<T: AsyncWrite + Unpin> Shared<T> {
     /// written out first (or `Pending` says it could not be).
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
         self.take_failure()?;
-        if self.batch.len() + len > BATCH_LIMIT {
+        if self.batch.len() + len > LEAD + BATCH_LIMIT {
             std::task::ready!(self.poll_write_batch(cx))?;
             if len > BATCH_LIMIT {
                 return Poll::Ready(Ok(false));
             }
         }
-        if self.batch.capacity() == 0 {
+        if self.batch.is_empty() {
             // Exactly one batch: appends never exceed it, so it never reallocates.
-            self.batch.reserve_exact(BATCH_LIMIT);
+            self.batch.reserve_exact(LEAD + BATCH_LIMIT);
+            self.batch.resize(LEAD, 0);
         }
         Poll::Ready(Ok(true))
     }
@@ -285,6 +296,43 @@ mod tests {
         assert_eq!(&got[..5], b"small");
         assert_eq!(&got[5..5 + large.len()], &large[..]);
         assert_eq!(&got[5 + large.len()..], b"tail");
+    }
+
+    #[tokio::test]
+    async fn a_full_size_data_frame_is_gathered_too() {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let (mut io, flusher) = batched(near);
+        poll_fn(|cx| {
+            flusher.poll_flush(cx);
+            Poll::Ready(())
+        })
+        .await;
+        // A frame head and a 16 KiB payload, as `h2` writes a DATA frame.
+        let payload: Vec<u8> = (0..16 * 1024).map(|i| i as u8).collect();
+        let written = io
+            .write_vectored(&[IoSlice::new(&[0; 9]), IoSlice::new(&payload)])
+            .await
+            .unwrap();
+        assert_eq!(written, 9 + payload.len());
+        io.flush().await.unwrap();
+        let mut nothing = [0; 1];
+        let pending = poll_fn(|cx| {
+            let mut buf = ReadBuf::new(&mut nothing);
+            Poll::Ready(Pin::new(&mut far).poll_read(cx, &mut buf).is_pending())
+        })
+        .await;
+        assert!(
+            pending,
+            "the frame went straight through instead of being gathered"
+        );
+        poll_fn(|cx| {
+            flusher.poll_flush(cx);
+            Poll::Ready(())
+        })
+        .await;
+        let mut got = vec![0; 9 + payload.len()];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[9..], &payload[..]);
     }
 
     #[tokio::test]

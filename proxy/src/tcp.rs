@@ -36,7 +36,7 @@ const BULK_COPY_BUFFER: usize = 64 * 1024;
 /// past the source modulo 4 KiB). That one copy was 29 % of the client-side proxy's
 /// time in a bulk transfer. Starting 64 bytes in puts the destination 59 bytes before
 /// the source instead, where the copy runs at full speed.
-const LEAD: usize = 64;
+pub const LEAD: usize = 64;
 
 /// A copy of `data` that starts [`LEAD`] bytes into its allocation, for bytes on
 /// their way to a TLS writer (a carrier's DATA frames).
