@@ -15,7 +15,6 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -37,16 +36,6 @@ const BULK_COPY_BUFFER: usize = 64 * 1024;
 /// time in a bulk transfer. Starting 64 bytes in puts the destination 59 bytes before
 /// the source instead, where the copy runs at full speed.
 pub const LEAD: usize = 64;
-
-/// A copy of `data` that starts [`LEAD`] bytes into its allocation, for bytes on
-/// their way to a TLS writer (a carrier's DATA frames).
-pub fn copy_for_tls(data: &[u8]) -> Bytes {
-    let mut copy = BytesMut::with_capacity(LEAD + data.len());
-    copy.put_bytes(0, LEAD);
-    copy.extend_from_slice(data);
-    copy.advance(LEAD);
-    copy.freeze()
-}
 
 /// A stream the proxy forwards: plain TCP, TLS over TCP, or a stream on a carrier
 /// between proxies (`tunnel.rs`). A failure must be able to end it with a reset.

@@ -534,7 +534,7 @@ impl AsyncWrite for Stream {
             let available = send.capacity();
             if available > 0 {
                 let n = available.min(buf.len());
-                send.send_data(crate::tcp::copy_for_tls(&buf[..n]), false)
+                send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
                     .map_err(h2_to_io)?;
                 return Poll::Ready(Ok(n));
             }
