@@ -227,6 +227,25 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Writes out what the connection gathered, as its driving task does after a poll.
+    async fn run_flusher<T: AsyncWrite + Unpin>(flusher: &Flusher<T>) {
+        poll_fn(|cx| {
+            flusher.poll_flush(cx);
+            Poll::Ready(())
+        })
+        .await
+    }
+
+    /// Whether a read from `far` would wait: nothing was written to it yet.
+    async fn nothing_to_read(far: &mut tokio::io::DuplexStream) -> bool {
+        let mut nothing = [0; 1];
+        poll_fn(|cx| {
+            let mut buf = ReadBuf::new(&mut nothing);
+            Poll::Ready(Pin::new(&mut *far).poll_read(cx, &mut buf).is_pending())
+        })
+        .await
+    }
+
     #[tokio::test]
     async fn writes_wait_for_the_flusher_once_it_has_run() {
         let (near, mut far) = tokio::io::duplex(64 * 1024);
@@ -237,11 +256,7 @@ mod tests {
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"handshake");
 
-        poll_fn(|cx| {
-            flusher.poll_flush(cx);
-            Poll::Ready(())
-        })
-        .await;
+        run_flusher(&flusher).await;
         io.write_all(b"one ").await.unwrap();
         io.flush().await.unwrap();
         let written = io
@@ -250,19 +265,10 @@ mod tests {
             .unwrap();
         assert_eq!(written, 9, "a small vectored write is gathered whole");
         io.flush().await.unwrap();
-        let mut nothing = [0; 1];
-        let pending = poll_fn(|cx| {
-            let mut buf = ReadBuf::new(&mut nothing);
-            Poll::Ready(Pin::new(&mut far).poll_read(cx, &mut buf).is_pending())
-        })
-        .await;
+        let pending = nothing_to_read(&mut far).await;
         assert!(pending, "a deferred flush wrote before the flusher ran");
 
-        poll_fn(|cx| {
-            flusher.poll_flush(cx);
-            Poll::Ready(())
-        })
-        .await;
+        run_flusher(&flusher).await;
         let mut got = [0; 13];
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"one two three");
@@ -277,20 +283,12 @@ mod tests {
     async fn a_write_larger_than_a_batch_goes_after_the_batch_in_order() {
         let (near, mut far) = tokio::io::duplex(256 * 1024);
         let (mut io, flusher) = batched(near);
-        poll_fn(|cx| {
-            flusher.poll_flush(cx);
-            Poll::Ready(())
-        })
-        .await;
+        run_flusher(&flusher).await;
         let large: Vec<u8> = (0..BATCH_LIMIT * 2).map(|i| i as u8).collect();
         io.write_all(b"small").await.unwrap();
         io.write_all(&large).await.unwrap();
         io.write_all(b"tail").await.unwrap();
-        poll_fn(|cx| {
-            flusher.poll_flush(cx);
-            Poll::Ready(())
-        })
-        .await;
+        run_flusher(&flusher).await;
         let mut got = vec![0; 5 + large.len() + 4];
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(&got[..5], b"small");
@@ -302,11 +300,7 @@ mod tests {
     async fn a_full_size_data_frame_is_gathered_too() {
         let (near, mut far) = tokio::io::duplex(64 * 1024);
         let (mut io, flusher) = batched(near);
-        poll_fn(|cx| {
-            flusher.poll_flush(cx);
-            Poll::Ready(())
-        })
-        .await;
+        run_flusher(&flusher).await;
         // A frame head and a 16 KiB payload, as `h2` writes a DATA frame.
         let payload: Vec<u8> = (0..16 * 1024).map(|i| i as u8).collect();
         let written = io
@@ -315,21 +309,12 @@ mod tests {
             .unwrap();
         assert_eq!(written, 9 + payload.len());
         io.flush().await.unwrap();
-        let mut nothing = [0; 1];
-        let pending = poll_fn(|cx| {
-            let mut buf = ReadBuf::new(&mut nothing);
-            Poll::Ready(Pin::new(&mut far).poll_read(cx, &mut buf).is_pending())
-        })
-        .await;
+        let pending = nothing_to_read(&mut far).await;
         assert!(
             pending,
             "the frame went straight through instead of being gathered"
         );
-        poll_fn(|cx| {
-            flusher.poll_flush(cx);
-            Poll::Ready(())
-        })
-        .await;
+        run_flusher(&flusher).await;
         let mut got = vec![0; 9 + payload.len()];
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(&got[9..], &payload[..]);
@@ -339,18 +324,10 @@ mod tests {
     async fn a_failed_deferred_write_reaches_the_connection() {
         let (near, far) = tokio::io::duplex(1024);
         let (mut io, flusher) = batched(near);
-        poll_fn(|cx| {
-            flusher.poll_flush(cx);
-            Poll::Ready(())
-        })
-        .await;
+        run_flusher(&flusher).await;
         drop(far);
         io.write_all(b"lost").await.unwrap();
-        poll_fn(|cx| {
-            flusher.poll_flush(cx);
-            Poll::Ready(())
-        })
-        .await;
+        run_flusher(&flusher).await;
         assert!(io.flush().await.is_err());
     }
 }
