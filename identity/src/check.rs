@@ -198,7 +198,7 @@ fn check_one(
             format!(
                 "{kind} {subject}: expired at {} ({} ago)",
                 crate::pem::rfc3339(not_after),
-                crate::duration::human(now.duration_since(not_after).unwrap_or_default())
+                crate::env::human(now.duration_since(not_after).unwrap_or_default())
             ),
         );
     } else {
@@ -211,7 +211,7 @@ fn check_one(
         let hint = if level == Level::Warning {
             format!(
                 ", less than {}; rotate it soon",
-                crate::duration::human(warn_within)
+                crate::env::human(warn_within)
             )
         } else {
             String::new()
@@ -221,7 +221,7 @@ fn check_one(
             format!(
                 "{kind} {subject}: valid until {} ({} left{hint})",
                 crate::pem::rfc3339(not_after),
-                crate::duration::human(left),
+                crate::env::human(left),
             ),
         );
     }

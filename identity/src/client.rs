@@ -1,8 +1,9 @@
 //! The proxy side: obtains and renews the proxy's certificate from an issuer
 //! service and publishes it on a watch channel.
 //!
-//! Configured with Linkerd's environment variables (see [`ClientConfig::from_lookup`]).
+//! Configured with Linkerd's environment variables (see [`ClientConfig::from_env`]).
 
+use crate::env::Env;
 use crate::metrics::IdentityMetrics;
 use crate::refresh::{Schedule, Validity, WallClock};
 use crate::tls::BoxedIo;
@@ -83,7 +84,7 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// Client configuration; usually built by [`ClientConfig::from_lookup`].
+/// Client configuration; usually built by [`ClientConfig::from_env`].
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     /// `LINKERD2_PROXY_IDENTITY_DIR`: must be memory-backed; holds `key.p8` and
@@ -115,15 +116,12 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
 }
 
+/// A boolean setting (`crate::env::boolean`); a bad value is reported as `false`.
 pub(crate) fn parse_bool(var: &str, v: &str, errors: &mut Vec<String>) -> bool {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" => true,
-        "false" | "0" | "no" | "" => false,
-        _ => {
-            errors.push(format!("{var}={v:?}: expected true or false"));
-            false
-        }
-    }
+    crate::env::boolean(v).unwrap_or_else(|why| {
+        errors.push(format!("{var}={v:?}: {why}"));
+        false
+    })
 }
 
 fn is_loopback_host(addr: &str) -> bool {
@@ -136,7 +134,7 @@ fn is_loopback_host(addr: &str) -> bool {
 }
 
 impl ClientConfig {
-    /// Reads the configuration through `lookup` (e.g. `|k| std::env::var(k).ok()`).
+    /// Reads the configuration from `env`.
     ///
     /// Returns `Ok(None)` when identity is not configured (neither
     /// `LINKERD2_PROXY_IDENTITY_LOCAL_NAME` nor `..._SVC_ADDR` set). Every
@@ -147,10 +145,19 @@ impl ClientConfig {
     /// Linkerd, TLS is used unless every address is loopback (then plaintext,
     /// and the name is optional); `=true` forces plaintext; `=false` forces
     /// TLS, even to loopback.
+    pub fn from_env(env: &Env) -> Result<Option<ClientConfig>, Vec<String>> {
+        Self::read(env)
+    }
+
+    /// [`ClientConfig::from_env`] over a lookup function (tests, tools).
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<ClientConfig>, Vec<String>> {
-        let get = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
+        Self::read(&Env::new(&lookup))
+    }
+
+    fn read(env: &Env) -> Result<Option<ClientConfig>, Vec<String>> {
+        let get = |k: &str| env.setting(k);
         let local_name = get(ENV_LOCAL_NAME);
         let svc_addr = get(ENV_SVC_ADDR);
         if local_name.is_none() && svc_addr.is_none() {
@@ -220,7 +227,7 @@ impl ClientConfig {
         };
         let duration = |var: &str, default: Duration, errors: &mut Vec<String>| match get(var) {
             None => default,
-            Some(v) => crate::duration::parse(&v).unwrap_or_else(|_| {
+            Some(v) => crate::env::duration(&v).unwrap_or_else(|_| {
                 errors.push(format!("{var}={v:?}: expected a duration such as 10s"));
                 default
             }),
@@ -230,8 +237,8 @@ impl ClientConfig {
         if min_refresh > max_refresh {
             errors.push(format!(
                 "{ENV_MIN_REFRESH}: {} is longer than {ENV_MAX_REFRESH} ({})",
-                crate::duration::human(min_refresh),
-                crate::duration::human(max_refresh)
+                crate::env::human(min_refresh),
+                crate::env::human(max_refresh)
             ));
         }
         // Unset: Linkerd's rule (TLS when a name is given, except to loopback).
@@ -290,6 +297,20 @@ impl ClientConfig {
             backoff_max: self.backoff_max,
         }
     }
+}
+
+/// A fresh ECDSA P-256 key and a DER CSR naming `name` as its only DNS SAN,
+/// the shape the issuer's `certify` accepts.
+pub fn generate_csr(name: &str) -> Result<(rcgen::KeyPair, Vec<u8>)> {
+    let key =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generate key")?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])
+        .with_context(|| format!("invalid name {name:?}"))?;
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key).context("build CSR")?;
+    Ok((key, csr.der().to_vec()))
 }
 
 /// The key and CSR Linkerd's wrapper left in the identity directory.
@@ -445,7 +466,7 @@ impl Client {
             // A fresh key per renewal: a leaked key is only useful until the
             // next rotation.
             None => {
-                let (kp, csr) = crate::issuer::generate_csr(&self.config.local_name)?;
+                let (kp, csr) = generate_csr(&self.config.local_name)?;
                 (PrivatePkcs8KeyDer::from(kp.serialize_der()), csr)
             }
         };

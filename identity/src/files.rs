@@ -42,10 +42,8 @@ pub struct FilesConfig {
 }
 
 impl FilesConfig {
-    pub fn from_lookup(
-        lookup: &impl Fn(&str) -> Option<String>,
-    ) -> Result<FilesConfig, Vec<String>> {
-        let get = |var: &str| crate::source::setting(lookup, var);
+    pub fn from_env(env: &crate::env::Env) -> Result<FilesConfig, Vec<String>> {
+        let get = |var: &str| env.setting(var);
         let mut errors = Vec::new();
         let mut path = |var: &str| match get(var) {
             Some(p) => PathBuf::from(p),
@@ -59,7 +57,7 @@ impl FilesConfig {
         let cert = path(ENV_CERT_FILE);
         let key = path(ENV_KEY_FILE);
         let trust_anchors_file = get(ENV_TRUST_ANCHORS_FILE).map(PathBuf::from);
-        let trust_anchors = crate::source::optional_anchors(lookup, &mut errors);
+        let trust_anchors = crate::source::optional_anchors(env, &mut errors);
         if trust_anchors_file.is_none() && trust_anchors.is_empty() {
             errors.push(format!(
                 "{ENV_TRUST_ANCHORS_FILE} or {ENV_TRUST_ANCHORS}: trust anchors are required"
@@ -67,7 +65,7 @@ impl FilesConfig {
         }
         let poll_interval = match get(ENV_POLL_INTERVAL) {
             None => Duration::from_secs(5),
-            Some(v) => match crate::duration::parse(&v) {
+            Some(v) => match crate::env::duration(&v) {
                 Ok(d) if !d.is_zero() => d,
                 _ => {
                     errors.push(format!(

@@ -323,18 +323,8 @@ pub fn random_serial() -> Result<SerialNumber> {
     Ok(SerialNumber::from_slice(&b))
 }
 
-/// A fresh ECDSA P-256 key and a DER CSR naming `name` as its only DNS SAN,
-/// the shape [`Issuer::certify`] accepts.
-pub fn generate_csr(name: &str) -> Result<(KeyPair, Vec<u8>)> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generate key")?;
-    let mut params = CertificateParams::new(vec![name.to_string()])
-        .with_context(|| format!("invalid name {name:?}"))?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, name);
-    params.distinguished_name = dn;
-    let csr = params.serialize_request(&key).context("build CSR")?;
-    Ok((key, csr.der().to_vec()))
-}
+/// Proxies make their CSRs with the client's function; the issuer checks that shape.
+pub use crate::client::generate_csr;
 
 /// A CA signing key held by rustls' ring provider, so PKCS#8 and SEC1
 /// (`EC PRIVATE KEY`, as written by step and cert-manager) both load.

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tandem_identity::{auth, ca, check, duration, service, token_review};
+use tandem_identity::{auth, ca, check, env, service, token_review};
 
 /// Trust anchors, issuers and the identity issuer service for Tandem and Linkerd proxies.
 #[derive(Parser)]
@@ -33,7 +33,7 @@ enum Command {
         #[arg(long)]
         anchors: Option<PathBuf>,
         /// Warn when a certificate expires within this long.
-        #[arg(long, default_value = "60d", value_parser = duration::clap_parse)]
+        #[arg(long, default_value = "60d", value_parser = env::duration)]
         warn_within: Duration,
     },
     /// Run the issuer service (io.linkerd.proxy.identity.Identity/Certify).
@@ -54,7 +54,7 @@ enum CaCommand {
         #[arg(long, default_value = ca::DEFAULT_ANCHOR_NAME)]
         name: String,
         /// Validity, e.g. 3650d.
-        #[arg(long, default_value = "3650d", value_parser = duration::clap_parse)]
+        #[arg(long, default_value = "3650d", value_parser = env::duration)]
         validity: Duration,
         /// Replace existing files.
         #[arg(long)]
@@ -78,7 +78,7 @@ enum CaCommand {
         #[arg(long, default_value = ca::DEFAULT_ISSUER_NAME)]
         name: String,
         /// Validity, e.g. 365d (cut to the anchor's expiry).
-        #[arg(long, default_value = "365d", value_parser = duration::clap_parse)]
+        #[arg(long, default_value = "365d", value_parser = env::duration)]
         validity: Duration,
         /// Replace existing files.
         #[arg(long)]
@@ -128,13 +128,13 @@ struct ServeArgs {
     #[arg(long, default_value = concat!("/var/run/secrets/kubernetes.io/serviceaccount", "/token"))]
     kube_token: PathBuf,
     /// Lifetime of issued certificates.
-    #[arg(long, default_value = "24h", value_parser = duration::clap_parse)]
+    #[arg(long, default_value = "24h", value_parser = env::duration)]
     cert_lifetime: Duration,
     /// How far certificates are backdated for clocks behind ours.
-    #[arg(long, default_value = "1m", value_parser = duration::clap_parse)]
+    #[arg(long, default_value = "1m", value_parser = env::duration)]
     clock_skew: Duration,
     /// How often the issuer files are checked for changes.
-    #[arg(long, default_value = "5s", value_parser = duration::clap_parse)]
+    #[arg(long, default_value = "5s", value_parser = env::duration)]
     reload_interval: Duration,
     /// Serve gRPC over TLS with a certificate for this name issued by the
     /// issuer (the proxies' LINKERD2_PROXY_IDENTITY_SVC_NAME). Plaintext when unset.

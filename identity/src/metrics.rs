@@ -1,5 +1,5 @@
 //! Prometheus metrics for the proxy-side client ([`IdentityMetrics`]) and the
-//! issuer service ([`IssuerMetrics`]).
+//! issuer service (`IssuerMetrics`, with the `issuer` feature).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -13,6 +13,7 @@ struct ResultLabel {
     result: &'static str,
 }
 
+#[cfg(feature = "issuer")]
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
@@ -105,6 +106,7 @@ impl IdentityMetrics {
 }
 
 /// The issuer service's metrics.
+#[cfg(feature = "issuer")]
 #[derive(Clone, Debug, Default)]
 pub struct IssuerMetrics {
     issued: Counter,
@@ -113,6 +115,7 @@ pub struct IssuerMetrics {
     reloads: Family<ResultLabel, Counter>,
 }
 
+#[cfg(feature = "issuer")]
 impl IssuerMetrics {
     /// Registers `identity_certificates_issued_total`,
     /// `identity_refusals_total{reason}`,

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 
 use crate::client::{ClientConfig, Credentials};
+use crate::env::Env;
 use crate::files::FilesConfig;
 use crate::metrics::IdentityMetrics;
 use crate::spiffe::SpiffeConfig;
@@ -46,12 +47,10 @@ pub enum Source {
 }
 
 impl IdentityConfig {
-    /// Reads the configuration through `lookup`. `Ok(None)`: no identity is
-    /// configured. Every problem is reported, each naming its variable.
-    pub fn from_lookup(
-        lookup: impl Fn(&str) -> Option<String>,
-    ) -> Result<Option<IdentityConfig>, Vec<String>> {
-        let set = |k: &str| lookup(k).is_some_and(|v| !v.trim().is_empty());
+    /// Reads the configuration from `env`. `Ok(None)`: no identity is configured.
+    /// Every problem is reported, each naming its variable.
+    pub fn from_env(env: &Env) -> Result<Option<IdentityConfig>, Vec<String>> {
+        let set = |k: &str| env.is_set(k);
         // Each source by the variables that select it; the first one set names it.
         let sources: [&[&str]; 3] = [
             &[crate::client::ENV_SVC_ADDR],
@@ -72,12 +71,12 @@ impl IdentityConfig {
         }
         if spiffe || files {
             // Both halves are read before failing, so every problem is reported at once.
-            let names = names(&lookup, spiffe);
+            let names = names(env, spiffe);
             let id = names.as_ref().map_or("", |(id, _)| id.as_str());
             let source = if spiffe {
-                SpiffeConfig::from_lookup(&lookup, id).map(Source::Spiffe)
+                SpiffeConfig::from_env(env, id).map(Source::Spiffe)
             } else {
-                FilesConfig::from_lookup(&lookup).map(Source::Files)
+                FilesConfig::from_env(env).map(Source::Files)
             };
             return match (names, source) {
                 (Ok((id, server_name)), Ok(source)) => Ok(Some(IdentityConfig {
@@ -93,14 +92,19 @@ impl IdentityConfig {
                     .collect()),
             };
         }
-        Ok(
-            ClientConfig::from_lookup(&lookup)?.map(|client| IdentityConfig {
-                id: client.local_name.clone(),
-                // Compared with the SNI of a ClientHello, which is read lower-cased.
-                server_name: client.local_name.to_ascii_lowercase(),
-                source: Source::Issuer(client),
-            }),
-        )
+        Ok(ClientConfig::from_env(env)?.map(|client| IdentityConfig {
+            id: client.local_name.clone(),
+            // Compared with the SNI of a ClientHello, which is read lower-cased.
+            server_name: client.local_name.to_ascii_lowercase(),
+            source: Source::Issuer(client),
+        }))
+    }
+
+    /// [`IdentityConfig::from_env`] over a lookup function (tests, tools).
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<IdentityConfig>, Vec<String>> {
+        IdentityConfig::from_env(&Env::new(&lookup))
     }
 
     /// Starts the source on the current tokio runtime. The receiver holds `None`
@@ -117,21 +121,14 @@ impl IdentityConfig {
     }
 }
 
-/// A variable's trimmed value; blank counts as unset.
-pub(crate) fn setting(lookup: &impl Fn(&str) -> Option<String>, var: &str) -> Option<String> {
-    lookup(var)
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-}
-
 /// `LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS` where it is optional (the SPIFFE and file
 /// sources); an unreadable value is reported.
 pub(crate) fn optional_anchors(
-    lookup: &impl Fn(&str) -> Option<String>,
+    env: &Env,
     errors: &mut Vec<String>,
 ) -> Vec<CertificateDer<'static>> {
     let var = crate::client::ENV_TRUST_ANCHORS;
-    match setting(lookup, var) {
+    match env.setting(var) {
         None => Vec::new(),
         Some(pem) => crate::pem::certs(pem.as_bytes()).unwrap_or_else(|e| {
             errors.push(format!("{var}: {e:#}"));
@@ -142,17 +139,17 @@ pub(crate) fn optional_anchors(
 
 /// A duration variable, `default` when unset; a bad value is reported.
 pub(crate) fn duration_setting(
-    lookup: &impl Fn(&str) -> Option<String>,
+    env: &Env,
     var: &str,
     default: std::time::Duration,
     errors: &mut Vec<String>,
 ) -> std::time::Duration {
-    match setting(lookup, var) {
+    match env.setting(var) {
         None => default,
-        Some(v) => crate::duration::parse(&v).unwrap_or_else(|_| {
+        Some(v) => crate::env::duration(&v).unwrap_or_else(|_| {
             errors.push(format!(
                 "{var}={v:?}: expected a duration such as {}",
-                crate::duration::human(default)
+                crate::env::human(default)
             ));
             default
         }),
@@ -161,11 +158,8 @@ pub(crate) fn duration_setting(
 
 /// The identity and SNI name for the SPIFFE and file sources: `SERVER_ID` and
 /// `SERVER_NAME`, or `LOCAL_NAME` for both (Linkerd's older form).
-fn names(
-    lookup: &impl Fn(&str) -> Option<String>,
-    spiffe: bool,
-) -> Result<(String, String), Vec<String>> {
-    let get = |var: &str| setting(lookup, var);
+fn names(env: &Env, spiffe: bool) -> Result<(String, String), Vec<String>> {
+    let get = |var: &str| env.setting(var);
     let local = get(crate::client::ENV_LOCAL_NAME);
     let mut errors = Vec::new();
     let id = match get(ENV_SERVER_ID).or_else(|| local.clone()) {

@@ -101,11 +101,8 @@ pub struct SpiffeConfig {
 }
 
 impl SpiffeConfig {
-    pub fn from_lookup(
-        lookup: &impl Fn(&str) -> Option<String>,
-        id: &str,
-    ) -> Result<SpiffeConfig, Vec<String>> {
-        let get = |var: &str| crate::source::setting(lookup, var);
+    pub fn from_env(env: &crate::env::Env, id: &str) -> Result<SpiffeConfig, Vec<String>> {
+        let get = |var: &str| env.setting(var);
         let mut errors = Vec::new();
         let (var, address) = match get(ENV_ADDRESS) {
             Some(a) => (ENV_ADDRESS, a),
@@ -117,9 +114,9 @@ impl SpiffeConfig {
                 "{var}={address:?}: expected a Unix socket path (unix:///path or /path)"
             ));
         }
-        let trust_anchors = crate::source::optional_anchors(lookup, &mut errors);
+        let trust_anchors = crate::source::optional_anchors(env, &mut errors);
         let duration = |var: &str, default: Duration, errors: &mut Vec<String>| {
-            crate::source::duration_setting(lookup, var, default, errors)
+            crate::source::duration_setting(env, var, default, errors)
         };
         let backoff_min = duration(ENV_BACKOFF_MIN, Duration::from_millis(100), &mut errors);
         let backoff_max = duration(ENV_BACKOFF_MAX, Duration::from_secs(1), &mut errors);

@@ -1,6 +1,12 @@
-//! The HTTP/2 server: `h2` driven directly, each stream served on a task of its own.
+//! The HTTP servers: hyper's HTTP/1 server, and `h2` driven directly for HTTP/2,
+//! each serving one accepted connection and handing every request to
+//! `super::handle`.
 //!
-//! Why not hyper's HTTP/2 server: per stream it wraps the request's future in a
+//! HTTP/1 is hyper serving the client's detected connection one request at a time,
+//! with upgrades.
+//!
+//! HTTP/2 is the `h2` crate, each stream served on a task of its own. Why not
+//! hyper's HTTP/2 server: per stream it wraps the request's future in a
 //! state machine of its own, boxes it to spawn it (its executor takes one enum sized
 //! for the whole connection), and removes each forbidden header with a lookup of
 //! its own. Profiled at 50 connections, that was about a tenth of the server-side
@@ -14,6 +20,7 @@
 //! stream before the response, and a response body's failure passed on as a reset
 //! with the same reason.
 
+use std::convert::Infallible;
 use std::future::poll_fn;
 use std::io;
 use std::sync::Arc;
@@ -23,14 +30,54 @@ use h2::server::SendResponse;
 use h2::{Reason, RecvStream};
 use hyper::body::Body;
 use hyper::header::{HeaderValue, CONTENT_LENGTH};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::body::{BoxError, RecvBody};
 use super::h2_streams::{keepalive, send_body, strip_connection_headers, H2Body};
-use super::{Connection, Side};
-use crate::batched_writes::batched;
+use super::{Role, ServerConn};
+use crate::net::batched_writes::batched;
+
+/// Serves HTTP/1 on `io` until the client closes the connection, or until it has no
+/// request in flight once the proxy drains. Header-name case is recorded on each request and written
+/// back the same way on its response (and upstream by the client side), since
+/// applications exist that depend on it; no read timeout on headers, because a
+/// keep-alive client may sit idle as long as it likes.
+pub async fn serve_h1<I>(io: I, connection: Arc<ServerConn>) -> hyper::Result<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let proxy = connection.proxy.clone();
+    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+        let connection = connection.clone();
+        async move {
+            let request = request.map(RecvBody::Http1);
+            Ok::<_, Infallible>(super::handle(connection, request).await)
+        }
+    });
+    let serving = http1::Builder::new()
+        .preserve_header_case(true)
+        .title_case_headers(false)
+        .keep_alive(true)
+        // The application's response goes out as it was sent: no added `Date`.
+        .auto_date_header(false)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(serving);
+    let mut drain = proxy.drain.watch();
+    tokio::select! {
+        biased;
+        served = serving.as_mut() => return served,
+        // As linkerd2-proxy drains: an idle connection closes now, a busy one once
+        // its response is out (with `connection: close`).
+        () = drain.started() => serving.as_mut().graceful_shutdown(),
+    }
+    serving.await
+}
 
 /// hyper's defaults for its HTTP/2 server, kept so that switching to `h2` changed
 /// nothing on the wire.
@@ -43,7 +90,7 @@ const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// Serves HTTP/2 on `io` until the client closes the connection, or until the
 /// streams open when the proxy began to drain have ended.
-pub async fn serve<I>(io: I, connection: Arc<Connection>) -> Result<(), BoxError>
+pub async fn serve_h2<I>(io: I, connection: Arc<ServerConn>) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -59,13 +106,13 @@ where
         .await?;
     // Only clients across the network get PINGs: on the outbound side the client is
     // the local app, whose end a FIN reports, and which may stall for a while.
-    let ping_pong = match connection.side {
-        Side::Inbound { .. } => h2.ping_pong(),
-        Side::Outbound { .. } => None,
+    let ping_pong = match connection.role {
+        Role::Inbound { .. } => h2.ping_pong(),
+        Role::Outbound { .. } => None,
     };
-    let keepalive = keepalive(&connection.ctx.config.http, ping_pong, None);
+    let keepalive = keepalive(&connection.proxy.config, ping_pong, None);
     tokio::pin!(keepalive);
-    let mut drain = connection.ctx.drain.watch();
+    let mut drain = connection.proxy.drain.watch();
     let mut draining = false;
     loop {
         let accepted = tokio::select! {
@@ -102,7 +149,7 @@ where
 
 /// Serves one stream: the request, then its response's body.
 async fn serve_stream(
-    connection: Arc<Connection>,
+    connection: Arc<ServerConn>,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
