@@ -1,4 +1,4 @@
-//! Protocol detection: `tandem_proxy::detect::classify` on the first bytes a client sends.
+//! Protocol detection: `tandem_proxy::net::detect::classify` on the first bytes a client sends.
 //!
 //! Every connection on a port that is not opaque is classified before anything is
 //! forwarded, and again after each read until a decision is made, so this sits on the
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tandem_proxy::detect::{classify, Classification, Protocol};
+use tandem_proxy::net::detect::{classify, Classification, Protocol};
 
 const SNI: &str = "web.emojivoto.svc.cluster.local";
 

@@ -21,9 +21,11 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use tandem_proxy::config::Config;
 use tandem_proxy::http::errors::ErrorKind;
 use tandem_proxy::http::metrics::{Outcome, SeriesHandle};
-use tandem_proxy::metrics::{
-    DetectResult, Metrics, NoTlsReason, OpenConnection, Peer, TlsStatus, CLOSE_ERRNOS,
-};
+use tandem_proxy::mesh::tls::{NoTlsReason, TlsStatus};
+use tandem_proxy::metrics::transport::{OpenConnection, Peer};
+use tandem_proxy::metrics::Metrics;
+use tandem_proxy::net::detect::DetectResult;
+use tandem_proxy::net::error::Errno;
 
 /// A deterministic xorshift generator, so every run builds the same registry.
 struct Rng(u64);
@@ -84,7 +86,7 @@ fn connections(
             open.push(conn);
         } else {
             if rng.below(20) == 0 {
-                let errno = CLOSE_ERRNOS[1 + rng.below(3) as usize];
+                let errno = Errno::ALL[1 + rng.below(3) as usize];
                 conn.set_errno(errno);
             }
             drop(conn);

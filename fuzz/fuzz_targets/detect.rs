@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tandem_proxy::detect::{classify, Classification, Protocol, DETECT_LIMIT};
+use tandem_proxy::net::detect::{classify, Classification, Protocol, DETECT_LIMIT};
 
 fuzz_target!(|data: &[u8]| {
     let data = &data[..data.len().min(DETECT_LIMIT)];

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tandem_proxy::detect::{classify, Classification, Protocol};
+use tandem_proxy::net::detect::{classify, Classification, Protocol};
 use tandem_proxy::http::orig_proto::{downgrade, upgrade};
 
 fuzz_target!(|data: &[u8]| {

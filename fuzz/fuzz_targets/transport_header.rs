@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tandem_proxy::transport_header::TransportHeader;
+use tandem_proxy::opaque::transport_header::TransportHeader;
 
 fuzz_target!(|data: &[u8]| {
     let mut input = b"transport.l5d.io/v1\r\n\r\n".to_vec();

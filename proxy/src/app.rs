@@ -18,19 +18,26 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin::{self, Admin};
 use crate::config::Config;
-use crate::conn::Context;
-use crate::discovery::{Discover, FileDiscovery, NoDiscovery};
-use crate::drain::Drain;
-use crate::identity;
-use crate::log::LogLevel;
-use crate::metrics::{Direction, Metrics};
+use crate::discover::file::FileDiscovery;
+use crate::discover::{Discover, NoDiscovery};
+use crate::http::client::Pools;
+use crate::http::HttpProxy;
+use crate::inbound::{Inbound, PortPolicy};
+use crate::mesh::identity::{self, LocalIdentity};
+use crate::mesh::tls::{NoTlsReason, TlsStatus};
+use crate::mesh::Dialer;
+use crate::metrics::Metrics;
+use crate::opaque::carrier::{self, Carriers};
+use crate::ops::admin::{self, Admin};
+use crate::ops::drain::Drain;
+use crate::ops::log::LogLevel;
+use crate::outbound::Outbound;
 
 /// Runs the proxy until it is told to stop and has drained.
 pub fn run(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
-    let available = crate::cores::available();
-    let threads = crate::cores::worker_threads(&config.cores, available);
+    let available = crate::ops::cores::available();
+    let threads = crate::ops::cores::worker_threads(&config.cores, available);
     tracing::debug!(threads, available_cpus = available, "worker threads");
     let runtime = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -46,7 +53,12 @@ pub fn run(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
     .context("cannot start the runtime")?;
     let admin_stop = CancellationToken::new();
     let mut admin_thread = None;
-    let result = runtime.block_on(serve(config, log_level, &admin_stop, &mut admin_thread));
+    let result = runtime.block_on(serve_until_drained(
+        config,
+        log_level,
+        &admin_stop,
+        &mut admin_thread,
+    ));
     // The admin server outlives the drain so probes keep answering, and stops last so
     // that whoever asked for the shutdown gets its answer before the process exits.
     admin_stop.cancel();
@@ -56,14 +68,14 @@ pub fn run(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(
+async fn serve_until_drained(
     config: Config,
     log_level: LogLevel,
     admin_stop: &CancellationToken,
     admin_thread: &mut Option<std::thread::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
     let bind = |addr: SocketAddr, var: &str| {
-        crate::transport::bind(addr).with_context(|| format!("cannot listen on {addr} ({var})"))
+        crate::net::socket::bind(addr).with_context(|| format!("cannot listen on {addr} ({var})"))
     };
     let inbound_listeners = config
         .inbound
@@ -128,50 +140,34 @@ async fn serve(
 
     let connections = TaskTracker::new();
     let drain = Arc::new(Drain::default());
-    let directions = [
-        (
-            Direction::Inbound,
-            inbound_listeners,
-            config.inbound.clone(),
-            metrics.inbound.clone(),
-        ),
-        (
-            Direction::Outbound,
-            outbound_listeners,
-            config.outbound.clone(),
-            metrics.outbound.clone(),
-        ),
-    ];
+    let (inbound, outbound) =
+        directions(&config, &metrics, identity, discovery, &drain, &connections);
+    for sweep in [
+        Handler::Inbound(inbound.clone()),
+        Handler::Outbound(outbound.clone()),
+    ] {
+        tokio::spawn(sweep_pools(sweep, shutdown.clone()));
+    }
     let mut accept_loops = Vec::new();
-    for (direction, listeners, direction_config, direction_metrics) in directions {
-        let mut pool_config = direction_config.http.clone();
-        if direction == Direction::Inbound {
-            // The inbound pool reaches the local app: a PING there finds nothing a
-            // FIN would not, and would cut an app that stalls (GC, a blocked loop).
-            pool_config.keepalive_interval = std::time::Duration::ZERO;
-        }
-        let ctx = Arc::new(Context {
-            http: crate::http::client::Pools::new(pool_config),
-            config: direction_config,
-            metrics: direction_metrics,
-            discovery: discovery.clone(),
-            identity: identity.clone(),
-            require_identity: config.inbound_require_identity.clone(),
-            require_tls: config.inbound_require_tls.clone(),
-            tunnels: Default::default(),
-            drain: drain.clone(),
-            connections: connections.clone(),
-        });
-        tokio::spawn(sweep_pools(ctx.clone(), shutdown.clone()));
-        for listener in listeners {
-            info!(direction = direction.as_str(), addr = %listener.local_addr()?, "listening");
-            accept_loops.push(tokio::spawn(accept_loop(
-                direction,
-                listener,
-                ctx.clone(),
-                shutdown.clone(),
-            )));
-        }
+    for listener in inbound_listeners {
+        info!(direction = "inbound", addr = %listener.local_addr()?, "listening");
+        let handler = Handler::Inbound(inbound.clone());
+        accept_loops.push(tokio::spawn(accept_loop(
+            handler,
+            listener,
+            connections.clone(),
+            shutdown.clone(),
+        )));
+    }
+    for listener in outbound_listeners {
+        info!(direction = "outbound", addr = %listener.local_addr()?, "listening");
+        let handler = Handler::Outbound(outbound.clone());
+        accept_loops.push(tokio::spawn(accept_loop(
+            handler,
+            listener,
+            connections.clone(),
+            shutdown.clone(),
+        )));
     }
     ready.store(true, Ordering::Release);
     info!(admin = %config.admin_listen, "proxy ready");
@@ -211,45 +207,141 @@ async fn serve(
     Ok(())
 }
 
-/// Closes idle pooled HTTP connections on time, even when no request comes to notice.
-async fn sweep_pools(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let mut interval = tokio::time::interval(ctx.http.sweep_interval());
+/// Builds the two directions. What every connection shares (identity, drain, the
+/// task tracker) is handed to both; what one direction owns (its pools, carriers,
+/// port policy) is built into it alone.
+fn directions(
+    config: &Config,
+    metrics: &Metrics,
+    identity: Option<Arc<LocalIdentity>>,
+    discovery: Arc<dyn Discover>,
+    drain: &Arc<Drain>,
+    connections: &TaskTracker,
+) -> (Arc<Inbound>, Arc<Outbound>) {
+    let dialer = |direction: &crate::config::DirectionConfig, identity| Dialer {
+        identity,
+        connect_timeout: direction.connect_timeout,
+        handshake_timeout: direction.handshake_timeout(),
+        options: direction.connect,
+    };
+    let http = |direction: &crate::config::DirectionConfig,
+                pool_config,
+                dialer: &Arc<Dialer>,
+                metrics: &Arc<crate::metrics::DirectionMetrics>,
+                plain| {
+        Arc::new(HttpProxy {
+            pools: Pools::new(pool_config, dialer.clone(), metrics.clone(), plain),
+            metrics: metrics.clone(),
+            config: direction.http.clone(),
+            drain: drain.clone(),
+            tasks: connections.clone(),
+        })
+    };
+
+    let out = &config.outbound;
+    let out_dialer = Arc::new(dialer(out, identity.clone()));
+    let unmeshed = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
+    let outbound = Arc::new(Outbound {
+        config: out.clone(),
+        metrics: metrics.outbound.clone(),
+        discovery,
+        http: http(
+            out,
+            out.http.clone(),
+            &out_dialer,
+            &metrics.outbound,
+            unmeshed,
+        ),
+        carriers: Carriers::new(
+            out.opaque_carrier,
+            out.http.clone(),
+            metrics.outbound.clone(),
+        ),
+        dialer: out_dialer,
+    });
+
+    let inb = &config.inbound;
+    // The inbound side dials only the local application, never with mesh TLS.
+    let app_dialer = Arc::new(dialer(inb, None));
+    let mut app_pools = inb.http.clone();
+    // The inbound pool reaches the local app: a PING there finds nothing a FIN would
+    // not, and would cut an app that stalls (GC, a blocked loop).
+    app_pools.keepalive_interval = std::time::Duration::ZERO;
+    let loopback = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+    let inbound = Arc::new(Inbound {
+        config: inb.clone(),
+        metrics: metrics.inbound.clone(),
+        http: http(inb, app_pools, &app_dialer, &metrics.inbound, loopback),
+        carriers: Arc::new(carrier::Acceptor {
+            dialer: dialer(inb, None),
+            metrics: metrics.inbound.clone(),
+            drain: drain.clone(),
+            http: inb.http.clone(),
+            handshake_timeout: inb.detect_timeout,
+        }),
+        identity,
+        policy: PortPolicy {
+            require_identity: config.inbound_require_identity.clone(),
+            require_tls: config.inbound_require_tls.clone(),
+        },
+        dialer: app_dialer,
+    });
+    (inbound, outbound)
+}
+
+/// One direction: where its accepted connections go, and whose pools are swept.
+#[derive(Clone)]
+enum Handler {
+    Inbound(Arc<Inbound>),
+    Outbound(Arc<Outbound>),
+}
+
+/// Closes idle pooled HTTP connections (and carriers) on time, even when no request
+/// comes to notice.
+async fn sweep_pools(direction: Handler, shutdown: CancellationToken) {
+    let period = match &direction {
+        Handler::Inbound(inbound) => inbound.http.pools.sweep_interval(),
+        Handler::Outbound(outbound) => outbound.http.pools.sweep_interval(),
+    };
+    let mut interval = tokio::time::interval(period);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = interval.tick() => {
-                ctx.http.sweep();
-                ctx.tunnels.sweep(ctx.config.http.max_connection_age);
-            }
+            _ = interval.tick() => match &direction {
+                Handler::Inbound(inbound) => inbound.sweep(),
+                Handler::Outbound(outbound) => outbound.sweep(),
+            },
         }
     }
 }
 
 async fn accept_loop(
-    direction: Direction,
+    handler: Handler,
     listener: TcpListener,
-    ctx: Arc<Context>,
+    connections: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    let direction = match handler {
+        Handler::Inbound(_) => "inbound",
+        Handler::Outbound(_) => "outbound",
+    };
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, client)) => {
-                let ctx = ctx.clone();
-                let connections = ctx.connections.clone();
-                connections.spawn(async move {
-                    match direction {
-                        Direction::Inbound => crate::inbound::handle(&ctx, stream, client).await,
-                        Direction::Outbound => crate::outbound::handle(&ctx, stream, client).await,
-                    }
-                });
-            }
+            Ok((stream, client)) => match &handler {
+                Handler::Inbound(inbound) => {
+                    connections.spawn(inbound.clone().serve(stream, client));
+                }
+                Handler::Outbound(outbound) => {
+                    connections.spawn(outbound.clone().serve(stream, client));
+                }
+            },
             Err(error) => {
                 // Usually EMFILE/ENFILE: pause briefly instead of spinning on the error.
-                warn!(direction = direction.as_str(), %error, "accept failed");
+                warn!(direction, %error, "accept failed");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}

@@ -1,15 +1,21 @@
 //! The proxy's configuration, read from the environment.
 //!
-//! Every variable the proxy reads, its default and its error message live here, so
-//! the README's configuration table can be checked against one file. Names, defaults
-//! and formats follow linkerd2-proxy wherever it has the setting, so injection
-//! templates carry over; Tandem-only settings are `TANDEM_*`.
+//! Every variable the proxy reads, its default and its error message live here (the
+//! identity source's own variables are read by `tandem_identity`, with the same
+//! reader, `tandem_identity::env`), so the README's configuration table can be
+//! checked against the code. Names, defaults and formats follow linkerd2-proxy
+//! wherever it has the setting, so injection templates carry over; Tandem-only
+//! settings are `TANDEM_*`. The inbound and outbound settings are read by one
+//! function from the two directions' tables of names ([`INBOUND`], [`OUTBOUND`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use tandem_identity::env::{self, Env};
+pub use tandem_identity::env::{duration as parse_duration, PortSet};
 
 /// Ports whose traffic is never protocol-detected by default (server-speaks-first or
 /// otherwise detection-hostile protocols: SMTP, MySQL, Galera, PostgreSQL, Redis,
@@ -35,8 +41,16 @@ pub struct DirectionConfig {
     pub opaque_ports: PortSet,
     pub http: HttpConfig,
     /// Outbound: offer peer proxies a carrier for meshed opaque connections. Inbound:
-    /// accept carriers from peer proxies (`tunnel.rs`).
+    /// accept carriers from peer proxies (`opaque/carrier.rs`).
     pub opaque_carrier: bool,
+}
+
+impl DirectionConfig {
+    /// How long a TLS handshake may take: it needs a connect's time at least, and a
+    /// client's first bytes' time at most.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.connect_timeout.max(self.detect_timeout)
+    }
 }
 
 /// TCP options for one kind of socket (accepted or opened, per direction).
@@ -83,6 +97,77 @@ impl HttpConfig {
     }
 }
 
+/// The names of one direction's variables, with the defaults that differ between
+/// the directions. A name of `None` is a setting the direction does not read.
+pub struct DirectionNames {
+    /// A list of up to two addresses, read instead of `listen` when set.
+    pub listen_list: Option<&'static str>,
+    pub listen: &'static str,
+    pub listen_default: &'static str,
+    pub detect_timeout: &'static str,
+    pub connect_timeout: &'static str,
+    pub connect_timeout_default: &'static str,
+    pub accept_keepalive: &'static str,
+    pub accept_user_timeout: &'static str,
+    pub connect_keepalive: &'static str,
+    pub connect_user_timeout: &'static str,
+    pub opaque_ports: &'static str,
+    pub opaque_carrier: &'static str,
+    pub opaque_carrier_default: &'static str,
+    pub pool_idle_timeout: &'static str,
+    pub max_idle_per_endpoint: &'static str,
+    pub max_connection_age: &'static str,
+    /// `None`: authority labels are always on.
+    pub authority_labels: Option<&'static str>,
+    pub keepalive_interval: &'static str,
+    pub keepalive_timeout: &'static str,
+}
+
+pub const INBOUND: DirectionNames = DirectionNames {
+    listen_list: None,
+    listen: "LINKERD2_PROXY_INBOUND_LISTEN_ADDR",
+    listen_default: "0.0.0.0:4143",
+    detect_timeout: "LINKERD2_PROXY_INBOUND_DETECT_TIMEOUT",
+    connect_timeout: "LINKERD2_PROXY_INBOUND_CONNECT_TIMEOUT",
+    connect_timeout_default: "300ms",
+    accept_keepalive: "LINKERD2_PROXY_INBOUND_ACCEPT_KEEPALIVE",
+    accept_user_timeout: "LINKERD2_PROXY_INBOUND_ACCEPT_USER_TIMEOUT",
+    connect_keepalive: "LINKERD2_PROXY_INBOUND_CONNECT_KEEPALIVE",
+    connect_user_timeout: "LINKERD2_PROXY_INBOUND_CONNECT_USER_TIMEOUT",
+    opaque_ports: "LINKERD2_PROXY_INBOUND_PORTS_DISABLE_PROTOCOL_DETECTION",
+    opaque_carrier: "TANDEM_INBOUND_OPAQUE_CARRIER",
+    opaque_carrier_default: "true",
+    pool_idle_timeout: "LINKERD2_PROXY_INBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
+    // Linkerd's name: the inbound one has no INBOUND_.
+    max_idle_per_endpoint: "LINKERD2_PROXY_MAX_IDLE_CONNS_PER_ENDPOINT",
+    max_connection_age: "TANDEM_INBOUND_HTTP_MAX_CONNECTION_AGE",
+    authority_labels: Some("LINKERD2_PROXY_INBOUND_METRICS_AUTHORITY_LABELS"),
+    keepalive_interval: "TANDEM_INBOUND_HTTP2_KEEPALIVE_INTERVAL",
+    keepalive_timeout: "TANDEM_INBOUND_HTTP2_KEEPALIVE_TIMEOUT",
+};
+
+pub const OUTBOUND: DirectionNames = DirectionNames {
+    listen_list: Some("LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS"),
+    listen: "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDR",
+    listen_default: "127.0.0.1:4140",
+    detect_timeout: "LINKERD2_PROXY_OUTBOUND_DETECT_TIMEOUT",
+    connect_timeout: "LINKERD2_PROXY_OUTBOUND_CONNECT_TIMEOUT",
+    connect_timeout_default: "1s",
+    accept_keepalive: "LINKERD2_PROXY_OUTBOUND_ACCEPT_KEEPALIVE",
+    accept_user_timeout: "LINKERD2_PROXY_OUTBOUND_ACCEPT_USER_TIMEOUT",
+    connect_keepalive: "LINKERD2_PROXY_OUTBOUND_CONNECT_KEEPALIVE",
+    connect_user_timeout: "LINKERD2_PROXY_OUTBOUND_CONNECT_USER_TIMEOUT",
+    opaque_ports: "TANDEM_OUTBOUND_PORTS_DISABLE_PROTOCOL_DETECTION",
+    opaque_carrier: "TANDEM_OUTBOUND_OPAQUE_CARRIER",
+    opaque_carrier_default: "false",
+    pool_idle_timeout: "LINKERD2_PROXY_OUTBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
+    max_idle_per_endpoint: "LINKERD2_PROXY_OUTBOUND_MAX_IDLE_CONNS_PER_ENDPOINT",
+    max_connection_age: "TANDEM_OUTBOUND_HTTP_MAX_CONNECTION_AGE",
+    authority_labels: None,
+    keepalive_interval: "TANDEM_OUTBOUND_HTTP2_KEEPALIVE_INTERVAL",
+    keepalive_timeout: "TANDEM_OUTBOUND_HTTP2_KEEPALIVE_TIMEOUT",
+};
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Settings that were ignored, one line each, to log once logging is set up.
@@ -98,8 +183,8 @@ pub struct Config {
     pub shutdown_grace_period: Duration,
     pub log_filter: String,
     pub log_format: LogFormat,
-    /// Worker-thread bounds; `crate::cores` turns them into a thread count.
-    pub cores: crate::cores::CoreSettings,
+    /// Worker-thread bounds; `crate::ops::cores` turns them into a thread count.
+    pub cores: crate::ops::cores::CoreSettings,
     /// After SIGTERM, keep accepting and serving for this long before draining,
     /// so that a classic sidecar's app can still call out while it shuts down.
     pub shutdown_delay: Duration,
@@ -136,178 +221,19 @@ impl Config {
     /// Reads the configuration through `lookup`, collecting every error rather than
     /// stopping at the first, so one run tells the operator everything that is wrong.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut env = Env {
-            lookup: &lookup,
-            errors: Vec::new(),
-            warnings: Vec::new(),
-        };
-
+        let mut env = Env::new(&lookup);
         let extra_opaque = env.parse("TANDEM_EXTRA_OPAQUE_PORTS", "", PortSet::parse);
-        let mut opaque = |var: &str| {
-            let mut ports = env.parse(var, DEFAULT_OPAQUE_PORTS, PortSet::parse);
-            ports.extend(&extra_opaque);
-            ports
+        let inbound = direction(&mut env, &INBOUND, &extra_opaque);
+        let outbound = direction(&mut env, &OUTBOUND, &extra_opaque);
+        let identity = match tandem_identity::IdentityConfig::from_env(&env) {
+            Ok(identity) => identity,
+            Err(errors) => {
+                for error in errors {
+                    env.error(error);
+                }
+                None
+            }
         };
-        let inbound_opaque = opaque("LINKERD2_PROXY_INBOUND_PORTS_DISABLE_PROTOCOL_DETECTION");
-        let outbound_opaque = opaque("TANDEM_OUTBOUND_PORTS_DISABLE_PROTOCOL_DETECTION");
-
-        let outbound_listen = match lookup("LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS") {
-            Some(_) => env.parse(
-                "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS",
-                "127.0.0.1:4140",
-                parse_addrs,
-            ),
-            None => vec![env.parse(
-                "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDR",
-                "127.0.0.1:4140",
-                parse_addr,
-            )],
-        };
-
-        let inbound = DirectionConfig {
-            listen: vec![env.parse(
-                "LINKERD2_PROXY_INBOUND_LISTEN_ADDR",
-                "0.0.0.0:4143",
-                parse_addr,
-            )],
-            detect_timeout: env.parse(
-                "LINKERD2_PROXY_INBOUND_DETECT_TIMEOUT",
-                "10s",
-                parse_duration,
-            ),
-            connect_timeout: env.parse(
-                "LINKERD2_PROXY_INBOUND_CONNECT_TIMEOUT",
-                "300ms",
-                parse_duration,
-            ),
-            accept: SocketOptions {
-                keepalive: env.parse(
-                    "LINKERD2_PROXY_INBOUND_ACCEPT_KEEPALIVE",
-                    "10s",
-                    parse_keepalive,
-                ),
-                user_timeout: env.parse(
-                    "LINKERD2_PROXY_INBOUND_ACCEPT_USER_TIMEOUT",
-                    "",
-                    parse_user_timeout,
-                ),
-            },
-            connect: SocketOptions {
-                keepalive: env.parse(
-                    "LINKERD2_PROXY_INBOUND_CONNECT_KEEPALIVE",
-                    "10s",
-                    parse_keepalive,
-                ),
-                user_timeout: env.parse(
-                    "LINKERD2_PROXY_INBOUND_CONNECT_USER_TIMEOUT",
-                    "",
-                    parse_user_timeout,
-                ),
-            },
-            opaque_ports: inbound_opaque,
-            opaque_carrier: env.parse("TANDEM_INBOUND_OPAQUE_CARRIER", "true", parse_bool),
-            http: HttpConfig {
-                pool_idle_timeout: env.parse(
-                    "LINKERD2_PROXY_INBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
-                    "3s",
-                    parse_duration,
-                ),
-                max_idle_per_endpoint: env.parse(
-                    // Linkerd's name: the inbound one has no INBOUND_.
-                    "LINKERD2_PROXY_MAX_IDLE_CONNS_PER_ENDPOINT",
-                    "10000",
-                    parse_count,
-                ),
-                max_connection_age: env.parse(
-                    "TANDEM_INBOUND_HTTP_MAX_CONNECTION_AGE",
-                    "1h",
-                    parse_duration,
-                ),
-                authority_labels: env.parse(
-                    "LINKERD2_PROXY_INBOUND_METRICS_AUTHORITY_LABELS",
-                    "",
-                    parse_authority_labels,
-                ),
-                keepalive_interval: env.parse(
-                    "TANDEM_INBOUND_HTTP2_KEEPALIVE_INTERVAL",
-                    "10s",
-                    parse_duration,
-                ),
-                keepalive_timeout: env.parse(
-                    "TANDEM_INBOUND_HTTP2_KEEPALIVE_TIMEOUT",
-                    "20s",
-                    parse_duration,
-                ),
-            },
-        };
-        let outbound = DirectionConfig {
-            listen: outbound_listen,
-            detect_timeout: env.parse(
-                "LINKERD2_PROXY_OUTBOUND_DETECT_TIMEOUT",
-                "10s",
-                parse_duration,
-            ),
-            connect_timeout: env.parse(
-                "LINKERD2_PROXY_OUTBOUND_CONNECT_TIMEOUT",
-                "1s",
-                parse_duration,
-            ),
-            accept: SocketOptions {
-                keepalive: env.parse(
-                    "LINKERD2_PROXY_OUTBOUND_ACCEPT_KEEPALIVE",
-                    "10s",
-                    parse_keepalive,
-                ),
-                user_timeout: env.parse(
-                    "LINKERD2_PROXY_OUTBOUND_ACCEPT_USER_TIMEOUT",
-                    "",
-                    parse_user_timeout,
-                ),
-            },
-            connect: SocketOptions {
-                keepalive: env.parse(
-                    "LINKERD2_PROXY_OUTBOUND_CONNECT_KEEPALIVE",
-                    "10s",
-                    parse_keepalive,
-                ),
-                user_timeout: env.parse(
-                    "LINKERD2_PROXY_OUTBOUND_CONNECT_USER_TIMEOUT",
-                    "",
-                    parse_user_timeout,
-                ),
-            },
-            opaque_ports: outbound_opaque,
-            opaque_carrier: env.parse("TANDEM_OUTBOUND_OPAQUE_CARRIER", "false", parse_bool),
-            http: HttpConfig {
-                pool_idle_timeout: env.parse(
-                    "LINKERD2_PROXY_OUTBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
-                    "3s",
-                    parse_duration,
-                ),
-                max_idle_per_endpoint: env.parse(
-                    "LINKERD2_PROXY_OUTBOUND_MAX_IDLE_CONNS_PER_ENDPOINT",
-                    "10000",
-                    parse_count,
-                ),
-                max_connection_age: env.parse(
-                    "TANDEM_OUTBOUND_HTTP_MAX_CONNECTION_AGE",
-                    "1h",
-                    parse_duration,
-                ),
-                authority_labels: true,
-                keepalive_interval: env.parse(
-                    "TANDEM_OUTBOUND_HTTP2_KEEPALIVE_INTERVAL",
-                    "10s",
-                    parse_duration,
-                ),
-                keepalive_timeout: env.parse(
-                    "TANDEM_OUTBOUND_HTTP2_KEEPALIVE_TIMEOUT",
-                    "20s",
-                    parse_duration,
-                ),
-            },
-        };
-
         let mut config = Config {
             warnings: Vec::new(),
             inbound,
@@ -315,50 +241,42 @@ impl Config {
             admin_listen: env.parse(
                 "LINKERD2_PROXY_ADMIN_LISTEN_ADDR",
                 "127.0.0.1:4191",
-                parse_addr,
+                env::socket_addr,
             ),
             metrics_retain_idle: env.parse(
                 "LINKERD2_PROXY_METRICS_RETAIN_IDLE",
                 "10m",
-                parse_duration,
+                env::duration,
             ),
-            metrics_max_targets: env.parse("TANDEM_METRICS_MAX_TARGETS", "10000", parse_positive),
+            metrics_max_targets: env.parse("TANDEM_METRICS_MAX_TARGETS", "10000", env::positive),
             shutdown_endpoint_enabled: env.parse(
                 "LINKERD2_PROXY_SHUTDOWN_ENDPOINT_ENABLED",
                 "false",
-                parse_bool,
+                strict_bool,
             ),
             shutdown_grace_period: env.parse(
                 "LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD",
                 "120s",
-                parse_duration,
+                env::duration,
             ),
             log_filter: lookup("LINKERD2_PROXY_LOG").unwrap_or_else(|| "warn,tandem=info".into()),
             log_format: env.parse("LINKERD2_PROXY_LOG_FORMAT", "plain", parse_log_format),
             // Linkerd ignores a bad thread count with a warning rather than refusing
             // to start; so does Tandem, since a pod is better slow than down.
-            cores: crate::cores::CoreSettings {
+            cores: crate::ops::cores::CoreSettings {
                 min: env
-                    .parse_or_ignore("LINKERD2_PROXY_CORES_MIN", parse_positive)
-                    .or_else(|| env.parse_or_ignore("LINKERD2_PROXY_CORES", parse_positive)),
-                max: env.parse_or_ignore("LINKERD2_PROXY_CORES_MAX", parse_positive),
+                    .parse_or_ignore("LINKERD2_PROXY_CORES_MIN", env::positive)
+                    .or_else(|| env.parse_or_ignore("LINKERD2_PROXY_CORES", env::positive)),
+                max: env.parse_or_ignore("LINKERD2_PROXY_CORES_MAX", env::positive),
                 max_ratio: env.parse_or_ignore("LINKERD2_PROXY_CORES_MAX_RATIO", parse_ratio),
             },
-            shutdown_delay: env.parse("TANDEM_SHUTDOWN_DELAY", "0s", parse_duration),
-            identity: match tandem_identity::IdentityConfig::from_lookup(&lookup) {
-                Ok(identity) => identity,
-                Err(errors) => {
-                    env.errors.extend(errors);
-                    None
-                }
-            },
-            discovery_file: lookup("TANDEM_DISCOVERY_FILE")
-                .filter(|p| !p.trim().is_empty())
-                .map(PathBuf::from),
+            shutdown_delay: env.parse("TANDEM_SHUTDOWN_DELAY", "0s", env::duration),
+            identity,
+            discovery_file: env.setting("TANDEM_DISCOVERY_FILE").map(PathBuf::from),
             discovery_reload_interval: env.parse(
                 "TANDEM_DISCOVERY_RELOAD_INTERVAL",
                 "2s",
-                parse_duration,
+                env::duration,
             ),
             inbound_require_identity: env.parse(
                 "LINKERD2_PROXY_INBOUND_PORTS_REQUIRE_IDENTITY",
@@ -374,92 +292,77 @@ impl Config {
         let needs_identity =
             !config.inbound_require_identity.is_empty() || !config.inbound_require_tls.is_empty();
         if needs_identity && config.identity.is_none() {
-            env.errors.push(
+            env.error(
                 "LINKERD2_PROXY_INBOUND_PORTS_REQUIRE_IDENTITY/_TLS need mesh identity (LINKERD2_PROXY_IDENTITY_*)".into(),
             );
         }
-        if env.errors.is_empty() {
-            config.warnings = env.warnings;
-            Ok(config)
-        } else {
-            Err(ConfigError(env.errors))
-        }
-    }
-}
-
-struct Env<'a> {
-    lookup: &'a dyn Fn(&str) -> Option<String>,
-    errors: Vec<String>,
-    warnings: Vec<String>,
-}
-
-impl Env<'_> {
-    /// Parses `var` (or `default` when unset), recording an error that names the
-    /// variable and falls back to the default so parsing can go on.
-    fn parse<T>(
-        &mut self,
-        var: &str,
-        default: &str,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> T {
-        if let Some(value) = (self.lookup)(var) {
-            match parse(value.trim()) {
-                Ok(parsed) => return parsed,
-                Err(why) => self.errors.push(format!("{var}={value:?}: {why}")),
+        match env.finish() {
+            Ok(warnings) => {
+                config.warnings = warnings;
+                Ok(config)
             }
+            Err(errors) => Err(ConfigError(errors)),
         }
-        parse(default).unwrap_or_else(|why| panic!("default for {var} is invalid: {why}"))
-    }
-
-    /// Parses `var` if set; a value that does not parse is left out with a warning.
-    fn parse_or_ignore<T>(
-        &mut self,
-        var: &str,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        let value = (self.lookup)(var)?;
-        parse(value.trim())
-            .map_err(|why| {
-                self.warnings
-                    .push(format!("{var}={value:?}: {why}; ignored"))
-            })
-            .ok()
     }
 }
 
-/// Durations as Linkerd writes them: digits and a unit (`ms`, `s`, `m`, `h`, `d`), or a bare `0`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let digits_end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(digits_end);
-    let amount: u64 = digits
-        .parse()
-        .map_err(|_| "expected a duration such as 500ms, 10s, 5m, 1h or 1d".to_string())?;
-    let millis = match unit {
-        "ms" => Some(amount),
-        "s" => amount.checked_mul(1_000),
-        "m" => amount.checked_mul(60_000),
-        "h" => amount.checked_mul(3_600_000),
-        "d" => amount.checked_mul(86_400_000),
-        "" => return Err("a duration needs a unit: ms, s, m, h or d".into()),
-        other => {
-            return Err(format!(
-                "unknown duration unit {other:?}; use ms, s, m, h or d"
-            ))
-        }
+/// Reads one direction's settings under its `names`; both directions' opaque ports
+/// include `extra_opaque` (`TANDEM_EXTRA_OPAQUE_PORTS`).
+fn direction(env: &mut Env, names: &DirectionNames, extra_opaque: &PortSet) -> DirectionConfig {
+    let listen = match names.listen_list.filter(|var| env.value(var).is_some()) {
+        Some(list) => env.parse(list, names.listen_default, parse_addrs),
+        None => vec![env.parse(names.listen, names.listen_default, env::socket_addr)],
     };
-    millis
-        .map(Duration::from_millis)
-        .ok_or_else(|| "duration is too large".to_string())
+    let mut opaque_ports = env.parse(names.opaque_ports, DEFAULT_OPAQUE_PORTS, PortSet::parse);
+    opaque_ports.extend(extra_opaque);
+    let authority_labels = match names.authority_labels {
+        Some(var) => env.parse(var, "", parse_authority_labels),
+        None => true,
+    };
+    DirectionConfig {
+        listen,
+        detect_timeout: env.parse(names.detect_timeout, "10s", env::duration),
+        connect_timeout: env.parse(
+            names.connect_timeout,
+            names.connect_timeout_default,
+            env::duration,
+        ),
+        accept: SocketOptions {
+            keepalive: env.parse(names.accept_keepalive, "10s", parse_keepalive),
+            user_timeout: env.parse(names.accept_user_timeout, "", parse_user_timeout),
+        },
+        connect: SocketOptions {
+            keepalive: env.parse(names.connect_keepalive, "10s", parse_keepalive),
+            user_timeout: env.parse(names.connect_user_timeout, "", parse_user_timeout),
+        },
+        opaque_ports,
+        opaque_carrier: env.parse(
+            names.opaque_carrier,
+            names.opaque_carrier_default,
+            strict_bool,
+        ),
+        http: HttpConfig {
+            pool_idle_timeout: env.parse(names.pool_idle_timeout, "3s", env::duration),
+            max_idle_per_endpoint: env.parse(names.max_idle_per_endpoint, "10000", env::count),
+            max_connection_age: env.parse(names.max_connection_age, "1h", env::duration),
+            authority_labels,
+            keepalive_interval: env.parse(names.keepalive_interval, "10s", env::duration),
+            keepalive_timeout: env.parse(names.keepalive_timeout, "20s", env::duration),
+        },
+    }
+}
+
+/// `true` or `false`; unlike a blank identity setting, a blank one here is a mistake.
+fn strict_bool(text: &str) -> Result<bool, String> {
+    if text.is_empty() {
+        return Err("expected true or false".into());
+    }
+    env::boolean(text)
 }
 
 /// A keepalive of `0` turns TCP keepalive off.
 fn parse_keepalive(text: &str) -> Result<Option<Duration>, String> {
-    parse_duration(text).map(|d| (!d.is_zero()).then_some(d))
+    env::duration(text).map(|d| (!d.is_zero()).then_some(d))
 }
 
 /// Unset or `0` leaves the kernel's behaviour; the kernel takes whole milliseconds.
@@ -476,33 +379,15 @@ fn parse_user_timeout(text: &str) -> Result<Option<Duration>, String> {
     }
 }
 
-fn parse_addr(text: &str) -> Result<SocketAddr, String> {
-    text.parse()
-        .map_err(|_| "expected an IP address and port, such as 0.0.0.0:4143 or [::]:4143".into())
-}
-
 fn parse_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
     let addrs = text
         .split(',')
-        .map(|a| parse_addr(a.trim()))
+        .map(env::socket_addr)
         .collect::<Result<Vec<_>, _>>()?;
     match addrs.len() {
         1 | 2 => Ok(addrs),
         _ => Err("expected one or two addresses separated by a comma".into()),
     }
-}
-
-fn parse_bool(text: &str) -> Result<bool, String> {
-    match text {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        _ => Err("expected true or false".into()),
-    }
-}
-
-fn parse_count(text: &str) -> Result<usize, String> {
-    text.parse()
-        .map_err(|_| "expected a whole number".to_string())
 }
 
 /// Linkerd's values: `unsafe` turns the inbound authority label on; anything else
@@ -512,13 +397,6 @@ fn parse_authority_labels(text: &str) -> Result<bool, String> {
         "unsafe" => Ok(true),
         "" | "safe" => Ok(false),
         other => Err(format!("expected `safe` or `unsafe`, not {other:?}")),
-    }
-}
-
-fn parse_positive(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err("expected a whole number greater than zero".into()),
     }
 }
 
@@ -535,74 +413,6 @@ fn parse_log_format(text: &str) -> Result<LogFormat, String> {
         "json" => Ok(LogFormat::Json),
         _ => Err("expected plain or json".into()),
     }
-}
-
-/// A set of TCP ports, looked up once per connection in constant time.
-#[derive(Clone, PartialEq, Eq)]
-pub struct PortSet {
-    bits: Box<[u64; 1024]>,
-}
-
-impl PortSet {
-    pub fn empty() -> PortSet {
-        PortSet {
-            bits: Box::new([0; 1024]),
-        }
-    }
-
-    /// Parses a list of ports and inclusive ranges: `25,3306,4000-4100`.
-    pub fn parse(text: &str) -> Result<PortSet, String> {
-        let mut set = PortSet::empty();
-        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (low, high) = match item.split_once('-') {
-                Some((low, high)) => (parse_port(low.trim())?, parse_port(high.trim())?),
-                None => {
-                    let port = parse_port(item)?;
-                    (port, port)
-                }
-            };
-            if low > high {
-                return Err(format!("port range {item} runs backwards"));
-            }
-            for port in low..=high {
-                set.insert(port);
-            }
-        }
-        Ok(set)
-    }
-
-    pub fn insert(&mut self, port: u16) {
-        self.bits[usize::from(port) / 64] |= 1 << (port % 64);
-    }
-
-    pub fn contains(&self, port: u16) -> bool {
-        self.bits[usize::from(port) / 64] & (1 << (port % 64)) != 0
-    }
-
-    pub fn extend(&mut self, other: &PortSet) {
-        for (mine, theirs) in self.bits.iter_mut().zip(other.bits.iter()) {
-            *mine |= theirs;
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bits.iter().all(|word| *word == 0)
-    }
-
-    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
-        (0..=u16::MAX).filter(|p| self.contains(*p))
-    }
-}
-
-impl fmt::Debug for PortSet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.ports()).finish()
-    }
-}
-
-fn parse_port(text: &str) -> Result<u16, String> {
-    text.parse::<u16>()
-        .map_err(|_| format!("{text:?} is not a port number (0-65535)"))
 }
 
 #[cfg(test)]
@@ -628,7 +438,7 @@ mod tests {
         assert_eq!(c.metrics_retain_idle, Duration::from_secs(600));
         assert_eq!(c.shutdown_grace_period, Duration::from_secs(120));
         assert!(!c.shutdown_endpoint_enabled);
-        assert_eq!(c.cores, crate::cores::CoreSettings::default());
+        assert_eq!(c.cores, crate::ops::cores::CoreSettings::default());
         assert_eq!(c.shutdown_delay, Duration::ZERO);
         // Carriers: accepted inbound, offered outbound only when asked for.
         assert!(c.inbound.opaque_carrier);
@@ -715,7 +525,7 @@ mod tests {
 
     #[test]
     fn core_bounds_accept_linkerds_names() {
-        use crate::cores::CoreSettings;
+        use crate::ops::cores::CoreSettings;
         let c = config(&[("LINKERD2_PROXY_CORES", "2")]).unwrap();
         assert_eq!(c.cores.min, Some(2), "the older name is the minimum");
         let c = config(&[
@@ -752,17 +562,6 @@ mod tests {
     }
 
     #[test]
-    fn durations_follow_linkerd_format() {
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
-        assert!(parse_duration("10").unwrap_err().contains("unit"));
-        assert!(parse_duration("ten s").is_err());
-        assert!(parse_duration("5y").unwrap_err().contains("unknown"));
-    }
-
-    #[test]
     fn every_error_names_its_variable() {
         let err = config(&[
             ("LINKERD2_PROXY_INBOUND_DETECT_TIMEOUT", "soon"),
@@ -782,20 +581,6 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains('\n'));
-    }
-
-    #[test]
-    fn port_sets() {
-        let set = PortSet::parse("4190, 4191,25000-25002").unwrap();
-        assert_eq!(
-            set.ports().collect::<Vec<_>>(),
-            vec![4190, 4191, 25000, 25001, 25002]
-        );
-        assert!(PortSet::parse("70000").is_err());
-        assert!(PortSet::parse("10-5").is_err());
-        assert!(PortSet::parse("").unwrap().ports().next().is_none());
-        let all = PortSet::parse("0-65535").unwrap();
-        assert!(all.contains(0) && all.contains(65535));
     }
 
     #[test]

@@ -1,32 +1,31 @@
-//! Tandem's proxy. One connection's path, in the order it happens:
+//! Tandem's proxy. The modules, in the order one connection meets them:
 //!
-//! - [`app`] accepts it on the inbound or outbound listener;
-//! - [`inbound`] / [`outbound`] make the direction's decisions, calling the shared
-//!   steps in [`conn`]: original destination ([`transport`]), protocol detection
-//!   ([`detect`]), connect, and forwarding ([`tcp`]);
-//! - [`metrics`] counts it, and [`admin`] serves the counts.
+//! - [`app`] binds the listeners and accepts the connection;
+//! - [`inbound`] / [`outbound`] decide what to do with it ([`inbound::plan`],
+//!   [`outbound::plan`]: pure functions, tested in tables) and carry that out with
+//!   the steps below;
+//! - [`net`]: original destination, detection, forwarding bytes, the connection
+//!   error type; [`mesh`]: mTLS between proxies; [`opaque`]: the transport header
+//!   and carriers; [`http`]: HTTP served request by request; [`discover`]: what the
+//!   proxy knows about destinations;
+//! - [`metrics`] counts it, and the admin server in [`ops`] serves the counts.
 //!
-//! `docs/ARCHITECTURE.md` explains the parts and the choices behind them.
+//! [`config`] reads the environment; [`k8s`] holds the Kubernetes helpers that ship
+//! in the same binary. `docs/ARCHITECTURE.md` explains the parts and the choices
+//! behind them.
 
-pub mod admin;
 pub mod app;
-pub mod await_ready;
-pub mod batched_writes;
 pub mod config;
-pub mod conn;
-pub mod cores;
-pub mod detect;
-pub mod discovery;
-pub mod drain;
+pub mod discover;
 pub mod http;
-pub mod identity;
 pub mod inbound;
-pub mod inject;
-pub mod log;
+pub mod k8s;
+pub mod mesh;
 pub mod metrics;
+pub mod net;
+pub mod opaque;
+pub mod ops;
 pub mod outbound;
-pub mod tcp;
-pub mod tls;
-pub mod transport;
-pub mod transport_header;
-pub mod tunnel;
+
+#[cfg(test)]
+mod build_info;

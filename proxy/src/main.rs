@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tandem_proxy::await_ready::{self, AwaitOptions};
-use tandem_proxy::inject::{self, InjectOptions};
+use tandem_proxy::k8s::await_ready::{self, AwaitOptions};
+use tandem_proxy::k8s::inject::{self, InjectOptions};
 
 // mimalloc: 5-6 % fewer instructions per proxied request than glibc's malloc
 // (benches/RESULTS.md, stop 21), mostly tokio's task cells, whose 128-byte alignment
@@ -110,7 +110,7 @@ fn run_proxy() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let log_level = match tandem_proxy::log::init(&config.log_filter, config.log_format) {
+    let log_level = match tandem_proxy::ops::log::init(&config.log_filter, config.log_format) {
         Ok(level) => level,
         Err(error) => {
             eprintln!("tandem-proxy: invalid configuration: {error}");

@@ -19,8 +19,18 @@ fn quoted_variables(source: &str) -> Vec<String> {
 #[test]
 fn readme_lists_every_proxy_variable() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let config = std::fs::read_to_string(root.join("proxy/src/config.rs")).unwrap()
-        + &std::fs::read_to_string(root.join("identity/src/client.rs")).unwrap();
+    // Where variables are named: the proxy's configuration, and the identity
+    // sources' own settings (read with the same reader).
+    let config: String = [
+        "proxy/src/config.rs",
+        "identity/src/client.rs",
+        "identity/src/files.rs",
+        "identity/src/spiffe.rs",
+        "identity/src/source.rs",
+    ]
+    .iter()
+    .map(|file| std::fs::read_to_string(root.join(file)).unwrap())
+    .collect();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let variables = quoted_variables(&config);
     assert!(variables.len() > 20, "found only {variables:?}");
@@ -72,6 +82,6 @@ fn dockerfile_builds_the_images_inject_refers_to() {
         "plain `docker build` gives the proxy"
     );
     // The classic sidecar's postStart hook runs this path.
-    let inject = std::fs::read_to_string(root.join("proxy/src/inject.rs")).unwrap();
+    let inject = std::fs::read_to_string(root.join("proxy/src/k8s/inject.rs")).unwrap();
     assert!(inject.contains("command: [/usr/local/bin/tandem-proxy, await"));
 }

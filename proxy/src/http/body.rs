@@ -192,7 +192,8 @@ mod tests {
 
     use super::*;
     use crate::http::metrics::{scrape, test_series};
-    use crate::metrics::{Direction, NoTlsReason, TlsStatus};
+    use crate::mesh::tls::{NoTlsReason, TlsStatus};
+    use crate::metrics::Direction;
 
     /// Records one response through `frames`, moving its start back by `before` before
     /// the frames and by `after` once they are in, and returns the latency sum (ms).

@@ -1,6 +1,6 @@
 //! The client side: connections to destinations, pooled per endpoint.
 //!
-//! An endpoint (a target address, plus the peer identity when meshed) holds idle
+//! A [`Pool`] (for one target address, plus the peer identity when meshed) holds idle
 //! HTTP/1 connections and at most one shared HTTP/2 connection. HTTP/1 connections are
 //! checked out for one request and come back when its response body has been read to
 //! the end (a connection whose body was abandoned is closed instead, since its state
@@ -21,27 +21,27 @@ use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::body::RecvBody;
 use super::errors::ErrorKind;
 use super::h2_client;
 use crate::config::HttpConfig;
-use crate::conn::Context;
-use crate::metrics::{ConnError, NoTlsReason, OpenConnection, Peer, TlsStatus};
-use crate::transport::{self, ConnectError};
+use crate::mesh::tls::TlsStatus;
+use crate::mesh::{Dialed, Dialer, PeerId};
+use crate::metrics::transport::{OpenConnection, Peer};
+use crate::metrics::DirectionMetrics;
+use crate::net::error::ConnError;
 
 type Sender1 = http1::SendRequest<RecvBody>;
 type Sender2 = h2_client::Sender;
 
+/// What a pooled connection was opened for; it is reused for nothing else.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct EndpointKey {
+pub struct PoolKey {
     pub target: SocketAddr,
-    /// The peer proxy's identity: connections are mesh TLS to it.
-    pub identity: Option<Arc<str>>,
-    /// The SNI for mesh TLS to it (see `discovery::Endpoint::server_name`).
-    pub server_name: Option<Arc<str>>,
+    /// The peer proxy: connections are mesh TLS to it.
+    pub peer: Option<PeerId>,
     /// HTTP/1 header-name case is recorded on this path: the client speaks HTTP/1.
     /// Inbound from a peer's HTTP/2 connection its names are lower case already, and
     /// recording the case (a map and an extension per message) would be wasted; such
@@ -49,28 +49,48 @@ pub struct EndpointKey {
     pub http1_case: bool,
 }
 
-/// Every endpoint of one direction.
+/// Every pool of one direction, and what their connections are opened with.
 pub struct Pools {
     config: HttpConfig,
-    endpoints: Mutex<HashMap<EndpointKey, Arc<Endpoint>>>,
+    endpoints: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    dial: Arc<Dial>,
+}
+
+/// How a pool opens connections: the direction's dialer, its metrics, and the `tls`
+/// label of a connection without mesh TLS.
+struct Dial {
+    dialer: Arc<Dialer>,
+    metrics: Arc<DirectionMetrics>,
+    plain: TlsStatus,
 }
 
 impl Pools {
-    pub fn new(config: HttpConfig) -> Pools {
+    pub fn new(
+        config: HttpConfig,
+        dialer: Arc<Dialer>,
+        metrics: Arc<DirectionMetrics>,
+        plain: TlsStatus,
+    ) -> Pools {
         Pools {
             config,
             endpoints: Mutex::new(HashMap::new()),
+            dial: Arc::new(Dial {
+                dialer,
+                metrics,
+                plain,
+            }),
         }
     }
 
-    /// The endpoint for `key`, looked up once per accepted connection.
-    pub fn endpoint(&self, key: EndpointKey) -> Arc<Endpoint> {
+    /// The pool for `key`, looked up once per accepted connection.
+    pub fn pool(&self, key: PoolKey) -> Arc<Pool> {
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(key.clone())
             .or_insert_with(|| {
-                Arc::new(Endpoint {
+                Arc::new(Pool {
                     key,
                     config: self.config.clone(),
+                    dial: self.dial.clone(),
                     idle: Mutex::new(Vec::new()),
                     h2: ArcSwapOption::empty(),
                     connecting: tokio::sync::Mutex::new(()),
@@ -96,11 +116,13 @@ impl Pools {
     }
 }
 
-pub struct Endpoint {
-    key: EndpointKey,
+/// The connections to one endpoint.
+pub struct Pool {
+    key: PoolKey,
     config: HttpConfig,
+    dial: Arc<Dial>,
     idle: Mutex<Vec<Idle>>,
-    h2: ArcSwapOption<h2_client::Connection>,
+    h2: ArcSwapOption<h2_client::H2Connection>,
     /// Held while opening the HTTP/2 connection, so concurrent first requests share
     /// one connection instead of racing to open several.
     connecting: tokio::sync::Mutex<()>,
@@ -114,7 +136,7 @@ struct Idle {
 
 /// A checked-out HTTP/1 connection, returned to its endpoint when the response ends.
 pub struct Checkin {
-    endpoint: Arc<Endpoint>,
+    endpoint: Arc<Pool>,
     sender: Sender1,
     opened: Instant,
 }
@@ -136,7 +158,7 @@ impl Checkin {
     }
 }
 
-impl Endpoint {
+impl Pool {
     fn usable(&self, idle: &Idle) -> bool {
         !idle.sender.is_closed()
             && idle.since.elapsed() < self.config.pool_idle_timeout
@@ -165,7 +187,6 @@ impl Endpoint {
     /// [`Checkin`] gives the connection back once the response body has ended.
     pub async fn send_h1(
         self: &Arc<Self>,
-        ctx: &Context,
         request: Request<RecvBody>,
     ) -> Result<(Response<RecvBody>, Checkin), ErrorKind> {
         let mut pooled = None;
@@ -181,7 +202,7 @@ impl Endpoint {
             Some(found) => found,
             // Boxed: opening (connect, TLS) is rare next to reuse, and inline it
             // would size every request's future for a handshake.
-            None => (Box::pin(self.open_h1(ctx)).await?, Instant::now()),
+            None => (Box::pin(self.open_h1()).await?, Instant::now()),
         };
         let response = sender.send_request(request).await.map_err(upstream_error)?;
         let checkin = Checkin {
@@ -192,8 +213,8 @@ impl Endpoint {
         Ok((response.map(RecvBody::Http1), checkin))
     }
 
-    async fn open_h1(&self, ctx: &Context) -> Result<Sender1, ErrorKind> {
-        let io = self.dial(ctx).await?;
+    async fn open_h1(&self) -> Result<Sender1, ErrorKind> {
+        let io = self.dial().await?;
         let (sender, connection) = http1::Builder::new()
             .preserve_header_case(self.key.http1_case)
             .title_case_headers(false)
@@ -212,14 +233,13 @@ impl Endpoint {
     /// Sends a request on the endpoint's shared HTTP/2 connection.
     pub async fn send_h2(
         &self,
-        ctx: &Context,
         request: Request<RecvBody>,
     ) -> Result<Response<RecvBody>, ErrorKind> {
         let sender = match self.current_h2() {
             Some(sender) => sender,
             // A connection the peer is closing (GOAWAY) refuses the stream before
             // anything is sent, so a new connection takes the request instead.
-            None => Box::pin(self.open_h2(ctx)).await?,
+            None => Box::pin(self.open_h2()).await?,
         };
         let response = sender.send(request).map_err(|error| {
             debug!(%error, "cannot send the request over HTTP/2");
@@ -241,13 +261,13 @@ impl Endpoint {
         connection.sender()
     }
 
-    async fn open_h2(&self, ctx: &Context) -> Result<Sender2, ErrorKind> {
+    async fn open_h2(&self) -> Result<Sender2, ErrorKind> {
         let _connecting = self.connecting.lock().await;
         if let Some(sender) = self.current_h2() {
             return Ok(sender);
         }
-        let io = self.dial(ctx).await?;
-        let connection = h2_client::Connection::handshake(io, &self.config, self.key.target)
+        let io = self.dial().await?;
+        let connection = h2_client::H2Connection::handshake(io, &self.config, self.key.target)
             .await
             .map_err(|error| {
                 debug!(target = %self.key.target, %error, "HTTP/2 handshake failed");
@@ -258,54 +278,34 @@ impl Endpoint {
         Ok(sender)
     }
 
-    /// Opens a connection to the endpoint: TCP, then mesh TLS when it has an identity.
-    async fn dial(&self, ctx: &Context) -> Result<Counted<Upstream>, ErrorKind> {
+    /// Opens a connection to the endpoint: TCP, then mesh TLS when it has a peer. A
+    /// failure ends this upstream connection before it began: it is counted here,
+    /// and the request gets the matching error response.
+    async fn dial(&self) -> Result<Counted<Dialed>, ErrorKind> {
+        let Dial {
+            dialer,
+            metrics,
+            plain,
+        } = &*self.dial;
         let target = self.key.target;
-        let tcp = match transport::connect(target, ctx.config.connect_timeout, ctx.config.connect)
+        match dialer
+            .dial(target, self.key.peer.as_ref(), plain.clone())
             .await
         {
-            Ok(tcp) => tcp,
+            Ok((stream, tls)) => {
+                let series = metrics.transport.open(Peer::Dst, target, tls);
+                Ok(Counted::new(stream, series))
+            }
             Err(error) => {
-                debug!(%target, %error, "cannot connect");
-                let (counted, kind) = match error {
-                    ConnectError::Refused => (ConnError::ConnectRefused, ErrorKind::ConnectRefused),
-                    ConnectError::TimedOut => {
-                        (ConnError::ConnectTimeout, ErrorKind::ConnectTimeout)
-                    }
-                    ConnectError::Other(_) => (ConnError::ConnectError, ErrorKind::Connect),
-                };
-                ctx.metrics.error(counted);
-                return Err(kind);
+                metrics.error(error);
+                Err(match error {
+                    ConnError::ConnectRefused => ErrorKind::ConnectRefused,
+                    ConnError::ConnectTimeout => ErrorKind::ConnectTimeout,
+                    ConnError::Connect(_) => ErrorKind::Connect,
+                    _ => ErrorKind::Tls,
+                })
             }
-        };
-        let (stream, tls) = match &self.key.identity {
-            Some(identity) => {
-                let sni = self.key.server_name.as_deref().unwrap_or(identity);
-                match crate::conn::mesh_tls(ctx, tcp, identity, sni, crate::conn::MeshAlpn::None)
-                    .await
-                {
-                    Ok(tls) => (
-                        Upstream::Tls(Box::new(tls)),
-                        TlsStatus::Established(Some(identity.clone())),
-                    ),
-                    Err((error, _)) => {
-                        ctx.metrics.error(error);
-                        return Err(ErrorKind::Tls);
-                    }
-                }
-            }
-            None => {
-                let reason = match ctx.metrics.direction {
-                    crate::metrics::Direction::Inbound => NoTlsReason::Loopback,
-                    crate::metrics::Direction::Outbound => {
-                        NoTlsReason::NotProvidedByServiceDiscovery
-                    }
-                };
-                (Upstream::Plain(tcp), TlsStatus::NoIdentity(reason))
-            }
-        };
-        let metrics = ctx.metrics.transport.open(Peer::Dst, target, tls);
-        Ok(Counted::new(stream, metrics))
+        }
     }
 }
 
@@ -328,72 +328,6 @@ fn upstream_error(error: hyper::Error) -> ErrorKind {
         ErrorKind::Unavailable
     } else {
         ErrorKind::Upstream
-    }
-}
-
-/// A connection the proxy opened: plain TCP, or mesh TLS over TCP.
-pub enum Upstream {
-    Plain(TcpStream),
-    Tls(Box<crate::conn::MeshTls>),
-}
-
-impl AsyncRead for Upstream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Upstream::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Upstream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Upstream::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    // Forwarded so that hyper and h2 gather a frame head and its body into one
-    // write (see `Replay`).
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Upstream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Upstream::Plain(s) => s.is_write_vectored(),
-            Upstream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Upstream::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Upstream::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
     }
 }
 

@@ -33,8 +33,8 @@ use tracing::debug;
 
 use super::body::RecvBody;
 use super::h2_streams::{keepalive, send_body, strip_connection_headers, H2Body};
-use crate::batched_writes::batched;
 use crate::config::HttpConfig;
+use crate::net::batched_writes::batched;
 
 /// hyper's defaults for its HTTP/2 client, kept so that switching to `h2` changed
 /// nothing on the wire: per-stream and connection receive windows, the largest
@@ -47,7 +47,7 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const INITIAL_MAX_SEND_STREAMS: usize = 100;
 
 /// One HTTP/2 connection to an endpoint, shared by the requests to it.
-pub struct Connection {
+pub struct H2Connection {
     sender: SendRequest<Bytes>,
     pub opened: Instant,
     /// Set when the connection's task ends, or when the connection refused a new
@@ -59,20 +59,20 @@ pub struct Connection {
     in_flight: Arc<AtomicUsize>,
 }
 
-/// A handle to open one stream on a [`Connection`].
+/// A handle to open one stream on an [`H2Connection`].
 pub struct Sender {
     inner: SendRequest<Bytes>,
     in_flight: Arc<AtomicUsize>,
 }
 
-impl Connection {
+impl H2Connection {
     /// Performs the HTTP/2 handshake on `io` and spawns the task that drives the
     /// connection (and PINGs the peer when `config` says so).
     pub async fn handshake<T>(
         io: T,
         config: &HttpConfig,
         target: SocketAddr,
-    ) -> Result<Connection, h2::Error>
+    ) -> Result<H2Connection, h2::Error>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -105,7 +105,7 @@ impl Connection {
             on_close.store(true, Ordering::Release);
             // Dropping the connection fails the streams still on it.
         });
-        Ok(Connection {
+        Ok(H2Connection {
             sender,
             opened: Instant::now(),
             closed,

@@ -23,7 +23,8 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 
 use super::errors::ErrorKind;
-use crate::metrics::{Direction, TlsStatus};
+use crate::mesh::tls::TlsStatus;
+use crate::metrics::Direction;
 
 /// Linkerd's latency buckets, in milliseconds.
 pub const LATENCY_BUCKETS_MS: [u64; 25] = [
@@ -294,7 +295,7 @@ impl EncodeLabelSet for Labels<'_> {
             }
             None => ("target_addr", "overflow").encode(encoder.encode_label())?,
         }
-        crate::metrics::encode_tls(self.direction, &self.key.tls, &mut encoder)?;
+        crate::metrics::transport::encode_tls(self.direction, &self.key.tls, &mut encoder)?;
         if let Some(r) = self.response {
             let status = r.status.map(|s| s.to_string()).unwrap_or_default();
             ("status_code", status).encode(encoder.encode_label())?;
@@ -463,7 +464,7 @@ pub(crate) fn test_series(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::NoTlsReason;
+    use crate::mesh::tls::NoTlsReason;
 
     #[test]
     fn responses_are_counted_by_status_grpc_status_and_error() {

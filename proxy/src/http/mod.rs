@@ -1,11 +1,13 @@
 //! HTTP-aware proxying: once detection finds HTTP/1 or HTTP/2, the connection is
 //! served request by request instead of forwarded as bytes.
 //!
-//! One [`Connection`] describes an accepted connection: where its requests go (one
-//! pooled [`client::Endpoint`]), how (outbound: possibly upgraded to HTTP/2 between
-//! proxies; inbound: restored from that upgrade, with `l5d-client-id`), and the series
-//! its requests are counted in. Everything per connection is decided once, in
-//! [`serve`]; a request only reads it.
+//! One [`ServerConn`] describes an accepted connection: where its requests go (one
+//! [`client::Pool`]), how (outbound: possibly upgraded to HTTP/2 between proxies;
+//! inbound: restored from that upgrade, with `l5d-client-id`), and the series its
+//! requests are counted in. Everything per connection is decided once, in
+//! [`serve_connection`]; a request only reads it. What a direction's HTTP connections
+//! share (pools, metrics, drain) is one [`HttpProxy`], which the direction owns: this
+//! module knows nothing of inbound or outbound beyond the [`Role`] it is given.
 //!
 //! Transparency: requests and responses pass through as they came (header-name case
 //! for HTTP/1, absolute-form URIs, trailers, upstream errors and gRPC statuses); only
@@ -14,12 +16,11 @@
 pub mod body;
 pub mod client;
 pub mod errors;
-mod h1_server;
 pub mod h2_client;
-mod h2_server;
 pub mod h2_streams;
 pub mod metrics;
 pub mod orig_proto;
+mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,21 +30,38 @@ use arc_swap::ArcSwapOption;
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
 use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Version};
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use self::body::{BoxError, Recorder, RecvBody, ResponseBody};
-use self::client::{Checkin, Endpoint, EndpointKey};
+use self::client::{Checkin, Pool, PoolKey, Pools};
 use self::errors::ErrorKind;
 use self::metrics::{Outcome, SeriesHandle};
-use crate::conn::{self, Context, Replay};
-use crate::detect::Protocol;
-use crate::metrics::{ConnError, TlsStatus};
-use crate::tcp::Transport;
+use crate::config::HttpConfig;
+use crate::mesh::tls::TlsStatus;
+use crate::metrics::DirectionMetrics;
+use crate::net::detect::Protocol;
+use crate::net::error::{ConnError, Errno};
+use crate::net::forward::{Downstream, Transport};
+use crate::net::replay::Replay;
+use crate::ops::drain::Drain;
 
 const L5D_CLIENT_ID: HeaderName = HeaderName::from_static("l5d-client-id");
 
+/// What one direction's HTTP connections share.
+pub struct HttpProxy {
+    pub pools: Pools,
+    pub metrics: Arc<DirectionMetrics>,
+    pub config: HttpConfig,
+    pub drain: Arc<Drain>,
+    /// Where an upgraded connection's tunnel (a WebSocket) runs, so that draining
+    /// waits for it as for any connection.
+    pub tasks: TaskTracker,
+}
+
 /// What differs between the two directions.
-pub enum Side {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
     /// `h2_upgrade`: the peer proxy accepts HTTP/2, so HTTP/1 requests are carried
     /// over one HTTP/2 connection with `l5d-orig-proto`.
     Outbound { h2_upgrade: bool },
@@ -52,18 +70,19 @@ pub enum Side {
 }
 
 /// Where an accepted connection's requests go, decided once per connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
-    pub endpoint: EndpointKey,
-    pub side: Side,
+    pub pool: PoolKey,
+    pub role: Role,
     /// The `tls` label of the request series.
     pub tls: TlsStatus,
 }
 
 /// One accepted HTTP connection.
-pub struct Connection {
-    ctx: Arc<Context>,
-    endpoint: Arc<Endpoint>,
-    side: Side,
+pub struct ServerConn {
+    proxy: Arc<HttpProxy>,
+    pool: Arc<Pool>,
+    role: Role,
     target: SocketAddr,
     tls: TlsStatus,
     /// Used as `:authority` for an upgraded HTTP/1.0 request that named none.
@@ -84,49 +103,52 @@ struct CachedSeries {
 
 /// Serves a client connection detected as HTTP/1 or HTTP/2 (`protocol`); `prefix` is
 /// what detection already read from it.
-pub async fn serve<C: Transport + 'static>(
-    ctx: &Arc<Context>,
-    client: conn::Client<C>,
+pub async fn serve_connection<C: Transport + 'static>(
+    proxy: &Arc<HttpProxy>,
+    client: Downstream<C>,
     prefix: Vec<u8>,
     protocol: Protocol,
     route: Route,
-) {
-    let target = route.endpoint.target;
-    let client_id = match &route.side {
-        Side::Inbound { client_id } => client_id
+) -> Result<(), ConnError> {
+    let target = route.pool.target;
+    let client_id = match &route.role {
+        Role::Inbound { client_id } => client_id
             .as_deref()
             .and_then(|id| HeaderValue::from_str(id).ok()),
-        Side::Outbound { .. } => None,
+        Role::Outbound { .. } => None,
     };
-    let connection = Arc::new(Connection {
-        ctx: ctx.clone(),
-        endpoint: ctx.http.endpoint(route.endpoint),
-        side: route.side,
+    let connection = Arc::new(ServerConn {
+        proxy: proxy.clone(),
+        pool: proxy.pools.pool(route.pool),
+        role: route.role,
         target,
         tls: route.tls,
         fallback_authority: Authority::try_from(target.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("localhost")),
         client_id,
-        authority_labels: ctx.config.http.authority_labels,
+        authority_labels: proxy.config.authority_labels,
         series: ArcSwapOption::empty(),
     });
-    let conn::Client {
+    let Downstream {
         stream,
         addr,
         metrics,
     } = client;
     let io = client::Counted::new(Replay::new(prefix, stream), metrics);
     let failure: Option<BoxError> = match protocol {
-        Protocol::Http2 => h2_server::serve(io, connection).await.err(),
-        _ => h1_server::serve(io, connection).await.err().map(Into::into),
+        Protocol::Http2 => server::serve_h2(io, connection).await.err(),
+        _ => server::serve_h1(io, connection).await.err().map(Into::into),
     };
-    if let Some(error) = failure {
-        debug!(client = %addr, %error, "HTTP connection failed");
-        ctx.metrics.error(ConnError::Io);
+    match failure {
+        Some(error) => {
+            debug!(client = %addr, %error, "HTTP connection failed");
+            Err(ConnError::Io(Errno::Other))
+        }
+        None => Ok(()),
     }
 }
 
-impl Connection {
+impl ServerConn {
     fn series(&self, request: &Request<RecvBody>) -> SeriesHandle {
         let authority = if self.authority_labels {
             authority_of(request)
@@ -139,7 +161,7 @@ impl Connection {
             }
         }
         let handle = self
-            .ctx
+            .proxy
             .metrics
             .http
             .series(authority, self.target, &self.tls);
@@ -154,9 +176,8 @@ impl Connection {
         &self,
         mut request: Request<RecvBody>,
     ) -> Result<(Response<RecvBody>, Option<Checkin>), ErrorKind> {
-        let ctx = &*self.ctx;
-        match &self.side {
-            Side::Inbound { .. } => {
+        match &self.role {
+            Role::Inbound { .. } => {
                 // Only the proxy vouches for a client's identity: whatever the client
                 // itself put in the header goes (`insert` replaces every value).
                 match &self.client_id {
@@ -165,23 +186,23 @@ impl Connection {
                 };
                 if request.version() == Version::HTTP_2 {
                     if let Some(original) = orig_proto::downgrade(&mut request) {
-                        let (mut response, checkin) = self.endpoint.send_h1(ctx, request).await?;
+                        let (mut response, checkin) = self.pool.send_h1(request).await?;
                         response
                             .headers_mut()
                             .insert(orig_proto::L5D_ORIG_PROTO, original);
                         return Ok((response, Some(checkin)));
                     }
-                    return Ok((self.endpoint.send_h2(ctx, request).await?, None));
+                    return Ok((self.pool.send_h2(request).await?, None));
                 }
                 self.http1(request).await
             }
-            Side::Outbound { h2_upgrade } => {
+            Role::Outbound { h2_upgrade } => {
                 if request.version() == Version::HTTP_2 {
-                    return Ok((self.endpoint.send_h2(ctx, request).await?, None));
+                    return Ok((self.pool.send_h2(request).await?, None));
                 }
                 if *h2_upgrade && !is_upgrade(&request) {
                     let version = orig_proto::upgrade(&mut request, &self.fallback_authority);
-                    let mut response = self.endpoint.send_h2(ctx, request).await?;
+                    let mut response = self.pool.send_h2(request).await?;
                     orig_proto::restore(&mut response, version);
                     return Ok((response, None));
                 }
@@ -197,12 +218,12 @@ impl Connection {
         mut request: Request<RecvBody>,
     ) -> Result<(Response<RecvBody>, Option<Checkin>), ErrorKind> {
         if !is_upgrade(&request) {
-            let (response, checkin) = self.endpoint.send_h1(&self.ctx, request).await?;
+            let (response, checkin) = self.pool.send_h1(request).await?;
             return Ok((response, Some(checkin)));
         }
         let downstream = hyper::upgrade::on(&mut request);
         let connect = request.method() == Method::CONNECT;
-        let (mut response, checkin) = self.endpoint.send_h1(&self.ctx, request).await?;
+        let (mut response, checkin) = self.pool.send_h1(request).await?;
         let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
             || (connect && response.status().is_success());
         if !switched {
@@ -211,13 +232,14 @@ impl Connection {
         let upstream = hyper::upgrade::on(&mut response);
         let target = self.target;
         // Tracked like a connection: draining waits for the tunnel (a WebSocket) too.
-        let ctx = self.ctx.clone();
-        self.ctx.connections.spawn(async move {
+        // The tunnel is a connection of its own, so it counts its own failure.
+        let metrics = self.proxy.metrics.clone();
+        self.proxy.tasks.spawn(async move {
             let (down, up) = match tokio::join!(downstream, upstream) {
                 (Ok(down), Ok(up)) => (down, up),
                 (down, up) => {
                     debug!(%target, down = ?down.err(), up = ?up.err(), "upgrade failed");
-                    ctx.metrics.error(ConnError::Io);
+                    metrics.error(ConnError::Io(Errno::Other));
                     return;
                 }
             };
@@ -227,7 +249,7 @@ impl Connection {
             let mut up = hyper_util::rt::TokioIo::new(up);
             if let Err(error) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
                 debug!(%target, %error, "upgraded connection failed");
-                ctx.metrics.error(ConnError::Io);
+                metrics.error(ConnError::Io(Errno::of(&error)));
             }
         });
         Ok((response, None))
@@ -235,7 +257,7 @@ impl Connection {
 }
 
 /// Handles one request: forwards it and wraps the response so its end is measured.
-async fn handle(connection: Arc<Connection>, request: Request<RecvBody>) -> Response<ResponseBody> {
+async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Response<ResponseBody> {
     let start = Instant::now();
     let series = connection.series(&request);
     series.request();

@@ -1,190 +1,274 @@
 //! Inbound: connections from the world to the application, redirected to us by the
 //! pod's PREROUTING rules, and direct connections from other proxies.
 //!
-//! accept → original destination → detect (unless opaque) → terminate mesh TLS when
-//! the SNI is our identity (else pass TLS through untouched) → apply the port's policy
-//! → connect to the original destination (the pod's address and the app's port) →
-//! forward.
-//!
-//! A direct connection (one that dialled the inbound port itself, not redirected) is a
-//! peer proxy sending opaque traffic: it must be mTLS with a client identity and
-//! either a Tandem carrier (`tunnel.rs`: streams name the local ports) or the
-//! transport-header ALPN (the header names the local port to connect to).
+//! [`Inbound::serve`] is one connection's whole path: accept (original
+//! destination), detect (unless the port is opaque), then what `plan.rs` decides:
+//! pass the connection to the application as it came, refuse it, or terminate mesh
+//! TLS for our name; after the handshake, serve a peer proxy's carrier
+//! (`opaque/carrier.rs`), read the transport header that names the local port, or
+//! detect the decrypted stream; and finally reach the application (the pod's
+//! address and the app's port) request by request (`http/`) or as bytes. Its
+//! failure is counted once, at the end.
+
+pub mod plan;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::conn::{self, Context, Replay};
-use crate::detect::Protocol;
-use crate::http::{self, client::EndpointKey};
-use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
-use crate::tcp::Transport;
-use crate::transport_header::TransportHeader;
+use self::plan::{
+    AppPlan, Detection, Facts, InboundPlan, Meshed, MeshedPlan, Negotiated, ServerTls, Step,
+};
+use crate::config::{DirectionConfig, PortSet};
+use crate::http::HttpProxy;
+use crate::mesh::identity::LocalIdentity;
+use crate::mesh::tls::{self, NoTlsReason, TlsStatus, CARRIER_ALPN, TRANSPORT_HEADER_ALPN};
+use crate::mesh::Dialer;
+use crate::metrics::transport::Peer;
+use crate::metrics::DirectionMetrics;
+use crate::net::detect::{self, DetectResult, Outcome, Protocol};
+use crate::net::error::{ConnError, Errno};
+use crate::net::forward::{self, Downstream, Transport};
+use crate::net::socket::{self, Accepted};
+use crate::opaque::carrier;
+use crate::opaque::transport_header::TransportHeader;
 
-pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: SocketAddr) {
-    let Some(mut conn) = conn::accept(ctx, stream, client) else {
-        return;
-    };
-    let direct = conn.orig_dst == conn.local;
-    let port = conn.orig_dst.port();
-    if ctx.config.opaque_ports.contains(port) && !direct {
-        ctx.metrics.detected(crate::metrics::DetectResult::Skipped);
-        let tls = TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote);
-        let client = conn::client(ctx, conn.stream, conn.client, conn.orig_dst, tls, 0);
-        return to_app(
-            ctx,
-            client,
-            Vec::new(),
-            Protocol::Unknown,
-            conn.orig_dst,
-            None,
-        )
-        .await;
-    }
-    let Some((protocol, prefix)) = conn::detect(ctx, &mut conn.stream, conn.client).await else {
-        return;
-    };
-    let local = ctx.identity.as_ref().filter(
-        |id| matches!(&protocol, Protocol::Tls { sni: Some(sni) } if **sni == *id.server_name),
-    );
-    let Some(local) = local else {
-        let tls = match protocol {
-            // The application's own TLS (or mesh TLS for another identity): untouched.
-            Protocol::Tls { .. } => TlsStatus::Opaque,
-            _ => TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote),
-        };
-        let client = conn::client(
-            ctx,
-            conn.stream,
-            conn.client,
-            conn.orig_dst,
-            tls,
-            prefix.len(),
-        );
-        if direct {
-            debug!(client = %conn.client, "refusing a direct connection without mesh TLS");
-            return client.refuse(ctx, ConnError::TransportHeader, "other");
-        }
-        if ctx.require_tls.contains(port) || ctx.require_identity.contains(port) {
-            debug!(client = %conn.client, port, "refusing a connection without mTLS to a port that requires it");
-            return client.refuse(ctx, ConnError::Unauthorized, "other");
-        }
-        return to_app(ctx, client, prefix, protocol, conn.orig_dst, None).await;
-    };
-
-    let configs = local.configs();
-    let config = if direct && ctx.config.opaque_carrier {
-        configs.server_direct.clone()
-    } else if direct {
-        configs.server_transport_header.clone()
-    } else {
-        configs.server.clone()
-    };
-    let handshake =
-        tokio_rustls::TlsAcceptor::from(config).accept(Replay::under_tls(prefix, conn.stream));
-    let tls = match tokio::time::timeout(ctx.config.detect_timeout, handshake).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            debug!(client = %conn.client, %error, "mesh TLS handshake failed");
-            ctx.metrics.error(ConnError::TlsHandshake);
-            return;
-        }
-        Err(_) => {
-            debug!(client = %conn.client, "mesh TLS handshake timed out");
-            ctx.metrics.error(ConnError::TlsHandshake);
-            return;
-        }
-    };
-    let session = tls.get_ref().1;
-    let client_id = crate::tls::peer_identity(session.peer_certificates());
-    let negotiated_header = session.alpn_protocol() == Some(crate::transport_header::ALPN);
-    let negotiated_carrier = session.alpn_protocol() == Some(crate::tunnel::ALPN);
-    debug!(client = %conn.client, client_id = ?client_id, local = %configs.name, "meshed connection");
-    if direct && negotiated_carrier {
-        let Some(client_id) = client_id else {
-            debug!(client = %conn.client, "refusing a carrier without a client identity");
-            ctx.metrics.error(ConnError::TransportHeader);
-            let mut tls = tls;
-            return tls.reset_on_close();
-        };
-        return crate::tunnel::serve(ctx, tls, conn.client, client_id, conn.orig_dst).await;
-    }
-    let tls_status = TlsStatus::Established(client_id.clone());
-    let mut client = conn::client(ctx, tls, conn.client, conn.orig_dst, tls_status, 0);
-
-    if direct {
-        // Direct connections must be mutually authenticated and carry a header.
-        if client_id.is_none() || !negotiated_header {
-            debug!(client = %conn.client, "refusing a direct connection without a client identity and transport header");
-            return client.refuse(ctx, ConnError::TransportHeader, "other");
-        }
-        let header = match TransportHeader::read(&mut client.stream, ctx.config.detect_timeout)
-            .await
-        {
-            Ok((header, _)) if header.name.is_some() => {
-                debug!(client = %conn.client, name = ?header.name, "gateway forwarding is not supported");
-                return client.refuse(ctx, ConnError::TransportHeader, "other");
-            }
-            Ok(header) => header,
-            Err(error) => {
-                debug!(client = %conn.client, %error, "bad transport header");
-                return client.refuse(ctx, ConnError::TransportHeader, "other");
-            }
-        };
-        let (header, rest) = header;
-        client.metrics.series().add_read(rest.len());
-        let target = SocketAddr::new(conn.orig_dst.ip(), header.port);
-        if target.port() == conn.local.port() {
-            return client.refuse(ctx, ConnError::Loop, "other");
-        }
-        return to_app(ctx, client, rest, Protocol::Unknown, target, None).await;
-    }
-    if ctx.require_identity.contains(port) && client_id.is_none() {
-        debug!(client = %conn.client, port, "refusing an mTLS connection without a client identity");
-        return client.refuse(ctx, ConnError::Unauthorized, "other");
-    }
-    // The decrypted stream is detected like any other.
-    let Some((protocol, prefix)) = conn::detect(ctx, &mut client.stream, conn.client).await else {
-        return;
-    };
-    client.metrics.series().add_read(prefix.len());
-    let tls = TlsStatus::Established(client_id);
-    to_app(ctx, client, prefix, protocol, conn.orig_dst, Some(tls)).await;
+/// Per-port requirements (`LINKERD2_PROXY_INBOUND_PORTS_REQUIRE_*`).
+pub struct PortPolicy {
+    pub require_identity: PortSet,
+    pub require_tls: PortSet,
 }
 
-/// Forwards a connection (plain, passed-through TLS, or decrypted mesh TLS) to the
-/// local application: request by request when it is HTTP, else as bytes. `mesh` is
-/// the mesh TLS status of a decrypted connection.
-async fn to_app<C: Transport + 'static>(
-    ctx: &Arc<Context>,
-    client: conn::Client<C>,
-    prefix: Vec<u8>,
-    protocol: Protocol,
-    target: SocketAddr,
-    mesh: Option<TlsStatus>,
-) {
-    if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
-        let client_id = match &mesh {
-            Some(TlsStatus::Established(id)) => id.clone(),
-            _ => None,
-        };
-        let route = http::Route {
-            endpoint: EndpointKey {
-                target,
-                identity: None,
-                server_name: None,
-                http1_case: protocol == Protocol::Http1,
-            },
-            side: http::Side::Inbound { client_id },
-            tls: mesh.unwrap_or(TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote)),
-        };
-        return http::serve(ctx, client, prefix, protocol, route).await;
+/// The inbound side: its settings, and what only it owns (the HTTP pools to the
+/// application, the port policy, the carriers it accepts).
+pub struct Inbound {
+    pub config: DirectionConfig,
+    pub metrics: Arc<DirectionMetrics>,
+    pub identity: Option<Arc<LocalIdentity>>,
+    pub policy: PortPolicy,
+    /// Connects to the application.
+    pub dialer: Arc<Dialer>,
+    pub http: Arc<HttpProxy>,
+    pub carriers: Arc<carrier::Acceptor>,
+}
+
+impl Inbound {
+    /// Handles one accepted connection to its end, and counts how it failed, if it did.
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, client: SocketAddr) {
+        if let Err(error) = self.proxy(stream, client).await {
+            debug!(%client, %error, "inbound connection failed");
+            self.metrics.error(error);
+        }
     }
-    let Some((client, server)) = conn::connect(ctx, client, target).await else {
-        return;
-    };
-    let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
-    conn::relay(ctx, client, &prefix, server, target, tls).await;
+
+    async fn proxy(&self, stream: TcpStream, client: SocketAddr) -> Result<(), ConnError> {
+        let mut conn = socket::accepted(stream, client, self.config.accept)?;
+        let port = conn.orig_dst.port();
+        let mut facts = Facts {
+            orig_dst: conn.orig_dst,
+            local: conn.local,
+            opaque_port: self.config.opaque_ports.contains(port),
+            require_tls: self.policy.require_tls.contains(port),
+            require_identity: self.policy.require_identity.contains(port),
+            server_name: self.identity.as_ref().map(|id| id.server_name.clone()),
+            accept_carriers: self.config.opaque_carrier,
+            detection: Detection::NotYet,
+        };
+        let mut prefix = Vec::new();
+        let plan = loop {
+            match plan::plan(&facts) {
+                Step::Detect => {
+                    let protocol;
+                    (protocol, prefix) = self.detect(&mut conn.stream, conn.client).await?;
+                    facts.detection = Detection::Detected(protocol);
+                }
+                Step::SkipDetection => {
+                    self.metrics.detected(DetectResult::Skipped);
+                    facts.detection = Detection::Skipped;
+                }
+                Step::Go(plan) => break plan,
+            }
+        };
+        let already_read = prefix.len();
+        match plan {
+            InboundPlan::Refuse { error, tls } => {
+                let client =
+                    self.downstream(conn.stream, conn.client, conn.orig_dst, tls, already_read);
+                Err(client.refuse(error))
+            }
+            InboundPlan::PassThrough { protocol, tls } => {
+                let target = conn.orig_dst;
+                let client =
+                    self.downstream(conn.stream, conn.client, target, tls.clone(), already_read);
+                self.to_app(client, prefix, protocol, target, tls).await
+            }
+            InboundPlan::Terminate { with } => self.terminate(conn, prefix, with).await,
+        }
+    }
+
+    /// Reads the client's first bytes: its protocol, and the bytes to replay.
+    async fn detect<I: tokio::io::AsyncRead + Unpin>(
+        &self,
+        io: &mut I,
+        client: SocketAddr,
+    ) -> Result<(Protocol, Vec<u8>), ConnError> {
+        let (outcome, prefix) = detect::detect(io, self.config.detect_timeout)
+            .await
+            .map_err(|error| {
+                debug!(%client, %error, "client failed during detection");
+                ConnError::Detect
+            })?;
+        self.metrics.detected(DetectResult::of(&outcome));
+        debug!(%client, ?outcome, "detected");
+        let protocol = match outcome {
+            Outcome::Detected(protocol) => protocol,
+            Outcome::Timeout => Protocol::Unknown,
+        };
+        Ok((protocol, prefix))
+    }
+
+    /// Terminates mesh TLS (its ClientHello is in `prefix`), then does what the
+    /// client's identity and ALPN call for.
+    async fn terminate(
+        &self,
+        conn: Accepted,
+        prefix: Vec<u8>,
+        with: ServerTls,
+    ) -> Result<(), ConnError> {
+        let configs = self
+            .identity
+            .as_ref()
+            .map(|id| id.configs())
+            .ok_or(ConnError::TlsHandshake(Errno::Other))?;
+        let config = match with {
+            ServerTls::Redirected => &configs.server,
+            ServerTls::Direct => &configs.server_direct,
+            ServerTls::DirectHeaderOnly => &configs.server_transport_header,
+        };
+        let Accepted {
+            stream,
+            client,
+            orig_dst,
+            local,
+        } = conn;
+        let tls =
+            crate::mesh::terminate(config.clone(), prefix, stream, self.config.detect_timeout)
+                .await?;
+        let session = tls.get_ref().1;
+        let client_id = tls::peer_identity(session.peer_certificates());
+        let negotiated = match session.alpn_protocol() {
+            Some(alpn) if alpn == CARRIER_ALPN => Negotiated::Carrier,
+            Some(alpn) if alpn == TRANSPORT_HEADER_ALPN => Negotiated::TransportHeader,
+            _ => Negotiated::Nothing,
+        };
+        debug!(%client, client_id = ?client_id, local = %configs.name, "meshed connection");
+        let meshed = Meshed {
+            direct: with != ServerTls::Redirected,
+            client_id: client_id.clone(),
+            negotiated,
+            require_identity: self.policy.require_identity.contains(orig_dst.port()),
+        };
+        let established = TlsStatus::Established(client_id);
+        let downstream = |stream, target, already_read| Downstream {
+            stream,
+            addr: client,
+            metrics: self.counted(target, established.clone(), already_read),
+        };
+        match plan::plan_meshed(&meshed) {
+            MeshedPlan::Refuse(error) => Err(downstream(tls, orig_dst, 0).refuse(error)),
+            MeshedPlan::Carrier { client_id } => {
+                carrier::accept(&self.carriers, tls, client, client_id, orig_dst).await
+            }
+            MeshedPlan::ReadHeader => {
+                let mut tls = tls;
+                let read = TransportHeader::read(&mut tls, self.config.detect_timeout).await;
+                let (header, rest) = match read {
+                    Ok(read) => read,
+                    Err(error) => {
+                        debug!(%client, %error, "bad transport header");
+                        let error = ConnError::TransportHeader;
+                        return Err(downstream(tls, orig_dst, 0).refuse(error));
+                    }
+                };
+                match plan::header_target(&header, orig_dst, local) {
+                    // Counted under the port the header names, as Linkerd counts it
+                    // (and as carrier streams are).
+                    Ok(target) => {
+                        let client = downstream(tls, target, rest.len());
+                        self.to_app(client, rest, Protocol::Unknown, target, established.clone())
+                            .await
+                    }
+                    Err(error) => Err(downstream(tls, orig_dst, 0).refuse(error)),
+                }
+            }
+            MeshedPlan::Detect => {
+                // The decrypted stream is detected like any other.
+                let mut client = downstream(tls, orig_dst, 0);
+                let (protocol, prefix) = self.detect(&mut client.stream, client.addr).await?;
+                client.metrics.series().add_read(prefix.len());
+                self.to_app(client, prefix, protocol, orig_dst, established.clone())
+                    .await
+            }
+        }
+    }
+
+    /// Hands a connection (plain, passed-through TLS, or decrypted mesh TLS) to the
+    /// application: request by request when it is HTTP, else as bytes.
+    async fn to_app<C: Transport + 'static>(
+        &self,
+        client: Downstream<C>,
+        prefix: Vec<u8>,
+        protocol: Protocol,
+        target: SocketAddr,
+        tls: TlsStatus,
+    ) -> Result<(), ConnError> {
+        match plan::to_app(protocol, target, tls) {
+            AppPlan::Http { protocol, route } => {
+                crate::http::serve_connection(&self.http, client, prefix, protocol, route).await
+            }
+            AppPlan::Tcp { target } => {
+                let server = match self.dialer.connect(target).await {
+                    Ok(server) => server,
+                    Err(error) => return Err(client.refuse(error)),
+                };
+                let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+                let dst = self.metrics.transport.open(Peer::Dst, target, tls);
+                forward::relay(client, &prefix, server, dst).await
+            }
+        }
+    }
+
+    /// The accepted client, counted from here on as a connection to `target`.
+    fn downstream(
+        &self,
+        stream: TcpStream,
+        client: SocketAddr,
+        target: SocketAddr,
+        tls: TlsStatus,
+        already_read: usize,
+    ) -> Downstream<TcpStream> {
+        Downstream {
+            stream,
+            addr: client,
+            metrics: self.counted(target, tls, already_read),
+        }
+    }
+
+    fn counted(
+        &self,
+        target: SocketAddr,
+        tls: TlsStatus,
+        already_read: usize,
+    ) -> crate::metrics::transport::OpenConnection {
+        let metrics = self.metrics.transport.open(Peer::Src, target, tls);
+        metrics.series().add_read(already_read);
+        metrics
+    }
+
+    /// Closes idle pooled connections to the application on time.
+    pub fn sweep(&self) {
+        self.http.pools.sweep();
+    }
 }

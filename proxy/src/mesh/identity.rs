@@ -13,7 +13,7 @@ use tandem_identity::metrics::IdentityMetrics;
 use tandem_identity::IdentityConfig;
 use tracing::{info, warn};
 
-use crate::tls::TlsConfigs;
+use super::tls::TlsConfigs;
 
 pub struct LocalIdentity {
     /// The identity peers verify: a DNS name or a SPIFFE ID.

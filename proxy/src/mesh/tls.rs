@@ -15,6 +15,9 @@
 //! - ALPN `transport.l5d.io/v1` is offered only by the server config used for direct
 //!   connections to the inbound port.
 //!
+//! The `tls` label types ([`TlsStatus`], [`NoTlsReason`]) live here too: they say
+//! what TLS a connection has, which metrics only print.
+//!
 //! Unlike Linkerd, client session resumption is on: a new connection to a known peer
 //! costs an abbreviated handshake, not a full one. The peer's identity is still checked
 //! on every connection (a resumed session keeps the peer's certificate chain).
@@ -26,6 +29,42 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+/// The ALPN protocol that announces Linkerd's transport header (`opaque::transport_header`).
+pub const TRANSPORT_HEADER_ALPN: &[u8] = b"transport.l5d.io/v1";
+
+/// The ALPN protocol a Tandem inbound proxy selects for a carrier connection
+/// (`opaque::carrier`).
+pub const CARRIER_ALPN: &[u8] = b"tunnel.tandem.io/v1";
+
+/// What TLS a connection has: the `tls` label and its companions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum TlsStatus {
+    /// No mesh TLS, for the reason given (Linkerd's `no_tls_reason` values).
+    NoIdentity(NoTlsReason),
+    /// The application's own TLS, passed through untouched.
+    Opaque,
+    /// Mesh TLS: `tls="true"` with the peer's identity as `client_id` (inbound) or
+    /// `server_id` (outbound); a client without a certificate has none.
+    Established(Option<Arc<str>>),
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum NoTlsReason {
+    Loopback,
+    NoTlsFromRemote,
+    NotProvidedByServiceDiscovery,
+}
+
+impl NoTlsReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            NoTlsReason::Loopback => "loopback",
+            NoTlsReason::NoTlsFromRemote => "no_tls_from_remote",
+            NoTlsReason::NotProvidedByServiceDiscovery => "not_provided_by_service_discovery",
+        }
+    }
+}
 
 /// The configurations of one certificate, swapped whole when the certificate rotates.
 pub struct TlsConfigs {
@@ -43,7 +82,7 @@ pub struct TlsConfigs {
     /// For opaque meshed outbound connections that send a transport header.
     pub client_transport_header: Arc<ClientConfig>,
     /// For opaque meshed outbound connections: a carrier if the peer takes one, else
-    /// the transport header (`tunnel.rs`).
+    /// the transport header (`opaque/carrier.rs`).
     pub client_tunnel: Arc<ClientConfig>,
 }
 
@@ -95,12 +134,9 @@ impl TlsConfigs {
             .map_err(|e| format!("certificate and key do not fit together: {e}"))?;
         let mut server_direct = server.clone();
         let mut server_transport_header = server.clone();
-        server_transport_header.alpn_protocols = vec![crate::transport_header::ALPN.to_vec()];
+        server_transport_header.alpn_protocols = vec![TRANSPORT_HEADER_ALPN.to_vec()];
         // A TLS server picks by its own preference: the carrier first.
-        server_direct.alpn_protocols = vec![
-            crate::tunnel::ALPN.to_vec(),
-            crate::transport_header::ALPN.to_vec(),
-        ];
+        server_direct.alpn_protocols = vec![CARRIER_ALPN.to_vec(), TRANSPORT_HEADER_ALPN.to_vec()];
 
         let verifier = Arc::new(ChainOnlyVerifier {
             roots,
@@ -114,12 +150,9 @@ impl TlsConfigs {
             .with_client_auth_cert(chain, key)
             .map_err(|e| format!("certificate and key do not fit together: {e}"))?;
         let mut client_transport_header = client.clone();
-        client_transport_header.alpn_protocols = vec![crate::transport_header::ALPN.to_vec()];
+        client_transport_header.alpn_protocols = vec![TRANSPORT_HEADER_ALPN.to_vec()];
         let mut client_tunnel = client.clone();
-        client_tunnel.alpn_protocols = vec![
-            crate::tunnel::ALPN.to_vec(),
-            crate::transport_header::ALPN.to_vec(),
-        ];
+        client_tunnel.alpn_protocols = vec![CARRIER_ALPN.to_vec(), TRANSPORT_HEADER_ALPN.to_vec()];
         Ok(TlsConfigs {
             name: Arc::from(name),
             server: Arc::new(server),

@@ -13,7 +13,7 @@
 //! copying them here, to [`LEAD`] bytes into our own buffer, is what keeps rustls's
 //! own copy of them into its records fast. From where `h2` has them (the start of a
 //! body chunk, often the start of a page), rustls's copy ran at a thirtieth of its
-//! speed on AMD hosts (`tcp.rs` says why) and took a quarter of the proxy's time in a
+//! speed on AMD hosts (`forward.rs` says why) and took a quarter of the proxy's time in a
 //! large download; our extra copy costs a few per cent of the AES-GCM that follows.
 //!
 //! The buffer is shared by the connection (which `h2` owns) and its driving task
@@ -32,8 +32,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// over 64 KiB can cause one) goes straight through after what was gathered before
 /// it. With [`LEAD`], the buffer is one 64 KiB allocation, an allocator size class.
 const BATCH_LIMIT: usize = 64 * 1024 - LEAD;
-/// Where gathered bytes start in the batch's buffer (see `tcp.rs`).
-const LEAD: usize = crate::tcp::LEAD;
+/// Where gathered bytes start in the batch's buffer (see `forward.rs`).
+const LEAD: usize = super::forward::LEAD;
 
 /// Wraps `io` for `h2`: the first half goes to `h2`, the second stays with the task
 /// that polls the connection, which must poll it through [`Flusher::drive`]. Until the first such call, flushes go through at once (the

@@ -47,6 +47,55 @@ pub enum Outcome {
     Timeout,
 }
 
+/// What detection concluded for one connection, the `result` label of
+/// `tandem_protocol_detect_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetectResult {
+    Http1,
+    Http2,
+    Tls,
+    Unknown,
+    Timeout,
+    /// The port is opaque: detection was not attempted.
+    Skipped,
+}
+
+impl DetectResult {
+    pub const ALL: [DetectResult; 6] = [
+        Self::Http1,
+        Self::Http2,
+        Self::Tls,
+        Self::Unknown,
+        Self::Timeout,
+        Self::Skipped,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Http1 => "http/1",
+            Self::Http2 => "http/2",
+            Self::Tls => "tls",
+            Self::Unknown => "unknown",
+            Self::Timeout => "timeout",
+            Self::Skipped => "opaque_port",
+        }
+    }
+
+    pub fn of(outcome: &Outcome) -> DetectResult {
+        match outcome {
+            Outcome::Detected(Protocol::Http1) => DetectResult::Http1,
+            Outcome::Detected(Protocol::Http2) => DetectResult::Http2,
+            Outcome::Detected(Protocol::Tls { .. }) => DetectResult::Tls,
+            Outcome::Detected(Protocol::Unknown) => DetectResult::Unknown,
+            Outcome::Timeout => DetectResult::Timeout,
+        }
+    }
+}
+
 /// Classifies the first bytes of a stream.
 pub fn classify(buf: &[u8]) -> Classification {
     use Classification::*;

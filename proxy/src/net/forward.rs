@@ -9,16 +9,24 @@
 //!
 //! Both directions are polled from one future on the connection's task: no halves, no
 //! locks, no second task per connection.
+//!
+//! [`relay`] is the step every byte-stream path ends in: the accepted client
+//! ([`Downstream`], already counted in the transport metrics) and the stream the
+//! proxy opened for it, each counted until it closes, a failure returned once.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use std::net::SocketAddr;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tracing::debug;
 
-use crate::metrics::TransportSeries;
+use super::error::{ConnError, Errno};
+use crate::metrics::transport::{OpenConnection, TransportSeries};
 
 /// A direction's buffer at first: a TLS record's worth (less [`LEAD`]). The
 /// allocation is exactly 16 KiB, an allocator size class; 64 bytes more would round
@@ -38,7 +46,7 @@ const BULK_COPY_BUFFER: usize = 64 * 1024;
 pub const LEAD: usize = 64;
 
 /// A stream the proxy forwards: plain TCP, TLS over TCP, or a stream on a carrier
-/// between proxies (`tunnel.rs`). A failure must be able to end it with a reset.
+/// between proxies (`opaque/carrier.rs`). A failure must be able to end it with a reset.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
     /// Makes the coming close a reset (TCP `RST`, HTTP/2 `RST_STREAM`) instead of a
     /// clean end of stream.
@@ -47,7 +55,7 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
 
 impl Transport for TcpStream {
     fn reset_on_close(&mut self) {
-        crate::transport::reset_on_close(self)
+        super::socket::reset_on_close(self)
     }
 }
 
@@ -63,8 +71,8 @@ impl<T: Transport> Transport for tokio_rustls::client::TlsStream<T> {
     }
 }
 
-/// One side of a forwarded connection and the series its bytes are counted in.
-pub struct Side<'a, T> {
+/// One end of a forwarded connection and the series its bytes are counted in.
+pub struct End<'a, T> {
     pub stream: T,
     pub series: &'a TransportSeries,
 }
@@ -79,20 +87,20 @@ pub struct ForwardError {
 /// Copies `client` ⇄ `server` until both directions have ended, writing `prefix`
 /// (bytes already read from the client, e.g. during detection) to the server first.
 pub async fn forward<C: Transport, S: Transport>(
-    client: Side<'_, C>,
+    client: End<'_, C>,
     prefix: &[u8],
-    server: Side<'_, S>,
+    server: End<'_, S>,
 ) -> Result<(), ForwardError> {
-    let Side {
+    let End {
         stream: mut client_stream,
         series: client_series,
     } = client;
-    let Side {
+    let End {
         stream: mut server_stream,
         series: server_series,
     } = server;
-    let mut upstream = Direction::with_prefix(prefix);
-    let mut downstream = Direction::with_prefix(&[]);
+    let mut upstream = OneWay::with_prefix(prefix);
+    let mut downstream = OneWay::with_prefix(&[]);
     let result = poll_fn(|cx| {
         // The client's reads feed the server's writes, and the other way round.
         let up = upstream.poll(
@@ -136,7 +144,7 @@ pub async fn forward<C: Transport, S: Transport>(
 }
 
 /// The state of copying one direction.
-struct Direction {
+struct OneWay {
     /// The first [`LEAD`] bytes are never used.
     buf: Box<[u8]>,
     /// Bytes in `buf[start..end]` are read but not yet written.
@@ -148,11 +156,11 @@ struct Direction {
     done: bool,
 }
 
-impl Direction {
-    fn with_prefix(prefix: &[u8]) -> Direction {
+impl OneWay {
+    fn with_prefix(prefix: &[u8]) -> OneWay {
         let mut buf = vec![0; COPY_BUFFER.max(LEAD + prefix.len())].into_boxed_slice();
         buf[LEAD..LEAD + prefix.len()].copy_from_slice(prefix);
-        Direction {
+        OneWay {
             buf,
             start: LEAD,
             end: LEAD + prefix.len(),
@@ -241,10 +249,70 @@ impl Direction {
     }
 }
 
+/// The client's side of a connection whose handling is decided: its stream, counted in
+/// the transport metrics from here until it closes.
+pub struct Downstream<C> {
+    pub stream: C,
+    pub addr: SocketAddr,
+    pub metrics: OpenConnection,
+}
+
+impl<C: Transport> Downstream<C> {
+    /// Refuses the connection: resets the client, so it learns of the failure as it
+    /// would without a proxy, records how its socket closes, and hands the error back
+    /// for the connection's owner to count.
+    pub fn refuse(mut self, error: ConnError) -> ConnError {
+        debug!(client = %self.addr, %error, "refusing the connection");
+        self.metrics.set_errno(error.errno());
+        self.stream.reset_on_close();
+        error
+    }
+}
+
+/// Forwards the client's stream to `server` (writing `prefix` first), counting the
+/// server side in `dst`, until both directions have ended.
+pub async fn relay<C: Transport, S: Transport>(
+    client: Downstream<C>,
+    prefix: &[u8],
+    server: S,
+    mut dst: OpenConnection,
+) -> Result<(), ConnError> {
+    let Downstream {
+        stream,
+        addr,
+        metrics: mut src,
+    } = client;
+    let result = forward(
+        End {
+            stream,
+            series: src.series(),
+        },
+        prefix,
+        End {
+            stream: server,
+            series: dst.series(),
+        },
+    )
+    .await;
+    let failure = result.err().map(|failure| {
+        debug!(client = %addr, error = %failure.error, "forwarding failed");
+        let errno = Errno::of(&failure.error);
+        if failure.client_failed {
+            src.set_errno(errno)
+        } else {
+            dst.set_errno(errno)
+        }
+        ConnError::Io(errno)
+    });
+    failure.map_or(Ok(()), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{Metrics, NoTlsReason, OpenConnection, Peer, TlsStatus};
+    use crate::mesh::tls::{NoTlsReason, TlsStatus};
+    use crate::metrics::transport::{OpenConnection, Peer};
+    use crate::metrics::Metrics;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -275,12 +343,12 @@ mod tests {
         let (proxy_server, mut upstream) = pair().await;
         let forwarding = async {
             forward(
-                Side {
+                End {
                     stream: proxy_client,
                     series: src.series(),
                 },
                 b"pre",
-                Side {
+                End {
                     stream: proxy_server,
                     series: dst.series(),
                 },
@@ -315,12 +383,12 @@ mod tests {
         let (app, proxy_client) = pair().await;
         let (proxy_server, upstream) = pair().await;
         let forwarding = forward(
-            Side {
+            End {
                 stream: proxy_client,
                 series: src.series(),
             },
             b"",
-            Side {
+            End {
                 stream: proxy_server,
                 series: dst.series(),
             },
@@ -349,15 +417,15 @@ mod tests {
         let (src, dst) = series();
         let (mut app, proxy_client) = pair().await;
         let (proxy_server, upstream) = pair().await;
-        crate::transport::reset_on_close(&upstream);
+        crate::net::socket::reset_on_close(&upstream);
         drop(upstream);
         let result = forward(
-            Side {
+            End {
                 stream: proxy_client,
                 series: src.series(),
             },
             b"request",
-            Side {
+            End {
                 stream: proxy_server,
                 series: dst.series(),
             },

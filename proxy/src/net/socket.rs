@@ -1,5 +1,5 @@
-//! Everything that touches socket options: listeners, `SO_ORIGINAL_DST`, keepalive,
-//! connecting with a timeout, and resetting a connection.
+//! Everything that touches sockets: listeners, accepting with `SO_ORIGINAL_DST`,
+//! socket options, connecting with a timeout, and resetting a connection.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -8,6 +8,7 @@ use std::time::Duration;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use super::error::ConnError;
 use crate::config::SocketOptions;
 
 /// Binds a listener the way a sidecar needs: address reuse so a restarted proxy can
@@ -71,49 +72,54 @@ pub fn set_options(stream: &TcpStream, options: SocketOptions) -> io::Result<()>
     Ok(())
 }
 
-/// Why a connection to the upstream failed, in the words the metrics use.
-#[derive(Debug)]
-pub enum ConnectError {
-    Refused,
-    TimedOut,
-    Other(io::Error),
-}
-
-impl ConnectError {
-    pub fn label(&self) -> &'static str {
-        match self {
-            ConnectError::Refused => "connect_refused",
-            ConnectError::TimedOut => "connect_timeout",
-            ConnectError::Other(_) => "connect_error",
-        }
-    }
-}
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConnectError::Refused => f.write_str("connection refused"),
-            ConnectError::TimedOut => f.write_str("connect timed out"),
-            ConnectError::Other(e) => write!(f, "connect failed: {e}"),
-        }
-    }
-}
-
+/// Connects to `addr` within `timeout` and sets `options` on the new socket.
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     options: SocketOptions,
-) -> Result<TcpStream, ConnectError> {
+) -> Result<TcpStream, ConnError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => return Err(ConnectError::TimedOut),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            return Err(ConnectError::Refused)
-        }
-        Ok(Err(e)) => return Err(ConnectError::Other(e)),
+        Err(_) => return Err(ConnError::ConnectTimeout),
+        Ok(Err(e)) => return Err(ConnError::connect(&e)),
         Ok(Ok(stream)) => stream,
     };
-    set_options(&stream, options).map_err(ConnectError::Other)?;
+    set_options(&stream, options).map_err(|e| ConnError::connect(&e))?;
     Ok(stream)
+}
+
+/// A socket just accepted, and where it was going.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub client: SocketAddr,
+    pub orig_dst: SocketAddr,
+    /// The listener's address: an original destination equal to it was never redirected.
+    pub local: SocketAddr,
+}
+
+/// Sets `options` on a freshly accepted socket and reads its original destination.
+pub fn accepted(
+    stream: TcpStream,
+    client: SocketAddr,
+    options: SocketOptions,
+) -> Result<Accepted, ConnError> {
+    if let Err(error) = set_options(&stream, options) {
+        tracing::debug!(%client, %error, "cannot set socket options");
+    }
+    let addrs = stream
+        .local_addr()
+        .and_then(|local| Ok((local, original_dst(&stream)?)));
+    match addrs {
+        Ok((local, orig_dst)) => Ok(Accepted {
+            stream,
+            client: unmap(client),
+            orig_dst,
+            local: unmap(local),
+        }),
+        Err(error) => {
+            tracing::warn!(%client, %error, "no original destination; closing the connection");
+            Err(ConnError::OrigDst)
+        }
+    }
 }
 
 /// Makes the next close send RST instead of FIN, so a failure on one side of a
@@ -142,20 +148,6 @@ impl ResetHandle {
     pub fn reset_on_close(&self) {
         // As in `reset_on_close`: a dead socket has nothing left to reset.
         let _ = SockRef::from(&self.0).set_linger(Some(Duration::ZERO));
-    }
-}
-
-/// A bounded label for an I/O error's errno, as Linkerd's `tcp_close_total` uses.
-pub fn errno_label(error: &io::Error) -> &'static str {
-    match error.raw_os_error() {
-        Some(libc::ECONNRESET) => "ECONNRESET",
-        Some(libc::EPIPE) => "EPIPE",
-        Some(libc::ETIMEDOUT) => "ETIMEDOUT",
-        Some(libc::ECONNREFUSED) => "ECONNREFUSED",
-        Some(libc::ECONNABORTED) => "ECONNABORTED",
-        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH",
-        Some(libc::ENETUNREACH) => "ENETUNREACH",
-        _ => "other",
     }
 }
 

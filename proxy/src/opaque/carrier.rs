@@ -48,20 +48,23 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream as ServerTls;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::batched_writes::batched;
-use crate::conn::{self, Context, MeshAlpn};
+use crate::config::HttpConfig;
 use crate::http::h2_streams::keepalive;
-use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
-use crate::tcp::Transport;
-use crate::transport;
+use crate::mesh::tls::{NoTlsReason, TlsStatus};
+use crate::mesh::{AcceptedTls, Dialer, MeshAlpn, MeshTls, PeerId};
+use crate::metrics::transport::Peer;
+use crate::metrics::DirectionMetrics;
+use crate::net::batched_writes::batched;
+use crate::net::error::{ConnError, Errno};
+use crate::net::forward::{self, Downstream, Transport};
+use crate::net::socket;
+use crate::ops::drain::Drain;
 
 /// The ALPN protocol a Tandem inbound proxy selects for a carrier connection.
-pub const ALPN: &[u8] = b"tunnel.tandem.io/v1";
+pub const ALPN: &[u8] = crate::mesh::tls::CARRIER_ALPN;
 
 /// Streams one carrier takes before new client connections go the classic way, so
 /// long-lived connections can never use up a carrier. The server allows twice as
@@ -83,14 +86,18 @@ const RETRY_CARRIER_AFTER: Duration = Duration::from_secs(60);
 /// A peer proxy: its inbound address and identity.
 type PeerKey = (SocketAddr, Arc<str>);
 
-/// One direction's carriers, by peer proxy.
-#[derive(Default)]
-pub struct Peers {
-    peers: Mutex<HashMap<PeerKey, Arc<Peer>>>,
+/// The outbound side's carriers, by peer proxy.
+pub struct Carriers {
+    peers: Mutex<HashMap<PeerKey, Arc<PeerCarrier>>>,
+    /// `TANDEM_OUTBOUND_OPAQUE_CARRIER`: offer carriers at all.
+    enabled: bool,
+    http: HttpConfig,
+    metrics: Arc<DirectionMetrics>,
 }
 
+/// One peer proxy's carrier, and whether it takes carriers.
 #[derive(Default)]
-struct Peer {
+struct PeerCarrier {
     carrier: Mutex<Option<Arc<Carrier>>>,
     classic_until: Mutex<Option<Instant>>,
 }
@@ -115,8 +122,17 @@ impl Carrier {
     }
 }
 
-impl Peers {
-    fn peer(&self, addr: SocketAddr, identity: &Arc<str>) -> Arc<Peer> {
+impl Carriers {
+    pub fn new(enabled: bool, http: HttpConfig, metrics: Arc<DirectionMetrics>) -> Carriers {
+        Carriers {
+            peers: Mutex::default(),
+            enabled,
+            http,
+            metrics,
+        }
+    }
+
+    fn peer(&self, addr: SocketAddr, identity: &Arc<str>) -> Arc<PeerCarrier> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.entry((addr, identity.clone())).or_default().clone()
     }
@@ -124,7 +140,8 @@ impl Peers {
     /// Lets carriers past their age go (their open streams run on; the connection
     /// closes after the last) and forgets peers with no carrier that nothing is
     /// dialling.
-    pub fn sweep(&self, max_age: Duration) {
+    pub fn sweep(&self) {
+        let max_age = self.http.max_connection_age;
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.retain(|_, peer| {
             let mut carrier = peer.carrier.lock().unwrap_or_else(|p| p.into_inner());
@@ -137,90 +154,88 @@ impl Peers {
 }
 
 /// How an opaque client connection reaches the peer proxy.
-pub enum Upstream {
+pub enum Opened {
     /// A stream on a carrier.
     Stream(Stream),
     /// A connection of its own, with the transport-header ALPN negotiated: the
     /// caller sends the header first.
-    Classic(Box<conn::MeshTls>),
+    Classic(Box<MeshTls>),
 }
 
-/// Opens the way to `port` behind the peer proxy at `peer` (its inbound address),
-/// which must prove `identity` and is reached by `sni`. On failure returns what to
-/// count and the errno label.
-pub async fn open(
-    ctx: &Context,
-    peer: SocketAddr,
-    identity: &Arc<str>,
-    sni: &str,
-    port: u16,
-) -> Result<Upstream, (ConnError, &'static str)> {
-    if !ctx.config.opaque_carrier {
-        let tcp = connect(ctx, peer).await?;
-        let tls = conn::mesh_tls(ctx, tcp, identity, sni, MeshAlpn::TransportHeader).await?;
-        return Ok(Upstream::Classic(Box::new(tls)));
-    }
-    let state = ctx.tunnels.peer(peer, identity);
-    let max_age = ctx.config.http.max_connection_age;
-    let carrier = state
-        .carrier
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .filter(|c| c.usable(max_age));
-    if let Some(carrier) = carrier {
-        if let Some(stream) = carrier.open_stream(ctx, peer, port) {
-            return Ok(Upstream::Stream(stream));
+impl Carriers {
+    /// Opens the way to `port` behind the peer proxy at `addr` (its inbound address),
+    /// which must prove `peer.identity`.
+    pub async fn open(
+        &self,
+        dialer: &Dialer,
+        addr: SocketAddr,
+        peer: &PeerId,
+        port: u16,
+    ) -> Result<Opened, ConnError> {
+        if !self.enabled {
+            let tcp = dialer.connect(addr).await?;
+            let tls = dialer
+                .originate(tcp, peer, MeshAlpn::TransportHeader)
+                .await?;
+            return Ok(Opened::Classic(Box::new(tls)));
         }
-    }
-    let classic = state
-        .classic_until
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .is_some_and(|until| Instant::now() < until);
-    let tcp = connect(ctx, peer).await?;
-    let alpn = if classic {
-        MeshAlpn::TransportHeader
-    } else {
-        MeshAlpn::CarrierOrHeader
-    };
-    let tls = conn::mesh_tls(ctx, tcp, identity, sni, alpn).await?;
-    if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
-        if !classic {
-            debug!(%peer, "the peer proxy takes no carrier; using the transport header");
-            *state
-                .classic_until
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + RETRY_CARRIER_AFTER);
+        let state = self.peer(addr, &peer.identity);
+        let max_age = self.http.max_connection_age;
+        let carrier = state
+            .carrier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|c| c.usable(max_age));
+        if let Some(carrier) = carrier {
+            if let Some(stream) = carrier.open_stream(&self.metrics, addr, port) {
+                return Ok(Opened::Stream(stream));
+            }
         }
-        return Ok(Upstream::Classic(Box::new(tls)));
+        let classic = state
+            .classic_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| Instant::now() < until);
+        let tcp = dialer.connect(addr).await?;
+        let alpn = if classic {
+            MeshAlpn::TransportHeader
+        } else {
+            MeshAlpn::CarrierOrHeader
+        };
+        let tls = dialer.originate(tcp, peer, alpn).await?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+            if !classic {
+                debug!(%addr, "the peer proxy takes no carrier; using the transport header");
+                *state
+                    .classic_until
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) =
+                    Some(Instant::now() + RETRY_CARRIER_AFTER);
+            }
+            return Ok(Opened::Classic(Box::new(tls)));
+        }
+        let carrier = start_carrier(&self.http, &self.metrics, tls, addr).await?;
+        self.metrics.carriers.inc();
+        let stream = carrier.open_stream(&self.metrics, addr, port);
+        // Connections that dialled at the same time each get a carrier; the last one
+        // stays pooled and the others close when their stream ends.
+        *state.carrier.lock().unwrap_or_else(|p| p.into_inner()) = Some(carrier);
+        stream
+            .map(Opened::Stream)
+            .ok_or(ConnError::Io(Errno::Other))
     }
-    let carrier = start_carrier(ctx, tls, peer).await?;
-    ctx.metrics.carriers.inc();
-    let stream = carrier.open_stream(ctx, peer, port);
-    // Connections that dialled at the same time each get a carrier; the last one
-    // stays pooled and the others close when their stream ends.
-    *state.carrier.lock().unwrap_or_else(|p| p.into_inner()) = Some(carrier);
-    stream.map(Upstream::Stream).ok_or((ConnError::Io, "other"))
-}
-
-async fn connect(ctx: &Context, peer: SocketAddr) -> Result<TcpStream, (ConnError, &'static str)> {
-    transport::connect(peer, ctx.config.connect_timeout, ctx.config.connect)
-        .await
-        .map_err(|error| {
-            debug!(%peer, %error, "cannot connect to the peer proxy");
-            conn::connect_failure(&error)
-        })
 }
 
 async fn start_carrier(
-    ctx: &Context,
-    tls: conn::MeshTls,
+    http: &HttpConfig,
+    metrics: &Arc<DirectionMetrics>,
+    tls: MeshTls,
     peer: SocketAddr,
-) -> Result<Arc<Carrier>, (ConnError, &'static str)> {
-    let socket = transport::ResetHandle::of(tls.get_ref().0.get_ref()).map_err(|error| {
+) -> Result<Arc<Carrier>, ConnError> {
+    let socket = socket::ResetHandle::of(tls.get_ref().0.get_ref()).map_err(|error| {
         debug!(%peer, %error, "cannot keep a handle on the carrier's socket");
-        (ConnError::Io, transport::errno_label(&error))
+        ConnError::Io(Errno::of(&error))
     })?;
     let (tls, flusher) = batched(tls);
     let (sender, mut connection) = h2::client::Builder::new()
@@ -231,12 +246,12 @@ async fn start_carrier(
         .await
         .map_err(|error| {
             debug!(%peer, %error, "carrier handshake failed");
-            (ConnError::Io, "other")
+            ConnError::Io(Errno::Other)
         })?;
     let closed = Arc::new(AtomicBool::new(false));
     let on_close = closed.clone();
-    let keepalive = keepalive(&ctx.config.http, connection.ping_pong(), None);
-    let metrics = ctx.metrics.clone();
+    let keepalive = keepalive(http, connection.ping_pong(), None);
+    let metrics = metrics.clone();
     tokio::spawn(async move {
         tokio::select! {
             // The connection first: after the proxy itself was paused, a PONG waiting
@@ -247,7 +262,7 @@ async fn start_carrier(
             },
             () = keepalive => {
                 debug!(%peer, "the peer proxy stopped answering PINGs; resetting its carrier");
-                metrics.error(ConnError::Io);
+                metrics.error(ConnError::Io(Errno::TimedOut));
                 socket.reset_on_close();
             }
         }
@@ -268,7 +283,12 @@ async fn start_carrier(
 impl Carrier {
     /// Opens a stream to `port`. `None` when the carrier can take no more streams
     /// (it is closing, or went away).
-    fn open_stream(&self, ctx: &Context, peer: SocketAddr, port: u16) -> Option<Stream> {
+    fn open_stream(
+        &self,
+        metrics: &DirectionMetrics,
+        peer: SocketAddr,
+        port: u16,
+    ) -> Option<Stream> {
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority(peer, port))
@@ -285,7 +305,7 @@ impl Carrier {
             }
         };
         self.streams.fetch_add(1, Ordering::Relaxed);
-        ctx.metrics.carrier_streams.inc();
+        metrics.carrier_streams.inc();
         Some(Stream {
             send,
             recv: Recv::Waiting(response),
@@ -296,26 +316,33 @@ impl Carrier {
     }
 }
 
+/// What the inbound side lends the carriers it accepts.
+pub struct Acceptor {
+    /// Connects each stream to the application.
+    pub dialer: Dialer,
+    pub metrics: Arc<DirectionMetrics>,
+    pub drain: Arc<Drain>,
+    pub http: HttpConfig,
+    pub handshake_timeout: Duration,
+}
+
 /// Serves a carrier accepted on the inbound port from a peer proxy that proved
-/// `client_id`. Each stream is forwarded to a port on `local` on its own task; the
-/// connection's task lasts until every stream has ended, so draining waits for them.
-pub async fn serve(
-    ctx: &Arc<Context>,
-    tls: ServerTls<conn::Replay<TcpStream>>,
+/// `client_id`. Each stream is forwarded to a port on `local` on its own task, and
+/// counted as a connection of its own; the carrier's task lasts until every stream
+/// has ended, so draining waits for them.
+pub async fn accept(
+    acceptor: &Arc<Acceptor>,
+    tls: AcceptedTls,
     client: SocketAddr,
     client_id: Arc<str>,
     local: SocketAddr,
-) {
+) -> Result<(), ConnError> {
     // Without a handle a carrier could not be reset when its peer goes silent; a
     // proxy out of descriptors refuses it, and the peer dials the classic way later.
-    let socket = match transport::ResetHandle::of(tls.get_ref().0.get_ref()) {
-        Ok(socket) => socket,
-        Err(error) => {
-            debug!(%client, %error, "cannot keep a handle on the carrier's socket");
-            ctx.metrics.error(ConnError::Io);
-            return;
-        }
-    };
+    let socket = socket::ResetHandle::of(tls.get_ref().0.get_ref()).map_err(|error| {
+        debug!(%client, %error, "cannot keep a handle on the carrier's socket");
+        ConnError::Io(Errno::of(&error))
+    })?;
     let (tls, flusher) = batched(tls);
     let connection = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -324,25 +351,24 @@ pub async fn serve(
         // Connect-then-reset bursts (health checks) are normal between proxies.
         .max_pending_accept_reset_streams(2 * MAX_STREAMS)
         .handshake::<_, Bytes>(tls);
-    let mut connection = match tokio::time::timeout(ctx.config.detect_timeout, connection).await {
+    let mut connection = match tokio::time::timeout(acceptor.handshake_timeout, connection).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
             debug!(%client, %error, "carrier handshake failed");
-            ctx.metrics.error(ConnError::Io);
-            return;
+            return Err(ConnError::Io(Errno::Other));
         }
         Err(_) => {
             debug!(%client, "carrier handshake timed out");
-            ctx.metrics.error(ConnError::Io);
-            return;
+            return Err(ConnError::Io(Errno::TimedOut));
         }
     };
-    ctx.metrics.carriers.inc();
+    acceptor.metrics.carriers.inc();
     let streams = TaskTracker::new();
     let mut draining = false;
-    let mut drain = ctx.drain.watch();
-    let keepalive = keepalive(&ctx.config.http, connection.ping_pong(), None);
+    let mut drain = acceptor.drain.watch();
+    let keepalive = keepalive(&acceptor.http, connection.ping_pong(), None);
     tokio::pin!(keepalive);
+    let mut result = Ok(());
     loop {
         let accepted = tokio::select! {
             // The connection first, as in `start_carrier`.
@@ -350,8 +376,8 @@ pub async fn serve(
             accepted = flusher.drive(|cx| connection.poll_accept(cx)) => accepted,
             () = &mut keepalive => {
                 debug!(%client, "the peer proxy stopped answering PINGs; resetting its carrier");
-                ctx.metrics.error(ConnError::Io);
                 socket.reset_on_close();
+                result = Err(ConnError::Io(Errno::TimedOut));
                 break;
             }
             () = drain.started(), if !draining => {
@@ -363,16 +389,20 @@ pub async fn serve(
         };
         match accepted {
             Some(Ok((request, respond))) => {
-                ctx.metrics.carrier_streams.inc();
-                let ctx = ctx.clone();
+                acceptor.metrics.carrier_streams.inc();
+                let acceptor = acceptor.clone();
                 let client_id = client_id.clone();
                 streams.spawn(async move {
-                    serve_stream(&ctx, request, respond, client, client_id, local).await
+                    let served =
+                        serve_stream(&acceptor, request, respond, client, client_id, local).await;
+                    if let Err(error) = served {
+                        acceptor.metrics.error(error);
+                    }
                 });
             }
             Some(Err(error)) => {
                 debug!(%client, %error, "carrier failed");
-                ctx.metrics.error(ConnError::Io);
+                result = Err(ConnError::Io(Errno::Other));
                 break;
             }
             None => break,
@@ -385,24 +415,25 @@ pub async fn serve(
     drop(socket);
     streams.close();
     streams.wait().await;
+    result
 }
 
+/// One stream of an accepted carrier: a connection to a port on `local`.
 async fn serve_stream(
-    ctx: &Context,
+    acceptor: &Acceptor,
     request: Request<RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     client: SocketAddr,
     client_id: Arc<str>,
     local: SocketAddr,
-) {
+) -> Result<(), ConnError> {
     let port = (request.method() == Method::CONNECT)
         .then(|| request.uri().port_u16())
         .flatten();
     let Some(port) = port.filter(|p| *p != local.port()) else {
         debug!(%client, uri = %request.uri(), "refusing a carrier stream that names no other port");
-        ctx.metrics.error(ConnError::TransportHeader);
         let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
-        return;
+        return Err(ConnError::TransportHeader);
     };
     let target = SocketAddr::new(local.ip(), port);
     let stream = Stream {
@@ -410,7 +441,7 @@ async fn serve_stream(
             Ok(send) => send,
             Err(error) => {
                 debug!(%client, %error, "carrier stream went away");
-                return;
+                return Ok(());
             }
         },
         recv: Recv::Open(request.into_body()),
@@ -418,13 +449,23 @@ async fn serve_stream(
         sent_eos: false,
         count: None,
     };
+    let transport = &acceptor.metrics.transport;
     let tls = TlsStatus::Established(Some(client_id));
-    let client = conn::client(ctx, stream, client, target, tls, 0);
-    let Some((client, server)) = conn::connect(ctx, client, target).await else {
-        return;
+    let client = Downstream {
+        stream,
+        addr: client,
+        metrics: transport.open(Peer::Src, target, tls),
     };
-    let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
-    conn::relay(ctx, client, &[], server, target, tls).await;
+    let server = match acceptor.dialer.connect(target).await {
+        Ok(server) => server,
+        Err(error) => return Err(client.refuse(error)),
+    };
+    let dst = transport.open(
+        Peer::Dst,
+        target,
+        TlsStatus::NoIdentity(NoTlsReason::Loopback),
+    );
+    forward::relay(client, &[], server, dst).await
 }
 
 /// `:authority` of a stream: the peer's address and the target port (IPv6 in brackets).

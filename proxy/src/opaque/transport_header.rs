@@ -13,7 +13,7 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The ALPN protocol that announces a transport header.
-pub const ALPN: &[u8] = b"transport.l5d.io/v1";
+pub const ALPN: &[u8] = crate::mesh::tls::TRANSPORT_HEADER_ALPN;
 
 const PREFACE: &[u8] = b"transport.l5d.io/v1\r\n\r\n";
 

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::log::LogLevel;
+use super::log::LogLevel;
 use crate::metrics::Metrics;
 
 /// What the admin server reads and controls.
@@ -53,7 +53,7 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationT
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
                 async move {
-                    Ok::<_, Infallible>(route(&admin, req, crate::transport::unmap(peer)).await)
+                    Ok::<_, Infallible>(route(&admin, req, crate::net::socket::unmap(peer)).await)
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);

@@ -1,130 +1,210 @@
 //! Outbound: the application's connections to the world, redirected to us by the
 //! pod's OUTPUT rules.
 //!
-//! accept → original destination → refuse loops → discover → detect (unless opaque) →
-//! connect → originate mTLS when the destination is meshed → forward. Detected HTTP
-//! is served request by request instead (`http/`), over pooled connections; meshed
-//! opaque connections ride a pooled carrier to the peer proxy (`tunnel.rs`).
+//! [`Outbound::serve`] is one connection's whole path: accept (original
+//! destination), then whatever [`plan::plan`] asks for (discovery, detection), then
+//! the plan it settles on, carried out here: refuse, serve HTTP request by request
+//! (`http/`), or forward bytes: plain, in mesh TLS to the original destination, or
+//! opaque to the peer proxy's inbound port (with a transport header, or on a pooled
+//! carrier, `opaque/carrier.rs`). Its failure is counted once, at the end.
+
+pub mod plan;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::conn::{self, Context, MeshAlpn};
-use crate::detect::Protocol;
-use crate::http::{self, client::EndpointKey};
-use crate::metrics::{ConnError, NoTlsReason, TlsStatus};
-use crate::transport_header::TransportHeader;
-use crate::tunnel::{self, Upstream};
+use self::plan::{Detection, Facts, OpaqueVia, OutboundPlan, Settings, Step};
+use crate::config::DirectionConfig;
+use crate::discover::Discover;
+use crate::http::HttpProxy;
+use crate::mesh::tls::{NoTlsReason, TlsStatus};
+use crate::mesh::{Dialer, MeshAlpn, PeerId};
+use crate::metrics::transport::Peer;
+use crate::metrics::DirectionMetrics;
+use crate::net::detect::{self, DetectResult, Outcome};
+use crate::net::error::ConnError;
+use crate::net::forward::{self, Downstream};
+use crate::net::socket::{self, Accepted};
+use crate::opaque::carrier::{Carriers, Opened};
+use crate::opaque::transport_header::TransportHeader;
 
-pub async fn handle(ctx: &Arc<Context>, stream: tokio::net::TcpStream, client: SocketAddr) {
-    let Some(mut conn) = conn::accept(ctx, stream, client) else {
-        return;
-    };
-    // A connection straight to the outbound listener, or to loopback (never redirected
-    // to us by the rules), would make the proxy connect to itself.
-    if conn.orig_dst == conn.local || conn.orig_dst.ip().is_loopback() {
-        debug!(client = %conn.client, orig_dst = %conn.orig_dst, "refusing a connection that would loop");
-        ctx.metrics.error(ConnError::Loop);
-        return;
+/// The outbound side: its settings, and what only it owns (the HTTP pools to
+/// destinations, the carriers to peer proxies).
+pub struct Outbound {
+    pub config: DirectionConfig,
+    pub metrics: Arc<DirectionMetrics>,
+    pub discovery: Arc<dyn Discover>,
+    pub dialer: Arc<Dialer>,
+    pub http: Arc<HttpProxy>,
+    pub carriers: Carriers,
+}
+
+impl Outbound {
+    /// Handles one accepted connection to its end, and counts how it failed, if it did.
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, client: SocketAddr) {
+        if let Err(error) = self.proxy(stream, client).await {
+            debug!(%client, %error, "outbound connection failed");
+            self.metrics.error(error);
+        }
     }
-    let endpoint = ctx.discovery.resolve(conn.orig_dst).await_endpoint().await;
-    let opaque = ctx.config.opaque_ports.contains(conn.orig_dst.port())
-        || endpoint.as_ref().is_some_and(|e| e.opaque);
-    let (protocol, prefix, already_read) = if opaque {
-        ctx.metrics.detected(crate::metrics::DetectResult::Skipped);
-        (Protocol::Unknown, Vec::new(), 0)
-    } else {
-        let Some((protocol, prefix)) = conn::detect(ctx, &mut conn.stream, conn.client).await
-        else {
-            return;
-        };
-        let len = prefix.len();
-        (protocol, prefix, len)
-    };
-    let src_tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
-    let client = conn::client(
-        ctx,
-        conn.stream,
-        conn.client,
-        conn.orig_dst,
-        src_tls,
-        already_read,
-    );
 
-    let peer_identity = endpoint.as_ref().and_then(|e| e.identity.clone());
-    let peer_identity = peer_identity.filter(|_| ctx.identity.is_some());
-    let peer_sni = endpoint
-        .as_ref()
-        .and_then(|e| e.server_name.clone())
-        .or_else(|| peer_identity.clone());
-    if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
-        let h2_upgrade = peer_identity.is_some() && endpoint.as_ref().is_some_and(|e| e.http2);
-        let route = http::Route {
-            endpoint: EndpointKey {
-                target: conn.orig_dst,
-                identity: peer_identity.clone(),
-                server_name: peer_sni.clone(),
-                // Recorded even when requests go on over HTTP/2: an Upgrade or
-                // CONNECT stays HTTP/1 to the peer, and which request is one is
-                // known only after its head was parsed.
-                http1_case: protocol == Protocol::Http1,
-            },
-            side: http::Side::Outbound { h2_upgrade },
-            tls: match &peer_identity {
-                Some(identity) => TlsStatus::Established(Some(identity.clone())),
-                None => TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery),
+    async fn proxy(&self, stream: TcpStream, client: SocketAddr) -> Result<(), ConnError> {
+        let mut conn = socket::accepted(stream, client, self.config.accept)?;
+        let mut facts = Facts {
+            orig_dst: conn.orig_dst,
+            local: conn.local,
+            opaque_port: self.config.opaque_ports.contains(conn.orig_dst.port()),
+            discovered: None,
+            detection: Detection::NotYet,
+            settings: Settings {
+                meshed: self.dialer.identity.is_some(),
+                carrier: self.config.opaque_carrier,
             },
         };
-        return http::serve(ctx, client, prefix, protocol, route).await;
-    }
-    let (Some(identity), Some(sni)) = (peer_identity, peer_sni) else {
-        let Some((client, server)) = conn::connect(ctx, client, conn.orig_dst).await else {
-            return;
+        let mut prefix = Vec::new();
+        let plan = loop {
+            match plan::plan(&facts) {
+                Step::Discover => {
+                    let resolution = self.discovery.resolve(conn.orig_dst);
+                    facts.discovered = Some(resolution.await_endpoint().await);
+                }
+                Step::Detect => {
+                    let (outcome, read) =
+                        detect::detect(&mut conn.stream, self.config.detect_timeout)
+                            .await
+                            .map_err(|error| {
+                                debug!(%client, %error, "client failed during detection");
+                                ConnError::Detect
+                            })?;
+                    self.metrics.detected(DetectResult::of(&outcome));
+                    debug!(%client, ?outcome, "detected");
+                    prefix = read;
+                    facts.detection = Detection::Detected(match outcome {
+                        Outcome::Detected(protocol) => protocol,
+                        Outcome::Timeout => detect::Protocol::Unknown,
+                    });
+                }
+                Step::SkipDetection => {
+                    self.metrics.detected(DetectResult::Skipped);
+                    facts.detection = Detection::Skipped;
+                }
+                Step::Go(plan) => break plan,
+            }
         };
-        let tls = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
-        return conn::relay(ctx, client, &prefix, server, conn.orig_dst, tls).await;
-    };
-    // Meshed. Opaque traffic goes to the peer proxy's inbound port: on a stream of a
-    // pooled carrier when the peer is Tandem, else with a transport header naming the
-    // real port. Everything else goes to the original destination, where the peer's
-    // rules hand it to its proxy.
-    if let Some(endpoint) = endpoint.as_ref().filter(|_| opaque) {
-        let peer = SocketAddr::new(conn.orig_dst.ip(), endpoint.inbound_port);
-        let tls = TlsStatus::Established(Some(identity.clone()));
-        return match tunnel::open(ctx, peer, &identity, &sni, conn.orig_dst.port()).await {
-            Ok(Upstream::Stream(stream)) => conn::relay(ctx, client, &[], stream, peer, tls).await,
-            Ok(Upstream::Classic(server)) => {
+        let transport = &self.metrics.transport;
+        let already_read = prefix.len();
+        match plan {
+            OutboundPlan::Refuse(error) => Err(error),
+            OutboundPlan::Http { protocol, route } => {
+                let client = self.downstream(conn, already_read);
+                crate::http::serve_connection(&self.http, client, prefix, protocol, route).await
+            }
+            OutboundPlan::Tcp { target } => {
+                let client = self.downstream(conn, already_read);
+                let server = match self.dialer.connect(target).await {
+                    Ok(server) => server,
+                    Err(error) => return Err(client.refuse(error)),
+                };
+                let tls = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
+                let dst = transport.open(Peer::Dst, target, tls);
+                forward::relay(client, &prefix, server, dst).await
+            }
+            OutboundPlan::MeshTls { target, peer } => {
+                let client = self.downstream(conn, already_read);
+                let server = match self.mesh_tls(target, &peer).await {
+                    Ok(server) => server,
+                    Err(error) => return Err(client.refuse(error)),
+                };
+                let dst = transport.open(Peer::Dst, target, established(&peer));
+                forward::relay(client, &prefix, server, dst).await
+            }
+            OutboundPlan::Opaque {
+                proxy,
+                peer,
+                port,
+                via,
+            } => {
+                let client = self.downstream(conn, already_read);
+                self.opaque(client, proxy, &peer, port, via).await
+            }
+        }
+    }
+
+    /// The accepted client, counted from here on; `already_read` bytes were read
+    /// from it during detection.
+    fn downstream(&self, conn: Accepted, already_read: usize) -> Downstream<TcpStream> {
+        let tls = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+        let metrics = self.metrics.transport.open(Peer::Src, conn.orig_dst, tls);
+        metrics.series().add_read(already_read);
+        Downstream {
+            stream: conn.stream,
+            addr: conn.client,
+            metrics,
+        }
+    }
+
+    async fn mesh_tls(
+        &self,
+        target: SocketAddr,
+        peer: &PeerId,
+    ) -> Result<crate::mesh::MeshTls, ConnError> {
+        let tcp = self.dialer.connect(target).await?;
+        self.dialer.originate(tcp, peer, MeshAlpn::None).await
+    }
+
+    /// An opaque connection to the peer proxy at `proxy`, for its local `port`.
+    async fn opaque(
+        &self,
+        client: Downstream<TcpStream>,
+        proxy: SocketAddr,
+        peer: &PeerId,
+        port: u16,
+        via: OpaqueVia,
+    ) -> Result<(), ConnError> {
+        let opened = match via {
+            OpaqueVia::Header => {
+                let tcp = self.dialer.connect(proxy).await;
+                match tcp {
+                    Ok(tcp) => self
+                        .dialer
+                        .originate(tcp, peer, MeshAlpn::TransportHeader)
+                        .await
+                        .map(|tls| Opened::Classic(Box::new(tls))),
+                    Err(error) => Err(error),
+                }
+            }
+            OpaqueVia::Carrier => self.carriers.open(&self.dialer, proxy, peer, port).await,
+        };
+        let dst = || {
+            self.metrics
+                .transport
+                .open(Peer::Dst, proxy, established(peer))
+        };
+        match opened {
+            Ok(Opened::Stream(stream)) => forward::relay(client, &[], stream, dst()).await,
+            Ok(Opened::Classic(tls)) => {
                 let header = TransportHeader {
-                    port: conn.orig_dst.port(),
+                    port,
                     name: None,
                     protocol: None,
                 };
-                conn::relay(ctx, client, &header.encode(), *server, peer, tls).await
+                forward::relay(client, &header.encode(), *tls, dst()).await
             }
-            Err((error, errno)) => {
-                debug!(client = %client.addr, "refusing the client: no mesh connection to its destination");
-                client.refuse(ctx, error, errno)
-            }
-        };
+            Err(error) => Err(client.refuse(error)),
+        }
     }
-    let target = conn.orig_dst;
-    let Some((client, server)) = conn::connect(ctx, client, target).await else {
-        return;
-    };
-    let Some((client, tls)) =
-        conn::originate_tls(ctx, client, server, &identity, &sni, MeshAlpn::None).await
-    else {
-        return;
-    };
-    conn::relay(
-        ctx,
-        client,
-        &prefix,
-        tls,
-        target,
-        TlsStatus::Established(Some(identity)),
-    )
-    .await;
+
+    /// Closes idle pooled connections and carriers on time, even when no request
+    /// comes to notice.
+    pub fn sweep(&self) {
+        self.http.pools.sweep();
+        self.carriers.sweep();
+    }
+}
+
+fn established(peer: &PeerId) -> TlsStatus {
+    TlsStatus::Established(Some(peer.identity.clone()))
 }

@@ -161,8 +161,8 @@ fn run(args: &Args, signals: &Signals) -> anyhow::Result<()> {
             ("tls", "true"),
             ("client_id", alpha_id.as_str()),
             // Opaque traffic travels to the peer's inbound port with a transport
-            // header naming the app's port.
-            ("target_port", "4143"),
+            // header naming the app's port, which beta counts it under.
+            ("target_port", &OPAQUE_PORT.to_string()),
         ],
     )
     .unwrap_or_default();

@@ -1,0 +1,8 @@
+//! Running the proxy rather than proxying: the admin server ([`admin`]), the drain
+//! signal connections watch ([`drain`]), worker-thread sizing ([`cores`]) and logging
+//! ([`log`]).
+
+pub mod admin;
+pub mod cores;
+pub mod drain;
+pub mod log;
