@@ -209,13 +209,21 @@ fn busy() -> Busy {
     // two of them gRPC, and four inbound series for this pod's own authorities.
     for (target, tls, service) in outbound_targets.iter().take(14) {
         let authority = format!("{service}.shop.svc.cluster.local:8080");
-        let series = metrics.outbound.http.series(Some(&authority), *target, tls);
+        let series =
+            metrics
+                .outbound
+                .http
+                .series(Some(&authority), *target, tls, &Default::default());
         requests(&series, *service == "currency", &mut rng);
         handles.push(series);
     }
     for (target, tls, _) in outbound_targets.iter().take(2) {
         let authority = "catalog-canary.shop.svc.cluster.local:8080";
-        let series = metrics.outbound.http.series(Some(authority), *target, tls);
+        let series =
+            metrics
+                .outbound
+                .http
+                .series(Some(authority), *target, tls, &Default::default());
         requests(&series, false, &mut rng);
         handles.push(series);
     }
@@ -227,7 +235,11 @@ fn busy() -> Busy {
     ] {
         let target = addr(&format!("10.42.1.7:{port}"));
         let tls = identity("frontend", "shop");
-        let series = metrics.inbound.http.series(Some(authority), target, &tls);
+        let series =
+            metrics
+                .inbound
+                .http
+                .series(Some(authority), target, &tls, &Default::default());
         requests(&series, port == 9090, &mut rng);
         handles.push(series);
     }
@@ -314,6 +326,7 @@ fn bench_record(c: &mut Criterion) {
                 Some(black_box("catalog.shop.svc.cluster.local:8080")),
                 black_box(target),
                 &tls,
+                &Default::default(),
             )
         })
     });

@@ -9,6 +9,8 @@
 //! Formats are Linkerd's: durations are digits and a unit (`ms`, `s`, `m`, `h`, `d`)
 //! or a bare `0`; port lists are ports and inclusive ranges (`25,4000-4100`).
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,6 +21,8 @@ pub struct Env<'a> {
     lookup: &'a dyn Fn(&str) -> Option<String>,
     errors: Vec<String>,
     warnings: Vec<String>,
+    /// Every variable asked for, so that those set and never asked for can be told.
+    read: RefCell<BTreeSet<String>>,
 }
 
 impl<'a> Env<'a> {
@@ -27,12 +31,27 @@ impl<'a> Env<'a> {
             lookup,
             errors: Vec::new(),
             warnings: Vec::new(),
+            read: RefCell::default(),
         }
+    }
+
+    fn raw(&self, var: &str) -> Option<String> {
+        self.read.borrow_mut().insert(var.to_string());
+        (self.lookup)(var)
     }
 
     /// The variable's value with surrounding white space removed, blank included.
     pub fn value(&self, var: &str) -> Option<String> {
-        (self.lookup)(var).map(|v| v.trim().to_string())
+        self.raw(var).map(|v| v.trim().to_string())
+    }
+
+    /// The names among `set` that start with `prefix` and were never asked for.
+    pub fn unread<'n>(&self, set: impl IntoIterator<Item = &'n str>, prefix: &str) -> Vec<String> {
+        let read = self.read.borrow();
+        set.into_iter()
+            .filter(|name| name.starts_with(prefix) && !read.contains(*name))
+            .map(String::from)
+            .collect()
     }
 
     /// The variable's trimmed value; blank counts as unset.
@@ -53,7 +72,7 @@ impl<'a> Env<'a> {
         default: &str,
         parse: impl Fn(&str) -> Result<T, String>,
     ) -> T {
-        if let Some(value) = (self.lookup)(var) {
+        if let Some(value) = self.raw(var) {
             match parse(value.trim()) {
                 Ok(parsed) => return parsed,
                 Err(why) => self.error(format!("{var}={value:?}: {why}")),
@@ -81,7 +100,7 @@ impl<'a> Env<'a> {
         var: &str,
         parse: impl Fn(&str) -> Result<T, String>,
     ) -> Option<T> {
-        let value = (self.lookup)(var)?;
+        let value = self.raw(var)?;
         parse(value.trim())
             .map_err(|why| self.warn(format!("{var}={value:?}: {why}; ignored")))
             .ok()
@@ -317,6 +336,15 @@ mod tests {
         let errors = env.finish().unwrap_err();
         assert_eq!(errors.len(), 1);
         assert!(errors[0].starts_with("T=\"soon\": "), "{errors:?}");
+    }
+
+    #[test]
+    fn variables_never_asked_for_are_told() {
+        let lookup = |_: &str| Some("1".to_string());
+        let env = Env::new(&lookup);
+        let _ = env.setting("A_READ");
+        let unread = env.unread(["A_READ", "A_OTHER", "B_OTHER"], "A_");
+        assert_eq!(unread, ["A_OTHER"]);
     }
 
     #[test]

@@ -19,8 +19,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::discover::balance::BalanceSettings;
 use crate::discover::file::FileDiscovery;
-use crate::discover::{Discover, NoDiscovery};
+use crate::discover::linkerd::Linkerd;
+use crate::discover::{Discover, Layered, NoDiscovery};
 use crate::http::client::Pools;
 use crate::http::HttpProxy;
 use crate::inbound::{Inbound, PortPolicy};
@@ -102,15 +104,19 @@ async fn serve_until_drained(
         .as_ref()
         .map(|_| tandem_identity::metrics::IdentityMetrics::register(&mut metrics.registry));
     let metrics = Arc::new(metrics);
-    let discovery: Arc<dyn Discover> = match &config.discovery_file {
+    let file_discovery = match &config.discovery_file {
         Some(path) => {
-            let (discovery, reload) =
-                FileDiscovery::start(path.clone(), config.discovery_reload_interval)
-                    .map_err(|e| anyhow::anyhow!("cannot load TANDEM_DISCOVERY_FILE: {e}"))?;
+            let (discovery, reload) = FileDiscovery::start(
+                path.clone(),
+                config.discovery_reload_interval,
+                balance_settings(&config, config.outbound_http_queue),
+                metrics.balancers.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("cannot load TANDEM_DISCOVERY_FILE: {e}"))?;
             tokio::spawn(reload);
-            discovery
+            Some(discovery)
         }
-        None => Arc::new(NoDiscovery),
+        None => None,
     };
     let shutdown = CancellationToken::new();
     let mut signals = Signals::listen();
@@ -140,8 +146,14 @@ async fn serve_until_drained(
 
     let connections = TaskTracker::new();
     let drain = Arc::new(Drain::default());
-    let (inbound, outbound) =
-        directions(&config, &metrics, identity, discovery, &drain, &connections);
+    let (inbound, outbound) = directions(
+        &config,
+        &metrics,
+        identity,
+        file_discovery,
+        &drain,
+        &connections,
+    )?;
     for sweep in [
         Handler::Inbound(inbound.clone()),
         Handler::Outbound(outbound.clone()),
@@ -214,10 +226,10 @@ fn directions(
     config: &Config,
     metrics: &Metrics,
     identity: Option<Arc<LocalIdentity>>,
-    discovery: Arc<dyn Discover>,
+    file_discovery: Option<Arc<FileDiscovery>>,
     drain: &Arc<Drain>,
     connections: &TaskTracker,
-) -> (Arc<Inbound>, Arc<Outbound>) {
+) -> anyhow::Result<(Arc<Inbound>, Arc<Outbound>)> {
     let dialer = |direction: &crate::config::DirectionConfig, identity| Dialer {
         identity,
         connect_timeout: direction.connect_timeout,
@@ -240,6 +252,7 @@ fn directions(
 
     let out = &config.outbound;
     let out_dialer = Arc::new(dialer(out, identity.clone()));
+    let discovery = discovery(config, metrics, file_discovery, &out_dialer)?;
     let unmeshed = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
     let outbound = Arc::new(Outbound {
         config: out.clone(),
@@ -258,6 +271,7 @@ fn directions(
             metrics.outbound.clone(),
         ),
         dialer: out_dialer,
+        local_ips: config.inbound_ips.clone(),
     });
 
     let inb = &config.inbound;
@@ -285,8 +299,59 @@ fn directions(
             require_tls: config.inbound_require_tls.clone(),
         },
         dialer: app_dialer,
+        local_ips: config.inbound_ips.clone(),
     });
-    (inbound, outbound)
+    Ok((inbound, outbound))
+}
+
+/// Where the outbound side learns about destinations: Linkerd's control plane, the
+/// discovery file, both (the file first, for peers the cluster does not know), or
+/// neither.
+fn discovery(
+    config: &Config,
+    metrics: &Metrics,
+    file: Option<Arc<FileDiscovery>>,
+    dialer: &Arc<Dialer>,
+) -> anyhow::Result<Arc<dyn Discover>> {
+    let Some(control) = &config.control_plane else {
+        return Ok(match file {
+            Some(file) => file,
+            None => Arc::new(NoDiscovery),
+        });
+    };
+    let settings = crate::discover::linkerd::Settings {
+        control: control.clone(),
+        balance: balance_settings(config, config.outbound_http_queue),
+        failfast: config.outbound_http_queue.failfast,
+        backoff: config.outbound_backoff,
+        idle: config.outbound_discovery_idle_timeout,
+    };
+    let linkerd = Linkerd::start(
+        settings,
+        dialer.clone(),
+        metrics.control.clone(),
+        metrics.balancers.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot reach the control plane: {e}"))?;
+    Ok(match file {
+        Some(first) => Arc::new(Layered {
+            first,
+            then: linkerd,
+        }),
+        None => linkerd,
+    })
+}
+
+/// How balancers queue and back off: Linkerd's outbound queue settings, its
+/// connect backoff, and its default peak-EWMA parameters.
+fn balance_settings(config: &Config, queue: crate::config::Queue) -> BalanceSettings {
+    BalanceSettings {
+        queue_capacity: queue.capacity,
+        failfast: queue.failfast,
+        backoff: config.outbound_backoff,
+        default_rtt: std::time::Duration::from_millis(30),
+        decay: std::time::Duration::from_secs(10),
+    }
 }
 
 /// One direction: where its accepted connections go, and whose pools are swept.

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -94,6 +94,72 @@ impl HttpConfig {
     pub fn keepalive(&self) -> Option<Duration> {
         (!self.keepalive_interval.is_zero() && !self.keepalive_timeout.is_zero())
             .then_some(self.keepalive_interval)
+    }
+}
+
+/// An address of Linkerd's control plane and the identity it must prove.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlAddr {
+    /// `host:port`; a name is resolved on each dial.
+    pub addr: String,
+    /// The control plane's identity (and SNI); `None` only for loopback, where the
+    /// connection is plaintext.
+    pub name: Option<String>,
+}
+
+/// Linkerd's limits on a control-plane stream; unset means none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// The first message must arrive within this.
+    pub initial: Option<Duration>,
+    /// A stream silent this long ends and is opened again.
+    pub idle: Option<Duration>,
+    /// A stream this old ends and is opened again.
+    pub lifetime: Option<Duration>,
+}
+
+/// Linkerd's control plane, as its injector configures a proxy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlPlane {
+    pub destination: ControlAddr,
+    pub policy: ControlAddr,
+    /// `LINKERD2_PROXY_DESTINATION_CONTEXT`, sent as the context token.
+    pub context: String,
+    /// `LINKERD2_PROXY_POLICY_WORKLOAD`, sent as the source workload.
+    pub workload: String,
+    /// Addresses whose profile is asked for.
+    pub profile_networks: Vec<ipnet::IpNet>,
+    pub stream: StreamLimits,
+}
+
+/// A queue before a balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Queue {
+    pub capacity: usize,
+    /// Waiting longer fails (503 for HTTP, a reset for TCP).
+    pub failfast: Duration,
+}
+
+/// Exponential backoff with jitter (Linkerd's `…_EXP_BACKOFF_{MIN,MAX,JITTER}`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+    /// A fraction of each delay added at random.
+    pub jitter: f64,
+}
+
+impl Backoff {
+    /// The delay after `failures` failures in a row (1 or more), before jitter.
+    pub fn delay(&self, failures: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(30));
+        self.min.saturating_mul(factor).min(self.max)
+    }
+
+    /// [`Backoff::delay`] with `random` (in [0, 1)) times the jitter added.
+    pub fn jittered(&self, failures: u32, random: f64) -> Duration {
+        let delay = self.delay(failures);
+        delay + delay.mul_f64(self.jitter.max(0.0) * random)
     }
 }
 
@@ -197,6 +263,18 @@ pub struct Config {
     pub inbound_require_identity: PortSet,
     /// Inbound ports that refuse connections without mesh TLS.
     pub inbound_require_tls: PortSet,
+    /// Linkerd's control plane, when the injector configured one.
+    pub control_plane: Option<ControlPlane>,
+    /// A target unused this long is forgotten, with its discovery streams.
+    pub outbound_discovery_idle_timeout: Duration,
+    pub outbound_http_queue: Queue,
+    pub outbound_tcp_queue: Queue,
+    /// Endpoints whose connections fail, and control-plane streams, are retried
+    /// after this.
+    pub outbound_backoff: Backoff,
+    /// The pod's addresses (`LINKERD2_PROXY_INBOUND_IPS`): the inbound side refuses
+    /// others, the outbound side treats them as local (never meshed).
+    pub inbound_ips: Vec<IpAddr>,
 }
 
 /// Every configuration problem found, each naming its variable.
@@ -214,14 +292,27 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads the configuration from the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
-        let vars: BTreeMap<String, String> = std::env::vars().collect();
-        Config::from_lookup(|name| vars.get(name).cloned())
+        Config::from_vars(&std::env::vars().collect())
+    }
+
+    /// Reads the configuration from `vars`, and warns of the Linkerd variables among
+    /// them that Tandem does not read (yet).
+    pub fn from_vars(vars: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+        let lookup = |name: &str| vars.get(name).cloned();
+        let env = Env::new(&lookup);
+        Config::read(env, vars.keys().map(String::as_str))
     }
 
     /// Reads the configuration through `lookup`, collecting every error rather than
     /// stopping at the first, so one run tells the operator everything that is wrong.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut env = Env::new(&lookup);
+        Config::read(Env::new(&lookup), std::iter::empty())
+    }
+
+    fn read<'n>(
+        mut env: Env<'_>,
+        set: impl IntoIterator<Item = &'n str>,
+    ) -> Result<Config, ConfigError> {
         let extra_opaque = env.parse("TANDEM_EXTRA_OPAQUE_PORTS", "", PortSet::parse);
         let inbound = direction(&mut env, &INBOUND, &extra_opaque);
         let outbound = direction(&mut env, &OUTBOUND, &extra_opaque);
@@ -259,7 +350,9 @@ impl Config {
                 "120s",
                 env::duration,
             ),
-            log_filter: lookup("LINKERD2_PROXY_LOG").unwrap_or_else(|| "warn,tandem=info".into()),
+            log_filter: env
+                .value("LINKERD2_PROXY_LOG")
+                .unwrap_or_else(|| "warn,tandem=info".into()),
             log_format: env.parse("LINKERD2_PROXY_LOG_FORMAT", "plain", parse_log_format),
             // Linkerd ignores a bad thread count with a warning rather than refusing
             // to start; so does Tandem, since a pod is better slow than down.
@@ -288,7 +381,81 @@ impl Config {
                 "",
                 PortSet::parse,
             ),
+            control_plane: control_plane(&mut env),
+            outbound_discovery_idle_timeout: env.parse(
+                "LINKERD2_PROXY_OUTBOUND_DISCOVERY_IDLE_TIMEOUT",
+                "5s",
+                env::duration,
+            ),
+            outbound_http_queue: Queue {
+                capacity: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_HTTP_QUEUE_CAPACITY",
+                    "10000",
+                    env::count,
+                ),
+                failfast: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_HTTP_QUEUE_FAILFAST_TIMEOUT",
+                    "3s",
+                    env::duration,
+                ),
+            },
+            outbound_tcp_queue: Queue {
+                capacity: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_TCP_QUEUE_CAPACITY",
+                    "10000",
+                    env::count,
+                ),
+                failfast: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_TCP_QUEUE_FAILFAST_TIMEOUT",
+                    "3s",
+                    env::duration,
+                ),
+            },
+            outbound_backoff: Backoff {
+                min: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_CONNECT_EXP_BACKOFF_MIN",
+                    "100ms",
+                    env::duration,
+                ),
+                max: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_CONNECT_EXP_BACKOFF_MAX",
+                    "60s",
+                    env::duration,
+                ),
+                jitter: env.parse(
+                    "LINKERD2_PROXY_OUTBOUND_CONNECT_EXP_BACKOFF_JITTER",
+                    "0.1",
+                    parse_jitter,
+                ),
+            },
+            inbound_ips: env.parse("LINKERD2_PROXY_INBOUND_IPS", "", parse_ips),
         };
+        if config.outbound_backoff.min > config.outbound_backoff.max {
+            env.error("LINKERD2_PROXY_OUTBOUND_CONNECT_EXP_BACKOFF_MIN: longer than _MAX".into());
+        }
+        if let Some(control) = &config.control_plane {
+            let remote = [&control.destination, &control.policy]
+                .into_iter()
+                .any(|c| !crate::discover::linkerd::client::is_loopback(&c.addr));
+            if remote && config.identity.is_none() {
+                env.error(
+                    "LINKERD2_PROXY_DESTINATION_SVC_ADDR: the control plane is reached over mTLS, which needs mesh identity (LINKERD2_PROXY_IDENTITY_*)".into(),
+                );
+            }
+        }
+        if config.identity.is_some()
+            && config.control_plane.is_none()
+            && config.discovery_file.is_none()
+        {
+            env.warn("mesh identity is configured but no discovery source is (LINKERD2_PROXY_DESTINATION_SVC_ADDR or TANDEM_DISCOVERY_FILE): every destination is reached unmeshed, in plaintext".into());
+        }
+        let unread = env.unread(set, "LINKERD2_PROXY_");
+        if !unread.is_empty() {
+            env.warn(format!(
+                "Linkerd settings that Tandem does not support yet, ignored: {}",
+                unread.join(", ")
+            ));
+        }
         let needs_identity =
             !config.inbound_require_identity.is_empty() || !config.inbound_require_tls.is_empty();
         if needs_identity && config.identity.is_none() {
@@ -349,6 +516,137 @@ fn direction(env: &mut Env, names: &DirectionNames, extra_opaque: &PortSet) -> D
             keepalive_interval: env.parse(names.keepalive_interval, "10s", env::duration),
             keepalive_timeout: env.parse(names.keepalive_timeout, "20s", env::duration),
         },
+    }
+}
+
+/// Linkerd's control-plane settings; `None` when no control plane is configured.
+/// The destination and policy addresses come together, each with the identity it
+/// must prove unless it is loopback.
+fn control_plane(env: &mut Env) -> Option<ControlPlane> {
+    let destination = env.setting("LINKERD2_PROXY_DESTINATION_SVC_ADDR");
+    let policy = env.setting("LINKERD2_PROXY_POLICY_SVC_ADDR");
+    let addr = |env: &mut Env, var: &str, name_var: &str, value: Option<String>| {
+        let value = value?;
+        if let Err(why) = control_addr(&value) {
+            env.error(format!("{var}={value:?}: {why}"));
+        }
+        let name = env.optional(name_var, dns_name);
+        if name.is_none() && !crate::discover::linkerd::client::is_loopback(&value) {
+            env.error(format!(
+                "{name_var}: required with {var} (the identity the control plane must prove; only a loopback address goes without)"
+            ));
+        }
+        Some(ControlAddr { addr: value, name })
+    };
+    let destination = addr(
+        env,
+        "LINKERD2_PROXY_DESTINATION_SVC_ADDR",
+        "LINKERD2_PROXY_DESTINATION_SVC_NAME",
+        destination,
+    );
+    let policy = addr(
+        env,
+        "LINKERD2_PROXY_POLICY_SVC_ADDR",
+        "LINKERD2_PROXY_POLICY_SVC_NAME",
+        policy,
+    );
+    let context = env
+        .value("LINKERD2_PROXY_DESTINATION_CONTEXT")
+        .unwrap_or_default();
+    let workload = env.setting("LINKERD2_PROXY_POLICY_WORKLOAD");
+    let profile_networks = env.parse(
+        "LINKERD2_PROXY_DESTINATION_PROFILE_NETWORKS",
+        "",
+        parse_networks,
+    );
+    let stream = StreamLimits {
+        initial: env.optional(
+            "LINKERD2_PROXY_CONTROL_STREAM_INITIAL_TIMEOUT",
+            env::duration,
+        ),
+        idle: env.optional("LINKERD2_PROXY_CONTROL_STREAM_IDLE_TIMEOUT", env::duration),
+        lifetime: env.optional("LINKERD2_PROXY_CONTROL_STREAM_LIFETIME", env::duration),
+    };
+    match (destination, policy) {
+        (None, None) => None,
+        (Some(_), None) => {
+            env.error("LINKERD2_PROXY_POLICY_SVC_ADDR: required with LINKERD2_PROXY_DESTINATION_SVC_ADDR (Linkerd's control plane answers both)".into());
+            None
+        }
+        (None, Some(_)) => {
+            env.error("LINKERD2_PROXY_DESTINATION_SVC_ADDR: required with LINKERD2_PROXY_POLICY_SVC_ADDR (Linkerd's control plane answers both)".into());
+            None
+        }
+        (Some(destination), Some(policy)) => {
+            let workload = workload.unwrap_or_else(|| {
+                env.error("LINKERD2_PROXY_POLICY_WORKLOAD: required with LINKERD2_PROXY_POLICY_SVC_ADDR (the pod, as JSON {\"ns\",\"pod\"} or ns:pod)".into());
+                String::new()
+            });
+            Some(ControlPlane {
+                destination,
+                policy,
+                context,
+                workload,
+                profile_networks,
+                stream,
+            })
+        }
+    }
+}
+
+/// `host:port`, the host a name or an address.
+fn control_addr(text: &str) -> Result<(), String> {
+    if text.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match text.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty()
+                && !host.contains(['/', ' '])
+                && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+        {
+            Ok(())
+        }
+        _ => Err(
+            "expected host:port, such as linkerd-dst-headless.linkerd.svc.cluster.local.:8086"
+                .into(),
+        ),
+    }
+}
+
+fn dns_name(text: &str) -> Result<String, String> {
+    rustls::pki_types::DnsName::try_from(text)
+        .map(|_| text.to_ascii_lowercase())
+        .map_err(|_| "expected a DNS name".to_string())
+}
+
+fn parse_networks(text: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            n.parse::<ipnet::IpNet>()
+                .map(|net| net.trunc())
+                .map_err(|_| format!("{n:?} is not a network such as 10.0.0.0/8"))
+        })
+        .collect()
+}
+
+fn parse_ips(text: &str) -> Result<Vec<IpAddr>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|ip| !ip.is_empty())
+        .map(|ip| {
+            ip.parse::<IpAddr>()
+                .map_err(|_| format!("{ip:?} is not an IP address"))
+        })
+        .collect()
+}
+
+fn parse_jitter(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(j) if (0.0..=100.0).contains(&j) => Ok(j),
+        _ => Err("expected a number of 0 or more".into()),
     }
 }
 

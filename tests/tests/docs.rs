@@ -6,6 +6,7 @@ fn quoted_variables(source: &str) -> Vec<String> {
     let mut found = Vec::new();
     for piece in source.split('"').skip(1).step_by(2) {
         let is_var = (piece.starts_with("LINKERD2_PROXY_") || piece.starts_with("TANDEM_"))
+            && !piece.ends_with('_')
             && piece
                 .chars()
                 .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');

@@ -1,11 +1,19 @@
 //! The discovery file (`TANDEM_DISCOVERY_FILE`): destinations matched by address or
 //! network and port, parsed (YAML or TOML) into a table that is replaced whole when the
 //! file changes, so lookups never wait for a lock. Parsing is fuzzed.
+//!
+//! A destination is either one peer (`identity`, `http2`, … at its own level: the
+//! connection goes to the address that was dialled, as before endpoints existed) or
+//! a set of `endpoints:` (a Service's VIP mapped to its pods), which the proxy
+//! balances as it balances endpoints from the control plane. A balancer is made once
+//! per destination and port and kept across reloads: a reload updates it in place,
+//! so connections already open follow an edit of the file.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -13,7 +21,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use super::{Discover, Endpoint, Resolution};
+use super::balance::{BalanceSettings, Balancer, BalancerName, BalancerRegistry};
+use super::{Backend, Destination, Discover, Endpoint, Labels, Resolution};
 
 /// A parsed discovery file: destinations matched by address or CIDR and port.
 #[derive(Debug, Default, PartialEq)]
@@ -23,10 +32,55 @@ pub struct Table {
 
 #[derive(Debug, PartialEq)]
 struct Entry {
+    /// Names the entry across reloads: its `addr` and `ports` as written.
+    key: String,
     net: IpNet,
     /// Inclusive port ranges; empty means every port.
     ports: Vec<(u16, u16)>,
-    endpoint: Arc<Endpoint>,
+    opaque: bool,
+    target: EntryTarget,
+}
+
+#[derive(Debug, PartialEq)]
+enum EntryTarget {
+    /// The dialled address itself, as this peer.
+    Peer(Peer),
+    /// These endpoints, balanced.
+    Endpoints(Vec<FileEndpoint>),
+}
+
+/// How to reach a meshed (or unmeshed) peer; an endpoint without an address yet.
+#[derive(Clone, Debug, PartialEq)]
+struct Peer {
+    identity: Option<Arc<str>>,
+    server_name: Option<Arc<str>>,
+    http2: bool,
+    inbound_port: u16,
+    labels: Arc<Labels>,
+}
+
+impl Peer {
+    fn at(&self, addr: SocketAddr, weight: u32) -> Endpoint {
+        Endpoint {
+            addr,
+            weight,
+            identity: self.identity.clone(),
+            server_name: self.server_name.clone(),
+            http2: self.http2,
+            // Opaque connections to a meshed peer go to its proxy's inbound port.
+            opaque_port: self.identity.as_ref().map(|_| self.inbound_port),
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct FileEndpoint {
+    ip: IpAddr,
+    /// `None`: the port that was dialled.
+    port: Option<u16>,
+    weight: u32,
+    peer: Peer,
 }
 
 /// One destination as written in the file.
@@ -49,6 +103,33 @@ struct FileDestination {
     http2: bool,
     #[serde(default = "default_inbound_port")]
     inbound_port: u16,
+    /// The destination's metric labels (`service`, `namespace`, …), printed as
+    /// `dst_<name>`.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// The pods behind a Service's address, balanced; the destination's own
+    /// `identity`, `http2` and `inbound_port` are their defaults.
+    #[serde(default)]
+    endpoints: Option<Vec<FileEndpointSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEndpointSpec {
+    /// `10.42.0.5` (the dialled port) or `10.42.0.5:8080`.
+    addr: String,
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    server_name: Option<String>,
+    #[serde(default)]
+    http2: Option<bool>,
+    #[serde(default)]
+    inbound_port: Option<u16>,
+    #[serde(default = "default_weight")]
+    weight: u32,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 /// A peer's identity and the SNI to reach it by; both `None` when it is not meshed.
@@ -99,11 +180,19 @@ fn default_inbound_port() -> u16 {
     4143
 }
 
+fn default_weight() -> u32 {
+    1
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
     destinations: Vec<FileDestination>,
+}
+
+fn labels(map: BTreeMap<String, String>) -> Labels {
+    Labels::new(map)
 }
 
 impl Table {
@@ -116,33 +205,15 @@ impl Table {
         };
         let mut entries = Vec::with_capacity(file.destinations.len());
         for (index, d) in file.destinations.into_iter().enumerate() {
-            let what = |why: String| format!("destination {} ({}): {why}", index + 1, d.addr);
-            let net = parse_net(&d.addr).map_err(what)?;
-            let ports = match &d.ports {
-                None => Vec::new(),
-                Some(PortsField::One(port)) => vec![(*port, *port)],
-                Some(PortsField::List(list)) => parse_port_ranges(list).map_err(what)?,
-            };
-            let (identity, server_name) = mesh_names(d.identity, d.server_name).map_err(what)?;
-            let endpoint = Endpoint {
-                identity,
-                server_name,
-                opaque: d.opaque,
-                http2: d.http2,
-                inbound_port: d.inbound_port,
-            };
-            entries.push(Entry {
-                net,
-                ports,
-                endpoint: Arc::new(endpoint),
-            });
+            let name = format!("destination {} ({})", index + 1, d.addr);
+            entries.push(entry(d).map_err(|why| format!("{name}: {why}"))?);
         }
         Ok(Table { entries })
     }
 
     /// The most specific entry (longest prefix) that matches the address and port;
     /// among equals, the first in the file.
-    pub fn lookup(&self, target: SocketAddr) -> Option<Arc<Endpoint>> {
+    fn entry(&self, target: SocketAddr) -> Option<&Entry> {
         let ip = crate::net::socket::unmap(target).ip();
         let port = target.port();
         self.entries
@@ -158,8 +229,92 @@ impl Table {
                 Some(b) if b.net.prefix_len() >= e.net.prefix_len() => Some(b),
                 _ => Some(e),
             })
-            .map(|e| e.endpoint.clone())
     }
+
+    /// The endpoints the table gives `target`: itself as the entry's peer, or the
+    /// entry's endpoints (with the dialled port where they name none). `None` when
+    /// no entry matches.
+    pub fn lookup(&self, target: SocketAddr) -> Option<(bool, Vec<Endpoint>)> {
+        let entry = self.entry(target)?;
+        Some((entry.opaque, endpoints(entry, target)))
+    }
+}
+
+fn endpoints(entry: &Entry, target: SocketAddr) -> Vec<Endpoint> {
+    match &entry.target {
+        EntryTarget::Peer(peer) => vec![peer.at(target, 1)],
+        EntryTarget::Endpoints(list) => list
+            .iter()
+            .map(|e| {
+                let addr = SocketAddr::new(e.ip, e.port.unwrap_or(target.port()));
+                e.peer.at(addr, e.weight)
+            })
+            .collect(),
+    }
+}
+
+fn entry(d: FileDestination) -> Result<Entry, String> {
+    let net = parse_net(&d.addr)?;
+    let ports = match &d.ports {
+        None => Vec::new(),
+        Some(PortsField::One(port)) => vec![(*port, *port)],
+        Some(PortsField::List(list)) => parse_port_ranges(list)?,
+    };
+    let key = format!(
+        "{} {}",
+        d.addr.trim(),
+        match &d.ports {
+            None => String::new(),
+            Some(PortsField::One(port)) => port.to_string(),
+            Some(PortsField::List(list)) => list.trim().to_string(),
+        }
+    );
+    let destination_labels = labels(d.labels);
+    let target = match d.endpoints {
+        None => {
+            let (identity, server_name) = mesh_names(d.identity, d.server_name)?;
+            EntryTarget::Peer(Peer {
+                identity,
+                server_name,
+                http2: d.http2,
+                inbound_port: d.inbound_port,
+                labels: Arc::new(destination_labels),
+            })
+        }
+        Some(list) => {
+            if list.is_empty() {
+                return Err("endpoints is empty".into());
+            }
+            let mut endpoints = Vec::with_capacity(list.len());
+            for (index, e) in list.into_iter().enumerate() {
+                let what = |why: String| format!("endpoint {} ({}): {why}", index + 1, e.addr);
+                let (ip, port) = parse_endpoint_addr(&e.addr).map_err(what)?;
+                let identity = e.identity.or_else(|| d.identity.clone());
+                let server_name = e.server_name.or_else(|| d.server_name.clone());
+                let (identity, server_name) = mesh_names(identity, server_name).map_err(what)?;
+                endpoints.push(FileEndpoint {
+                    ip,
+                    port,
+                    weight: e.weight,
+                    peer: Peer {
+                        identity,
+                        server_name,
+                        http2: e.http2.unwrap_or(d.http2),
+                        inbound_port: e.inbound_port.unwrap_or(d.inbound_port),
+                        labels: Arc::new(destination_labels.merged(&labels(e.labels))),
+                    },
+                });
+            }
+            EntryTarget::Endpoints(endpoints)
+        }
+    };
+    Ok(Entry {
+        key,
+        net,
+        ports,
+        opaque: d.opaque,
+        target,
+    })
 }
 
 fn parse_net(text: &str) -> Result<IpNet, String> {
@@ -172,30 +327,94 @@ fn parse_net(text: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{text:?} is neither an address nor a network"))
 }
 
+/// `10.0.0.1`, `10.0.0.1:80`, `2001:db8::1` or `[2001:db8::1]:80`.
+fn parse_endpoint_addr(text: &str) -> Result<(IpAddr, Option<u16>), String> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok((addr.ip(), Some(addr.port())));
+    }
+    let bare = text.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>()
+        .map(|ip| (ip, None))
+        .map_err(|_| format!("{text:?} is not an address, with or without a port"))
+}
+
 fn parse_port_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
     Ok(crate::config::PortSet::parse(text)?.ranges())
 }
 
 /// The file source: a table replaced whole when the file changes, so lookups never
-/// wait for a lock.
+/// wait for a lock, and the balancers its entries with endpoints have made.
 pub struct FileDiscovery {
     table: ArcSwap<Table>,
+    /// By entry key and dialled port.
+    balancers: Mutex<HashMap<(String, u16), Arc<Balancer>>>,
+    balance: BalanceSettings,
+    registry: Arc<BalancerRegistry>,
     /// File versions the reloader has processed, valid or not.
     versions_seen: std::sync::atomic::AtomicU64,
 }
 
 impl Discover for FileDiscovery {
     fn resolve(&self, target: SocketAddr) -> Resolution<'_> {
-        Resolution::Known(self.table.load().lookup(target))
+        Resolution::Known(Ok(self
+            .lookup(target)
+            .unwrap_or_else(|| Destination::fallback(target))))
     }
 }
 
 impl FileDiscovery {
+    /// What the file says of `target`, `None` when no entry matches.
+    pub fn lookup(&self, target: SocketAddr) -> Option<Arc<Destination>> {
+        let table = self.table.load();
+        let entry = table.entry(target)?;
+        let backend = match &entry.target {
+            EntryTarget::Peer(peer) => Backend::Forward(Arc::new(peer.at(target, 1))),
+            EntryTarget::Endpoints(_) => {
+                let mut balancers = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
+                let balancer = balancers
+                    .entry((entry.key.clone(), target.port()))
+                    .or_insert_with(|| {
+                        let name = BalancerName::default_kind(&entry.key, target.port());
+                        let balancer = Balancer::new(name, self.balance.clone());
+                        self.registry.register(&balancer);
+                        balancer.update(endpoints(entry, target));
+                        balancer
+                    });
+                Backend::Balance(balancer.clone())
+            }
+        };
+        Some(Arc::new(Destination {
+            opaque: entry.opaque,
+            backend,
+        }))
+    }
+
+    /// A new table: balancers whose entry is still there take its endpoints; the
+    /// others are forgotten (connections that hold them finish with what they have).
+    fn install(&self, table: Table) {
+        let mut balancers = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
+        balancers.retain(|(key, port), balancer| {
+            let entry = table.entries.iter().find(|e| &e.key == key);
+            match entry {
+                Some(entry) if matches!(entry.target, EntryTarget::Endpoints(_)) => {
+                    let target = SocketAddr::new(entry.net.addr(), *port);
+                    balancer.update(endpoints(entry, target));
+                    true
+                }
+                _ => false,
+            }
+        });
+        self.table.store(Arc::new(table));
+    }
+
     /// Loads `path` now (a missing file is an empty table until it appears; an invalid
     /// one is an error) and returns the source with a task that reloads it.
     pub fn start(
         path: PathBuf,
         interval: Duration,
+        balance: BalanceSettings,
+        registry: Arc<BalancerRegistry>,
     ) -> Result<(Arc<FileDiscovery>, impl Future<Output = ()>), String> {
         let initial = match std::fs::read_to_string(&path) {
             Ok(text) => {
@@ -212,6 +431,9 @@ impl FileDiscovery {
             .then(|| std::fs::read_to_string(&path).unwrap_or_default());
         let discovery = Arc::new(FileDiscovery {
             table: ArcSwap::from_pointee(initial.unwrap_or_default()),
+            balancers: Mutex::default(),
+            balance,
+            registry,
             versions_seen: Default::default(),
         });
         let watcher = discovery.clone();
@@ -232,7 +454,7 @@ impl FileDiscovery {
                 match Table::parse(&text, &path) {
                     Ok(table) => {
                         info!(path = %path.display(), destinations = table.entries.len(), "discovery file reloaded");
-                        watcher.table.store(Arc::new(table));
+                        watcher.install(table);
                     }
                     Err(error) => {
                         warn!(path = %path.display(), %error, "invalid discovery file; keeping the last good table")
@@ -260,6 +482,28 @@ mod tests {
         addr.parse().unwrap()
     }
 
+    /// The one peer an entry without endpoints gives `addr`.
+    fn peer(table: &Table, addr: &str) -> Option<Endpoint> {
+        let (_, mut endpoints) = table.lookup(at(addr))?;
+        assert_eq!(endpoints.len(), 1);
+        endpoints.pop()
+    }
+
+    fn settings() -> BalanceSettings {
+        use super::super::balance::Backoff;
+        BalanceSettings {
+            queue_capacity: 10,
+            failfast: Duration::from_secs(3),
+            backoff: Backoff {
+                min: Duration::from_millis(100),
+                max: Duration::from_secs(60),
+                jitter: 0.1,
+            },
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+        }
+    }
+
     #[test]
     fn yaml_and_toml_describe_the_same_table() {
         let from_yaml = yaml(
@@ -271,13 +515,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(from_yaml, from_toml);
-        let endpoint = from_yaml.lookup(at("192.0.2.7:9001")).unwrap();
+        let (opaque, _) = from_yaml.lookup(at("192.0.2.7:9001")).unwrap();
+        let endpoint = peer(&from_yaml, "192.0.2.7:9001").unwrap();
+        assert_eq!(endpoint.addr, at("192.0.2.7:9001"));
         assert_eq!(
             endpoint.identity.as_deref(),
             Some("web.ns.serviceaccount.identity.linkerd.cluster.local")
         );
-        assert!(endpoint.http2 && !endpoint.opaque);
-        assert_eq!(endpoint.inbound_port, 4143);
+        assert!(endpoint.http2 && !opaque);
+        assert_eq!(endpoint.opaque_port, Some(4143));
         assert!(from_yaml.lookup(at("192.0.2.7:9003")).is_none());
         assert!(from_yaml.lookup(at("198.51.100.1:8080")).is_none());
     }
@@ -288,22 +534,14 @@ mod tests {
             "destinations:\n  - addr: 192.0.2.0/24\n    identity: a.example\n  - addr: 192.0.2.5\n    ports: 80\n    identity: b.example\n    opaque: true\n",
         );
         assert_eq!(
-            table
-                .lookup(at("192.0.2.5:80"))
-                .unwrap()
-                .identity
-                .as_deref(),
+            peer(&table, "192.0.2.5:80").unwrap().identity.as_deref(),
             Some("b.example")
         );
         assert_eq!(
-            table
-                .lookup(at("192.0.2.5:81"))
-                .unwrap()
-                .identity
-                .as_deref(),
+            peer(&table, "192.0.2.5:81").unwrap().identity.as_deref(),
             Some("a.example")
         );
-        assert!(table.lookup(at("192.0.2.5:80")).unwrap().opaque);
+        assert!(table.lookup(at("192.0.2.5:80")).unwrap().0);
         // IPv4-mapped addresses from dual-stack sockets match IPv4 entries.
         assert!(table.lookup(at("[::ffff:192.0.2.9]:1")).is_some());
         let v6 = yaml("destinations:\n  - addr: 2001:db8::/64\n    identity: six.example\n");
@@ -327,13 +565,13 @@ mod tests {
         let table = yaml(
             "destinations:\n  - addr: 192.0.2.10\n    identity: spiffe://root.linkerd.cluster.local/VM-1\n    server_name: VM-1.Example.com\n  - addr: 192.0.2.11\n    identity: Web.Example\n",
         );
-        let vm = table.lookup(at("192.0.2.10:80")).unwrap();
+        let vm = peer(&table, "192.0.2.10:80").unwrap();
         assert_eq!(
             vm.identity.as_deref(),
             Some("spiffe://root.linkerd.cluster.local/VM-1")
         );
         assert_eq!(vm.server_name.as_deref(), Some("vm-1.example.com"));
-        let pod = table.lookup(at("192.0.2.11:80")).unwrap();
+        let pod = peer(&table, "192.0.2.11:80").unwrap();
         assert_eq!(pod.identity.as_deref(), Some("web.example"));
         assert_eq!(pod.server_name.as_deref(), Some("web.example"));
 
@@ -362,14 +600,16 @@ mod tests {
             "destinations:\n  - addr: 192.0.2.1\n    identity: one.example\n",
         )
         .unwrap();
-        let (discovery, reload) =
-            FileDiscovery::start(path.clone(), Duration::from_millis(10)).unwrap();
+        let (discovery, reload) = FileDiscovery::start(
+            path.clone(),
+            Duration::from_millis(10),
+            settings(),
+            Arc::default(),
+        )
+        .unwrap();
         let reload = tokio::spawn(reload);
         let identity = |d: &FileDiscovery| {
-            d.table
-                .load()
-                .lookup(at("192.0.2.1:80"))
-                .and_then(|e| e.identity.clone())
+            peer(&d.table.load(), "192.0.2.1:80").and_then(|e| e.identity.clone())
         };
         assert_eq!(identity(&discovery).as_deref(), Some("one.example"));
 
@@ -386,6 +626,87 @@ mod tests {
         assert_eq!(identity(&discovery).as_deref(), Some("two.example"));
         reload.abort();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn endpoints_map_an_address_to_its_pods() {
+        let table = yaml(concat!(
+            "destinations:\n",
+            "  - addr: 10.96.0.10\n",
+            "    ports: 80\n",
+            "    identity: default.prod.serviceaccount.identity.linkerd.cluster.local\n",
+            "    http2: true\n",
+            "    labels: {service: web, namespace: prod}\n",
+            "    endpoints:\n",
+            "      - addr: 10.42.0.5\n",
+            "        labels: {pod: web-a}\n",
+            "      - addr: 10.42.0.6:8080\n",
+            "        identity: b.prod.serviceaccount.identity.linkerd.cluster.local\n",
+            "        weight: 3\n",
+            "        http2: false\n",
+            "      - addr: \"[2001:db8::7]\"\n",
+        ));
+        let (opaque, endpoints) = table.lookup(at("10.96.0.10:80")).unwrap();
+        assert!(!opaque);
+        let addrs: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(
+            addrs,
+            ["10.42.0.5:80", "10.42.0.6:8080", "[2001:db8::7]:80"]
+        );
+        let (a, b) = (&endpoints[0], &endpoints[1]);
+        // The destination's mesh settings are the endpoints' defaults.
+        assert_eq!(
+            a.identity.as_deref(),
+            Some("default.prod.serviceaccount.identity.linkerd.cluster.local")
+        );
+        assert!(a.http2 && !b.http2);
+        assert_eq!(
+            b.identity.as_deref(),
+            Some("b.prod.serviceaccount.identity.linkerd.cluster.local")
+        );
+        assert_eq!((a.weight, b.weight), (1, 3));
+        assert_eq!(a.labels.get("service"), Some("web"));
+        assert_eq!(a.labels.get("pod"), Some("web-a"));
+        assert_eq!(b.labels.get("pod"), None);
+        assert!(table.lookup(at("10.96.0.10:81")).is_none());
+
+        let bad = |text: &str| Table::parse(text, Path::new("d.yaml")).unwrap_err();
+        let error =
+            bad("destinations:\n  - addr: 10.96.0.10\n    endpoints:\n      - addr: pod-a\n");
+        assert!(
+            error.contains("destination 1") && error.contains("endpoint 1 (pod-a)"),
+            "{error}"
+        );
+        assert!(bad("destinations:\n  - addr: 10.96.0.10\n    endpoints: []\n").contains("empty"));
+    }
+
+    /// A reload updates the balancer in place, so connections that hold it follow.
+    #[tokio::test]
+    async fn a_reload_updates_the_balancers_it_made() {
+        let discovery = FileDiscovery {
+            table: ArcSwap::from_pointee(yaml(
+                "destinations:\n  - addr: 10.96.0.10\n    endpoints:\n      - addr: 10.42.0.5\n      - addr: 10.42.0.6\n",
+            )),
+            balancers: Mutex::default(),
+            balance: settings(),
+            registry: Arc::default(),
+            versions_seen: Default::default(),
+        };
+        let destination = discovery.lookup(at("10.96.0.10:80")).unwrap();
+        let Backend::Balance(balancer) = &destination.backend else {
+            panic!("a balancer expected");
+        };
+        assert_eq!(balancer.endpoints().len(), 2);
+        discovery.install(yaml(
+            "destinations:\n  - addr: 10.96.0.10\n    endpoints:\n      - addr: 10.42.0.7\n",
+        ));
+        let ports: Vec<SocketAddr> = balancer.endpoints().iter().map(|e| e.addr).collect();
+        assert_eq!(ports, [at("10.42.0.7:80")]);
+        let again = discovery.lookup(at("10.96.0.10:80")).unwrap();
+        let Backend::Balance(same) = &again.backend else {
+            panic!("a balancer expected");
+        };
+        assert!(Arc::ptr_eq(balancer, same));
     }
 
     async fn wait_until(mut done: impl FnMut() -> bool) {

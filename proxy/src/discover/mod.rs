@@ -1,51 +1,168 @@
 //! Discovery: what the proxy knows about a destination before connecting to it.
 //!
-//! For each original destination the outbound side asks [`Discover::resolve`] whether
-//! the peer is meshed (and with which identity), whether the port is opaque, and
-//! whether the peer proxy accepts HTTP/2. Unknown destinations are unmeshed: forwarded
-//! as plain TCP, as Linkerd does for destinations its control plane does not know.
+//! A logical destination (what the application dialled: a Service's ClusterIP:port,
+//! or a pod's IP:port) resolves to a [`Destination`]: whether it is opaque, its own
+//! metric labels, and its [`Backend`]: one endpoint to forward to, or a balancer over
+//! a set of endpoints that discovery keeps up to date. An [`Endpoint`] says where to
+//! connect and how: the peer proxy's identity and SNI, whether it takes HTTP/2, the
+//! port it takes opaque connections on, its weight and metric labels.
 //!
-//! The first source is a file (`TANDEM_DISCOVERY_FILE`, [`file`]), reloaded when it changes. A
-//! control-plane client (Linkerd's Destination/Policy APIs) implements the same trait:
-//! it answers from its cache with [`Resolution::Known`], or with
-//! [`Resolution::Pending`] while it asks the control plane, so the file source never
-//! pays for a future it does not need.
+//! Two sources produce this model: the discovery file ([`file`]) and Linkerd's
+//! control plane ([`linkerd`]). A destination neither knows is forwarded to the
+//! original destination unmeshed, as Linkerd does. A source answers from its cache
+//! with [`Resolution::Known`], or with [`Resolution::Pending`] while it asks, so the
+//! file source never pays for a future it does not need.
 
+pub mod balance;
 pub mod file;
+pub mod linkerd;
 
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-/// What discovery knows about one destination.
+use self::balance::Balancer;
+
+/// Metric labels, sorted by name, printed as `dst_<name>` on outbound metrics.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Labels(pub Vec<(String, String)>);
+
+impl Labels {
+    /// Labels from pairs, sorted; a later pair with the same name wins.
+    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Labels {
+        let mut labels: Vec<(String, String)> = Vec::new();
+        for (name, value) in pairs {
+            match labels.iter_mut().find(|(n, _)| *n == name) {
+                Some(slot) => slot.1 = value,
+                None => labels.push((name, value)),
+            }
+        }
+        labels.sort();
+        Labels(labels)
+    }
+
+    /// `self`, with `over`'s labels replacing any of the same name.
+    pub fn merged(&self, over: &Labels) -> Labels {
+        Labels::new(self.0.iter().chain(over.0.iter()).cloned())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One endpoint of a destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    /// The peer proxy's identity (e.g. `web.ns.serviceaccount.identity.linkerd.cluster.local`);
-    /// `None` means the destination is not meshed.
+    pub addr: SocketAddr,
+    /// Its share of requests relative to its peers (1 by default).
+    pub weight: u32,
+    /// The peer proxy's identity (e.g.
+    /// `web.ns.serviceaccount.identity.linkerd.cluster.local`); `None`: not meshed.
     pub identity: Option<Arc<str>>,
     /// The name to send in SNI when meshed: the identity itself when it is a DNS
     /// name; for a SPIFFE ID, the peer's `LINKERD2_PROXY_IDENTITY_SERVER_NAME`.
     pub server_name: Option<Arc<str>>,
-    /// Skip protocol detection and carry the bytes opaquely (with the transport header
-    /// when meshed).
-    pub opaque: bool,
-    /// The peer proxy accepts HTTP/2 (for multiplexing HTTP/1 between proxies).
+    /// The peer proxy accepts HTTP/2 (so HTTP/1 is multiplexed over it).
     pub http2: bool,
-    /// The peer proxy's inbound port, for opaque traffic sent with a transport header.
-    pub inbound_port: u16,
+    /// The peer proxy's inbound port for opaque connections, which carry a
+    /// transport header (or ride a carrier) naming the real port.
+    pub opaque_port: Option<u16>,
+    /// Metric labels (the destination's merged under the endpoint's own).
+    pub labels: Arc<Labels>,
 }
+
+impl Endpoint {
+    /// The original destination itself, unmeshed: what discovery does not know.
+    pub fn unmeshed(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr,
+            weight: 1,
+            identity: None,
+            server_name: None,
+            http2: false,
+            opaque_port: None,
+            labels: Arc::default(),
+        }
+    }
+}
+
+/// What discovery says about a logical destination.
+#[derive(Debug)]
+pub struct Destination {
+    /// Skip protocol detection: connections are carried as bytes.
+    pub opaque: bool,
+    pub backend: Backend,
+}
+
+impl Destination {
+    /// A destination discovery does not know: its own address, unmeshed.
+    pub fn fallback(addr: SocketAddr) -> Arc<Destination> {
+        Arc::new(Destination {
+            opaque: false,
+            backend: Backend::Forward(Arc::new(Endpoint::unmeshed(addr))),
+        })
+    }
+}
+
+/// Where a destination's connections and requests go.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// To one endpoint.
+    Forward(Arc<Endpoint>),
+    /// To one of a set of endpoints, chosen per request (HTTP) or per connection.
+    Balance(Arc<Balancer>),
+    /// Nowhere: the control plane forbids it (a Service port it does not define)
+    /// or described it in a way the proxy cannot use.
+    Refused(Refusal),
+}
+
+/// Why a destination takes no traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The policy forbids it.
+    Forbidden,
+    /// The policy is invalid (Linkerd fails such destinations the same way).
+    Invalid,
+}
+
+/// Why discovery could not answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiscoveryError {
+    /// The control plane was not reached within the fail-fast timeout.
+    Unavailable,
+}
+
+impl fmt::Display for DiscoveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiscoveryError::Unavailable => f.write_str("the control plane is unavailable"),
+        }
+    }
+}
+
+/// The result of a lookup.
+pub type Resolved = Result<Arc<Destination>, DiscoveryError>;
 
 /// The answer to a lookup: known now, or once the source has asked elsewhere.
 pub enum Resolution<'a> {
-    Known(Option<Arc<Endpoint>>),
-    Pending(Pin<Box<dyn Future<Output = Option<Arc<Endpoint>>> + Send + 'a>>),
+    Known(Resolved),
+    Pending(Pin<Box<dyn Future<Output = Resolved> + Send + 'a>>),
 }
 
 impl Resolution<'_> {
-    pub async fn await_endpoint(self) -> Option<Arc<Endpoint>> {
+    pub async fn resolved(self) -> Resolved {
         match self {
-            Resolution::Known(endpoint) => endpoint,
+            Resolution::Known(resolved) => resolved,
             Resolution::Pending(lookup) => lookup.await,
         }
     }
@@ -60,7 +177,44 @@ pub trait Discover: Send + Sync + 'static {
 pub struct NoDiscovery;
 
 impl Discover for NoDiscovery {
-    fn resolve(&self, _target: SocketAddr) -> Resolution<'_> {
-        Resolution::Known(None)
+    fn resolve(&self, target: SocketAddr) -> Resolution<'_> {
+        Resolution::Known(Ok(Destination::fallback(target)))
+    }
+}
+
+/// Two sources: the first's answer where it knows the destination, else the
+/// second's (the discovery file beside the control plane, for peers outside the
+/// cluster).
+pub struct Layered {
+    pub first: Arc<file::FileDiscovery>,
+    pub then: Arc<dyn Discover>,
+}
+
+impl Discover for Layered {
+    fn resolve(&self, target: SocketAddr) -> Resolution<'_> {
+        match self.first.lookup(target) {
+            Some(destination) => Resolution::Known(Ok(destination)),
+            None => self.then.resolve(target),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_sorted_and_merged_by_name() {
+        let pairs =
+            |p: &[(&str, &str)]| Labels::new(p.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let service = pairs(&[("service", "web"), ("namespace", "prod")]);
+        let pod = pairs(&[("pod", "web-1"), ("namespace", "other")]);
+        let merged = service.merged(&pod);
+        assert_eq!(
+            merged,
+            pairs(&[("namespace", "other"), ("pod", "web-1"), ("service", "web")])
+        );
+        assert_eq!(merged.get("pod"), Some("web-1"));
+        assert!(Labels::default().is_empty());
     }
 }

@@ -20,6 +20,7 @@ use super::client::Checkin;
 use super::errors::ErrorKind;
 use super::h2_streams::H2Body;
 use super::metrics::{Outcome, SeriesHandle};
+use crate::discover::balance::Picked;
 
 /// A body error, whichever side it came from. A body sent on an HTTP/2 stream that
 /// fails resets the stream with the `h2` reason found inside it, if any.
@@ -66,6 +67,8 @@ pub struct ResponseBody {
     inner: Option<RecvBody>,
     recorder: Option<Recorder>,
     checkin: Option<Checkin>,
+    /// The balanced endpoint the request went to, in flight until the body ends.
+    picked: Option<Picked>,
 }
 
 /// Records one response in its series when the response ends.
@@ -115,14 +118,21 @@ impl ResponseBody {
             inner: None,
             recorder: None,
             checkin: None,
+            picked: None,
         }
     }
 
-    pub fn new(inner: RecvBody, recorder: Recorder, checkin: Option<Checkin>) -> ResponseBody {
+    pub fn new(
+        inner: RecvBody,
+        recorder: Recorder,
+        checkin: Option<Checkin>,
+        picked: Option<Picked>,
+    ) -> ResponseBody {
         ResponseBody {
             inner: Some(inner),
             recorder: Some(recorder),
             checkin,
+            picked,
         }
     }
 
@@ -135,6 +145,7 @@ impl ResponseBody {
                 checkin.release();
             }
         }
+        self.picked = None;
     }
 }
 

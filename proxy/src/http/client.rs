@@ -27,6 +27,7 @@ use super::body::RecvBody;
 use super::errors::ErrorKind;
 use super::h2_client;
 use crate::config::HttpConfig;
+use crate::discover::Labels;
 use crate::mesh::tls::TlsStatus;
 use crate::mesh::{Dialed, Dialer, PeerId};
 use crate::metrics::transport::{OpenConnection, Peer};
@@ -34,7 +35,7 @@ use crate::metrics::DirectionMetrics;
 use crate::net::error::ConnError;
 
 type Sender1 = http1::SendRequest<RecvBody>;
-type Sender2 = h2_client::Sender;
+pub type Sender2 = h2_client::Sender;
 
 /// What a pooled connection was opened for; it is reused for nothing else.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -82,13 +83,15 @@ impl Pools {
         }
     }
 
-    /// The pool for `key`, looked up once per accepted connection.
-    pub fn pool(&self, key: PoolKey) -> Arc<Pool> {
+    /// The pool for `key`, looked up once per accepted connection (and upstream);
+    /// its connections are counted with `labels` (discovery's, `dst_*`).
+    pub fn pool(&self, key: PoolKey, labels: &Arc<Labels>) -> Arc<Pool> {
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(Pool {
                     key,
+                    labels: labels.clone(),
                     config: self.config.clone(),
                     dial: self.dial.clone(),
                     idle: Mutex::new(Vec::new()),
@@ -119,6 +122,7 @@ impl Pools {
 /// The connections to one endpoint.
 pub struct Pool {
     key: PoolKey,
+    labels: Arc<Labels>,
     config: HttpConfig,
     dial: Arc<Dial>,
     idle: Mutex<Vec<Idle>>,
@@ -126,6 +130,12 @@ pub struct Pool {
     /// Held while opening the HTTP/2 connection, so concurrent first requests share
     /// one connection instead of racing to open several.
     connecting: tokio::sync::Mutex<()>,
+}
+
+/// A pooled HTTP/1 connection that can take a request now.
+pub struct ReadyH1 {
+    sender: Sender1,
+    opened: Instant,
 }
 
 struct Idle {
@@ -159,6 +169,11 @@ impl Checkin {
 }
 
 impl Pool {
+    /// The endpoint's address.
+    pub fn target(&self) -> SocketAddr {
+        self.key.target
+    }
+
     fn usable(&self, idle: &Idle) -> bool {
         !idle.sender.is_closed()
             && idle.since.elapsed() < self.config.pool_idle_timeout
@@ -183,27 +198,33 @@ impl Pool {
         None
     }
 
-    /// Sends an HTTP/1 request on an idle connection or a new one. The returned
-    /// [`Checkin`] gives the connection back once the response body has ended.
-    pub async fn send_h1(
-        self: &Arc<Self>,
-        request: Request<RecvBody>,
-    ) -> Result<(Response<RecvBody>, Checkin), ErrorKind> {
-        let mut pooled = None;
+    /// An HTTP/1 connection ready to take a request: an idle one or a new one. A
+    /// failure here leaves the request untouched, so it may go elsewhere.
+    pub async fn ready_h1(&self) -> Result<ReadyH1, ErrorKind> {
         while let Some((mut sender, opened)) = self.checkout() {
             // A pooled connection the server has closed meanwhile fails here, before
             // the request is committed to it.
             if sender.ready().await.is_ok() {
-                pooled = Some((sender, opened));
-                break;
+                return Ok(ReadyH1 { sender, opened });
             }
         }
-        let (mut sender, opened) = match pooled {
-            Some(found) => found,
-            // Boxed: opening (connect, TLS) is rare next to reuse, and inline it
-            // would size every request's future for a handshake.
-            None => (Box::pin(self.open_h1()).await?, Instant::now()),
-        };
+        // Boxed: opening (connect, TLS) is rare next to reuse, and inline it would
+        // size every request's future for a handshake.
+        let sender = Box::pin(self.open_h1()).await?;
+        Ok(ReadyH1 {
+            sender,
+            opened: Instant::now(),
+        })
+    }
+
+    /// Sends an HTTP/1 request on `ready`. The returned [`Checkin`] gives the
+    /// connection back once the response body has ended.
+    pub async fn send_h1(
+        self: &Arc<Self>,
+        ready: ReadyH1,
+        request: Request<RecvBody>,
+    ) -> Result<(Response<RecvBody>, Checkin), ErrorKind> {
+        let ReadyH1 { mut sender, opened } = ready;
         let response = sender.send_request(request).await.map_err(upstream_error)?;
         let checkin = Checkin {
             endpoint: self.clone(),
@@ -230,17 +251,21 @@ impl Pool {
         Ok(sender)
     }
 
+    /// A handle on the endpoint's shared HTTP/2 connection, opened if need be. A
+    /// connection the peer is closing (GOAWAY) is not offered, so a new connection
+    /// takes the request instead.
+    pub async fn ready_h2(&self) -> Result<Sender2, ErrorKind> {
+        match self.current_h2() {
+            Some(sender) => Ok(sender),
+            None => Box::pin(self.open_h2()).await,
+        }
+    }
+
     /// Sends a request on the endpoint's shared HTTP/2 connection.
     pub async fn send_h2(
-        &self,
+        sender: Sender2,
         request: Request<RecvBody>,
     ) -> Result<Response<RecvBody>, ErrorKind> {
-        let sender = match self.current_h2() {
-            Some(sender) => sender,
-            // A connection the peer is closing (GOAWAY) refuses the stream before
-            // anything is sent, so a new connection takes the request instead.
-            None => Box::pin(self.open_h2()).await?,
-        };
         let response = sender.send(request).map_err(|error| {
             debug!(%error, "cannot send the request over HTTP/2");
             h2_error(&error)
@@ -293,7 +318,9 @@ impl Pool {
             .await
         {
             Ok((stream, tls)) => {
-                let series = metrics.transport.open(Peer::Dst, target, tls);
+                let series = metrics
+                    .transport
+                    .open_labelled(Peer::Dst, target, tls, &self.labels);
                 Ok(Counted::new(stream, series))
             }
             Err(error) => {

@@ -29,10 +29,16 @@ pub enum ErrorKind {
     Upstream,
     /// The response started, then its stream failed.
     Stream,
+    /// No endpoint of the destination was ready within the fail-fast timeout.
+    FailFast,
+    /// The destination's queue was full.
+    LoadShed,
+    /// The control plane could not be asked where the request goes.
+    Discovery,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 10] = [
         Self::ConnectRefused,
         Self::ConnectTimeout,
         Self::Connect,
@@ -40,6 +46,9 @@ impl ErrorKind {
         Self::Unavailable,
         Self::Upstream,
         Self::Stream,
+        Self::FailFast,
+        Self::LoadShed,
+        Self::Discovery,
     ];
 
     pub fn index(self) -> usize {
@@ -56,6 +65,9 @@ impl ErrorKind {
             Self::Unavailable => "unavailable",
             Self::Upstream => "upstream",
             Self::Stream => "stream",
+            Self::FailFast => "fail_fast",
+            Self::LoadShed => "load_shed",
+            Self::Discovery => "discovery",
         }
     }
 
@@ -69,14 +81,28 @@ impl ErrorKind {
             Self::Unavailable => "the destination is unavailable",
             Self::Upstream => "the destination closed or reset the connection",
             Self::Stream => "the response stream failed",
+            Self::FailFast => "no endpoint of the destination is ready (fail-fast)",
+            Self::LoadShed => "the destination's queue is full",
+            Self::Discovery => "the control plane is unavailable",
         }
+    }
+
+    /// The connection to the endpoint could not be made: the request was not sent,
+    /// and another endpoint may take it.
+    pub fn is_dial(self) -> bool {
+        matches!(
+            self,
+            Self::ConnectRefused | Self::ConnectTimeout | Self::Connect | Self::Tls
+        )
     }
 
     /// The status the client gets; `None` when the response had already started.
     pub fn status(self) -> Option<StatusCode> {
         match self {
             Self::ConnectTimeout => Some(StatusCode::GATEWAY_TIMEOUT),
-            Self::Unavailable => Some(StatusCode::SERVICE_UNAVAILABLE),
+            Self::Unavailable | Self::FailFast | Self::LoadShed | Self::Discovery => {
+                Some(StatusCode::SERVICE_UNAVAILABLE)
+            }
             Self::Stream => None,
             _ => Some(StatusCode::BAD_GATEWAY),
         }

@@ -23,6 +23,7 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 
 use super::errors::ErrorKind;
+use crate::discover::Labels as DstLabels;
 use crate::mesh::tls::TlsStatus;
 use crate::metrics::Direction;
 
@@ -168,6 +169,8 @@ struct Key {
     /// `None` once the cap is reached: such requests share one overflow series.
     target: Option<SocketAddr>,
     tls: TlsStatus,
+    /// Discovery's labels of the endpoint, printed as `dst_<name>`.
+    dst: Arc<DstLabels>,
 }
 
 /// The request series of one direction.
@@ -216,25 +219,29 @@ impl RequestMetrics {
         }
     }
 
-    /// The series for requests to `target` with `authority` over `tls`; called once per
-    /// connection, or when a connection's authority changes.
+    /// The series for requests to `target` with `authority` over `tls`, labelled with
+    /// discovery's `dst` labels; called once per connection and upstream, or when a
+    /// connection's authority changes.
     pub fn series(
         self: &Arc<Self>,
         authority: Option<&str>,
         target: SocketAddr,
         tls: &TlsStatus,
+        dst: &Arc<DstLabels>,
     ) -> SeriesHandle {
         let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
         let mut key = Key {
             authority: authority.map(Arc::from),
             target: Some(target),
             tls: tls.clone(),
+            dst: dst.clone(),
         };
         if !map.contains_key(&key) && map.len() >= self.max_series {
             self.evict_idle(&mut map);
             if map.len() >= self.max_series {
                 key.authority = None;
                 key.target = None;
+                key.dst = Arc::default();
             }
         }
         let series = map.entry(key).or_default().clone();
@@ -296,6 +303,7 @@ impl EncodeLabelSet for Labels<'_> {
             None => ("target_addr", "overflow").encode(encoder.encode_label())?,
         }
         crate::metrics::transport::encode_tls(self.direction, &self.key.tls, &mut encoder)?;
+        crate::metrics::transport::encode_dst(&self.key.dst, &mut encoder)?;
         if let Some(r) = self.response {
             let status = r.status.map(|s| s.to_string()).unwrap_or_default();
             ("status_code", status).encode(encoder.encode_label())?;
@@ -457,7 +465,12 @@ pub(crate) fn test_series(
     tls: TlsStatus,
 ) -> (Arc<RequestMetrics>, SeriesHandle) {
     let metrics = Arc::new(RequestMetrics::new(direction, Duration::from_secs(60), 10));
-    let series = metrics.series(authority, "192.0.2.1:80".parse().unwrap(), &tls);
+    let series = metrics.series(
+        authority,
+        "192.0.2.1:80".parse().unwrap(),
+        &tls,
+        &Arc::default(),
+    );
     (metrics, series)
 }
 

@@ -26,6 +26,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::sync::Mutex;
+
 use arc_swap::ArcSwapOption;
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
 use hyper::http::uri::Authority;
@@ -34,11 +36,14 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use self::body::{BoxError, Recorder, RecvBody, ResponseBody};
-use self::client::{Checkin, Pool, PoolKey, Pools};
+use self::client::{Checkin, Pool, PoolKey, Pools, ReadyH1, Sender2};
 use self::errors::ErrorKind;
 use self::metrics::{Outcome, SeriesHandle};
 use crate::config::HttpConfig;
-use crate::mesh::tls::TlsStatus;
+use crate::discover::balance::{Balancer, Member, PickError, Picked};
+use crate::discover::{Endpoint, Labels};
+use crate::mesh::tls::{NoTlsReason, TlsStatus};
+use crate::mesh::PeerId;
 use crate::metrics::DirectionMetrics;
 use crate::net::detect::Protocol;
 use crate::net::error::{ConnError, Errno};
@@ -62,38 +67,176 @@ pub struct HttpProxy {
 /// What differs between the two directions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// `h2_upgrade`: the peer proxy accepts HTTP/2, so HTTP/1 requests are carried
-    /// over one HTTP/2 connection with `l5d-orig-proto`.
-    Outbound { h2_upgrade: bool },
+    /// HTTP/1 requests to a peer that accepts HTTP/2 are carried over one HTTP/2
+    /// connection with `l5d-orig-proto` (per upstream: [`Upstream::h2_upgrade`]).
+    Outbound,
     /// `client_id`: the meshed client's verified identity, if any.
     Inbound { client_id: Option<Arc<str>> },
 }
 
 /// Where an accepted connection's requests go, decided once per connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Route {
-    pub pool: PoolKey,
     pub role: Role,
-    /// The `tls` label of the request series.
+    /// The address the client dialled: the authority of an upgraded HTTP/1.0 request
+    /// that named none, and the `target_addr` of requests that reach no endpoint.
+    pub logical: SocketAddr,
+    pub target: Target,
+    /// The client speaks HTTP/1: its header-name case is recorded.
+    pub http1_case: bool,
+}
+
+/// Where requests go.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// One upstream for every request.
+    Upstream(Upstream),
+    /// Each request goes to an endpoint the balancer picks; `meshed`: this proxy has
+    /// an identity, so meshed endpoints are reached over mTLS.
+    Balance {
+        balancer: Arc<Balancer>,
+        meshed: bool,
+    },
+    /// Every request fails with this error.
+    Fail(ErrorKind),
+}
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Target) -> bool {
+        match (self, other) {
+            (Target::Upstream(a), Target::Upstream(b)) => a == b,
+            (
+                Target::Balance {
+                    balancer: a,
+                    meshed: x,
+                },
+                Target::Balance {
+                    balancer: b,
+                    meshed: y,
+                },
+            ) => Arc::ptr_eq(a, b) && x == y,
+            (Target::Fail(a), Target::Fail(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// One upstream: its pool, whether HTTP/1 is upgraded to HTTP/2 on the way, and
+/// the labels its requests are counted with (`tls`: the peer's on the outbound
+/// side, the client's on the inbound side).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub pool: PoolKey,
+    pub h2_upgrade: bool,
     pub tls: TlsStatus,
+    pub labels: Arc<Labels>,
+}
+
+/// The upstream for the outbound side's requests to `endpoint` (`meshed`: the proxy
+/// has an identity of its own, so it can originate mTLS). Pure; decided once per
+/// connection, or once per endpoint a connection's requests are balanced over.
+pub fn outbound_upstream(endpoint: &Endpoint, meshed: bool, http1_case: bool) -> Upstream {
+    let peer = endpoint
+        .identity
+        .clone()
+        .filter(|_| meshed)
+        .map(|identity| PeerId {
+            sni: endpoint
+                .server_name
+                .clone()
+                .unwrap_or_else(|| identity.clone()),
+            identity,
+        });
+    let tls = match &peer {
+        Some(peer) => TlsStatus::Established(Some(peer.identity.clone())),
+        None => TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery),
+    };
+    Upstream {
+        h2_upgrade: peer.is_some() && endpoint.http2,
+        pool: PoolKey {
+            target: endpoint.addr,
+            peer,
+            // Recorded even when requests go on over HTTP/2: an Upgrade or CONNECT
+            // stays HTTP/1 to the peer, and which request is one is known only
+            // after its head was parsed.
+            http1_case,
+        },
+        tls,
+        labels: endpoint.labels.clone(),
+    }
+}
+
+/// How one request is sent upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// As it came, over HTTP/1.
+    Http1,
+    /// An `Upgrade` or `CONNECT`: over HTTP/1, and the connection becomes a tunnel.
+    Tunnel,
+    /// As it came, over HTTP/2.
+    Http2,
+    /// HTTP/1 carried over HTTP/2 between proxies (`l5d-orig-proto`).
+    UpgradeToHttp2,
+    /// Restored to the HTTP/1 request the peer proxy's client sent.
+    DowngradeToHttp1,
+}
+
+/// How `request` goes to an upstream that takes HTTP/2 from us when `h2_upgrade`.
+fn mode<B>(role: &Role, request: &Request<B>, h2_upgrade: bool) -> Mode {
+    let http2 = request.version() == Version::HTTP_2;
+    match role {
+        Role::Inbound { .. } if http2 && orig_proto::is_downgradable(request) => {
+            Mode::DowngradeToHttp1
+        }
+        _ if http2 => Mode::Http2,
+        _ if is_upgrade(request) => Mode::Tunnel,
+        Role::Outbound if h2_upgrade => Mode::UpgradeToHttp2,
+        _ => Mode::Http1,
+    }
+}
+
+/// A connection ready to take one request.
+enum Ready {
+    Http1(ReadyH1),
+    Http2(Sender2),
+}
+
+/// An upstream a connection's requests go to, with its pool and the series of the
+/// connection's last authority to it (almost every connection sends one).
+struct Bound {
+    upstream: Upstream,
+    pool: Arc<Pool>,
+    series: ArcSwapOption<CachedSeries>,
+}
+
+/// The most upstreams one connection remembers when balancing; beyond it, a
+/// request to another endpoint binds afresh.
+const BOUND_CACHE: usize = 64;
+
+/// Where a connection's requests go, with what is bound once per connection.
+enum ConnTarget {
+    One(Arc<Bound>),
+    Balance {
+        balancer: Arc<Balancer>,
+        meshed: bool,
+        bound: Mutex<Vec<(Arc<Member>, Arc<Bound>)>>,
+    },
+    Fail(ErrorKind),
 }
 
 /// One accepted HTTP connection.
 pub struct ServerConn {
     proxy: Arc<HttpProxy>,
-    pool: Arc<Pool>,
     role: Role,
-    target: SocketAddr,
-    tls: TlsStatus,
+    target: ConnTarget,
+    logical: SocketAddr,
+    http1_case: bool,
     /// Used as `:authority` for an upgraded HTTP/1.0 request that named none.
     fallback_authority: Authority,
     /// Inbound: the verified client identity as an `l5d-client-id` value, made once
     /// per connection rather than per request.
     client_id: Option<HeaderValue>,
     authority_labels: bool,
-    /// The series of the last authority seen on this connection: almost every
-    /// connection sends one authority, so this is looked up once.
-    series: ArcSwapOption<CachedSeries>,
 }
 
 struct CachedSeries {
@@ -110,24 +253,31 @@ pub async fn serve_connection<C: Transport + 'static>(
     protocol: Protocol,
     route: Route,
 ) -> Result<(), ConnError> {
-    let target = route.pool.target;
     let client_id = match &route.role {
         Role::Inbound { client_id } => client_id
             .as_deref()
             .and_then(|id| HeaderValue::from_str(id).ok()),
-        Role::Outbound { .. } => None,
+        Role::Outbound => None,
+    };
+    let target = match route.target {
+        Target::Upstream(upstream) => ConnTarget::One(proxy.bind(upstream)),
+        Target::Balance { balancer, meshed } => ConnTarget::Balance {
+            balancer,
+            meshed,
+            bound: Mutex::new(Vec::new()),
+        },
+        Target::Fail(kind) => ConnTarget::Fail(kind),
     };
     let connection = Arc::new(ServerConn {
         proxy: proxy.clone(),
-        pool: proxy.pools.pool(route.pool),
         role: route.role,
         target,
-        tls: route.tls,
-        fallback_authority: Authority::try_from(target.to_string().as_str())
+        logical: route.logical,
+        http1_case: route.http1_case,
+        fallback_authority: Authority::try_from(route.logical.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("localhost")),
         client_id,
         authority_labels: proxy.config.authority_labels,
-        series: ArcSwapOption::empty(),
     });
     let Downstream {
         stream,
@@ -148,89 +298,194 @@ pub async fn serve_connection<C: Transport + 'static>(
     }
 }
 
+impl HttpProxy {
+    fn bind(&self, upstream: Upstream) -> Arc<Bound> {
+        Arc::new(Bound {
+            pool: self.pools.pool(upstream.pool.clone(), &upstream.labels),
+            upstream,
+            series: ArcSwapOption::empty(),
+        })
+    }
+}
+
+/// How many endpoints a request tries when their connections fail before it is sent.
+const ATTEMPTS: usize = 3;
+
+/// A request's way upstream: where, over which connection, and (when balanced) the
+/// endpoint it holds in flight.
+struct Dispatch {
+    bound: Arc<Bound>,
+    mode: Mode,
+    ready: Ready,
+    picked: Option<Picked>,
+}
+
 impl ServerConn {
-    fn series(&self, request: &Request<RecvBody>) -> SeriesHandle {
-        let authority = if self.authority_labels {
-            authority_of(request)
-        } else {
-            None
-        };
-        if let Some(cached) = &*self.series.load() {
+    /// The series of requests with `authority` to `bound`.
+    fn series(&self, bound: &Bound, authority: Option<&str>) -> SeriesHandle {
+        if let Some(cached) = &*bound.series.load() {
             if cached.authority.as_deref() == authority {
                 return cached.handle.clone();
             }
         }
-        let handle = self
-            .proxy
-            .metrics
-            .http
-            .series(authority, self.target, &self.tls);
-        self.series.store(Some(Arc::new(CachedSeries {
+        let upstream = &bound.upstream;
+        let handle = self.proxy.metrics.http.series(
+            authority,
+            upstream.pool.target,
+            &upstream.tls,
+            &upstream.labels,
+        );
+        bound.series.store(Some(Arc::new(CachedSeries {
             authority: authority.map(Box::from),
             handle: handle.clone(),
         })));
         handle
     }
 
-    async fn forward(
+    /// The series of a request that reached no upstream.
+    fn unrouted_series(&self, authority: Option<&str>) -> SeriesHandle {
+        let tls = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
+        self.proxy
+            .metrics
+            .http
+            .series(authority, self.logical, &tls, &Arc::default())
+    }
+
+    /// The upstream for `member`'s endpoint, bound once per connection.
+    fn bound_for(
         &self,
-        mut request: Request<RecvBody>,
-    ) -> Result<(Response<RecvBody>, Option<Checkin>), ErrorKind> {
-        match &self.role {
-            Role::Inbound { .. } => {
-                // Only the proxy vouches for a client's identity: whatever the client
-                // itself put in the header goes (`insert` replaces every value).
-                match &self.client_id {
-                    Some(id) => request.headers_mut().insert(L5D_CLIENT_ID, id.clone()),
-                    None => request.headers_mut().remove(L5D_CLIENT_ID),
-                };
-                if request.version() == Version::HTTP_2 {
-                    if let Some(original) = orig_proto::downgrade(&mut request) {
-                        let (mut response, checkin) = self.pool.send_h1(request).await?;
-                        response
-                            .headers_mut()
-                            .insert(orig_proto::L5D_ORIG_PROTO, original);
-                        return Ok((response, Some(checkin)));
-                    }
-                    return Ok((self.pool.send_h2(request).await?, None));
-                }
-                self.http1(request).await
+        member: &Arc<Member>,
+        meshed: bool,
+        cache: &Mutex<Vec<(Arc<Member>, Arc<Bound>)>>,
+    ) -> Arc<Bound> {
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, bound)) = cache.iter().find(|(m, _)| Arc::ptr_eq(m, member)) {
+            return bound.clone();
+        }
+        let upstream = outbound_upstream(&member.endpoint, meshed, self.http1_case);
+        let bound = self.proxy.bind(upstream);
+        if cache.len() < BOUND_CACHE {
+            cache.push((member.clone(), bound.clone()));
+        }
+        bound
+    }
+
+    /// Chooses the upstream and a connection to it. A connection that fails before
+    /// the request is sent backs its endpoint off, and the request tries another.
+    async fn dispatch<B>(&self, request: &Request<B>) -> Result<Dispatch, ErrorKind> {
+        let (balancer, meshed, cache) = match &self.target {
+            ConnTarget::Fail(kind) => return Err(*kind),
+            ConnTarget::One(bound) => {
+                let mode = mode(&self.role, request, bound.upstream.h2_upgrade);
+                let ready = ready(&bound.pool, mode).await?;
+                return Ok(Dispatch {
+                    bound: bound.clone(),
+                    mode,
+                    ready,
+                    picked: None,
+                });
             }
-            Role::Outbound { h2_upgrade } => {
-                if request.version() == Version::HTTP_2 {
-                    return Ok((self.pool.send_h2(request).await?, None));
+            ConnTarget::Balance {
+                balancer,
+                meshed,
+                bound,
+            } => (balancer, *meshed, bound),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let picked = balancer.pick().await.map_err(|error| match error {
+                PickError::FailFast => ErrorKind::FailFast,
+                PickError::LoadShed => ErrorKind::LoadShed,
+            })?;
+            let bound = self.bound_for(&picked.member, meshed, cache);
+            let mode = mode(&self.role, request, bound.upstream.h2_upgrade);
+            match ready(&bound.pool, mode).await {
+                Ok(ready) => {
+                    picked.member.succeeded();
+                    return Ok(Dispatch {
+                        bound,
+                        mode,
+                        ready,
+                        picked: Some(picked),
+                    });
                 }
-                if *h2_upgrade && !is_upgrade(&request) {
-                    let version = orig_proto::upgrade(&mut request, &self.fallback_authority);
-                    let mut response = self.pool.send_h2(request).await?;
-                    orig_proto::restore(&mut response, version);
-                    return Ok((response, None));
+                Err(kind) if kind.is_dial() && attempt < ATTEMPTS => {
+                    debug!(endpoint = %picked.member.endpoint.addr, ?kind, "endpoint failed; trying another");
+                    balancer.failed(&picked.member);
                 }
-                self.http1(request).await
+                Err(kind) => {
+                    if kind.is_dial() {
+                        balancer.failed(&picked.member);
+                    }
+                    return Err(kind);
+                }
             }
         }
     }
 
-    /// HTTP/1 to the destination. An `Upgrade` or `CONNECT` the destination accepts
-    /// turns both connections into one byte stream, forwarded like opaque TCP.
-    async fn http1(
+    /// Sends `request` the way `dispatch` chose.
+    async fn forward(
         &self,
         mut request: Request<RecvBody>,
+        dispatch: Dispatch,
     ) -> Result<(Response<RecvBody>, Option<Checkin>), ErrorKind> {
-        if !is_upgrade(&request) {
-            let (response, checkin) = self.pool.send_h1(request).await?;
-            return Ok((response, Some(checkin)));
+        if let Role::Inbound { .. } = &self.role {
+            // Only the proxy vouches for a client's identity: whatever the client
+            // itself put in the header goes (`insert` replaces every value).
+            match &self.client_id {
+                Some(id) => request.headers_mut().insert(L5D_CLIENT_ID, id.clone()),
+                None => request.headers_mut().remove(L5D_CLIENT_ID),
+            };
         }
+        let pool = &dispatch.bound.pool;
+        match (dispatch.mode, dispatch.ready) {
+            (Mode::Http2, Ready::Http2(sender)) => {
+                Ok((Pool::send_h2(sender, request).await?, None))
+            }
+            (Mode::UpgradeToHttp2, Ready::Http2(sender)) => {
+                let version = orig_proto::upgrade(&mut request, &self.fallback_authority);
+                let mut response = Pool::send_h2(sender, request).await?;
+                orig_proto::restore(&mut response, version);
+                Ok((response, None))
+            }
+            (Mode::DowngradeToHttp1, Ready::Http1(ready)) => {
+                let original = orig_proto::downgrade(&mut request);
+                let (mut response, checkin) = pool.send_h1(ready, request).await?;
+                if let Some(original) = original {
+                    response
+                        .headers_mut()
+                        .insert(orig_proto::L5D_ORIG_PROTO, original);
+                }
+                Ok((response, Some(checkin)))
+            }
+            (Mode::Tunnel, Ready::Http1(ready)) => self.tunnel(pool, ready, request).await,
+            (_, Ready::Http1(ready)) => {
+                let (response, checkin) = pool.send_h1(ready, request).await?;
+                Ok((response, Some(checkin)))
+            }
+            (_, Ready::Http2(sender)) => Ok((Pool::send_h2(sender, request).await?, None)),
+        }
+    }
+
+    /// An `Upgrade` or `CONNECT` over HTTP/1: when the destination accepts it, both
+    /// connections become one byte stream, forwarded like opaque TCP.
+    async fn tunnel(
+        &self,
+        pool: &Arc<Pool>,
+        ready: ReadyH1,
+        mut request: Request<RecvBody>,
+    ) -> Result<(Response<RecvBody>, Option<Checkin>), ErrorKind> {
         let downstream = hyper::upgrade::on(&mut request);
         let connect = request.method() == Method::CONNECT;
-        let (mut response, checkin) = self.pool.send_h1(request).await?;
+        let (mut response, checkin) = pool.send_h1(ready, request).await?;
         let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
             || (connect && response.status().is_success());
         if !switched {
             return Ok((response, Some(checkin)));
         }
         let upstream = hyper::upgrade::on(&mut response);
-        let target = self.target;
+        let target = pool.target();
         // Tracked like a connection: draining waits for the tunnel (a WebSocket) too.
         // The tunnel is a connection of its own, so it counts its own failure.
         let metrics = self.proxy.metrics.clone();
@@ -256,14 +511,43 @@ impl ServerConn {
     }
 }
 
+/// A connection of `pool` for a request sent in `mode`.
+async fn ready(pool: &Pool, mode: Mode) -> Result<Ready, ErrorKind> {
+    match mode {
+        Mode::Http2 | Mode::UpgradeToHttp2 => pool.ready_h2().await.map(Ready::Http2),
+        Mode::Http1 | Mode::Tunnel | Mode::DowngradeToHttp1 => {
+            pool.ready_h1().await.map(Ready::Http1)
+        }
+    }
+}
+
 /// Handles one request: forwards it and wraps the response so its end is measured.
 async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Response<ResponseBody> {
     let start = Instant::now();
-    let series = connection.series(&request);
-    series.request();
     let grpc = errors::is_grpc(&request);
-    match connection.forward(request).await {
+    let authority = if connection.authority_labels {
+        authority_of(&request).map(Box::<str>::from)
+    } else {
+        None
+    };
+    let mut dispatch = match connection.dispatch(&request).await {
+        Ok(dispatch) => dispatch,
+        Err(kind) => {
+            let series = connection.unrouted_series(authority.as_deref());
+            series.request();
+            series.response(Outcome::Error(kind), start.elapsed());
+            return errors::respond(kind, grpc);
+        }
+    };
+    let series = connection.series(&dispatch.bound, authority.as_deref());
+    series.request();
+    let picked = dispatch.picked.take();
+    let sent = Instant::now();
+    match connection.forward(request, dispatch).await {
         Ok((response, checkin)) => {
+            if let Some(picked) = &picked {
+                picked.observe(sent.elapsed());
+            }
             let recorder = Recorder {
                 series,
                 start,
@@ -272,7 +556,7 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
                 grpc: body::grpc_status(response.headers()),
             };
             let (parts, body) = response.into_parts();
-            let body = ResponseBody::new(body, recorder, checkin);
+            let body = ResponseBody::new(body, recorder, checkin, picked);
             Response::from_parts(parts, body)
         }
         Err(kind) => {
@@ -296,7 +580,7 @@ fn is_upgrade<B>(request: &Request<B>) -> bool {
     connection_upgrade && request.headers().contains_key(UPGRADE)
 }
 
-fn authority_of(request: &Request<RecvBody>) -> Option<&str> {
+fn authority_of<B>(request: &Request<B>) -> Option<&str> {
     match request.uri().authority() {
         Some(authority) => Some(authority.as_str()),
         None => request.headers().get(HOST).and_then(|h| h.to_str().ok()),

@@ -63,6 +63,17 @@ pub fn restore<B>(response: &mut Response<B>, version: Version) {
     *response.version_mut() = version;
 }
 
+/// Whether [`downgrade`] would restore `request` (it carries an `l5d-orig-proto` this
+/// side can interpret).
+pub fn is_downgradable<B>(request: &Request<B>) -> bool {
+    let Some(value) = request.headers().get(L5D_ORIG_PROTO) else {
+        return false;
+    };
+    let text = value.to_str().unwrap_or_default();
+    let name = text.strip_suffix(ABSOLUTE_FORM).unwrap_or(text);
+    matches!(name.trim(), "HTTP/1.0" | "HTTP/1.1")
+}
+
 /// On the inbound side: turns an HTTP/2 request that carries `l5d-orig-proto` back
 /// into the HTTP/1 request the client sent. Returns the header's value (to mark the
 /// response with), or `None` for a request that was not upgraded.
@@ -119,7 +130,9 @@ mod tests {
                 .header(HOST, host)
                 .body(())
                 .unwrap();
+            assert!(!is_downgradable(&request));
             let version = upgrade(&mut request, &fallback);
+            assert!(is_downgradable(&request));
             assert_eq!(version, Version::HTTP_11);
             assert_eq!(request.version(), Version::HTTP_2);
             assert_eq!(request.uri().authority().unwrap().as_str(), "web:8080");
@@ -141,6 +154,7 @@ mod tests {
             .header(L5D_ORIG_PROTO, "SPDY/3")
             .body(())
             .unwrap();
+        assert!(!is_downgradable(&request));
         assert!(downgrade(&mut request).is_none());
         assert_eq!(request.headers()[L5D_ORIG_PROTO], "SPDY/3");
     }

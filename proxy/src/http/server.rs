@@ -108,7 +108,7 @@ where
     // the local app, whose end a FIN reports, and which may stall for a while.
     let ping_pong = match connection.role {
         Role::Inbound { .. } => h2.ping_pong(),
-        Role::Outbound { .. } => None,
+        Role::Outbound => None,
     };
     let keepalive = keepalive(&connection.proxy.config, ping_pong, None);
     tokio::pin!(keepalive);

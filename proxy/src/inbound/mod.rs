@@ -52,6 +52,9 @@ pub struct Inbound {
     pub dialer: Arc<Dialer>,
     pub http: Arc<HttpProxy>,
     pub carriers: Arc<carrier::Acceptor>,
+    /// The pod's addresses (`LINKERD2_PROXY_INBOUND_IPS`); when set, connections to
+    /// any other address are refused.
+    pub local_ips: Vec<std::net::IpAddr>,
 }
 
 impl Inbound {
@@ -70,6 +73,7 @@ impl Inbound {
             orig_dst: conn.orig_dst,
             local: conn.local,
             opaque_port: self.config.opaque_ports.contains(port),
+            foreign_ip: !self.local_ips.is_empty() && !self.local_ips.contains(&conn.orig_dst.ip()),
             require_tls: self.policy.require_tls.contains(port),
             require_identity: self.policy.require_identity.contains(port),
             server_name: self.identity.as_ref().map(|id| id.server_name.clone()),

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::http::client::PoolKey;
-use crate::http::{Role, Route};
+use crate::http::{Role, Route, Target, Upstream};
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
 use crate::net::detect::Protocol;
 use crate::net::error::ConnError;
@@ -30,6 +30,9 @@ pub struct Facts {
     pub local: SocketAddr,
     /// The port is in the inbound opaque-port list.
     pub opaque_port: bool,
+    /// The original destination is not one of the pod's addresses
+    /// (`LINKERD2_PROXY_INBOUND_IPS`, when set).
+    pub foreign_ip: bool,
     /// The port's policy: mesh TLS required, and a client identity required.
     pub require_tls: bool,
     pub require_identity: bool,
@@ -85,6 +88,12 @@ pub enum ServerTls {
 
 /// The next step for a connection, given `facts`.
 pub fn plan(facts: &Facts) -> Step {
+    if facts.foreign_ip {
+        return Step::Go(InboundPlan::Refuse {
+            error: ConnError::Forbidden,
+            tls: TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote),
+        });
+    }
     let direct = facts.orig_dst == facts.local;
     let protocol = match &facts.detection {
         Detection::NotYet if facts.opaque_port && !direct => return Step::SkipDetection,
@@ -194,7 +203,7 @@ pub fn header_target(
 }
 
 /// How a connection reaches the application.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum AppPlan {
     /// Request by request, with the server for `protocol`.
     Http { protocol: Protocol, route: Route },
@@ -213,14 +222,21 @@ pub fn to_app(protocol: Protocol, target: SocketAddr, tls: TlsStatus) -> AppPlan
         TlsStatus::Established(id) => id.clone(),
         _ => None,
     };
+    let http1_case = protocol == Protocol::Http1;
     let route = Route {
-        pool: PoolKey {
-            target,
-            peer: None,
-            http1_case: protocol == Protocol::Http1,
-        },
         role: Role::Inbound { client_id },
-        tls,
+        logical: target,
+        target: Target::Upstream(Upstream {
+            pool: PoolKey {
+                target,
+                peer: None,
+                http1_case,
+            },
+            h2_upgrade: false,
+            tls,
+            labels: Arc::default(),
+        }),
+        http1_case,
     };
     AppPlan::Http { protocol, route }
 }
@@ -241,6 +257,7 @@ mod tests {
             orig_dst: addr(dst),
             local: addr("10.0.0.2:4143"),
             opaque_port: false,
+            foreign_ip: false,
             require_tls: false,
             require_identity: false,
             server_name: Some(Arc::from(OURS)),
@@ -269,6 +286,17 @@ mod tests {
         type Row = (&'static str, Facts, Step);
         let rows: Vec<Row> = vec![
             ("first, detection", facts(app), Step::Detect),
+            (
+                "an address that is not the pod's is refused",
+                Facts {
+                    foreign_ip: true,
+                    ..facts(app)
+                },
+                go(InboundPlan::Refuse {
+                    error: ConnError::Forbidden,
+                    tls: plain(),
+                }),
+            ),
             (
                 "not on an opaque port",
                 Facts {
@@ -515,13 +543,18 @@ mod tests {
                 client_id: Some(Arc::from(ALPHA))
             }
         );
-        assert!(!route.pool.http1_case);
-        assert_eq!(route.tls, meshed);
+        assert!(!route.http1_case);
+        let Target::Upstream(upstream) = &route.target else {
+            panic!("the application is one upstream");
+        };
+        assert_eq!(upstream.tls, meshed);
+        assert_eq!(upstream.pool.target, target);
+        assert!(!upstream.h2_upgrade && upstream.pool.peer.is_none());
         let AppPlan::Http { route, .. } = to_app(Protocol::Http1, target, plain()) else {
             panic!("HTTP expected");
         };
         assert_eq!(route.role, Role::Inbound { client_id: None });
-        assert!(route.pool.http1_case);
+        assert!(route.http1_case);
         for other in [Protocol::Unknown, tls_for("app.example")] {
             assert_eq!(to_app(other, target, plain()), AppPlan::Tcp { target });
         }

@@ -9,6 +9,7 @@
 //! are dropped after `LINKERD2_PROXY_METRICS_RETAIN_IDLE` without activity (as
 //! Linkerd does) and capped in number.
 
+pub mod control;
 pub mod process;
 pub mod transport;
 
@@ -21,6 +22,7 @@ use prometheus_client::registry::Registry;
 
 use self::transport::{TransportCollector, TransportMetrics};
 use crate::config::Config;
+use crate::discover::balance::BalancerRegistry;
 use crate::net::detect::DetectResult;
 use crate::net::error::ConnError;
 
@@ -70,6 +72,10 @@ pub struct Metrics {
     pub registry: Registry,
     pub inbound: Arc<DirectionMetrics>,
     pub outbound: Arc<DirectionMetrics>,
+    /// The control-plane streams' health.
+    pub control: Arc<control::ControlMetrics>,
+    /// Every live balancer, whose endpoints are reported at scrape time.
+    pub balancers: Arc<BalancerRegistry>,
 }
 
 impl Metrics {
@@ -148,6 +154,11 @@ impl Metrics {
             directions: [inbound.http.clone(), outbound.http.clone()],
         }));
         registry.register_collector(Box::new(process::ProcessCollector::new()));
+        let control = Arc::new(control::ControlMetrics::register(&mut registry));
+        let balancers = Arc::new(BalancerRegistry::default());
+        registry.register_collector(Box::new(control::BalancerCollector {
+            balancers: balancers.clone(),
+        }));
 
         let build_info = Family::<[(&'static str, &'static str); 4], Gauge>::default();
         build_info
@@ -163,6 +174,8 @@ impl Metrics {
             registry,
             inbound,
             outbound,
+            control,
+            balancers,
         }
     }
 

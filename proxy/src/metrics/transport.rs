@@ -20,6 +20,7 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 
 use super::Direction;
+use crate::discover::Labels;
 use crate::mesh::tls::TlsStatus;
 use crate::net::error::Errno;
 
@@ -59,6 +60,8 @@ struct TransportKey {
     /// `None` once the series cap is reached: such targets share one overflow series.
     target: Option<SocketAddr>,
     tls: TlsStatus,
+    /// Discovery's labels of the endpoint (`dst_*`); empty for accepted connections.
+    dst: Arc<Labels>,
 }
 
 /// The transport series of one direction.
@@ -123,6 +126,17 @@ impl TransportMetrics {
         target: SocketAddr,
         tls: TlsStatus,
     ) -> OpenConnection {
+        self.open_labelled(peer, target, tls, &Arc::default())
+    }
+
+    /// [`TransportMetrics::open`] for an endpoint discovery labelled (`dst_*`).
+    pub fn open_labelled(
+        self: &Arc<Self>,
+        peer: Peer,
+        target: SocketAddr,
+        tls: TlsStatus,
+        dst: &Arc<Labels>,
+    ) -> OpenConnection {
         let series = {
             let mut map = self
                 .series
@@ -132,11 +146,13 @@ impl TransportMetrics {
                 peer,
                 target: Some(target),
                 tls,
+                dst: dst.clone(),
             };
             if !map.contains_key(&key) && map.len() >= self.max_series {
                 self.evict_idle(&mut map);
                 if map.len() >= self.max_series {
                     key.target = None;
+                    key.dst = Arc::default();
                 }
             }
             map.entry(key).or_default().clone()
@@ -200,11 +216,25 @@ impl EncodeLabelSet for TransportLabels {
             None => ("target_addr", "overflow").encode(encoder.encode_label())?,
         }
         encode_tls(self.direction, &self.key.tls, &mut encoder)?;
+        encode_dst(&self.key.dst, &mut encoder)?;
         match self.errno {
             Some(errno) => ("errno", errno.label()).encode(encoder.encode_label()),
             None => Ok(()),
         }
     }
+}
+
+/// Discovery's labels of an endpoint as `dst_<name>` (names sanitised to what
+/// Prometheus accepts), shared by transport and request series.
+pub fn encode_dst(labels: &Labels, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+    for (name, value) in &labels.0 {
+        let name: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        (format!("dst_{name}"), value.as_str()).encode(encoder.encode_label())?;
+    }
+    Ok(())
 }
 
 /// The `tls` label and its companions (`no_tls_reason`, or the peer's identity as

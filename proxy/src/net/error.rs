@@ -32,11 +32,18 @@ pub enum ConnError {
     TransportHeader,
     /// The port's policy requires mTLS (or a client identity) the client lacked.
     Unauthorized,
+    /// The control plane could not be asked where the connection goes.
+    Discovery,
+    /// No endpoint of the destination was ready within the fail-fast timeout (or
+    /// its queue was full).
+    Unavailable,
+    /// The control plane forbids the destination (or described it unusably).
+    Forbidden,
 }
 
 impl ConnError {
     /// Every `error` label, in the order the counters are registered.
-    pub const LABELS: [&'static str; 11] = [
+    pub const LABELS: [&'static str; 14] = [
         "loop",
         "orig_dst",
         "connect_refused",
@@ -48,6 +55,9 @@ impl ConnError {
         "peer_identity",
         "transport_header",
         "unauthorized",
+        "discovery",
+        "unavailable",
+        "forbidden",
     ];
 
     /// The position of this error's label in [`ConnError::LABELS`].
@@ -64,6 +74,9 @@ impl ConnError {
             ConnError::PeerIdentity => 8,
             ConnError::TransportHeader => 9,
             ConnError::Unauthorized => 10,
+            ConnError::Discovery => 11,
+            ConnError::Unavailable => 12,
+            ConnError::Forbidden => 13,
         }
     }
 
@@ -102,6 +115,8 @@ impl std::fmt::Display for ConnError {
         }
     }
 }
+
+impl std::error::Error for ConnError {}
 
 /// How a forwarded socket closed, as the `errno` label of `tcp_close_total`: a
 /// bounded set, as Linkerd's.

@@ -10,25 +10,26 @@
 
 pub mod plan;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use self::plan::{Detection, Facts, OpaqueVia, OutboundPlan, Settings, Step};
+use self::plan::{Detection, Dial, Facts, OpaqueVia, OutboundPlan, Settings, Step};
 use crate::config::DirectionConfig;
-use crate::discover::Discover;
+use crate::discover::balance::Picked;
+use crate::discover::{Backend, Discover, Endpoint};
 use crate::http::HttpProxy;
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
-use crate::mesh::{Dialer, MeshAlpn, PeerId};
-use crate::metrics::transport::Peer;
+use crate::mesh::{Dialed, Dialer, MeshAlpn, PeerId};
+use crate::metrics::transport::{OpenConnection, Peer};
 use crate::metrics::DirectionMetrics;
 use crate::net::detect::{self, DetectResult, Outcome};
 use crate::net::error::ConnError;
 use crate::net::forward::{self, Downstream};
 use crate::net::socket::{self, Accepted};
-use crate::opaque::carrier::{Carriers, Opened};
+use crate::opaque::carrier::{self, Carriers, Opened};
 use crate::opaque::transport_header::TransportHeader;
 
 /// The outbound side: its settings, and what only it owns (the HTTP pools to
@@ -40,6 +41,17 @@ pub struct Outbound {
     pub dialer: Arc<Dialer>,
     pub http: Arc<HttpProxy>,
     pub carriers: Carriers,
+    /// The pod's own addresses (`LINKERD2_PROXY_INBOUND_IPS`): never meshed.
+    pub local_ips: Vec<IpAddr>,
+}
+
+/// How many endpoints a connection tries when their connections fail.
+const ATTEMPTS: usize = 3;
+
+/// A connection opened to an endpoint, with the bytes to send before the client's.
+enum Upstream {
+    Dialed(Dialed, Vec<u8>),
+    Carried(carrier::Stream),
 }
 
 impl Outbound {
@@ -57,19 +69,17 @@ impl Outbound {
             orig_dst: conn.orig_dst,
             local: conn.local,
             opaque_port: self.config.opaque_ports.contains(conn.orig_dst.port()),
+            local_ip: self.local_ips.contains(&conn.orig_dst.ip()),
             discovered: None,
             detection: Detection::NotYet,
-            settings: Settings {
-                meshed: self.dialer.identity.is_some(),
-                carrier: self.config.opaque_carrier,
-            },
+            settings: self.settings(),
         };
         let mut prefix = Vec::new();
         let plan = loop {
             match plan::plan(&facts) {
                 Step::Discover => {
                     let resolution = self.discovery.resolve(conn.orig_dst);
-                    facts.discovered = Some(resolution.await_endpoint().await);
+                    facts.discovered = Some(resolution.resolved().await);
                 }
                 Step::Detect => {
                     let (outcome, read) =
@@ -94,7 +104,6 @@ impl Outbound {
                 Step::Go(plan) => break plan,
             }
         };
-        let transport = &self.metrics.transport;
         let already_read = prefix.len();
         match plan {
             OutboundPlan::Refuse(error) => Err(error),
@@ -102,33 +111,127 @@ impl Outbound {
                 let client = self.downstream(conn, already_read);
                 crate::http::serve_connection(&self.http, client, prefix, protocol, route).await
             }
-            OutboundPlan::Tcp { target } => {
+            OutboundPlan::Tcp { backend, opaque } => {
                 let client = self.downstream(conn, already_read);
-                let server = match self.dialer.connect(target).await {
-                    Ok(server) => server,
-                    Err(error) => return Err(client.refuse(error)),
+                self.tcp(client, prefix, backend, opaque).await
+            }
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            meshed: self.dialer.identity.is_some(),
+            carrier: self.config.opaque_carrier,
+        }
+    }
+
+    /// Carries a byte stream to an endpoint of `backend`. With a balancer, an
+    /// endpoint whose connection fails is backed off and another is tried: the
+    /// client's bytes have not gone anywhere yet.
+    async fn tcp(
+        &self,
+        client: Downstream<TcpStream>,
+        prefix: Vec<u8>,
+        backend: Backend,
+        opaque: bool,
+    ) -> Result<(), ConnError> {
+        let balancer = match backend {
+            Backend::Refused(_) => return Err(client.refuse(ConnError::Forbidden)),
+            Backend::Forward(endpoint) => {
+                return match self.open(&endpoint, opaque).await {
+                    Ok((upstream, dst)) => relay(client, prefix, upstream, dst).await,
+                    Err(error) => Err(client.refuse(error)),
                 };
+            }
+            Backend::Balance(balancer) => balancer,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let picked: Picked = match balancer.pick().await {
+                Ok(picked) => picked,
+                Err(error) => {
+                    debug!(?error, "no endpoint is ready");
+                    return Err(client.refuse(ConnError::Unavailable));
+                }
+            };
+            match self.open(&picked.member.endpoint, opaque).await {
+                Ok((upstream, dst)) => {
+                    picked.member.succeeded();
+                    // Held in flight while the connection lasts: its load.
+                    let result = relay(client, prefix, upstream, dst).await;
+                    drop(picked);
+                    return result;
+                }
+                Err(error) if endpoint_failed(error) && attempt < ATTEMPTS => {
+                    debug!(endpoint = %picked.member.endpoint.addr, %error, "endpoint failed; trying another");
+                    balancer.failed(&picked.member);
+                }
+                Err(error) => {
+                    if endpoint_failed(error) {
+                        balancer.failed(&picked.member);
+                    }
+                    return Err(client.refuse(error));
+                }
+            }
+        }
+    }
+
+    /// Opens the way to `endpoint` as [`plan::dial`] says, with the series its
+    /// side of the connection is counted in.
+    async fn open(
+        &self,
+        endpoint: &Endpoint,
+        opaque: bool,
+    ) -> Result<(Upstream, OpenConnection), ConnError> {
+        let transport = &self.metrics.transport;
+        let count = |addr, tls| transport.open_labelled(Peer::Dst, addr, tls, &endpoint.labels);
+        match plan::dial(endpoint, opaque, self.settings()) {
+            Dial::Plain { addr } => {
+                let server = self.dialer.connect(addr).await?;
                 let tls = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
-                let dst = transport.open(Peer::Dst, target, tls);
-                forward::relay(client, &prefix, server, dst).await
+                Ok((
+                    Upstream::Dialed(Dialed::Plain(server), Vec::new()),
+                    count(addr, tls),
+                ))
             }
-            OutboundPlan::MeshTls { target, peer } => {
-                let client = self.downstream(conn, already_read);
-                let server = match self.mesh_tls(target, &peer).await {
-                    Ok(server) => server,
-                    Err(error) => return Err(client.refuse(error)),
-                };
-                let dst = transport.open(Peer::Dst, target, established(&peer));
-                forward::relay(client, &prefix, server, dst).await
+            Dial::MeshTls { addr, peer } => {
+                let tcp = self.dialer.connect(addr).await?;
+                let tls = self.dialer.originate(tcp, &peer, MeshAlpn::None).await?;
+                let upstream = Upstream::Dialed(Dialed::Tls(Box::new(tls)), Vec::new());
+                Ok((upstream, count(addr, established(&peer))))
             }
-            OutboundPlan::Opaque {
+            Dial::Opaque {
                 proxy,
                 peer,
                 port,
                 via,
             } => {
-                let client = self.downstream(conn, already_read);
-                self.opaque(client, proxy, &peer, port, via).await
+                let opened = match via {
+                    OpaqueVia::Header => {
+                        let tcp = self.dialer.connect(proxy).await?;
+                        let tls = self
+                            .dialer
+                            .originate(tcp, &peer, MeshAlpn::TransportHeader)
+                            .await?;
+                        Opened::Classic(Box::new(tls))
+                    }
+                    OpaqueVia::Carrier => {
+                        self.carriers.open(&self.dialer, proxy, &peer, port).await?
+                    }
+                };
+                let upstream = match opened {
+                    Opened::Stream(stream) => Upstream::Carried(stream),
+                    Opened::Classic(tls) => {
+                        let header = TransportHeader {
+                            port,
+                            name: None,
+                            protocol: None,
+                        };
+                        Upstream::Dialed(Dialed::Tls(tls), header.encode())
+                    }
+                };
+                Ok((upstream, count(proxy, established(&peer))))
             }
         }
     }
@@ -146,63 +249,41 @@ impl Outbound {
         }
     }
 
-    async fn mesh_tls(
-        &self,
-        target: SocketAddr,
-        peer: &PeerId,
-    ) -> Result<crate::mesh::MeshTls, ConnError> {
-        let tcp = self.dialer.connect(target).await?;
-        self.dialer.originate(tcp, peer, MeshAlpn::None).await
-    }
-
-    /// An opaque connection to the peer proxy at `proxy`, for its local `port`.
-    async fn opaque(
-        &self,
-        client: Downstream<TcpStream>,
-        proxy: SocketAddr,
-        peer: &PeerId,
-        port: u16,
-        via: OpaqueVia,
-    ) -> Result<(), ConnError> {
-        let opened = match via {
-            OpaqueVia::Header => {
-                let tcp = self.dialer.connect(proxy).await;
-                match tcp {
-                    Ok(tcp) => self
-                        .dialer
-                        .originate(tcp, peer, MeshAlpn::TransportHeader)
-                        .await
-                        .map(|tls| Opened::Classic(Box::new(tls))),
-                    Err(error) => Err(error),
-                }
-            }
-            OpaqueVia::Carrier => self.carriers.open(&self.dialer, proxy, peer, port).await,
-        };
-        let dst = || {
-            self.metrics
-                .transport
-                .open(Peer::Dst, proxy, established(peer))
-        };
-        match opened {
-            Ok(Opened::Stream(stream)) => forward::relay(client, &[], stream, dst()).await,
-            Ok(Opened::Classic(tls)) => {
-                let header = TransportHeader {
-                    port,
-                    name: None,
-                    protocol: None,
-                };
-                forward::relay(client, &header.encode(), *tls, dst()).await
-            }
-            Err(error) => Err(client.refuse(error)),
-        }
-    }
-
     /// Closes idle pooled connections and carriers on time, even when no request
     /// comes to notice.
     pub fn sweep(&self) {
         self.http.pools.sweep();
         self.carriers.sweep();
     }
+}
+
+/// Forwards the client to an opened upstream: what must precede the client's bytes
+/// (a transport header) first, then what detection read.
+async fn relay(
+    client: Downstream<TcpStream>,
+    prefix: Vec<u8>,
+    upstream: Upstream,
+    dst: OpenConnection,
+) -> Result<(), ConnError> {
+    match upstream {
+        Upstream::Carried(stream) => forward::relay(client, &prefix, stream, dst).await,
+        Upstream::Dialed(server, mut first) => {
+            first.extend_from_slice(&prefix);
+            forward::relay(client, &first, server, dst).await
+        }
+    }
+}
+
+/// A failure that says the endpoint is not taking connections now, so it is backed
+/// off and another one may do.
+fn endpoint_failed(error: ConnError) -> bool {
+    matches!(
+        error,
+        ConnError::ConnectRefused
+            | ConnError::ConnectTimeout
+            | ConnError::Connect(_)
+            | ConnError::TlsHandshake(_)
+    )
 }
 
 fn established(peer: &PeerId) -> TlsStatus {

@@ -1,25 +1,26 @@
-//! What the outbound side decides for one connection, as a value.
+//! What the outbound side decides for one connection, as values.
 //!
 //! [`plan`] is a pure function of what is known about the connection so far
 //! ([`Facts`]). Until it knows enough it asks for the next fact ([`Step::Discover`],
 //! then [`Step::Detect`] unless the destination is opaque); then it says what to do
-//! ([`OutboundPlan`]), and `outbound/mod.rs` does it. New inputs (endpoints from the
-//! control plane, routes, policy) are new fields of [`Facts`] and new variants of the
-//! plan, tested here in a table, not branches inside the I/O.
+//! ([`OutboundPlan`]). A byte stream goes to one endpoint of its destination's
+//! backend, picked per connection; [`dial`] says how to reach that endpoint. HTTP is
+//! served request by request, each request to an endpoint of its own
+//! (`http::Target`). `outbound/mod.rs` does what they say. New inputs (routes,
+//! policy) are new fields of [`Facts`] and new variants, tested here in a table, not
+//! branches inside the I/O.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use crate::discover::Endpoint;
-use crate::http::client::PoolKey;
-use crate::http::{Role, Route};
-use crate::mesh::tls::{NoTlsReason, TlsStatus};
+use crate::discover::{Backend, Destination, DiscoveryError, Endpoint, Resolved};
+use crate::http::errors::ErrorKind;
+use crate::http::{outbound_upstream, Role, Route, Target};
 use crate::mesh::PeerId;
 use crate::net::detect::Protocol;
 use crate::net::error::ConnError;
 
 /// Settings that shape every outbound plan.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// The proxy has a mesh identity, so it can originate mTLS.
     pub meshed: bool,
@@ -35,9 +36,11 @@ pub struct Facts {
     pub local: SocketAddr,
     /// The original destination's port is in the outbound opaque-port list.
     pub opaque_port: bool,
-    /// What discovery said, once asked: `Some(None)` for a destination it does not
-    /// know.
-    pub discovered: Option<Option<Arc<Endpoint>>>,
+    /// The original destination is one of the pod's own addresses
+    /// (`LINKERD2_PROXY_INBOUND_IPS`): a local connection, never meshed.
+    pub local_ip: bool,
+    /// What discovery said, once asked.
+    pub discovered: Option<Resolved>,
     pub detection: Detection,
     pub settings: Settings,
 }
@@ -52,7 +55,7 @@ pub enum Detection {
 }
 
 /// The next thing to do with a connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Step {
     /// Ask discovery about the original destination.
     Discover,
@@ -64,7 +67,7 @@ pub enum Step {
 }
 
 /// What to do with an outbound connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum OutboundPlan {
     Refuse(ConnError),
     /// Serve it request by request (`http/`) with the server for `protocol`.
@@ -72,16 +75,60 @@ pub enum OutboundPlan {
         protocol: Protocol,
         route: Route,
     },
-    /// Unmeshed: the bytes go to the original destination as they are.
+    /// Carry its bytes to an endpoint of `backend` (`Forward` or `Balance`), reached
+    /// as [`dial`] says; `opaque`: the destination is opaque.
     Tcp {
-        target: SocketAddr,
+        backend: Backend,
+        opaque: bool,
     },
-    /// Meshed, not HTTP: mesh TLS to the original destination, where the peer's
-    /// rules hand the connection to its proxy, which detects what follows.
-    MeshTls {
-        target: SocketAddr,
-        peer: PeerId,
-    },
+}
+
+impl PartialEq for OutboundPlan {
+    fn eq(&self, other: &OutboundPlan) -> bool {
+        match (self, other) {
+            (OutboundPlan::Refuse(a), OutboundPlan::Refuse(b)) => a == b,
+            (
+                OutboundPlan::Http {
+                    protocol: p,
+                    route: r,
+                },
+                OutboundPlan::Http {
+                    protocol: q,
+                    route: s,
+                },
+            ) => p == q && r == s,
+            (
+                OutboundPlan::Tcp {
+                    backend: a,
+                    opaque: x,
+                },
+                OutboundPlan::Tcp {
+                    backend: b,
+                    opaque: y,
+                },
+            ) => x == y && same_backend(a, b),
+            _ => false,
+        }
+    }
+}
+
+fn same_backend(a: &Backend, b: &Backend) -> bool {
+    match (a, b) {
+        (Backend::Forward(a), Backend::Forward(b)) => a == b,
+        (Backend::Balance(a), Backend::Balance(b)) => std::sync::Arc::ptr_eq(a, b),
+        (Backend::Refused(a), Backend::Refused(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// How a byte stream reaches one endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dial {
+    /// Unmeshed: the bytes go to the endpoint as they are.
+    Plain { addr: SocketAddr },
+    /// Meshed, not opaque: mesh TLS to the endpoint, where the peer's rules hand the
+    /// connection to its proxy, which detects what follows.
+    MeshTls { addr: SocketAddr, peer: PeerId },
     /// Meshed and opaque: to the peer proxy's inbound port, which learns the real
     /// `port` from a transport header or from the carrier stream it arrives on.
     Opaque {
@@ -109,61 +156,101 @@ pub fn plan(facts: &Facts) -> Step {
     if facts.orig_dst == facts.local || facts.orig_dst.ip().is_loopback() {
         return Step::Go(OutboundPlan::Refuse(ConnError::Loop));
     }
-    let Some(endpoint) = &facts.discovered else {
-        return Step::Discover;
+    let destination = match &facts.discovered {
+        // The pod's own addresses are not asked about: they are never meshed.
+        None if facts.local_ip => Ok(Destination::fallback(facts.orig_dst)),
+        None => return Step::Discover,
+        Some(resolved) => resolved.clone(),
     };
-    let endpoint = endpoint.as_deref();
-    let opaque = facts.opaque_port || endpoint.is_some_and(|e| e.opaque);
+    let destination = match destination {
+        Ok(destination) => destination,
+        Err(DiscoveryError::Unavailable) => return unavailable(facts),
+    };
+    if let Backend::Refused(_) = destination.backend {
+        return Step::Go(OutboundPlan::Refuse(ConnError::Forbidden));
+    }
+    let opaque = facts.opaque_port || destination.opaque;
     let protocol = match &facts.detection {
         Detection::NotYet if opaque => return Step::SkipDetection,
         Detection::NotYet => return Step::Detect,
         Detection::Skipped => Protocol::Unknown,
         Detection::Detected(protocol) => protocol.clone(),
     };
-    let peer = endpoint.filter(|_| facts.settings.meshed).and_then(peer_of);
+    let meshed = facts.settings.meshed;
     if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
-        let h2_upgrade = peer.is_some() && endpoint.is_some_and(|e| e.http2);
-        let tls = match &peer {
-            Some(peer) => TlsStatus::Established(Some(peer.identity.clone())),
-            None => TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery),
+        let http1_case = protocol == Protocol::Http1;
+        let target = match &destination.backend {
+            Backend::Forward(endpoint) => {
+                Target::Upstream(outbound_upstream(endpoint, meshed, http1_case))
+            }
+            Backend::Balance(balancer) => Target::Balance {
+                balancer: balancer.clone(),
+                meshed,
+            },
+            Backend::Refused(_) => Target::Fail(ErrorKind::Discovery),
         };
         let route = Route {
-            pool: PoolKey {
-                target: facts.orig_dst,
-                peer,
-                // Recorded even when requests go on over HTTP/2: an Upgrade or
-                // CONNECT stays HTTP/1 to the peer, and which request is one is
-                // known only after its head was parsed.
-                http1_case: protocol == Protocol::Http1,
-            },
-            role: Role::Outbound { h2_upgrade },
-            tls,
+            role: Role::Outbound,
+            logical: facts.orig_dst,
+            target,
+            http1_case,
         };
         return Step::Go(OutboundPlan::Http { protocol, route });
     }
-    let plan = match (peer, endpoint) {
-        (None, _) | (_, None) => OutboundPlan::Tcp {
-            target: facts.orig_dst,
-        },
+    Step::Go(OutboundPlan::Tcp {
+        backend: destination.backend.clone(),
+        opaque,
+    })
+}
+
+/// The control plane could not be asked: HTTP gets an error response per request
+/// (so it learns why), anything else is refused; never plaintext to a destination
+/// that may be meshed.
+fn unavailable(facts: &Facts) -> Step {
+    match &facts.detection {
+        Detection::NotYet if facts.opaque_port => Step::SkipDetection,
+        Detection::NotYet => Step::Detect,
+        Detection::Detected(protocol @ (Protocol::Http1 | Protocol::Http2)) => {
+            Step::Go(OutboundPlan::Http {
+                protocol: protocol.clone(),
+                route: Route {
+                    role: Role::Outbound,
+                    logical: facts.orig_dst,
+                    target: Target::Fail(ErrorKind::Discovery),
+                    http1_case: *protocol == Protocol::Http1,
+                },
+            })
+        }
+        _ => Step::Go(OutboundPlan::Refuse(ConnError::Discovery)),
+    }
+}
+
+/// How a byte stream reaches `endpoint`, given whether its destination is `opaque`.
+pub fn dial(endpoint: &Endpoint, opaque: bool, settings: Settings) -> Dial {
+    let Some(peer) = peer_of(endpoint).filter(|_| settings.meshed) else {
+        return Dial::Plain {
+            addr: endpoint.addr,
+        };
+    };
+    match endpoint.opaque_port {
         // Opaque traffic goes to the peer proxy's inbound port, since it cannot be
-        // detected there; everything else to the original destination, where the
-        // peer's rules hand it to its proxy.
-        (Some(peer), Some(endpoint)) if opaque => OutboundPlan::Opaque {
-            proxy: SocketAddr::new(facts.orig_dst.ip(), endpoint.inbound_port),
+        // detected there; everything else to the endpoint, where the peer's rules
+        // hand it to its proxy.
+        Some(inbound_port) if opaque => Dial::Opaque {
+            proxy: SocketAddr::new(endpoint.addr.ip(), inbound_port),
             peer,
-            port: facts.orig_dst.port(),
-            via: if facts.settings.carrier {
+            port: endpoint.addr.port(),
+            via: if settings.carrier {
                 OpaqueVia::Carrier
             } else {
                 OpaqueVia::Header
             },
         },
-        (Some(peer), Some(_)) => OutboundPlan::MeshTls {
-            target: facts.orig_dst,
+        _ => Dial::MeshTls {
+            addr: endpoint.addr,
             peer,
         },
-    };
-    Step::Go(plan)
+    }
 }
 
 /// The peer an endpoint names: its identity, and the SNI to reach it by (the
@@ -179,7 +266,12 @@ fn peer_of(endpoint: &Endpoint) -> Option<PeerId> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::discover::balance::{Backoff, BalanceSettings, Balancer, BalancerName};
+    use crate::discover::Refusal;
+    use crate::mesh::tls::{NoTlsReason, TlsStatus};
 
     const WEB: &str = "web.ns.serviceaccount.identity.linkerd.cluster.local";
 
@@ -187,14 +279,21 @@ mod tests {
         text.parse().unwrap()
     }
 
-    fn endpoint(identity: Option<&str>, opaque: bool, http2: bool) -> Arc<Endpoint> {
-        Arc::new(Endpoint {
+    fn endpoint(at: &str, identity: Option<&str>, http2: bool) -> Endpoint {
+        Endpoint {
             identity: identity.map(Arc::from),
-            server_name: None,
-            opaque,
             http2,
-            inbound_port: 4143,
-        })
+            opaque_port: identity.map(|_| 4143),
+            ..Endpoint::unmeshed(addr(at))
+        }
+    }
+
+    fn destination(opaque: bool, backend: Backend) -> Option<Resolved> {
+        Some(Ok(Arc::new(Destination { opaque, backend })))
+    }
+
+    fn forward(endpoint: Endpoint) -> Backend {
+        Backend::Forward(Arc::new(endpoint))
     }
 
     fn facts(dst: &str) -> Facts {
@@ -202,6 +301,7 @@ mod tests {
             orig_dst: addr(dst),
             local: addr("127.0.0.1:4140"),
             opaque_port: false,
+            local_ip: false,
             discovered: None,
             detection: Detection::NotYet,
             settings: Settings {
@@ -218,11 +318,7 @@ mod tests {
         }
     }
 
-    fn http(target: &str, peer: Option<PeerId>, h2_upgrade: bool, http1: bool) -> Step {
-        let tls = match &peer {
-            Some(p) => TlsStatus::Established(Some(p.identity.clone())),
-            None => TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery),
-        };
+    fn http(dst: &str, target: Target, http1: bool) -> Step {
         let protocol = if http1 {
             Protocol::Http1
         } else {
@@ -231,44 +327,273 @@ mod tests {
         Step::Go(OutboundPlan::Http {
             protocol,
             route: Route {
-                pool: PoolKey {
-                    target: addr(target),
-                    peer,
-                    http1_case: http1,
-                },
-                role: Role::Outbound { h2_upgrade },
-                tls,
+                role: Role::Outbound,
+                logical: addr(dst),
+                target,
+                http1_case: http1,
             },
         })
+    }
+
+    fn balancer() -> Arc<Balancer> {
+        Balancer::new(
+            BalancerName::default(),
+            BalanceSettings {
+                queue_capacity: 10,
+                failfast: std::time::Duration::from_secs(3),
+                backoff: Backoff {
+                    min: std::time::Duration::from_millis(100),
+                    max: std::time::Duration::from_secs(60),
+                    jitter: 0.1,
+                },
+                default_rtt: std::time::Duration::from_millis(30),
+                decay: std::time::Duration::from_secs(10),
+            },
+        )
     }
 
     /// Every branch of the outbound decision, one row each.
     #[test]
     fn outbound_plans() {
-        let meshed = Some(Some(endpoint(Some(WEB), false, false)));
-        let meshed_h2 = Some(Some(endpoint(Some(WEB), false, true)));
-        let meshed_opaque = Some(Some(endpoint(Some(WEB), true, false)));
-        let unmeshed = Some(Some(endpoint(None, false, true)));
-        let detected = |p: Protocol| Detection::Detected(p);
+        let dst = "10.0.0.7:8080";
+        let meshed = forward(endpoint(dst, Some(WEB), false));
+        let meshed_h2 = forward(endpoint(dst, Some(WEB), true));
+        let unmeshed = forward(endpoint(dst, None, true));
+        let pods = balancer();
+        let balanced = Backend::Balance(pods.clone());
+        let detected = Detection::Detected;
         let tls = || Protocol::Tls {
             sni: Some("app.example".into()),
         };
-        let dst = "10.0.0.7:8080";
-        let header = |carrier| OutboundPlan::Opaque {
-            proxy: addr("10.0.0.7:4143"),
-            peer: web(),
-            port: 8080,
-            via: carrier,
+        let upstream =
+            |endpoint: Endpoint, http1| Target::Upstream(outbound_upstream(&endpoint, true, http1));
+        let no_identity = Settings {
+            meshed: false,
+            carrier: false,
         };
-        type Row = (
-            &'static str,
-            &'static str,
-            bool,
-            Option<Option<Arc<Endpoint>>>,
-            Detection,
-            Settings,
-            Step,
-        );
+        struct Row {
+            what: &'static str,
+            facts: Facts,
+            expected: Step,
+        }
+        let row = |what, facts, expected| Row {
+            what,
+            facts,
+            expected,
+        };
+        let rows = vec![
+            row(
+                "a connection to the listener itself loops",
+                facts("127.0.0.1:4140"),
+                Step::Go(OutboundPlan::Refuse(ConnError::Loop)),
+            ),
+            row(
+                "so does one to loopback",
+                facts("127.0.0.1:8080"),
+                Step::Go(OutboundPlan::Refuse(ConnError::Loop)),
+            ),
+            row("discovery comes first", facts(dst), Step::Discover),
+            row(
+                "but not for the pod's own addresses",
+                Facts {
+                    local_ip: true,
+                    ..facts(dst)
+                },
+                Step::Detect,
+            ),
+            row(
+                "which are forwarded unmeshed",
+                Facts {
+                    local_ip: true,
+                    detection: detected(Protocol::Unknown),
+                    ..facts(dst)
+                },
+                Step::Go(OutboundPlan::Tcp {
+                    backend: forward(Endpoint::unmeshed(addr(dst))),
+                    opaque: false,
+                }),
+            ),
+            row(
+                "then detection",
+                Facts {
+                    discovered: destination(false, meshed.clone()),
+                    ..facts(dst)
+                },
+                Step::Detect,
+            ),
+            row(
+                "an opaque port is not detected",
+                Facts {
+                    opaque_port: true,
+                    discovered: destination(false, meshed.clone()),
+                    ..facts(dst)
+                },
+                Step::SkipDetection,
+            ),
+            row(
+                "nor is a destination discovery calls opaque",
+                Facts {
+                    discovered: destination(true, meshed.clone()),
+                    ..facts(dst)
+                },
+                Step::SkipDetection,
+            ),
+            row(
+                "a refused destination is refused before detection",
+                Facts {
+                    discovered: destination(false, Backend::Refused(Refusal::Forbidden)),
+                    ..facts(dst)
+                },
+                Step::Go(OutboundPlan::Refuse(ConnError::Forbidden)),
+            ),
+            row(
+                "TCP goes to the backend",
+                Facts {
+                    discovered: destination(false, meshed.clone()),
+                    detection: detected(Protocol::Unknown),
+                    ..facts(dst)
+                },
+                Step::Go(OutboundPlan::Tcp {
+                    backend: meshed.clone(),
+                    opaque: false,
+                }),
+            ),
+            row(
+                "the application's own TLS too",
+                Facts {
+                    discovered: destination(false, balanced.clone()),
+                    detection: detected(tls()),
+                    ..facts(dst)
+                },
+                Step::Go(OutboundPlan::Tcp {
+                    backend: balanced.clone(),
+                    opaque: false,
+                }),
+            ),
+            row(
+                "opaque TCP says so",
+                Facts {
+                    opaque_port: true,
+                    discovered: destination(false, balanced.clone()),
+                    detection: Detection::Skipped,
+                    ..facts(dst)
+                },
+                Step::Go(OutboundPlan::Tcp {
+                    backend: balanced.clone(),
+                    opaque: true,
+                }),
+            ),
+            row(
+                "unmeshed HTTP is served per request, in plaintext",
+                Facts {
+                    discovered: destination(false, unmeshed.clone()),
+                    detection: detected(Protocol::Http1),
+                    ..facts(dst)
+                },
+                http(dst, upstream(endpoint(dst, None, true), true), true),
+            ),
+            row(
+                "meshed HTTP/1 to an http2 peer is upgraded",
+                Facts {
+                    discovered: destination(false, meshed_h2.clone()),
+                    detection: detected(Protocol::Http1),
+                    ..facts(dst)
+                },
+                http(dst, upstream(endpoint(dst, Some(WEB), true), true), true),
+            ),
+            row(
+                "HTTP to a Service is balanced per request",
+                Facts {
+                    discovered: destination(false, balanced.clone()),
+                    detection: detected(Protocol::Http2),
+                    ..facts(dst)
+                },
+                http(
+                    dst,
+                    Target::Balance {
+                        balancer: pods.clone(),
+                        meshed: true,
+                    },
+                    false,
+                ),
+            ),
+            row(
+                "without an identity of our own nothing is meshed",
+                Facts {
+                    discovered: destination(false, meshed_h2.clone()),
+                    detection: detected(Protocol::Http1),
+                    settings: no_identity,
+                    ..facts(dst)
+                },
+                http(
+                    dst,
+                    Target::Upstream(outbound_upstream(
+                        &endpoint(dst, Some(WEB), true),
+                        false,
+                        true,
+                    )),
+                    true,
+                ),
+            ),
+            row(
+                "an unreachable control plane: detect, to answer HTTP",
+                Facts {
+                    discovered: Some(Err(DiscoveryError::Unavailable)),
+                    ..facts(dst)
+                },
+                Step::Detect,
+            ),
+            row(
+                "HTTP gets an error per request",
+                Facts {
+                    discovered: Some(Err(DiscoveryError::Unavailable)),
+                    detection: detected(Protocol::Http1),
+                    ..facts(dst)
+                },
+                http(dst, Target::Fail(ErrorKind::Discovery), true),
+            ),
+            row(
+                "anything else is refused",
+                Facts {
+                    discovered: Some(Err(DiscoveryError::Unavailable)),
+                    detection: detected(Protocol::Unknown),
+                    ..facts(dst)
+                },
+                Step::Go(OutboundPlan::Refuse(ConnError::Discovery)),
+            ),
+            row(
+                "and opaque ports are not detected for it",
+                Facts {
+                    opaque_port: true,
+                    discovered: Some(Err(DiscoveryError::Unavailable)),
+                    ..facts(dst)
+                },
+                Step::SkipDetection,
+            ),
+            row(
+                "but refused",
+                Facts {
+                    opaque_port: true,
+                    discovered: Some(Err(DiscoveryError::Unavailable)),
+                    detection: Detection::Skipped,
+                    ..facts(dst)
+                },
+                Step::Go(OutboundPlan::Refuse(ConnError::Discovery)),
+            ),
+        ];
+        for Row {
+            what,
+            facts,
+            expected,
+        } in rows
+        {
+            assert_eq!(plan(&facts), expected, "{what}");
+        }
+    }
+
+    /// How a byte stream reaches one endpoint.
+    #[test]
+    fn dials() {
         let on = Settings {
             meshed: true,
             carrier: false,
@@ -277,228 +602,108 @@ mod tests {
             meshed: true,
             carrier: true,
         };
-        let no_identity = Settings {
+        let off = Settings {
             meshed: false,
             carrier: false,
         };
-        let rows: Vec<Row> = vec![
+        let pod = endpoint("10.42.0.5:5432", Some(WEB), false);
+        let rows = [
             (
-                "a connection to the listener itself loops",
-                "127.0.0.1:4140",
-                false,
-                None,
-                Detection::NotYet,
-                on,
-                Step::Go(OutboundPlan::Refuse(ConnError::Loop)),
-            ),
-            (
-                "so does one to loopback",
-                "127.0.0.1:8080",
-                false,
-                None,
-                Detection::NotYet,
-                on,
-                Step::Go(OutboundPlan::Refuse(ConnError::Loop)),
-            ),
-            (
-                "discovery comes first",
-                dst,
-                false,
-                None,
-                Detection::NotYet,
-                on,
-                Step::Discover,
-            ),
-            (
-                "then detection",
-                dst,
-                false,
-                Some(None),
-                Detection::NotYet,
-                on,
-                Step::Detect,
-            ),
-            (
-                "an opaque port is not detected",
-                dst,
+                "unmeshed: plain",
+                endpoint("10.42.0.5:5432", None, false),
                 true,
-                Some(None),
-                Detection::NotYet,
                 on,
-                Step::SkipDetection,
+                Dial::Plain {
+                    addr: addr("10.42.0.5:5432"),
+                },
             ),
             (
-                "nor is a destination discovery calls opaque",
-                dst,
+                "meshed: mesh TLS to the endpoint",
+                pod.clone(),
                 false,
-                meshed_opaque.clone(),
-                Detection::NotYet,
                 on,
-                Step::SkipDetection,
-            ),
-            (
-                "unknown destinations are forwarded unmeshed",
-                dst,
-                false,
-                Some(None),
-                detected(Protocol::Unknown),
-                on,
-                Step::Go(OutboundPlan::Tcp { target: addr(dst) }),
-            ),
-            (
-                "unmeshed HTTP is served per request, in plaintext",
-                dst,
-                false,
-                Some(None),
-                detected(Protocol::Http1),
-                on,
-                http(dst, None, false, true),
-            ),
-            (
-                "an unmeshed peer is not upgraded, even if marked http2",
-                dst,
-                false,
-                unmeshed.clone(),
-                detected(Protocol::Http1),
-                on,
-                http(dst, None, false, true),
-            ),
-            (
-                "meshed HTTP/1 without http2 stays HTTP/1",
-                dst,
-                false,
-                meshed.clone(),
-                detected(Protocol::Http1),
-                on,
-                http(dst, Some(web()), false, true),
-            ),
-            (
-                "meshed HTTP/1 to an http2 peer is upgraded",
-                dst,
-                false,
-                meshed_h2.clone(),
-                detected(Protocol::Http1),
-                on,
-                http(dst, Some(web()), true, true),
-            ),
-            (
-                "meshed HTTP/2 keeps no HTTP/1 header case",
-                dst,
-                false,
-                meshed_h2.clone(),
-                detected(Protocol::Http2),
-                on,
-                http(dst, Some(web()), true, false),
-            ),
-            (
-                "meshed TCP is mesh TLS to the original destination",
-                dst,
-                false,
-                meshed.clone(),
-                detected(Protocol::Unknown),
-                on,
-                Step::Go(OutboundPlan::MeshTls {
-                    target: addr(dst),
+                Dial::MeshTls {
+                    addr: addr("10.42.0.5:5432"),
                     peer: web(),
-                }),
+                },
             ),
             (
-                "so is the application's own TLS (mesh TLS around it)",
-                dst,
-                false,
-                meshed.clone(),
-                detected(tls()),
-                on,
-                Step::Go(OutboundPlan::MeshTls {
-                    target: addr(dst),
-                    peer: web(),
-                }),
-            ),
-            (
-                "meshed opaque by port goes to the peer proxy with a header",
-                dst,
+                "meshed opaque: the peer's inbound port, naming the endpoint's port",
+                pod.clone(),
                 true,
-                meshed.clone(),
-                Detection::Skipped,
                 on,
-                Step::Go(header(OpaqueVia::Header)),
+                Dial::Opaque {
+                    proxy: addr("10.42.0.5:4143"),
+                    peer: web(),
+                    port: 5432,
+                    via: OpaqueVia::Header,
+                },
             ),
             (
-                "meshed opaque by discovery likewise",
-                dst,
-                false,
-                meshed_opaque.clone(),
-                Detection::Skipped,
-                on,
-                Step::Go(header(OpaqueVia::Header)),
-            ),
-            (
-                "with carriers on, on a carrier",
-                dst,
-                false,
-                meshed_opaque.clone(),
-                Detection::Skipped,
+                "on a carrier when carriers are on",
+                pod.clone(),
+                true,
                 carrier,
-                Step::Go(header(OpaqueVia::Carrier)),
+                Dial::Opaque {
+                    proxy: addr("10.42.0.5:4143"),
+                    peer: web(),
+                    port: 5432,
+                    via: OpaqueVia::Carrier,
+                },
             ),
             (
-                "unmeshed opaque is plain TCP",
-                dst,
+                "opaque without an opaque-transport port: mesh TLS to the endpoint",
+                Endpoint {
+                    opaque_port: None,
+                    ..pod.clone()
+                },
                 true,
-                Some(None),
-                Detection::Skipped,
                 on,
-                Step::Go(OutboundPlan::Tcp { target: addr(dst) }),
+                Dial::MeshTls {
+                    addr: addr("10.42.0.5:5432"),
+                    peer: web(),
+                },
             ),
             (
-                "without an identity of our own nothing is meshed",
-                dst,
-                false,
-                meshed_opaque.clone(),
-                Detection::Skipped,
-                no_identity,
-                Step::Go(OutboundPlan::Tcp { target: addr(dst) }),
-            ),
-            (
-                "nor is HTTP",
-                dst,
-                false,
-                meshed_h2.clone(),
-                detected(Protocol::Http1),
-                no_identity,
-                http(dst, None, false, true),
+                "no identity of our own: plain",
+                pod.clone(),
+                true,
+                off,
+                Dial::Plain {
+                    addr: addr("10.42.0.5:5432"),
+                },
             ),
         ];
-        for (what, dst, opaque_port, discovered, detection, settings, expected) in rows {
-            let facts = Facts {
-                opaque_port,
-                discovered,
-                detection,
-                settings,
-                ..facts(dst)
-            };
-            assert_eq!(plan(&facts), expected, "{what}");
+        for (what, endpoint, opaque, settings, expected) in rows {
+            assert_eq!(dial(&endpoint, opaque, settings), expected, "{what}");
         }
     }
 
     #[test]
     fn a_spiffe_peer_is_asked_for_by_its_server_name() {
-        let spiffe = Arc::new(Endpoint {
+        let spiffe = Endpoint {
             identity: Some(Arc::from("spiffe://example.org/vm")),
             server_name: Some(Arc::from("vm.example.org")),
-            opaque: false,
-            http2: false,
-            inbound_port: 4143,
-        });
-        let facts = Facts {
-            discovered: Some(Some(spiffe)),
-            detection: Detection::Detected(Protocol::Unknown),
-            ..facts("10.0.0.7:9000")
+            ..Endpoint::unmeshed(addr("10.0.0.7:9000"))
         };
-        let Step::Go(OutboundPlan::MeshTls { peer, .. }) = plan(&facts) else {
+        let settings = Settings {
+            meshed: true,
+            carrier: false,
+        };
+        let Dial::MeshTls { peer, .. } = dial(&spiffe, false, settings) else {
             panic!("meshed TCP expected");
         };
         assert_eq!(&*peer.identity, "spiffe://example.org/vm");
         assert_eq!(&*peer.sni, "vm.example.org");
+        let upstream = outbound_upstream(&spiffe, true, false);
+        assert_eq!(
+            upstream.tls,
+            TlsStatus::Established(Some(Arc::from("spiffe://example.org/vm")))
+        );
+        let unmeshed = outbound_upstream(&spiffe, false, false);
+        assert_eq!(
+            unmeshed.tls,
+            TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery)
+        );
     }
 }
