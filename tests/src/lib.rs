@@ -11,6 +11,8 @@
 
 pub mod apps;
 pub mod capture;
+pub mod cluster;
+pub mod control;
 pub mod kube;
 pub mod mesh;
 pub mod netns;

@@ -134,6 +134,34 @@ impl TrustDomain {
         peers: &[(&str, &str)],
         http2: bool,
     ) -> Vec<(String, String)> {
+        let mut discovery = String::from("destinations:\n");
+        for (addr, peer) in peers {
+            discovery.push_str(&format!(
+                "  - addr: \"{addr}\"\n    identity: {}\n    http2: {http2}\n",
+                identity_of(peer)
+            ));
+        }
+        let mut env = self.identity_env(name, issuer);
+        env.push(self.discovery_file(name, &discovery));
+        env
+    }
+
+    /// A discovery file for the proxy called `name` holding `text`, as the setting
+    /// that points at it.
+    pub fn discovery_file(&self, name: &str, text: &str) -> (String, String) {
+        let discovery_file = self.dir.join(format!("{name}.discovery.yaml"));
+        std::fs::write(&discovery_file, text).expect("discovery file");
+        make_readable(&discovery_file);
+        make_readable(&self.dir);
+        (
+            "TANDEM_DISCOVERY_FILE".to_string(),
+            discovery_file.to_string_lossy().into_owned(),
+        )
+    }
+
+    /// Everything a proxy called `name` needs to be certified by the issuer at
+    /// `issuer` (its identity is [`identity_of`]`(name)`), and nothing more.
+    pub fn identity_env(&self, name: &str, issuer: SocketAddr) -> Vec<(String, String)> {
         let token = format!("token-of-{name}");
         let mut tokens = std::fs::read_to_string(&self.tokens).unwrap_or_default();
         tokens.push_str(&format!("{token} {}\n", identity_of(name)));
@@ -147,18 +175,7 @@ impl TrustDomain {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(identity_dir.clone());
-        let mut discovery = String::from("destinations:\n");
-        for (addr, peer) in peers {
-            discovery.push_str(&format!(
-                "  - addr: \"{addr}\"\n    identity: {}\n    http2: {http2}\n",
-                identity_of(peer)
-            ));
-        }
-        let discovery_file = self.dir.join(format!("{name}.discovery.yaml"));
-        std::fs::write(&discovery_file, discovery).expect("discovery file");
-        for path in [&token_file, &discovery_file] {
-            make_readable(path);
-        }
+        make_readable(&token_file);
         make_readable(&self.dir);
         [
             ("LINKERD2_PROXY_IDENTITY_LOCAL_NAME", identity_of(name)),
@@ -176,14 +193,45 @@ impl TrustDomain {
                 "LINKERD2_PROXY_IDENTITY_DIR",
                 identity_dir.to_string_lossy().into_owned(),
             ),
-            (
-                "TANDEM_DISCOVERY_FILE",
-                discovery_file.to_string_lossy().into_owned(),
-            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+    }
+
+    /// A certificate chain and key for `name`, signed by the issuer, for a server
+    /// of the mesh that is not a proxy (the test control plane).
+    pub fn leaf(
+        &self,
+        name: &str,
+    ) -> (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        let issuer_key_pem = std::fs::read_to_string(&self.issuer_key).expect("issuer key");
+        let issuer_pem = std::fs::read_to_string(&self.issuer_cert).expect("issuer cert");
+        let issuer_key = rcgen::KeyPair::from_pem(&issuer_key_pem).expect("issuer key parses");
+        let issuer = rcgen::CertificateParams::from_ca_cert_pem(&issuer_pem)
+            .expect("issuer cert parses")
+            .self_signed(&issuer_key)
+            .expect("issuer");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf = params.signed_by(&key, &issuer, &issuer_key).expect("sign");
+        let issuer_der = pem::parse(issuer_pem.as_bytes())
+            .expect("issuer pem")
+            .into_contents();
+        (
+            vec![
+                leaf.der().clone(),
+                rustls::pki_types::CertificateDer::from(issuer_der),
+            ],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
     }
 }
 

@@ -233,7 +233,7 @@ impl Drop for Mesh {
 
 /// Deletes namespaces left by test processes that died without running `Drop`
 /// (killed by a timeout, say), so they cannot pile up across runs.
-fn sweep_namespaces_of_dead_runs() {
+pub(crate) fn sweep_namespaces_of_dead_runs() {
     let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
         return;
     };
@@ -251,7 +251,7 @@ fn sweep_namespaces_of_dead_runs() {
     }
 }
 
-fn run_ip(args: &[&str]) {
+pub(crate) fn run_ip(args: &[&str]) {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -17,12 +17,16 @@
 //!   a ready connection to its first response byte, so a connection's set-up never
 //!   counts as its endpoint's slowness.
 //! - **Choice**: two candidates drawn with probability proportional to their weight
-//!   (Linkerd ignores weights); the one with the lower load wins, so with equal
-//!   loads each endpoint's share follows its weight. Loads
-//!   within a tenth of each other are a tie, won by the first draw: with equal
-//!   endpoints and requests one at a time, a strict comparison would keep choosing
-//!   whichever endpoint answered last (its estimate a hair lower), where a tie
-//!   spreads them.
+//!   (Linkerd ignores weights); then each wins with a probability inversely
+//!   proportional to the square of its load (the lighter of two loads `a` and `b`
+//!   wins with probability `b² / (a² + b²)`). Linkerd's strict comparison always sends the pair's
+//!   request to the lighter one, which makes the endpoint whose estimate is lowest
+//!   by a hair take two thirds of a three-endpoint Service whenever requests come
+//!   one at a time (latencies this close are noise), and the others a sixth each.
+//!   The weighted comparison keeps the preference in proportion: an endpoint three
+//!   times slower loses nine pairs in ten, one a hundred times slower all but one in
+//!   ten thousand, equal ones share evenly,
+//!   and with equal loads each endpoint's share follows its weight.
 //! - **Readiness**: an endpoint whose connection failed (refused, timed out) is
 //!   backed off, exponentially with jitter, and gets nothing until its backoff ends.
 //! - **Queue**: with no ready endpoint a pick waits, at most
@@ -251,7 +255,8 @@ impl Balancer {
                 candidates.push(index, member.weight(), member.load(now, &self.settings));
             }
         }
-        let chosen = choose(candidates.as_slice(), fastrand::u64(..), fastrand::u64(..))?;
+        let draws = (fastrand::u64(..), fastrand::u64(..), fastrand::f64());
+        let chosen = choose(candidates.as_slice(), draws)?;
         let member = members[candidates.index(chosen)].clone();
         self.unready_since_ms.store(0, Ordering::Relaxed);
         Some(Picked::new(member, self.settings.decay))
@@ -430,13 +435,11 @@ fn decay_factor(elapsed: Duration, decay: Duration) -> f64 {
     (-(elapsed.as_nanos() as f64) / decay).exp()
 }
 
-/// Loads within this fraction of each other are a tie (see the module doc).
-const TIE: f64 = 0.1;
-
 /// Power of two choices over `candidates` (`(weight, load)` of each ready member):
-/// two distinct draws weighted by weight (`r1`, `r2` are random), and the lower load
-/// wins; a tie goes to the first draw. `None` when there is no candidate.
-pub fn choose(candidates: &[(u32, f64)], r1: u64, r2: u64) -> Option<usize> {
+/// two distinct draws weighted by weight (`r1`, `r2` are random), then the first
+/// wins when `r3` (random, in [0, 1)) falls below its share of the pair,
+/// `b² / (a² + b²)` for loads `a` (first) and `b`. `None` when there is no candidate.
+pub fn choose(candidates: &[(u32, f64)], (r1, r2, r3): (u64, u64, f64)) -> Option<usize> {
     match candidates.len() {
         0 => None,
         1 => Some(0),
@@ -451,8 +454,10 @@ pub fn choose(candidates: &[(u32, f64)], r1: u64, r2: u64) -> Option<usize> {
             let Some(second) = weighted(candidates, rest, r2, Some(first), weight) else {
                 return Some(first);
             };
-            let (a, b) = (candidates[first].1, candidates[second].1);
-            Some(if b < a * (1.0 - TIE) { second } else { first })
+            let (a, b) = (candidates[first].1.max(0.0), candidates[second].1.max(0.0));
+            let (a2, b2) = (a * a, b * b);
+            let first_share = if a2 + b2 > 0.0 { b2 / (a2 + b2) } else { 0.5 };
+            Some(if r3 < first_share { first } else { second })
         }
     }
 }
@@ -557,63 +562,85 @@ mod tests {
     /// load per weight wins unless it is within a tenth.
     #[test]
     fn power_of_two_choices() {
-        type Row<'a> = (&'a str, &'a [(u32, f64)], u64, u64, Option<usize>);
-        let rows: [Row; 9] = [
-            ("nothing ready", &[], 0, 0, None),
-            ("one ready", &[(1, 50.0)], 7, 9, Some(0)),
+        type Row<'a> = (&'a str, &'a [(u32, f64)], (u64, u64, f64), Option<usize>);
+        let rows: [Row; 10] = [
+            ("nothing ready", &[], (0, 0, 0.0), None),
+            ("one ready", &[(1, 50.0)], (7, 9, 0.9), Some(0)),
+            // First 50, second 10: the first's share of the pair is 100/2600.
             (
-                "the lighter of two wins",
+                "the heavier first wins its share",
                 &[(1, 50.0), (1, 10.0)],
-                0,
-                0,
-                Some(1),
-            ),
-            (
-                "whichever was drawn first",
-                &[(1, 10.0), (1, 50.0)],
-                0,
-                0,
+                (0, 0, 0.03),
                 Some(0),
             ),
             (
-                "a tie goes to the first draw",
-                &[(1, 10.0), (1, 9.5)],
-                0,
-                0,
+                "and loses the rest",
+                &[(1, 50.0), (1, 10.0)],
+                (0, 0, 0.2),
+                Some(1),
+            ),
+            (
+                "the lighter first wins most",
+                &[(1, 10.0), (1, 50.0)],
+                (0, 0, 0.8),
+                Some(0),
+            ),
+            (
+                "equal loads split evenly",
+                &[(1, 10.0), (1, 10.0)],
+                (0, 0, 0.49),
                 Some(0),
             ),
             (
                 "the first draw follows r1",
                 &[(1, 10.0), (1, 10.0), (1, 10.0)],
-                2,
-                0,
+                (2, 0, 0.0),
                 Some(2),
             ),
             (
                 "the second skips the first",
                 &[(1, 10.0), (1, 1.0), (1, 10.0)],
-                0,
-                0,
+                (0, 0, 0.95),
                 Some(1),
             ),
             (
                 "zero weight is never drawn",
                 &[(0, 1.0), (1, 50.0), (1, 50.0)],
-                0,
-                0,
+                (0, 0, 0.0),
                 Some(1),
             ),
             (
-                "weight makes a draw likelier, not a load lighter",
-                &[(1, 10.0), (4, 20.0)],
-                0,
-                0,
-                Some(0),
+                "idle endpoints split evenly",
+                &[(1, 0.0), (1, 0.0)],
+                (0, 0, 0.6),
+                Some(1),
             ),
         ];
-        for (what, candidates, r1, r2, expected) in rows {
-            assert_eq!(choose(candidates, r1, r2), expected, "{what}");
+        for (what, candidates, draws, expected) in rows {
+            assert_eq!(choose(candidates, draws), expected, "{what}");
         }
+    }
+
+    /// Over many picks: equal endpoints share evenly; one a hundred times slower
+    /// gets almost nothing.
+    #[test]
+    fn shares_follow_load() {
+        let share = |loads: [f64; 3]| {
+            let candidates: Vec<(u32, f64)> = loads.iter().map(|l| (1, *l)).collect();
+            let mut counts = [0usize; 3];
+            let mut rng = fastrand::Rng::with_seed(7);
+            for _ in 0..30_000 {
+                let draws = (rng.u64(..), rng.u64(..), rng.f64());
+                counts[choose(&candidates, draws).unwrap()] += 1;
+            }
+            counts.map(|c| c as f64 / 30_000.0)
+        };
+        let even = share([1.0, 1.0, 1.0]);
+        assert!(even.iter().all(|s| (0.3..0.37).contains(s)), "{even:?}");
+        let slow = share([1.0, 1.0, 100.0]);
+        assert!(slow[2] < 0.01, "{slow:?}");
+        let slower = share([1.0, 1.0, 3.0]);
+        assert!(slower[2] < 0.1, "{slower:?}");
     }
 
     #[test]
@@ -621,8 +648,8 @@ mod tests {
         let candidates = [(1, 10.0), (3, 10.0)];
         let mut counts = [0usize; 2];
         for r in 0..4000u64 {
-            // Equal loads: the first draw wins, so the choice follows r1 alone.
-            counts[choose(&candidates, r, r / 7).unwrap()] += 1;
+            // Equal loads, and the first always taken: the choice follows r1 alone.
+            counts[choose(&candidates, (r, r / 7, 0.0)).unwrap()] += 1;
         }
         assert_eq!(counts, [1000, 3000]);
     }

@@ -106,7 +106,11 @@ impl Outbound {
         };
         let already_read = prefix.len();
         match plan {
-            OutboundPlan::Refuse(error) => Err(error),
+            OutboundPlan::Refuse(error) => {
+                // A reset, so the client learns it was refused (not a clean end).
+                socket::reset_on_close(&conn.stream);
+                Err(error)
+            }
             OutboundPlan::Http { protocol, route } => {
                 let client = self.downstream(conn, already_read);
                 crate::http::serve_connection(&self.http, client, prefix, protocol, route).await

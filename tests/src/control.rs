@@ -1,0 +1,581 @@
+//! A test control plane: Linkerd's Destination and OutboundPolicies APIs served from
+//! the `linkerd2-proxy-api` crate's server side (tonic), answering what each test
+//! tells it at run time.
+//!
+//! It behaves as Linkerd's controllers do where a proxy can tell
+//! (`linkerd-control-plane.md` §3.4): `Destination.Get` sends the endpoint set as
+//! one `Add` when it has endpoints and nothing when it has none, then the changes as
+//! `Add`s and `Remove`s; `GetProfile` answers every address with a profile (empty
+//! unless the test set one); `OutboundPolicies.Watch` answers `NotFound` for a target
+//! nobody described, and pushes each new policy. [`ControlPlane::stop`] takes it off
+//! the network (every stream breaks), [`ControlPlane::restart`] brings it back with
+//! what it knew. It serves plaintext (for a proxy on the same loopback) or TLS with
+//! a certificate of the mesh, and records each call and each client identity.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use linkerd2_proxy_api::destination::{
+    self as dst,
+    destination_server::{Destination, DestinationServer},
+    protocol_hint, tls_identity, DestinationProfile, GetDestination, ProtocolHint, TlsIdentity,
+    Update, WeightedAddr, WeightedAddrSet,
+};
+use linkerd2_proxy_api::meta::{metadata, Metadata, Resource};
+use linkerd2_proxy_api::net::TcpAddress;
+use linkerd2_proxy_api::outbound::{
+    self as ob,
+    outbound_policies_server::{OutboundPolicies, OutboundPoliciesServer},
+    proxy_protocol, traffic_spec, OutboundPolicy, TrafficSpec,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::netns::Pod;
+
+type Stream<T> = UnboundedReceiverStream<Result<T, Status>>;
+type Tx<T> = mpsc::UnboundedSender<Result<T, Status>>;
+
+/// What a policy watch is answered with.
+#[derive(Clone)]
+enum PolicyAnswer {
+    Policy(OutboundPolicy),
+    Error(tonic::Code),
+}
+
+#[derive(Default)]
+struct State {
+    endpoints: HashMap<String, Vec<WeightedAddr>>,
+    endpoint_watchers: HashMap<String, Vec<Tx<Update>>>,
+    policies: HashMap<SocketAddr, PolicyAnswer>,
+    policy_watchers: HashMap<SocketAddr, Vec<Tx<OutboundPolicy>>>,
+    profiles: HashMap<SocketAddr, DestinationProfile>,
+    profile_watchers: HashMap<SocketAddr, Vec<Tx<DestinationProfile>>>,
+    calls: Vec<String>,
+    workloads: Vec<String>,
+    client_identities: Vec<Option<String>>,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(state: &Shared) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running test control plane.
+pub struct ControlPlane {
+    pub addr: SocketAddr,
+    state: Shared,
+    namespace: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    running: Mutex<Option<Running>>,
+}
+
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ControlPlane {
+    /// Serves plaintext on `addr` in `pod` (loopback, for a proxy in the same pod).
+    pub fn start(pod: &Pod, addr: SocketAddr) -> ControlPlane {
+        ControlPlane::start_with(pod, addr, None)
+    }
+
+    /// Serves TLS with `config` on `addr` in `pod`.
+    pub fn start_with(
+        pod: &Pod,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> ControlPlane {
+        let control = ControlPlane {
+            addr,
+            state: Arc::default(),
+            namespace: pod.name.clone(),
+            tls,
+            running: Mutex::new(None),
+        };
+        let running = control.serve(pod);
+        *control.running.lock().unwrap() = Some(running);
+        control
+    }
+
+    fn serve(&self, pod: &Pod) -> Running {
+        let listener = pod
+            .run(|| std::net::TcpListener::bind(self.addr))
+            .unwrap_or_else(|e| panic!("control plane cannot listen on {}: {e}", self.addr));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let state = self.state.clone();
+        let tls = self.tls.clone();
+        let thread = std::thread::spawn(move || run(listener, state, tls, stopped));
+        Running { stop, thread }
+    }
+
+    /// Takes the control plane off the network: the listener closes and every open
+    /// stream and connection breaks. What it knows is kept.
+    pub fn stop(&self) {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(running) = running {
+            let _ = running.stop.send(());
+            let _ = running.thread.join();
+        }
+        let mut state = lock(&self.state);
+        state.endpoint_watchers.clear();
+        state.policy_watchers.clear();
+        state.profile_watchers.clear();
+    }
+
+    /// Serves again on the same address, in the pod it was started in.
+    pub fn restart(&self, pod: &Pod) {
+        assert_eq!(pod.name, self.namespace, "restart in the same pod");
+        self.stop();
+        let running = self.serve(pod);
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
+    }
+
+    /// Sets the endpoints of `path`; open `Get` streams receive the change as an
+    /// `Add` of what is new and a `Remove` of what is gone.
+    pub fn set_endpoints(&self, path: &str, addrs: Vec<WeightedAddr>) {
+        let mut state = lock(&self.state);
+        let old = state
+            .endpoints
+            .insert(path.to_string(), addrs.clone())
+            .unwrap_or_default();
+        let added: Vec<WeightedAddr> = addrs.iter().filter(|a| !old.contains(a)).cloned().collect();
+        let removed: Vec<TcpAddress> = old
+            .iter()
+            .filter(|o| !addrs.iter().any(|a| a.addr == o.addr))
+            .filter_map(|o| o.addr)
+            .collect();
+        let mut updates = Vec::new();
+        if !removed.is_empty() {
+            updates.push(Update {
+                update: Some(dst::update::Update::Remove(dst::AddrSet { addrs: removed })),
+            });
+        }
+        if !added.is_empty() {
+            updates.push(add(added));
+        }
+        if let Some(watchers) = state.endpoint_watchers.get_mut(path) {
+            watchers.retain(|w| updates.iter().all(|u| w.send(Ok(u.clone())).is_ok()));
+        }
+    }
+
+    /// Sets the policy of `target`, pushed to open watches.
+    pub fn set_policy(&self, target: SocketAddr, policy: OutboundPolicy) {
+        let mut state = lock(&self.state);
+        state
+            .policies
+            .insert(target, PolicyAnswer::Policy(policy.clone()));
+        if let Some(watchers) = state.policy_watchers.get_mut(&target) {
+            watchers.retain(|w| w.send(Ok(policy.clone())).is_ok());
+        }
+    }
+
+    /// Answers watches of `target` with `code` (which ends open ones).
+    pub fn set_policy_error(&self, target: SocketAddr, code: tonic::Code) {
+        let mut state = lock(&self.state);
+        state.policies.insert(target, PolicyAnswer::Error(code));
+        if let Some(watchers) = state.policy_watchers.remove(&target) {
+            for w in watchers {
+                let _ = w.send(Err(Status::new(code, "set by the test")));
+            }
+        }
+    }
+
+    /// Sets the profile of `target`, pushed to open `GetProfile` streams.
+    pub fn set_profile(&self, target: SocketAddr, profile: DestinationProfile) {
+        let mut state = lock(&self.state);
+        state.profiles.insert(target, profile.clone());
+        if let Some(watchers) = state.profile_watchers.get_mut(&target) {
+            watchers.retain(|w| w.send(Ok(profile.clone())).is_ok());
+        }
+    }
+
+    /// Every call so far, as `get <path>`, `profile <addr>`, `watch <addr>`.
+    pub fn calls(&self) -> Vec<String> {
+        lock(&self.state).calls.clone()
+    }
+
+    /// The `source_workload` of every policy watch.
+    pub fn workloads(&self) -> Vec<String> {
+        lock(&self.state).workloads.clone()
+    }
+
+    /// The identity each TLS client proved (`None` for a client without one).
+    pub fn client_identities(&self) -> Vec<Option<String>> {
+        lock(&self.state).client_identities.clone()
+    }
+
+    /// How many `Get` streams on `path` are open now.
+    pub fn endpoint_watchers(&self, path: &str) -> usize {
+        let mut state = lock(&self.state);
+        state.endpoint_watchers.get_mut(path).map_or(0, |watchers| {
+            watchers.retain(|w| !w.is_closed());
+            watchers.len()
+        })
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn add(addrs: Vec<WeightedAddr>) -> Update {
+    Update {
+        update: Some(dst::update::Update::Add(WeightedAddrSet {
+            addrs,
+            metric_labels: HashMap::new(),
+        })),
+    }
+}
+
+fn run(
+    listener: std::net::TcpListener,
+    state: Shared,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let accept = async {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let state = state.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        None => serve_connection(stream, state).await,
+                        Some(config) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let identity = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|leaf| {
+                                    let sans = tandem_identity::tls::sans(leaf);
+                                    sans.dns.into_iter().next()
+                                });
+                            lock(&state).client_identities.push(identity);
+                            serve_connection(stream, state).await
+                        }
+                    }
+                });
+            }
+        };
+        tokio::select! {
+            _ = accept => {}
+            _ = stopped => {}
+        }
+    });
+    // Dropping the runtime ends every open stream and connection.
+    drop(runtime);
+}
+
+async fn serve_connection<S>(stream: S, state: Shared)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let destination = DestinationServer::new(Api(state.clone()));
+    let policies = OutboundPoliciesServer::new(Api(state));
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let destination = destination.clone();
+            let policies = policies.clone();
+            async move {
+                use tower::ServiceExt;
+                let path = request.uri().path();
+                let response = if path.starts_with("/io.linkerd.proxy.destination.Destination/") {
+                    destination.oneshot(request).await
+                } else if path.starts_with("/io.linkerd.proxy.outbound.OutboundPolicies/") {
+                    policies.oneshot(request).await
+                } else {
+                    Ok(Status::unimplemented(format!("unknown method {path}")).into_http())
+                };
+                Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
+            }
+        });
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
+}
+
+#[derive(Clone)]
+struct Api(Shared);
+
+#[tonic::async_trait]
+impl Destination for Api {
+    type GetStream = Stream<Update>;
+    type GetProfileStream = Stream<DestinationProfile>;
+
+    async fn get(
+        &self,
+        request: Request<GetDestination>,
+    ) -> Result<Response<Self::GetStream>, Status> {
+        let path = request.into_inner().path;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = lock(&self.0);
+        state.calls.push(format!("get {path}"));
+        // As Linkerd's controller: the set as one `Add`, or nothing when empty.
+        if let Some(addrs) = state.endpoints.get(&path).filter(|a| !a.is_empty()) {
+            let _ = tx.send(Ok(add(addrs.clone())));
+        }
+        state.endpoint_watchers.entry(path).or_default().push(tx);
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn get_profile(
+        &self,
+        request: Request<GetDestination>,
+    ) -> Result<Response<Self::GetProfileStream>, Status> {
+        let path = request.into_inner().path;
+        let Ok(target) = path.parse::<SocketAddr>() else {
+            return Err(Status::invalid_argument(format!("not an address: {path}")));
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = lock(&self.0);
+        state.calls.push(format!("profile {target}"));
+        let profile = state.profiles.get(&target).cloned().unwrap_or_default();
+        let _ = tx.send(Ok(profile));
+        state.profile_watchers.entry(target).or_default().push(tx);
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl OutboundPolicies for Api {
+    type WatchStream = Stream<OutboundPolicy>;
+
+    async fn get(&self, _: Request<TrafficSpec>) -> Result<Response<OutboundPolicy>, Status> {
+        Err(Status::unimplemented("only Watch"))
+    }
+
+    async fn watch(
+        &self,
+        request: Request<TrafficSpec>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let spec = request.into_inner();
+        let Some(traffic_spec::Target::Addr(addr)) = spec.target else {
+            return Err(Status::invalid_argument("only addresses"));
+        };
+        let target = SocketAddr::try_from(addr).map_err(|_| Status::invalid_argument("address"))?;
+        let mut state = lock(&self.0);
+        state.calls.push(format!("watch {target}"));
+        state.workloads.push(spec.source_workload);
+        match state.policies.get(&target).cloned() {
+            None => Err(Status::not_found(format!("no policy for {target}"))),
+            Some(PolicyAnswer::Error(code)) => Err(Status::new(code, "set by the test")),
+            Some(PolicyAnswer::Policy(policy)) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let _ = tx.send(Ok(policy));
+                state.policy_watchers.entry(target).or_default().push(tx);
+                Ok(Response::new(UnboundedReceiverStream::new(rx)))
+            }
+        }
+    }
+}
+
+/// What a proxy is told of an endpoint's protocol.
+#[derive(Clone, Copy, Debug)]
+pub enum Hint {
+    None,
+    /// It takes HTTP/2 from other proxies.
+    H2,
+    /// Opaque, through its proxy's inbound port.
+    Opaque(u16),
+}
+
+/// An endpoint as the destination controller sends a meshed (with `identity`) or
+/// unmeshed pod: address, weight, labels, TLS identity, protocol hint.
+pub fn endpoint(addr: SocketAddr, identity: Option<&str>, hint: Hint, pod: &str) -> WeightedAddr {
+    let protocol_hint = match hint {
+        Hint::None => None,
+        Hint::H2 => Some(ProtocolHint {
+            protocol: Some(protocol_hint::Protocol::H2(protocol_hint::H2 {})),
+            opaque_transport: None,
+        }),
+        Hint::Opaque(port) => Some(ProtocolHint {
+            protocol: Some(protocol_hint::Protocol::Opaque(protocol_hint::Opaque {})),
+            opaque_transport: Some(protocol_hint::OpaqueTransport {
+                inbound_port: u32::from(port),
+            }),
+        }),
+    };
+    WeightedAddr {
+        addr: Some(TcpAddress::from(addr)),
+        weight: 10_000,
+        metric_labels: [
+            ("pod".to_string(), pod.to_string()),
+            ("namespace".to_string(), "default".to_string()),
+        ]
+        .into(),
+        tls_identity: identity.map(|name| TlsIdentity {
+            strategy: Some(tls_identity::Strategy::DnsLikeIdentity(
+                tls_identity::DnsLikeIdentity {
+                    name: name.to_string(),
+                },
+            )),
+            server_name: None,
+        }),
+        protocol_hint,
+        ..Default::default()
+    }
+}
+
+fn duration(seconds: i64) -> prost_types::Duration {
+    prost_types::Duration { seconds, nanos: 0 }
+}
+
+fn service(name: &str, port: u16) -> Metadata {
+    Metadata {
+        kind: Some(metadata::Kind::Resource(Resource {
+            group: "core".into(),
+            kind: "Service".into(),
+            name: name.into(),
+            namespace: "default".into(),
+            section: String::new(),
+            port: u32::from(port),
+        })),
+    }
+}
+
+/// The policy the policy controller sends for a Service port: protocol detection
+/// (or opaque, for an opaque port) and one default route per protocol to one
+/// balancer on `path`, with Linkerd's queue and load settings.
+pub fn service_policy(name: &str, port: u16, path: &str, opaque: bool) -> OutboundPolicy {
+    use ob::backend;
+    let backend = ob::Backend {
+        metadata: Some(service(name, port)),
+        queue: Some(ob::Queue {
+            capacity: 100,
+            failfast_timeout: Some(duration(3)),
+        }),
+        kind: Some(backend::Kind::Balancer(backend::BalanceP2c {
+            discovery: Some(backend::EndpointDiscovery {
+                kind: Some(backend::endpoint_discovery::Kind::Dst(
+                    backend::endpoint_discovery::DestinationGet { path: path.into() },
+                )),
+            }),
+            load: Some(backend::balance_p2c::Load::PeakEwma(
+                backend::balance_p2c::PeakEwma {
+                    default_rtt: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 30_000_000,
+                    }),
+                    decay: Some(duration(10)),
+                },
+            )),
+        })),
+    };
+    let http_routes = || {
+        use ob::http_route::{distribution, Distribution, RouteBackend, Rule};
+        vec![ob::HttpRoute {
+            metadata: Some(Metadata {
+                kind: Some(metadata::Kind::Default("http".into())),
+            }),
+            hosts: vec![],
+            rules: vec![Rule {
+                matches: vec![linkerd2_proxy_api::http_route::HttpRouteMatch {
+                    path: Some(linkerd2_proxy_api::http_route::PathMatch {
+                        kind: Some(linkerd2_proxy_api::http_route::path_match::Kind::Prefix(
+                            "/".into(),
+                        )),
+                    }),
+                    ..Default::default()
+                }],
+                backends: Some(Distribution {
+                    kind: Some(distribution::Kind::FirstAvailable(
+                        distribution::FirstAvailable {
+                            backends: vec![RouteBackend {
+                                backend: Some(backend.clone()),
+                                ..Default::default()
+                            }],
+                        },
+                    )),
+                }),
+                ..Default::default()
+            }],
+        }]
+    };
+    let opaque_routes = {
+        use ob::opaque_route::{distribution, Distribution, RouteBackend, Rule};
+        vec![ob::OpaqueRoute {
+            metadata: Some(Metadata {
+                kind: Some(metadata::Kind::Default("opaq".into())),
+            }),
+            rules: vec![Rule {
+                backends: Some(Distribution {
+                    kind: Some(distribution::Kind::FirstAvailable(
+                        distribution::FirstAvailable {
+                            backends: vec![RouteBackend {
+                                backend: Some(backend.clone()),
+                                filters: vec![],
+                            }],
+                        },
+                    )),
+                }),
+                filters: vec![],
+            }],
+        }]
+    };
+    let kind = if opaque {
+        proxy_protocol::Kind::Opaque(proxy_protocol::Opaque {
+            routes: opaque_routes,
+        })
+    } else {
+        proxy_protocol::Kind::Detect(proxy_protocol::Detect {
+            timeout: Some(duration(10)),
+            opaque: Some(proxy_protocol::Opaque {
+                routes: opaque_routes,
+            }),
+            http1: Some(proxy_protocol::Http1 {
+                routes: http_routes(),
+                failure_accrual: None,
+            }),
+            http2: Some(proxy_protocol::Http2 {
+                routes: http_routes(),
+                failure_accrual: None,
+            }),
+        })
+    };
+    OutboundPolicy {
+        metadata: Some(service(name, port)),
+        protocol: Some(ob::ProxyProtocol { kind: Some(kind) }),
+    }
+}
+
+/// The profile the destination controller sends for a pod's address.
+pub fn pod_profile(endpoint: WeightedAddr) -> DestinationProfile {
+    DestinationProfile {
+        endpoint: Some(endpoint),
+        ..Default::default()
+    }
+}
+
+/// Waits (bounded) for `check` to hold on the control plane.
+pub fn wait_until(control: &ControlPlane, what: &str, check: impl Fn(&ControlPlane) -> bool) {
+    crate::wait_for(what, Duration::from_secs(30), || {
+        check(control).then_some(())
+    });
+}
