@@ -43,7 +43,7 @@ type Tx<T> = mpsc::UnboundedSender<Result<T, Status>>;
 /// What a policy watch is answered with.
 #[derive(Clone)]
 enum PolicyAnswer {
-    Policy(OutboundPolicy),
+    Policy(Box<OutboundPolicy>),
     Error(tonic::Code),
 }
 
@@ -175,7 +175,7 @@ impl ControlPlane {
         let mut state = lock(&self.state);
         state
             .policies
-            .insert(target, PolicyAnswer::Policy(policy.clone()));
+            .insert(target, PolicyAnswer::Policy(Box::new(policy.clone())));
         if let Some(watchers) = state.policy_watchers.get_mut(&target) {
             watchers.retain(|w| w.send(Ok(policy.clone())).is_ok());
         }
@@ -388,7 +388,7 @@ impl OutboundPolicies for Api {
             Some(PolicyAnswer::Error(code)) => Err(Status::new(code, "set by the test")),
             Some(PolicyAnswer::Policy(policy)) => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                let _ = tx.send(Ok(policy));
+                let _ = tx.send(Ok(*policy));
                 state.policy_watchers.entry(target).or_default().push(tx);
                 Ok(Response::new(UnboundedReceiverStream::new(rx)))
             }
