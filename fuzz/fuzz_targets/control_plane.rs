@@ -1,0 +1,39 @@
+//! Fuzzes what the proxy reads from Linkerd's control plane: any bytes decoded as a
+//! `Destination.Get` update, an outbound policy and a profile, then read into the
+//! proxy's model (endpoints, the endpoint set's rules, the destination's shape),
+//! never panic.
+#![no_main]
+
+use std::collections::HashMap;
+
+use libfuzzer_sys::fuzz_target;
+use linkerd2_proxy_api::destination::{DestinationProfile, Update, WeightedAddr};
+use linkerd2_proxy_api::outbound::OutboundPolicy;
+use prost::Message;
+use tandem_proxy::discover::linkerd::translate::{endpoint, spec, EndpointSet, PolicyAnswer};
+
+fuzz_target!(|data: &[u8]| {
+    // Several messages from one input: split at the first byte's position.
+    let cut = usize::from(data.first().copied().unwrap_or(0)).min(data.len());
+    let (first, second) = data.split_at(cut);
+    let target = "10.96.0.10:80".parse().unwrap();
+    let mut set = EndpointSet::default();
+    for bytes in [first, second] {
+        if let Ok(update) = Update::decode(bytes) {
+            set.apply(&update);
+            set.reconnected();
+            set.apply(&update);
+            let _ = set.endpoints();
+        }
+        if let Ok(addr) = WeightedAddr::decode(bytes) {
+            let _ = endpoint(&addr, &HashMap::new());
+        }
+    }
+    let policy = OutboundPolicy::decode(first).ok();
+    let profile = DestinationProfile::decode(second).ok();
+    let answer = match policy {
+        Some(policy) => PolicyAnswer::Policy(Box::new(policy)),
+        None => PolicyAnswer::Unknown,
+    };
+    let _ = spec(target, &answer, profile.as_ref());
+});
