@@ -7,6 +7,7 @@
 //! processes so that their CPU time never mixes with the proxies'.
 
 mod backend;
+mod discovery;
 mod load;
 mod mesh;
 mod relay;
@@ -53,6 +54,9 @@ enum Command {
     /// Run the plain TCP relay that stands in for a proxy in the floor rows.
     #[command(hide = true)]
     Relay(relay::RelayArgs),
+    /// Discovery at scale: a control plane describing many Services, the memory
+    /// and update latency of the proxy that resolves them.
+    Discovery(discovery::DiscoveryArgs),
 }
 
 fn main() {
@@ -61,6 +65,11 @@ fn main() {
         Some(Command::Serve(args)) => backend::serve(args),
         Some(Command::Load(args)) => load::run(args).map(|report| println!("{}", report.to_line())),
         Some(Command::Relay(args)) => relay::relay(args),
+        Some(Command::Discovery(args)) => {
+            let _signals = tandem_tests::Signals::block();
+            tandem_tests::catch_harness_failure(|| discovery::run(args))
+                .unwrap_or_else(|failure| Err(anyhow::anyhow!(failure)))
+        }
         None => {
             let signals = tandem_tests::Signals::block();
             let result = tandem_tests::catch_harness_failure(|| {

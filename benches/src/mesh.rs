@@ -39,12 +39,23 @@ const _: () = assert!(
 /// Bytes of the single-stream bulk transfer.
 const BULK_BYTES: u64 = 1 << 30;
 
+/// A Service's virtual address, which the client-side proxy balances over three
+/// endpoints: the HTTP backend on `HTTP` and on the two `SERVICE_PORTS` of the
+/// server pod (the discovery file's `endpoints:`).
+const SERVICE: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 10)),
+    80,
+);
+const SERVICE_PORTS: [u16; 2] = [8081, 8082];
+
 struct Scenario {
     name: &'static str,
     mode: &'static str,
     conns: usize,
     meshed_port: u16,
     direct_port: u16,
+    /// The meshed path dials the Service (three endpoints) instead of one pod.
+    service: bool,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -54,6 +65,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 4,
         meshed_port: HTTP,
         direct_port: DIRECT_HTTP,
+        service: false,
     },
     Scenario {
         name: "HTTP saturated, 50 conns",
@@ -61,6 +73,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 50,
         meshed_port: HTTP,
         direct_port: DIRECT_HTTP,
+        service: false,
     },
     Scenario {
         name: "HTTP saturated, 1 conn",
@@ -68,6 +81,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 1,
         meshed_port: HTTP,
         direct_port: DIRECT_HTTP,
+        service: false,
     },
     Scenario {
         name: "opaque TCP 1 KiB echo, 4 conns",
@@ -75,6 +89,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 4,
         meshed_port: ECHO,
         direct_port: DIRECT_ECHO,
+        service: false,
     },
     Scenario {
         name: "HTTP, new conn per request",
@@ -82,6 +97,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 4,
         meshed_port: HTTP,
         direct_port: DIRECT_HTTP,
+        service: false,
     },
     Scenario {
         name: "opaque, new conn per exchange",
@@ -89,6 +105,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 4,
         meshed_port: ECHO,
         direct_port: DIRECT_ECHO,
+        service: false,
     },
     Scenario {
         name: "bulk, one TCP stream (1 GiB)",
@@ -96,6 +113,15 @@ const SCENARIOS: &[Scenario] = &[
         conns: 1,
         meshed_port: SINK,
         direct_port: DIRECT_SINK,
+        service: false,
+    },
+    Scenario {
+        name: "HTTP saturated, 50 conns, to a Service of 3 endpoints",
+        mode: "http",
+        conns: 50,
+        meshed_port: SERVICE.port(),
+        direct_port: DIRECT_HTTP,
+        service: true,
     },
 ];
 
@@ -148,8 +174,14 @@ pub fn run(
         );
     }
 
+    // The Service's address routes out of the client pod, so that a connection to
+    // it starts (the client-side proxy takes it before it leaves).
+    client_pod.must("ip", &["route", "add", "10.96.0.0/16", "dev", "veth0"]);
     let mut serve = Command::new(&bench);
     serve.arg("serve");
+    for port in SERVICE_PORTS {
+        serve.arg("--http").arg(format!("0.0.0.0:{port}"));
+    }
     for (flag, ports) in [
         ("--http", [HTTP, DIRECT_HTTP]),
         ("--echo", [ECHO, DIRECT_ECHO]),
@@ -167,6 +199,7 @@ pub fn run(
     let mut settings = vec![("LINKERD2_PROXY_LOG", "warn")];
     settings.extend(proxy_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let (env_a, env_b) = (world.env(0, true, &settings), world.env(1, true, &settings));
+    add_service(&env_a, server_pod)?;
     let alpha = Proxy::start(client_pod, &env_refs(&env_a));
     let beta = Proxy::start(server_pod, &env_refs(&env_b));
     let proxies = [alpha.process.pid(), beta.process.pid()];
@@ -220,7 +253,12 @@ pub fn run(
             SocketAddr::from((client_pod.ipv4, scenario.direct_port + RELAY_OUT)),
             &relay_pids,
         )?;
-        let meshed = on(world.b_addr(scenario.meshed_port), &proxies)?;
+        let meshed_target = if scenario.service {
+            SERVICE
+        } else {
+            world.b_addr(scenario.meshed_port)
+        };
+        let meshed = on(meshed_target, &proxies)?;
         eprintln!("  done: {}", scenario.name);
         results.push(Row {
             scenario,
@@ -231,6 +269,28 @@ pub fn run(
     }
     print!("{}", table(&results));
     Ok(())
+}
+
+/// Adds the Service to the client-side proxy's discovery file: its address, balanced
+/// over the server pod's HTTP backend on three ports, each endpoint meshed.
+fn add_service(client_env: &[(String, String)], server: &Pod) -> anyhow::Result<()> {
+    let file = client_env
+        .iter()
+        .find(|(name, _)| name == "TANDEM_DISCOVERY_FILE")
+        .map(|(_, path)| path.clone())
+        .context("the client-side proxy has no discovery file")?;
+    let identity = tandem_tests::mesh::identity_of("beta");
+    let mut text = std::fs::read_to_string(&file).context("read the discovery file")?;
+    let _ = write!(
+        text,
+        "  - addr: \"{}\"\n    ports: {}\n    identity: {identity}\n    http2: true\n    endpoints:\n",
+        SERVICE.ip(),
+        SERVICE.port()
+    );
+    for port in std::iter::once(HTTP).chain(SERVICE_PORTS) {
+        let _ = writeln!(text, "      - addr: \"{}:{port}\"", server.ipv4);
+    }
+    std::fs::write(&file, text).context("write the discovery file")
 }
 
 /// Starts `cmd` in `pod` and waits for it to print `ready` (everything bound).
@@ -622,6 +682,16 @@ fn derived(rows: &[Row<'_>]) -> String {
             "≤ 20",
             "",
         );
+        if let Some(service) = rows.iter().find(|r| r.scenario.service) {
+            figure(
+                &mut out,
+                "the same to a Service of 3 endpoints, balanced per request",
+                &|m| format!("{:.1}", busier_cores(m) * 1e6 / m.report.per_second()),
+                service,
+                "≤ single endpoint + 1",
+                "",
+            );
+        }
         figure(
             &mut out,
             "saturated HTTP, 50 conns, vs direct",

@@ -316,7 +316,10 @@ where
                 Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
             }
         });
+    // A proxy keeps a stream open per target it uses; Linkerd's controllers (gRPC
+    // servers) set no limit to the streams of a connection, so neither does this.
     let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .max_concurrent_streams(u32::MAX)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
         .await;
 }

@@ -30,17 +30,15 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use linkerd2_proxy_api::destination::destination_client::DestinationClient;
 use linkerd2_proxy_api::destination::{DestinationProfile, GetDestination};
-use linkerd2_proxy_api::outbound::outbound_policies_client::OutboundPoliciesClient;
-use linkerd2_proxy_api::outbound::{traffic_spec, TrafficSpec};
-use tokio::sync::{mpsc, watch};
+use linkerd2_proxy_api::outbound::{traffic_spec, OutboundPolicy, TrafficSpec};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use self::client::{Limited, Next};
-use self::translate::{BackendSpec, EndpointSet, PolicyAnswer};
+use self::translate::{BackendSpec, EndpointSet, PolicyAnswer, PolicySpec, ProfileSpec};
 use super::balance::{Backoff, BalanceSettings, Balancer, BalancerRegistry};
 use super::{Backend, Destination, Discover, DiscoveryError, Endpoint, Resolution, Resolved};
 use crate::config::ControlPlane;
@@ -197,11 +195,24 @@ impl Discover for Linkerd {
     }
 }
 
-/// What one of a target's streams said.
-enum Said {
-    Policy(PolicyAnswer),
-    /// `None`: no profile (outside the profile networks, or rejected).
-    Profile(Option<Box<DestinationProfile>>),
+/// What a target's two streams have said so far, read into specs as they arrive
+/// (the messages are not kept), and a signal that it changed.
+#[derive(Default)]
+struct Said {
+    state: Mutex<(Option<PolicySpec>, Option<ProfileSpec>)>,
+    changed: tokio::sync::Notify,
+}
+
+impl Said {
+    fn policy(&self, spec: PolicySpec) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(spec);
+        self.changed.notify_one();
+    }
+
+    fn profile(&self, spec: ProfileSpec) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(spec);
+        self.changed.notify_one();
+    }
 }
 
 /// Watches one target's policy and profile and publishes its destination.
@@ -210,40 +221,104 @@ async fn watch_target(
     target: SocketAddr,
     tx: watch::Sender<Option<Arc<Destination>>>,
 ) {
-    let (said_tx, mut said) = mpsc::channel(8);
+    let said = Said::default();
     let profiled = shared
         .settings
         .control
         .profile_networks
         .iter()
         .any(|net: &IpNet| net.contains(&target.ip()));
-    let policy = watch_policy(&shared, target, said_tx.clone());
+    let policy = watch_policy(&shared, target, &said);
     let profile = async {
         if profiled {
-            watch_profile(&shared, target, said_tx).await
+            watch_profile(&shared, target, &said).await
         } else {
-            let _ = said_tx.send(Said::Profile(None)).await;
+            said.profile(ProfileSpec::default());
         }
     };
     let publish = async {
-        let mut policy = None;
-        let mut profile = None;
         let mut balancers: HashMap<String, Arc<Balancer>> = HashMap::new();
-        while let Some(update) = said.recv().await {
-            match update {
-                Said::Policy(answer) => policy = Some(answer),
-                Said::Profile(answer) => profile = Some(answer),
-            }
-            let (Some(policy), Some(profile)) = (&policy, &profile) else {
-                continue;
+        loop {
+            said.changed.notified().await;
+            let spec = {
+                let state = said.state.lock().unwrap_or_else(|p| p.into_inner());
+                let (Some(policy), Some(profile)) = &*state else {
+                    continue;
+                };
+                translate::combine(policy, profile)
             };
-            let spec = translate::spec(target, policy, profile.as_deref());
             debug!(%target, ?spec, "destination");
             let destination = destination(&shared, target, spec, &mut balancers);
             tx.send_replace(Some(Arc::new(destination)));
         }
     };
     tokio::join!(policy, profile, publish);
+}
+#[cfg(test)]
+mod sizes {
+    /// How much a watched target's tasks hold while they wait for messages: the
+    /// stream-opening futures are boxed, so they are paid for only while opening.
+    #[test]
+    fn the_watch_futures_stay_small() {
+        let settings = super::Settings {
+            control: crate::config::ControlPlane {
+                destination: crate::config::ControlAddr {
+                    addr: "127.0.0.1:1".into(),
+                    name: None,
+                },
+                policy: crate::config::ControlAddr {
+                    addr: "127.0.0.1:1".into(),
+                    name: None,
+                },
+                context: String::new(),
+                workload: String::new(),
+                profile_networks: Vec::new(),
+                stream: crate::config::StreamLimits::default(),
+            },
+            balance: crate::discover::balance::BalanceSettings {
+                queue_capacity: 1,
+                failfast: std::time::Duration::from_secs(1),
+                backoff: crate::config::Backoff {
+                    min: std::time::Duration::from_millis(1),
+                    max: std::time::Duration::from_secs(1),
+                    jitter: 0.0,
+                },
+                default_rtt: std::time::Duration::from_millis(30),
+                decay: std::time::Duration::from_secs(10),
+            },
+            failfast: std::time::Duration::from_secs(1),
+            backoff: crate::config::Backoff {
+                min: std::time::Duration::from_millis(1),
+                max: std::time::Duration::from_secs(1),
+                jitter: 0.0,
+            },
+            idle: std::time::Duration::from_secs(5),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let endpoint = tonic::transport::Endpoint::from_static("http://127.0.0.1:1");
+            let shared = std::sync::Arc::new(super::Shared {
+                settings,
+                destination: endpoint.connect_lazy(),
+                policy: endpoint.connect_lazy(),
+                metrics: std::sync::Arc::new(crate::metrics::control::ControlMetrics::register(
+                    &mut Default::default(),
+                )),
+                balancers: Default::default(),
+                started: tokio::time::Instant::now(),
+            });
+            let (tx, _rx) = tokio::sync::watch::channel(None);
+            let target = "10.0.0.1:80".parse().unwrap();
+            let watch = super::watch_target(shared.clone(), target, tx);
+            let feed = super::feed_balancer(shared, String::new(), std::sync::Weak::new());
+            let (watch, feed) = (std::mem::size_of_val(&watch), std::mem::size_of_val(&feed));
+            eprintln!("watch_target {watch} B, feed_balancer {feed} B");
+            assert!(watch < 4096 && feed < 2048, "{watch} {feed}");
+        });
+    }
 }
 
 /// The destination a spec describes; balancers are kept by discovery path, so a
@@ -290,7 +365,7 @@ fn destination(
 /// `OutboundPolicies.Watch` for `target`, reopened whenever it ends; a
 /// non-recoverable answer (`NotFound`, `Unimplemented`: unknown; `InvalidArgument`,
 /// `FailedPrecondition`: rejected) is final, as in linkerd2-proxy.
-async fn watch_policy(shared: &Shared, target: SocketAddr, said: mpsc::Sender<Said>) {
+async fn watch_policy(shared: &Shared, target: SocketAddr, said: &Said) {
     let limits = shared.settings.control.stream;
     let request = TrafficSpec {
         source_workload: shared.settings.control.workload.clone(),
@@ -298,15 +373,20 @@ async fn watch_policy(shared: &Shared, target: SocketAddr, said: mpsc::Sender<Sa
     };
     let mut failures = 0u32;
     loop {
-        let mut client = OutboundPoliciesClient::new(shared.policy.clone());
         let opened = Instant::now();
-        let stream = client::open(&limits, client.watch(request.clone())).await;
+        let stream: Result<tonic::codec::Streaming<OutboundPolicy>, _> = Box::pin(client::open(
+            &shared.policy,
+            client::POLICY_WATCH,
+            request.clone(),
+            &limits,
+        ))
+        .await;
         let mut stream = match stream {
             Ok(stream) => Limited::new(stream, opened, limits),
             Err(status) => {
                 if let Some(answer) = final_policy_answer(status.code()) {
                     debug!(%target, code = ?status.code(), "the policy controller has no policy");
-                    let _ = said.send(Said::Policy(answer)).await;
+                    said.policy(translate::read_policy(target, &answer));
                     return;
                 }
                 failures += 1;
@@ -321,14 +401,12 @@ async fn watch_policy(shared: &Shared, target: SocketAddr, said: mpsc::Sender<Sa
                 Next::Message(policy) => {
                     failures = 0;
                     let answer = PolicyAnswer::Policy(Box::new(policy));
-                    if said.send(Said::Policy(answer)).await.is_err() {
-                        return;
-                    }
+                    said.policy(translate::read_policy(target, &answer));
                 }
                 Next::Ended => break,
                 Next::Failed(status) => {
                     if let Some(answer) = final_policy_answer(status.code()) {
-                        let _ = said.send(Said::Policy(answer)).await;
+                        said.policy(translate::read_policy(target, &answer));
                         return;
                     }
                     failures += 1;
@@ -356,7 +434,7 @@ fn final_policy_answer(code: tonic::Code) -> Option<PolicyAnswer> {
 
 /// `Destination.GetProfile` for `target`'s address, reopened whenever it ends;
 /// `InvalidArgument` and `FailedPrecondition` mean no profile, for good.
-async fn watch_profile(shared: &Shared, target: SocketAddr, said: mpsc::Sender<Said>) {
+async fn watch_profile(shared: &Shared, target: SocketAddr, said: &Said) {
     let limits = shared.settings.control.stream;
     let request = GetDestination {
         scheme: "k8s".into(),
@@ -365,14 +443,20 @@ async fn watch_profile(shared: &Shared, target: SocketAddr, said: mpsc::Sender<S
     };
     let mut failures = 0u32;
     loop {
-        let mut client = DestinationClient::new(shared.destination.clone());
         let opened = Instant::now();
-        let stream = client::open(&limits, client.get_profile(request.clone())).await;
+        let stream: Result<tonic::codec::Streaming<DestinationProfile>, _> =
+            Box::pin(client::open(
+                &shared.destination,
+                client::DESTINATION_GET_PROFILE,
+                request.clone(),
+                &limits,
+            ))
+            .await;
         let mut stream = match stream {
             Ok(stream) => Limited::new(stream, opened, limits),
             Err(status) => {
                 if no_profile(status.code()) {
-                    let _ = said.send(Said::Profile(None)).await;
+                    said.profile(ProfileSpec::default());
                     return;
                 }
                 failures += 1;
@@ -386,18 +470,12 @@ async fn watch_profile(shared: &Shared, target: SocketAddr, said: mpsc::Sender<S
             match stream.next().await {
                 Next::Message(profile) => {
                     failures = 0;
-                    if said
-                        .send(Said::Profile(Some(Box::new(profile))))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
+                    said.profile(translate::read_profile(Some(&profile)));
                 }
                 Next::Ended => break,
                 Next::Failed(status) => {
                     if no_profile(status.code()) {
-                        let _ = said.send(Said::Profile(None)).await;
+                        said.profile(ProfileSpec::default());
                         return;
                     }
                     failures += 1;
@@ -433,9 +511,15 @@ async fn feed_balancer(shared: Arc<Shared>, path: String, balancer: Weak<Balance
     let mut set = EndpointSet::default();
     let mut failures = 0u32;
     loop {
-        let mut client = DestinationClient::new(shared.destination.clone());
         let opened = Instant::now();
-        let stream = client::open(&limits, client.get(request.clone())).await;
+        let stream: Result<tonic::codec::Streaming<linkerd2_proxy_api::destination::Update>, _> =
+            Box::pin(client::open(
+                &shared.destination,
+                client::DESTINATION_GET,
+                request.clone(),
+                &limits,
+            ))
+            .await;
         let mut stream = match stream {
             Ok(stream) => Limited::new(stream, opened, limits),
             Err(status) => {

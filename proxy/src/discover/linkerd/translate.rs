@@ -193,34 +193,74 @@ pub enum BackendSpec {
     Refused(Refusal),
 }
 
+/// What a policy says, read once when it arrives (the message itself is not kept).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PolicySpec {
+    Known(Spec),
+    /// The control plane does not know the target.
+    Unknown,
+    /// It rejected the target for good.
+    Rejected,
+}
+
+/// What a profile says: a forced opaque protocol, and a pod's endpoint.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProfileSpec {
+    pub opaque: bool,
+    pub endpoint: Option<Endpoint>,
+}
+
+/// Reads a profile (`None`: none was asked for, or the controller has none).
+pub fn read_profile(profile: Option<&dst::DestinationProfile>) -> ProfileSpec {
+    ProfileSpec {
+        opaque: profile.is_some_and(|p| p.opaque_protocol),
+        endpoint: profile
+            .and_then(|p| p.endpoint.as_ref())
+            .and_then(|e| endpoint(e, &HashMap::new())),
+    }
+}
+
+/// The destination a policy and a profile describe together, as linkerd2-proxy
+/// combines them: the policy when there is one (a profile can still force opaque);
+/// without one, the profile's endpoint (a pod's address), else the original
+/// destination unmeshed.
+pub fn combine(policy: &PolicySpec, profile: &ProfileSpec) -> Spec {
+    match policy {
+        PolicySpec::Known(spec) => Spec {
+            opaque: spec.opaque || profile.opaque,
+            ..spec.clone()
+        },
+        PolicySpec::Rejected => Spec {
+            opaque: profile.opaque,
+            backend: BackendSpec::Refused(Refusal::Invalid),
+            parent: Labels::default(),
+        },
+        PolicySpec::Unknown => Spec {
+            opaque: profile.opaque,
+            backend: profile
+                .endpoint
+                .clone()
+                .map_or(BackendSpec::Fallback, BackendSpec::Forward),
+            parent: Labels::default(),
+        },
+    }
+}
+
 /// The destination `policy` and `profile` describe for `target`.
 pub fn spec(
     target: SocketAddr,
     policy: &PolicyAnswer,
     profile: Option<&dst::DestinationProfile>,
 ) -> Spec {
-    let profile_opaque = profile.is_some_and(|p| p.opaque_protocol);
+    combine(&read_policy(target, policy), &read_profile(profile))
+}
+
+/// Reads a policy answer for `target`.
+pub fn read_policy(target: SocketAddr, policy: &PolicyAnswer) -> PolicySpec {
     let policy = match policy {
         PolicyAnswer::Policy(policy) => &**policy,
-        PolicyAnswer::Rejected => {
-            return Spec {
-                opaque: profile_opaque,
-                backend: BackendSpec::Refused(Refusal::Invalid),
-                parent: Labels::default(),
-            }
-        }
-        PolicyAnswer::Unknown => {
-            // A pod's address: the profile names the endpoint; anything else is
-            // forwarded unmeshed.
-            let endpoint = profile
-                .and_then(|p| p.endpoint.as_ref())
-                .and_then(|e| endpoint(e, &HashMap::new()));
-            return Spec {
-                opaque: profile_opaque,
-                backend: endpoint.map_or(BackendSpec::Fallback, BackendSpec::Forward),
-                parent: Labels::default(),
-            };
-        }
+        PolicyAnswer::Rejected => return PolicySpec::Rejected,
+        PolicyAnswer::Unknown => return PolicySpec::Unknown,
     };
     let parent = meta_labels("parent", policy.metadata.as_ref(), target.port());
     let kind = policy.protocol.as_ref().and_then(|p| p.kind.as_ref());
@@ -253,11 +293,11 @@ pub fn spec(
         Some(proxy_protocol::Kind::Opaque(o)) => (true, opaque_backend(&o.routes, &parent, target)),
         Some(proxy_protocol::Kind::Tls(t)) => (true, tls_backend(&t.routes, &parent, target)),
     };
-    Spec {
-        opaque: opaque || profile_opaque,
+    PolicySpec::Known(Spec {
+        opaque,
         backend,
         parent,
-    }
+    })
 }
 
 fn http_backend(routes: &[ob::HttpRoute], parent: &Labels, target: SocketAddr) -> BackendSpec {
