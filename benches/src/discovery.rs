@@ -2,8 +2,10 @@
 //!
 //! The test control plane (in the client pod, on loopback, as linkerd2-proxy's own
 //! tests run it) describes `--services` Services, each an opaque port with
-//! `--endpoints` endpoints; the client-side proxy resolves every one (a connection to
-//! each Service's address, carried to one of its endpoints). Reported:
+//! `--endpoints` meshed endpoints, labelled and identified as Linkerd's destination
+//! controller describes pods; the client-side proxy resolves every one (a connection
+//! to each Service's address, carried with mTLS to one of its endpoints' proxy).
+//! Reported:
 //! - the proxy's resident memory before and after, per Service, and per endpoint
 //!   (from a second run with one endpoint per Service, so that the Service's own cost
 //!   and its endpoints' cost come apart);
@@ -13,7 +15,8 @@
 //!   `LINKERD2_PROXY_OUTBOUND_DISCOVERY_IDLE_TIMEOUT`, and the memory after that.
 //!
 //! Endpoints are addresses of the server pod (secondary addresses on its link),
-//! where one echo server answers with the address it was reached on.
+//! whose proxy takes the transport header on 4143 and where one echo server
+//! answers with the address it was reached on.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -22,6 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use tandem_tests::control::{endpoint, service_policy, ControlPlane, Hint};
+use tandem_tests::mesh::{env_refs, identity_of, TrustDomain};
+use tandem_tests::proc::Proc;
 use tandem_tests::{wait_for, Mesh, Pod, Proxy};
 
 #[derive(Debug, Args)]
@@ -80,8 +85,27 @@ fn exchange(client: &Pod, target: SocketAddr) -> anyhow::Result<String> {
     })
 }
 
+/// The client pod (0), the server pod (1) and the issuer (pod 2, unmeshed).
 struct World {
     mesh: Mesh,
+    domain: TrustDomain,
+    _issuer: Proc,
+}
+
+/// The server pod's proxy's identity, which every endpoint carries.
+fn server_identity() -> String {
+    identity_of("server")
+}
+
+/// An endpoint as the destination controller describes a meshed pod on an opaque
+/// port.
+fn meshed_endpoint(ip: Ipv4Addr, pod: &str) -> tandem_tests::control::WeightedAddr {
+    endpoint(
+        SocketAddr::from((ip, PORT)),
+        Some(&server_identity()),
+        Hint::Opaque(4143),
+        pod,
+    )
 }
 
 impl World {
@@ -89,8 +113,11 @@ impl World {
         if endpoints == 0 || endpoints > 100 {
             bail!("--endpoints must be between 1 and 100");
         }
-        let mesh = Mesh::new(2);
+        let mesh = Mesh::new(3);
         tandem_tests::proxy::redirect(mesh.pod(0));
+        tandem_tests::proxy::redirect(mesh.pod(1));
+        let domain = TrustDomain::new();
+        let issuer = domain.start_issuer(mesh.pod(2), &[]);
         let client = mesh.pod(0);
         let server = mesh.pod(1);
         client.must("ip", &["route", "add", "10.96.0.0/16", "dev", "veth0"]);
@@ -121,7 +148,15 @@ impl World {
                 });
             }
         });
-        Ok(World { mesh })
+        Ok(World {
+            mesh,
+            domain,
+            _issuer: issuer,
+        })
+    }
+
+    fn issuer(&self) -> SocketAddr {
+        SocketAddr::from((self.mesh.pod(2).ipv4, 8080))
     }
 }
 
@@ -145,40 +180,47 @@ fn run_once(services: usize, endpoints: usize, measure_updates: bool) -> anyhow:
             service_policy(&format!("svc-{s}"), PORT, &path(s), true),
         );
         let addrs = (0..endpoints)
-            .map(|e| {
-                endpoint(
-                    SocketAddr::from((endpoint_ip(e), PORT)),
-                    None,
-                    Hint::None,
-                    &format!("svc-{s}-{e}"),
-                )
-            })
+            .map(|e| meshed_endpoint(endpoint_ip(e), &format!("svc-{s}-{e}")))
             .collect();
         control.set_endpoints(&path(s), addrs);
     }
-    let settings = [
-        ("LINKERD2_PROXY_LOG", "warn"),
-        ("LINKERD2_PROXY_DESTINATION_SVC_ADDR", CONTROL),
-        ("LINKERD2_PROXY_POLICY_SVC_ADDR", CONTROL),
-        (
-            "LINKERD2_PROXY_POLICY_WORKLOAD",
-            "{\"ns\":\"default\",\"pod\":\"bench\"}",
-        ),
-        ("LINKERD2_PROXY_DESTINATION_PROFILE_NETWORKS", "10.0.0.0/8"),
-        ("LINKERD2_PROXY_OUTBOUND_DISCOVERY_IDLE_TIMEOUT", "5s"),
-    ];
-    let proxy = Proxy::start(client, &settings);
+    let mut server_env = world.domain.identity_env("server", world.issuer());
+    server_env.push(("LINKERD2_PROXY_LOG".into(), "warn".into()));
+    let server = Proxy::start(world.mesh.pod(1), &env_refs(&server_env));
+    let mut settings: Vec<(String, String)> = world.domain.identity_env("client", world.issuer());
+    settings.extend(
+        [
+            ("LINKERD2_PROXY_LOG", "warn"),
+            ("LINKERD2_PROXY_DESTINATION_SVC_ADDR", CONTROL),
+            ("LINKERD2_PROXY_POLICY_SVC_ADDR", CONTROL),
+            (
+                "LINKERD2_PROXY_POLICY_WORKLOAD",
+                "{\"ns\":\"default\",\"pod\":\"bench\"}",
+            ),
+            ("LINKERD2_PROXY_DESTINATION_PROFILE_NETWORKS", "10.0.0.0/8"),
+            ("LINKERD2_PROXY_OUTBOUND_DISCOVERY_IDLE_TIMEOUT", "5s"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let proxy = Proxy::start(client, &env_refs(&settings));
     let pid = proxy.process.pid();
+    let said = |e: anyhow::Error| {
+        let output = proxy.process.output();
+        let tail: Vec<&str> = output.lines().rev().take(20).collect();
+        let output = server.process.output();
+        let server_tail: Vec<&str> = output.lines().rev().take(20).collect();
+        anyhow::anyhow!(
+            "{e:#}; the proxy said: {}; the server: {}",
+            tail.join(" | "),
+            server_tail.join(" | ")
+        )
+    };
     // Warm up the proxy's own allocations with one Service before the baseline.
-    exchange(client, service_addr(0))?;
+    exchange(client, service_addr(0)).map_err(said)?;
     let before = rss(pid)?;
     let started = Instant::now();
     for s in 0..services {
-        let answer = exchange(client, service_addr(s)).map_err(|e| {
-            let output = proxy.process.output();
-            let tail: Vec<&str> = output.lines().rev().take(20).collect();
-            anyhow::anyhow!("{e:#}; the proxy said: {}", tail.join(" | "))
-        })?;
+        let answer = exchange(client, service_addr(s)).map_err(said)?;
         if !answer.starts_with("192.0.2.") {
             bail!("{}: unexpected answer {answer:?}", service_addr(s));
         }
@@ -203,15 +245,7 @@ fn run_once(services: usize, endpoints: usize, measure_updates: bool) -> anyhow:
                 endpoint_ip(0)
             };
             let updated = Instant::now();
-            control.set_endpoints(
-                &path(moved),
-                vec![endpoint(
-                    SocketAddr::from((target, PORT)),
-                    None,
-                    Hint::None,
-                    "moved",
-                )],
-            );
+            control.set_endpoints(&path(moved), vec![meshed_endpoint(target, "svc-moved-0")]);
             loop {
                 if exchange(client, service_addr(moved))? == target.to_string() {
                     break;

@@ -1,4 +1,5 @@
-//! Fuzzes what the proxy reads from Linkerd's control plane: any bytes decoded as a
+//! Fuzzes what the proxy reads from Linkerd's control plane: any bytes cut into
+//! gRPC messages (arriving in frames of any size), and decoded as a
 //! `Destination.Get` update, an outbound policy and a profile, then read into the
 //! proxy's model (endpoints, the endpoint set's rules, the destination's shape),
 //! never panic.
@@ -10,6 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use linkerd2_proxy_api::destination::{DestinationProfile, Update, WeightedAddr};
 use linkerd2_proxy_api::outbound::OutboundPolicy;
 use prost::Message;
+use tandem_proxy::discover::linkerd::grpc::Framer;
 use tandem_proxy::discover::linkerd::translate::{endpoint, spec, EndpointSet, PolicyAnswer};
 
 fuzz_target!(|data: &[u8]| {
@@ -36,4 +38,16 @@ fuzz_target!(|data: &[u8]| {
         None => PolicyAnswer::Unknown,
     };
     let _ = spec(target, &answer, profile.as_ref());
+
+    // The same bytes as a stream's body, in frames of any size.
+    let frame = usize::from(data.get(1).copied().unwrap_or(1)).max(1);
+    let mut framer = Framer::default();
+    for piece in data.chunks(frame) {
+        framer.push(piece);
+        while let Ok(Some(message)) = framer.next_message() {
+            if let Ok(update) = Update::decode(message) {
+                set.apply(&update);
+            }
+        }
+    }
 });

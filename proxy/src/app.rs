@@ -44,12 +44,14 @@ pub fn run(config: Config, log_level: LogLevel) -> anyhow::Result<()> {
     let runtime = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(crate::ops::memory::on_worker_idle)
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .max_blocking_threads(threads)
             .enable_all()
+            .on_thread_park(crate::ops::memory::on_worker_idle)
             .build()
     }
     .context("cannot start the runtime")?;
@@ -160,6 +162,7 @@ async fn serve_until_drained(
     ] {
         tokio::spawn(sweep_pools(sweep, shutdown.clone()));
     }
+    tokio::spawn(crate::ops::memory::tick());
     let mut accept_loops = Vec::new();
     for listener in inbound_listeners {
         info!(direction = "inbound", addr = %listener.local_addr()?, "listening");

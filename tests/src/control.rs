@@ -18,11 +18,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// An endpoint, as the tests hand them to [`ControlPlane::set_endpoints`].
+pub use linkerd2_proxy_api::destination::WeightedAddr;
 use linkerd2_proxy_api::destination::{
     self as dst,
     destination_server::{Destination, DestinationServer},
     protocol_hint, tls_identity, DestinationProfile, GetDestination, ProtocolHint, TlsIdentity,
-    Update, WeightedAddr, WeightedAddrSet,
+    Update, WeightedAddrSet,
 };
 use linkerd2_proxy_api::meta::{metadata, Metadata, Resource};
 use linkerd2_proxy_api::net::TcpAddress;
@@ -163,7 +165,7 @@ impl ControlPlane {
             });
         }
         if !added.is_empty() {
-            updates.push(add(added));
+            updates.push(add(path, added));
         }
         if let Some(watchers) = state.endpoint_watchers.get_mut(path) {
             watchers.retain(|w| updates.iter().all(|u| w.send(Ok(u.clone())).is_ok()));
@@ -232,11 +234,22 @@ impl Drop for ControlPlane {
     }
 }
 
-fn add(addrs: Vec<WeightedAddr>) -> Update {
+/// An `add` as the destination controller sends it: the Service's labels on the
+/// set (for a path `<service>.<namespace>.svc.…`), the pods' on each address.
+fn add(path: &str, addrs: Vec<WeightedAddr>) -> Update {
+    let mut names = path.split('.');
+    let metric_labels = match (names.next(), names.next(), names.next()) {
+        (Some(service), Some(namespace), Some("svc")) => [
+            ("service".to_string(), service.to_string()),
+            ("namespace".to_string(), namespace.to_string()),
+        ]
+        .into(),
+        _ => HashMap::new(),
+    };
     Update {
         update: Some(dst::update::Update::Add(WeightedAddrSet {
             addrs,
-            metric_labels: HashMap::new(),
+            metric_labels,
         })),
     }
 }
@@ -342,7 +355,7 @@ impl Destination for Api {
         state.calls.push(format!("get {path}"));
         // As Linkerd's controller: the set as one `Add`, or nothing when empty.
         if let Some(addrs) = state.endpoints.get(&path).filter(|a| !a.is_empty()) {
-            let _ = tx.send(Ok(add(addrs.clone())));
+            let _ = tx.send(Ok(add(&path, addrs.clone())));
         }
         state.endpoint_watchers.entry(path).or_default().push(tx);
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
@@ -428,11 +441,7 @@ pub fn endpoint(addr: SocketAddr, identity: Option<&str>, hint: Hint, pod: &str)
     WeightedAddr {
         addr: Some(TcpAddress::from(addr)),
         weight: 10_000,
-        metric_labels: [
-            ("pod".to_string(), pod.to_string()),
-            ("namespace".to_string(), "default".to_string()),
-        ]
-        .into(),
+        metric_labels: pod_labels(pod, identity),
         tls_identity: identity.map(|name| TlsIdentity {
             strategy: Some(tls_identity::Strategy::DnsLikeIdentity(
                 tls_identity::DnsLikeIdentity {
@@ -444,6 +453,29 @@ pub fn endpoint(addr: SocketAddr, identity: Option<&str>, hint: Hint, pod: &str)
         protocol_hint,
         ..Default::default()
     }
+}
+
+/// The labels the destination controller puts on a pod's address (the pod
+/// `web-a` of a Deployment `web`, its ReplicaSet's hash, its service account as
+/// the identity's first name).
+fn pod_labels(pod: &str, identity: Option<&str>) -> HashMap<String, String> {
+    let deployment = pod.rsplit_once('-').map_or(pod, |(owner, _)| owner);
+    let account = identity
+        .and_then(|name| name.split('.').next())
+        .unwrap_or("default");
+    [
+        ("pod", pod),
+        ("deployment", deployment),
+        ("pod_template_hash", "5d8f7c9b64"),
+        ("serviceaccount", account),
+        ("control_plane_ns", "linkerd"),
+        ("namespace", "default"),
+        ("zone", "zone-a"),
+        ("zone_locality", "local"),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value.to_string()))
+    .collect()
 }
 
 fn duration(seconds: i64) -> prost_types::Duration {

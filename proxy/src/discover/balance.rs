@@ -111,7 +111,7 @@ impl BalancerRegistry {
 
 /// One endpoint in a balancer, with its load and backoff.
 pub struct Member {
-    pub endpoint: Endpoint,
+    pub endpoint: Arc<Endpoint>,
     ewma: Mutex<Ewma>,
     pending: AtomicU32,
     failures: AtomicU32,
@@ -195,25 +195,27 @@ impl Balancer {
 
     /// Replaces the endpoint set; members that stay (same endpoint) keep their
     /// state, and waiting picks look again.
-    pub fn update(&self, endpoints: Vec<Endpoint>) {
+    pub fn update<E: Into<Arc<Endpoint>>>(&self, endpoints: impl IntoIterator<Item = E>) {
         let current = self.members.load();
-        let members: Vec<Arc<Member>> = endpoints
-            .into_iter()
-            .map(|endpoint| {
-                current
-                    .iter()
-                    .find(|m| m.endpoint == endpoint)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Member::new(endpoint, &self.settings)))
-            })
-            .collect();
+        // Not collected in place: a list of endpoints is larger than one of members,
+        // and the members would keep its allocation.
+        let mut members: Vec<Arc<Member>> = Vec::with_capacity(current.len());
+        members.extend(endpoints.into_iter().map(|endpoint| {
+            let endpoint: Arc<Endpoint> = endpoint.into();
+            current
+                .iter()
+                .find(|m| m.endpoint == endpoint)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Member::new(endpoint, &self.settings)))
+        }));
+        members.shrink_to_fit();
         self.members.store(Arc::new(members));
         self.refresh_readiness();
         self.changed.notify_waiters();
     }
 
     /// The endpoints now, for metrics and tests.
-    pub fn endpoints(&self) -> Vec<Endpoint> {
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
         self.members
             .load()
             .iter()
@@ -327,7 +329,7 @@ impl Balancer {
 }
 
 impl Member {
-    fn new(endpoint: Endpoint, settings: &BalanceSettings) -> Member {
+    fn new(endpoint: Arc<Endpoint>, settings: &BalanceSettings) -> Member {
         Member {
             endpoint,
             ewma: Mutex::new(Ewma::new(settings.default_rtt, Instant::now())),

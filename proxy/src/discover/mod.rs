@@ -26,37 +26,64 @@ use std::sync::Arc;
 use self::balance::Balancer;
 
 /// Metric labels, sorted by name, printed as `dst_<name>` on outbound metrics.
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Labels(pub Vec<(String, String)>);
+/// Every endpoint of a Service holds a set, so a set is packed into one string
+/// (`name NUL value NUL …`) instead of two strings per label; a name or value
+/// that itself holds a NUL (no Kubernetes name does) is left out.
+#[derive(Clone, Default, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Labels(Box<str>);
 
 impl Labels {
     /// Labels from pairs, sorted; a later pair with the same name wins.
-    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Labels {
-        let mut labels: Vec<(String, String)> = Vec::new();
+    pub fn new<N: AsRef<str>, V: AsRef<str>>(pairs: impl IntoIterator<Item = (N, V)>) -> Labels {
+        let mut labels: Vec<(N, V)> = Vec::new();
         for (name, value) in pairs {
-            match labels.iter_mut().find(|(n, _)| *n == name) {
+            if name.as_ref().contains('\0') || value.as_ref().contains('\0') {
+                continue;
+            }
+            match labels.iter_mut().find(|(n, _)| n.as_ref() == name.as_ref()) {
                 Some(slot) => slot.1 = value,
                 None => labels.push((name, value)),
             }
         }
-        labels.sort();
-        Labels(labels)
+        labels.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        let mut packed = String::with_capacity(
+            labels
+                .iter()
+                .map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 2)
+                .sum(),
+        );
+        for (name, value) in &labels {
+            packed.push_str(name.as_ref());
+            packed.push('\0');
+            packed.push_str(value.as_ref());
+            packed.push('\0');
+        }
+        Labels(packed.into_boxed_str())
     }
 
     /// `self`, with `over`'s labels replacing any of the same name.
     pub fn merged(&self, over: &Labels) -> Labels {
-        Labels::new(self.0.iter().chain(over.0.iter()).cloned())
+        Labels::new(self.iter().chain(over.iter()))
     }
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
+    /// The labels as (name, value), sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mut parts = self.0.split_terminator('\0');
+        std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+}
+
+impl fmt::Debug for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
@@ -205,8 +232,7 @@ mod tests {
 
     #[test]
     fn labels_are_sorted_and_merged_by_name() {
-        let pairs =
-            |p: &[(&str, &str)]| Labels::new(p.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let pairs = |p: &[(&str, &str)]| Labels::new(p.iter().copied());
         let service = pairs(&[("service", "web"), ("namespace", "prod")]);
         let pod = pairs(&[("pod", "web-1"), ("namespace", "other")]);
         let merged = service.merged(&pod);
@@ -215,6 +241,18 @@ mod tests {
             pairs(&[("namespace", "other"), ("pod", "web-1"), ("service", "web")])
         );
         assert_eq!(merged.get("pod"), Some("web-1"));
+        assert_eq!(merged.get("absent"), None);
         assert!(Labels::default().is_empty());
+        assert_eq!(Labels::default().iter().count(), 0);
+        assert_eq!(
+            merged.iter().collect::<Vec<_>>(),
+            [("namespace", "other"), ("pod", "web-1"), ("service", "web")]
+        );
+        assert_eq!(
+            pairs(&[("a", "x\0y"), ("b", "")])
+                .iter()
+                .collect::<Vec<_>>(),
+            [("b", "")]
+        );
     }
 }

@@ -94,7 +94,9 @@ pub fn plan(facts: &Facts) -> Step {
             tls: TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote),
         });
     }
-    let direct = facts.orig_dst == facts.local;
+    // The port alone: on a pod with several addresses, a connection to another of
+    // them is redirected to the interface's first address.
+    let direct = facts.orig_dst.port() == facts.local.port();
     let protocol = match &facts.detection {
         Detection::NotYet if facts.opaque_port && !direct => return Step::SkipDetection,
         Detection::NotYet => return Step::Detect,
@@ -374,6 +376,16 @@ mod tests {
                 Facts {
                     detection: detected(tls_for(OURS)),
                     ..facts(direct)
+                },
+                go(InboundPlan::Terminate {
+                    with: ServerTls::Direct,
+                }),
+            ),
+            (
+                "direct to another of the pod's addresses too",
+                Facts {
+                    detection: detected(tls_for(OURS)),
+                    ..facts("10.0.0.9:4143")
                 },
                 go(InboundPlan::Terminate {
                     with: ServerTls::Direct,

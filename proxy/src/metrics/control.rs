@@ -105,8 +105,8 @@ struct EndpointLabels<'a> {
 
 impl EncodeLabelSet for EndpointLabels<'_> {
     fn encode(&self, mut encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        for (name, value) in self.name.parent.0.iter().chain(&self.name.backend.0) {
-            (name.as_str(), value.as_str()).encode(encoder.encode_label())?;
+        for (name, value) in self.name.parent.iter().chain(self.name.backend.iter()) {
+            (name, value).encode(encoder.encode_label())?;
         }
         ("endpoint_state", self.state).encode(encoder.encode_label())
     }

@@ -227,12 +227,12 @@ impl EncodeLabelSet for TransportLabels {
 /// Discovery's labels of an endpoint as `dst_<name>` (names sanitised to what
 /// Prometheus accepts), shared by transport and request series.
 pub fn encode_dst(labels: &Labels, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-    for (name, value) in &labels.0 {
+    for (name, value) in labels.iter() {
         let name: String = name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        (format!("dst_{name}"), value.as_str()).encode(encoder.encode_label())?;
+        (format!("dst_{name}"), value).encode(encoder.encode_label())?;
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
+use super::grpc::{self, Messages};
 use crate::config::{ControlAddr, StreamLimits};
 use crate::mesh::{Dialed, Dialer, MeshAlpn, PeerId};
 
@@ -102,18 +103,14 @@ pub enum Next<T> {
 /// Reads a stream under the limits, from a stream opened at `opened` that has
 /// `received` a message or not.
 pub struct Limited<T> {
-    stream: tonic::codec::Streaming<T>,
+    stream: Messages<T>,
     opened: Instant,
     received: bool,
     limits: StreamLimits,
 }
 
-impl<T> Limited<T> {
-    pub fn new(
-        stream: tonic::codec::Streaming<T>,
-        opened: Instant,
-        limits: StreamLimits,
-    ) -> Limited<T> {
+impl<T: prost::Message + Default> Limited<T> {
+    pub fn new(stream: Messages<T>, opened: Instant, limits: StreamLimits) -> Limited<T> {
         Limited {
             stream,
             opened,
@@ -172,72 +169,25 @@ pub const DESTINATION_GET_PROFILE: &str = "/io.linkerd.proxy.destination.Destina
 
 /// Opens the streaming call `path` with `request` on `channel`, within the initial
 /// timeout (the response headers count towards it, as in linkerd2-proxy).
-///
-/// Through `tonic::client::Grpc` rather than the generated clients, for the codec:
-/// tonic's default gives every stream an 8 KiB receive buffer from its start, three
-/// streams per Service a proxy talks to; messages of the control plane are a few
-/// hundred bytes, and the buffer grows when one is larger.
 pub async fn open<Req, Resp>(
     channel: &Channel,
     path: &'static str,
     request: Req,
     limits: &StreamLimits,
-) -> Result<tonic::codec::Streaming<Resp>, tonic::Status>
+) -> Result<Messages<Resp>, tonic::Status>
 where
-    Req: prost::Message + Send + Sync + 'static,
-    Resp: prost::Message + Default + Send + Sync + 'static,
+    Req: prost::Message,
+    Resp: prost::Message + Default,
 {
-    let call = async {
-        let mut grpc = tonic::client::Grpc::new(channel.clone());
-        grpc.ready()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("the control plane: {e}")))?;
-        grpc.server_streaming(
-            tonic::Request::new(request),
-            tonic::codegen::http::uri::PathAndQuery::from_static(path),
-            SmallBuffers::<Req, Resp>::default(),
-        )
-        .await
-    };
-    let response = match limits.initial {
+    let call = grpc::call(channel, path, &request);
+    match limits.initial {
         Some(initial) => tokio::time::timeout(initial, call).await.map_err(|_| {
             tonic::Status::deadline_exceeded("no response within the initial timeout")
         })?,
         None => call.await,
-    }?;
-    Ok(response.into_inner())
-}
-
-/// A stream's buffers start this small (see [`open`]).
-const BUFFER: usize = 512;
-
-/// Prost messages with small starting buffers.
-struct SmallBuffers<Req, Resp>(std::marker::PhantomData<(Req, Resp)>);
-
-impl<Req, Resp> Default for SmallBuffers<Req, Resp> {
-    fn default() -> Self {
-        SmallBuffers(std::marker::PhantomData)
     }
 }
 
-impl<Req, Resp> tonic::codec::Codec for SmallBuffers<Req, Resp>
-where
-    Req: prost::Message + Send + 'static,
-    Resp: prost::Message + Default + Send + 'static,
-{
-    type Encode = Req;
-    type Decode = Resp;
-    type Encoder = tonic_prost::ProstEncoder<Req>;
-    type Decoder = tonic_prost::ProstDecoder<Resp>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(BUFFER, BUFFER * 64))
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::new(BUFFER, BUFFER * 64))
-    }
-}
 /// The delay before the next attempt after `failures` failures in a row.
 pub fn retry_delay(backoff: &crate::discover::balance::Backoff, failures: u32) -> Duration {
     backoff.jittered(failures.max(1), fastrand::f64())

@@ -21,6 +21,7 @@
 //! [`DiscoveryError::Unavailable`]: HTTP gets a 503 saying so, TCP a reset.
 
 pub mod client;
+pub mod grpc;
 pub mod translate;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use self::client::{Limited, Next};
+use self::grpc::Messages;
 use self::translate::{BackendSpec, EndpointSet, PolicyAnswer, PolicySpec, ProfileSpec};
 use super::balance::{Backoff, BalanceSettings, Balancer, BalancerRegistry};
 use super::{Backend, Destination, Discover, DiscoveryError, Endpoint, Resolution, Resolved};
@@ -374,7 +376,7 @@ async fn watch_policy(shared: &Shared, target: SocketAddr, said: &Said) {
     let mut failures = 0u32;
     loop {
         let opened = Instant::now();
-        let stream: Result<tonic::codec::Streaming<OutboundPolicy>, _> = Box::pin(client::open(
+        let stream: Result<Messages<OutboundPolicy>, _> = Box::pin(client::open(
             &shared.policy,
             client::POLICY_WATCH,
             request.clone(),
@@ -444,14 +446,13 @@ async fn watch_profile(shared: &Shared, target: SocketAddr, said: &Said) {
     let mut failures = 0u32;
     loop {
         let opened = Instant::now();
-        let stream: Result<tonic::codec::Streaming<DestinationProfile>, _> =
-            Box::pin(client::open(
-                &shared.destination,
-                client::DESTINATION_GET_PROFILE,
-                request.clone(),
-                &limits,
-            ))
-            .await;
+        let stream: Result<Messages<DestinationProfile>, _> = Box::pin(client::open(
+            &shared.destination,
+            client::DESTINATION_GET_PROFILE,
+            request.clone(),
+            &limits,
+        ))
+        .await;
         let mut stream = match stream {
             Ok(stream) => Limited::new(stream, opened, limits),
             Err(status) => {
@@ -512,7 +513,7 @@ async fn feed_balancer(shared: Arc<Shared>, path: String, balancer: Weak<Balance
     let mut failures = 0u32;
     loop {
         let opened = Instant::now();
-        let stream: Result<tonic::codec::Streaming<linkerd2_proxy_api::destination::Update>, _> =
+        let stream: Result<Messages<linkerd2_proxy_api::destination::Update>, _> =
             Box::pin(client::open(
                 &shared.destination,
                 client::DESTINATION_GET,

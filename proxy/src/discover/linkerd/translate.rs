@@ -40,12 +40,7 @@ pub fn endpoint(
         .and_then(|h| h.opaque_transport.as_ref())
         .and_then(|t| u16::try_from(t.inbound_port).ok())
         .filter(|p| *p != 0 && *p != u16::MAX);
-    let labels = Labels::new(
-        set_labels
-            .iter()
-            .chain(addr.metric_labels.iter())
-            .map(|(k, v)| (k.clone(), v.clone())),
-    );
+    let labels = Labels::new(set_labels.iter().chain(addr.metric_labels.iter()));
     Some(Endpoint {
         addr: SocketAddr::new(ip, port),
         weight: if addr.weight == 0 { 1 } else { addr.weight },
@@ -77,8 +72,12 @@ fn tls(identity: Option<&dst::TlsIdentity>) -> (Option<Arc<str>>, Option<Arc<str
             if rustls::pki_types::DnsName::try_from(name.as_str()).is_err() {
                 return (None, None);
             }
-            let sni = server_name.unwrap_or_else(|| name.clone());
-            (Some(Arc::from(name)), Some(Arc::from(sni)))
+            let name: Arc<str> = Arc::from(name);
+            let sni = match server_name {
+                Some(sni) if *sni != *name => Arc::from(sni),
+                _ => name.clone(),
+            };
+            (Some(name), Some(sni))
         }
         Some(tls_identity::Strategy::UriLikeIdentity(uri)) => match server_name {
             Some(sni) if !uri.uri.is_empty() => {
@@ -90,10 +89,34 @@ fn tls(identity: Option<&dst::TlsIdentity>) -> (Option<Arc<str>>, Option<Arc<str
     }
 }
 
+/// The pods of a Service mostly share a service account, hence an identity: an
+/// update's endpoints share one copy of each name instead of holding their own.
+#[derive(Default)]
+struct SharedNames(Vec<Arc<str>>);
+
+impl SharedNames {
+    /// How many distinct names are remembered; beyond that, names are kept as given.
+    const LIMIT: usize = 8;
+
+    fn share(&mut self, mut endpoint: Endpoint) -> Endpoint {
+        for name in [&mut endpoint.identity, &mut endpoint.server_name]
+            .into_iter()
+            .flatten()
+        {
+            match self.0.iter().find(|known| **known == *name) {
+                Some(known) => *name = known.clone(),
+                None if self.0.len() < Self::LIMIT => self.0.push(name.clone()),
+                None => {}
+            }
+        }
+        endpoint
+    }
+}
+
 /// The endpoints `Destination.Get` has given one path.
 #[derive(Debug, Default)]
 pub struct EndpointSet {
-    endpoints: BTreeMap<SocketAddr, Endpoint>,
+    endpoints: BTreeMap<SocketAddr, Arc<Endpoint>>,
     /// The stream was (re)opened and has sent nothing yet.
     fresh: bool,
 }
@@ -114,10 +137,12 @@ impl EndpointSet {
         let fresh = std::mem::take(&mut self.fresh);
         match update {
             dst::update::Update::Add(set) => {
+                let mut names = SharedNames::default();
                 let added: Vec<Endpoint> = set
                     .addrs
                     .iter()
                     .filter_map(|a| endpoint(a, &set.metric_labels))
+                    .map(|e| names.share(e))
                     .collect();
                 if added.is_empty() {
                     self.fresh = fresh;
@@ -127,7 +152,7 @@ impl EndpointSet {
                     self.endpoints.clear();
                 }
                 for endpoint in added {
-                    self.endpoints.insert(endpoint.addr, endpoint);
+                    self.endpoints.insert(endpoint.addr, Arc::new(endpoint));
                 }
                 true
             }
@@ -151,7 +176,7 @@ impl EndpointSet {
         }
     }
 
-    pub fn endpoints(&self) -> Vec<Endpoint> {
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
         self.endpoints.values().cloned().collect()
     }
 }
@@ -620,6 +645,11 @@ mod tests {
             set.endpoints().iter().map(|e| e.addr.to_string()).collect()
         };
         assert_eq!(addrs(&set), ["10.42.0.5:80", "10.42.0.6:80"]);
+        // The pods share one copy of their identity, which is also their SNI.
+        let (a, b) = (&set.endpoints()[0], &set.endpoints()[1]);
+        let (a_id, b_id) = (a.identity.as_ref().unwrap(), b.identity.as_ref().unwrap());
+        assert!(Arc::ptr_eq(a_id, b_id));
+        assert!(Arc::ptr_eq(a_id, a.server_name.as_ref().unwrap()));
         // The endpoint's labels win over the set's.
         assert_eq!(set.endpoints()[0].labels.get("pod"), Some("10.42.0.5:80"));
         assert_eq!(set.endpoints()[0].labels.get("service"), Some("web"));
