@@ -7,6 +7,7 @@
 #
 # usage: sudo benches/count-instructions.sh [SCENARIO] [SECONDS]
 #   SCENARIO: a `tandem-bench --only` text naming one HTTP scenario (default "1 conn")
+#   BUILD=DIR (environment): the binaries to measure (default target/production)
 #   KEEP_DUMPS=DIR (environment): copy the meshed phase's dumps there, for
 #   `callgrind_annotate`
 # needs: valgrind, python3, a production build (see benches/README.md)
@@ -14,7 +15,7 @@ set -euo pipefail
 scenario=${1:-1 conn}
 seconds=${2:-8}
 root=$(cd "$(dirname "$0")/.." && pwd)
-build=$root/target/production
+build=${BUILD:-$root/target/production}
 for tool in valgrind python3; do
     command -v $tool > /dev/null || { echo "count-instructions: needs $tool" >&2; exit 1; }
 done
@@ -45,14 +46,16 @@ chmod 755 "$work/tandem-proxy"
 
 "$work/tandem-bench" --seconds "$seconds" --only "$scenario" > "$work/bench.out" 2>&1 &
 bench=$!
-# The meshed phase is the last; its load generator targets the meshed HTTP port.
-until pgrep -f "load --addr [0-9.]*:8080 .*--seconds $seconds" > /dev/null; do
+# The meshed phase is the last; its load generator targets the meshed HTTP port, or
+# the Service's address.
+meshed_load="load --addr ([0-9.]+:8080|10\.96\.0\.10:80) .*--seconds $seconds"
+until pgrep -f "$meshed_load" > /dev/null; do
     kill -0 $bench 2> /dev/null || { cat "$work/bench.out" >&2; exit 1; }
     sleep 0.2
 done
 sleep 1
 touch "$work/from"
-while pgrep -f "load --addr [0-9.]*:8080 .*--seconds $seconds" > /dev/null; do sleep 0.2; done
+while pgrep -f "$meshed_load" > /dev/null; do sleep 0.2; done
 touch "$work/to"
 wait $bench || { cat "$work/bench.out" >&2; exit 1; }
 grep -E "\| meshed \|" "$work/bench.out"

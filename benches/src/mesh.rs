@@ -116,7 +116,7 @@ const SCENARIOS: &[Scenario] = &[
         service: false,
     },
     Scenario {
-        name: "HTTP saturated, 50 conns, to a Service of 3 endpoints",
+        name: "HTTP saturated to a Service of 3 endpoints, 50 conns",
         mode: "http",
         conns: 50,
         meshed_port: SERVICE.port(),

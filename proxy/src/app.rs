@@ -111,7 +111,7 @@ async fn serve_until_drained(
             let (discovery, reload) = FileDiscovery::start(
                 path.clone(),
                 config.discovery_reload_interval,
-                balance_settings(&config, config.outbound_http_queue),
+                balance_settings(&config),
                 metrics.balancers.clone(),
             )
             .map_err(|e| anyhow::anyhow!("cannot load TANDEM_DISCOVERY_FILE: {e}"))?;
@@ -248,6 +248,7 @@ fn directions(
             pools: Pools::new(pool_config, dialer.clone(), metrics.clone(), plain),
             metrics: metrics.clone(),
             config: direction.http.clone(),
+            queue: config.outbound_http_queue,
             drain: drain.clone(),
             tasks: connections.clone(),
         })
@@ -274,6 +275,7 @@ fn directions(
             metrics.outbound.clone(),
         ),
         dialer: out_dialer,
+        tcp_queue: config.outbound_tcp_queue,
         local_ips: config.inbound_ips.clone(),
     });
 
@@ -324,7 +326,7 @@ fn discovery(
     };
     let settings = crate::discover::linkerd::Settings {
         control: control.clone(),
-        balance: balance_settings(config, config.outbound_http_queue),
+        balance: balance_settings(config),
         failfast: config.outbound_http_queue.failfast,
         backoff: config.outbound_backoff,
         idle: config.outbound_discovery_idle_timeout,
@@ -347,10 +349,8 @@ fn discovery(
 
 /// How balancers queue and back off: Linkerd's outbound queue settings, its
 /// connect backoff, and its default peak-EWMA parameters.
-fn balance_settings(config: &Config, queue: crate::config::Queue) -> BalanceSettings {
+fn balance_settings(config: &Config) -> BalanceSettings {
     BalanceSettings {
-        queue_capacity: queue.capacity,
-        failfast: queue.failfast,
         backoff: config.outbound_backoff,
         default_rtt: std::time::Duration::from_millis(30),
         decay: std::time::Duration::from_secs(10),

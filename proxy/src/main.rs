@@ -38,7 +38,7 @@ struct Cli {
 enum Command {
     /// Add Tandem to Kubernetes workloads: reads YAML (a file or `-` for stdin),
     /// writes it to stdout, and reports each workload on stderr.
-    Inject(InjectArgs),
+    Inject(Box<InjectArgs>),
     /// Wait until the proxy is ready, then run a command (the app's entrypoint).
     Await(AwaitArgs),
 }
@@ -69,6 +69,27 @@ struct InjectArgs {
     /// The cluster's DNS domain (for the issuer's address).
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// Run the proxies under Linkerd's control plane in this namespace (usually
+    /// `linkerd`): certificates from Linkerd's identity service, endpoints, policies
+    /// and profiles from its Destination and policy APIs, set as Linkerd's injector
+    /// sets them. Replaces --control-plane-namespace.
+    #[arg(long)]
+    linkerd_namespace: Option<String>,
+    /// With --linkerd-namespace: the Destination API's `host:port`, if not
+    /// `linkerd-dst-headless.<ns>.svc.<domain>.:8086`.
+    #[arg(long, requires = "linkerd_namespace")]
+    destination_addr: Option<String>,
+    /// With --linkerd-namespace: the policy API's `host:port`, if not
+    /// `linkerd-policy.<ns>.svc.<domain>.:8090`.
+    #[arg(long, requires = "linkerd_namespace")]
+    policy_addr: Option<String>,
+    /// With --linkerd-namespace: the pod networks, whose addresses are asked for
+    /// profiles (Linkerd's `clusterNetworks`).
+    #[arg(
+        long,
+        default_value = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8"
+    )]
+    cluster_networks: String,
 }
 
 #[derive(Debug, Args)]
@@ -91,7 +112,7 @@ struct AwaitArgs {
 fn main() -> ExitCode {
     match Cli::parse().command {
         None => run_proxy(),
-        Some(Command::Inject(args)) => run_inject(args),
+        Some(Command::Inject(args)) => run_inject(*args),
         Some(Command::Await(args)) => await_ready::run(&AwaitOptions {
             admin: std::net::SocketAddr::from(([127, 0, 0, 1], args.port)),
             timeout: args.timeout,
@@ -162,6 +183,14 @@ fn run_inject(args: InjectArgs) -> ExitCode {
         control_plane_namespace: args.control_plane_namespace,
         trust_domain: args.trust_domain,
         cluster_domain: args.cluster_domain,
+        linkerd: args
+            .linkerd_namespace
+            .map(|namespace| inject::LinkerdControlPlane {
+                namespace,
+                destination_addr: args.destination_addr,
+                policy_addr: args.policy_addr,
+                cluster_networks: args.cluster_networks,
+            }),
     };
     match inject::inject_stream(&input, &options) {
         Ok((output, report)) => {

@@ -10,6 +10,7 @@
 //! (ordering, security contexts, probes, volumes) are asserted on those types, and
 //! injecting the output again must change nothing.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -453,6 +454,147 @@ fn opted_out_objects_come_out_unchanged() {
             assert!(run.stderr.contains(expected), "{expected}: {}", run.stderr);
         }
     }
+}
+
+/// Values as Kubernetes expands them: the downward API's fields, then `$(NAME)`
+/// references to earlier variables.
+fn expand(container: &Container, downward: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    for var in container.env.as_ref().expect("the proxy has variables") {
+        let value = match (&var.value, &var.value_from) {
+            (Some(value), _) => {
+                let mut value = value.clone();
+                for (name, known) in &vars {
+                    value = value.replace(&format!("$({name})"), known);
+                }
+                value
+            }
+            (None, Some(_)) => downward
+                .iter()
+                .find(|(name, _)| *name == var.name)
+                .unwrap_or_else(|| panic!("no value for {} in the test", var.name))
+                .1
+                .to_string(),
+            (None, None) => String::new(),
+        };
+        vars.insert(var.name.clone(), value);
+    }
+    vars
+}
+
+#[test]
+fn under_linkerds_control_plane_the_proxy_gets_linkerds_variables() {
+    for native in [false, true] {
+        let mut flags = vec!["--linkerd-namespace", "linkerd"];
+        if native {
+            flags.push("--native-sidecar");
+        }
+        let run = inject(&golden_dir().join("input/deployment.yaml"), &flags);
+        let spec = &pod_specs(&run.stdout)[0];
+        let proxy = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == "tandem-proxy")
+            .expect("a proxy container");
+        let downward = [
+            ("_pod_ns", "shop"),
+            ("_pod_sa", "web"),
+            ("_pod_name", "web-5d8f7c9b64-x2x9z"),
+            ("_pod_nodeName", "node-a"),
+            ("_pod_ips", "10.42.0.5,fd00::5"),
+        ];
+        let vars = expand(proxy, &downward);
+        let var = |name: &str| vars.get(name).map(String::as_str);
+        assert_eq!(
+            var("LINKERD2_PROXY_IDENTITY_LOCAL_NAME"),
+            Some("web.shop.serviceaccount.identity.linkerd.cluster.local")
+        );
+        assert_eq!(
+            var("LINKERD2_PROXY_IDENTITY_SVC_ADDR"),
+            Some("linkerd-identity-headless.linkerd.svc.cluster.local.:8080")
+        );
+        assert_eq!(
+            var("LINKERD2_PROXY_IDENTITY_SVC_NAME"),
+            Some("linkerd-identity.linkerd.serviceaccount.identity.linkerd.cluster.local")
+        );
+        assert_eq!(
+            var("LINKERD2_PROXY_DESTINATION_CONTEXT"),
+            Some(r#"{"ns":"shop","nodeName":"node-a","pod":"web-5d8f7c9b64-x2x9z"}"#)
+        );
+        assert_eq!(var("LINKERD2_PROXY_INBOUND_IPS"), Some("10.42.0.5,fd00::5"));
+
+        // What the proxy reads from them, as it will read them in the pod.
+        let config = tandem_proxy::config::Config::from_vars(&vars)
+            .unwrap_or_else(|e| panic!("the injected variables do not read: {e}"));
+        let control = config
+            .control_plane
+            .as_ref()
+            .expect("discovery from the control plane");
+        let controller =
+            "linkerd-destination.linkerd.serviceaccount.identity.linkerd.cluster.local";
+        assert_eq!(
+            control.destination.addr,
+            "linkerd-dst-headless.linkerd.svc.cluster.local.:8086"
+        );
+        assert_eq!(control.destination.name.as_deref(), Some(controller));
+        assert_eq!(
+            control.policy.addr,
+            "linkerd-policy.linkerd.svc.cluster.local.:8090"
+        );
+        assert_eq!(control.policy.name.as_deref(), Some(controller));
+        assert_eq!(
+            control.workload,
+            r#"{"ns":"shop","pod":"web-5d8f7c9b64-x2x9z"}"#
+        );
+        assert_eq!(control.profile_networks.len(), 5);
+        assert!(
+            config.warnings.is_empty(),
+            "every variable is read: {:?}",
+            config.warnings
+        );
+    }
+
+    // Other addresses replace Linkerd's; they mean nothing without the namespace.
+    let run = inject(
+        &golden_dir().join("input/deployment.yaml"),
+        &[
+            "--linkerd-namespace",
+            "linkerd",
+            "--destination-addr",
+            "dst.example:8086",
+            "--policy-addr",
+            "policy.example:8090",
+        ],
+    );
+    let spec = &pod_specs(&run.stdout)[0];
+    let proxy = &spec.containers[0];
+    assert_eq!(
+        env_of(proxy, "LINKERD2_PROXY_DESTINATION_SVC_ADDR"),
+        Some("dst.example:8086")
+    );
+    assert_eq!(
+        env_of(proxy, "LINKERD2_PROXY_POLICY_SVC_ADDR"),
+        Some("policy.example:8090")
+    );
+    let alone = inject_command(
+        &golden_dir().join("anchors.pem"),
+        &["--destination-addr", "dst.example:8086"],
+    )
+    .arg(golden_dir().join("input/deployment.yaml"))
+    .output()
+    .expect("run tandem-proxy inject");
+    assert!(!alone.status.success());
+    assert!(
+        String::from_utf8_lossy(&alone.stderr).contains("--linkerd-namespace"),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+
+    // Without the flag, nothing of Linkerd's control plane is set.
+    let run = inject(&golden_dir().join("input/deployment.yaml"), &[]);
+    let proxy = &pod_specs(&run.stdout)[0].containers[0];
+    assert_eq!(env_of(proxy, "LINKERD2_PROXY_DESTINATION_SVC_ADDR"), None);
 }
 
 #[test]

@@ -44,15 +44,15 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
-pub use crate::config::Backoff;
+pub use crate::config::{Backoff, Queue};
 
 use super::{Endpoint, Labels};
 
-/// How a balancer queues and backs off.
+/// How a balancer backs off and estimates load. How long a pick may wait is the
+/// caller's [`Queue`]: HTTP requests and TCP connections to one destination share
+/// its balancer, each held to its own queue settings.
 #[derive(Clone, Debug)]
 pub struct BalanceSettings {
-    pub queue_capacity: usize,
-    pub failfast: Duration,
     pub backoff: Backoff,
     /// The latency an endpoint is assumed to have before it has answered.
     pub default_rtt: Duration,
@@ -264,23 +264,24 @@ impl Balancer {
         Some(Picked::new(member, self.settings.decay))
     }
 
-    /// Picks an endpoint, waiting for one to become ready within the fail-fast
-    /// timeout.
-    pub async fn pick(&self) -> Result<Picked, PickError> {
+    /// Picks an endpoint, waiting for one to become ready within the queue's
+    /// fail-fast timeout. Requests and connections waiting on one balancer are
+    /// counted together, each against its own queue's capacity.
+    pub async fn pick(&self, queue: Queue) -> Result<Picked, PickError> {
         if let Some(picked) = self.try_pick() {
             return Ok(picked);
         }
         self.refresh_readiness();
         let since = self.unready_since_ms.load(Ordering::Relaxed);
-        let failfast_ms = self.settings.failfast.as_millis() as u64;
+        let failfast_ms = queue.failfast.as_millis() as u64;
         if since != 0 && self.now_ms() + 1 >= since + failfast_ms {
             return Err(PickError::FailFast);
         }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.settings.queue_capacity {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= queue.capacity {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(PickError::LoadShed);
         }
-        let deadline = tokio::time::Instant::now() + self.settings.failfast;
+        let deadline = tokio::time::Instant::now() + queue.failfast;
         let picked = loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -546,10 +547,13 @@ mod tests {
         Endpoint::unmeshed(std::net::SocketAddr::from(([10, 0, 0, 1], port)))
     }
 
+    const QUEUE: Queue = Queue {
+        capacity: 2,
+        failfast: Duration::from_millis(200),
+    };
+
     fn settings() -> BalanceSettings {
         BalanceSettings {
-            queue_capacity: 2,
-            failfast: Duration::from_millis(200),
             backoff: Backoff {
                 min: Duration::from_millis(100),
                 max: Duration::from_secs(60),
@@ -702,14 +706,14 @@ mod tests {
     async fn with_nothing_ready_picks_wait_then_fail_fast_and_shed() {
         let balancer = Balancer::new(BalancerName::default(), settings());
         // Empty: a pick waits the fail-fast timeout, then fails.
-        assert_eq!(balancer.pick().await.err(), Some(PickError::FailFast));
+        assert_eq!(balancer.pick(QUEUE).await.err(), Some(PickError::FailFast));
         // The gate is shut now: picks fail at once.
-        assert_eq!(balancer.pick().await.err(), Some(PickError::FailFast));
+        assert_eq!(balancer.pick(QUEUE).await.err(), Some(PickError::FailFast));
         // An endpoint arriving while a pick waits is taken.
         let fresh = Balancer::new(BalancerName::default(), settings());
         let waiting = {
             let fresh = fresh.clone();
-            tokio::spawn(async move { fresh.pick().await.map(|p| p.member.endpoint.addr) })
+            tokio::spawn(async move { fresh.pick(QUEUE).await.map(|p| p.member.endpoint.addr) })
         };
         tokio::task::yield_now().await;
         fresh.update(vec![endpoint(3)]);
@@ -719,11 +723,11 @@ mod tests {
         let queued: Vec<_> = (0..2)
             .map(|_| {
                 let empty = empty.clone();
-                tokio::spawn(async move { empty.pick().await.err() })
+                tokio::spawn(async move { empty.pick(QUEUE).await.err() })
             })
             .collect();
         tokio::task::yield_now().await;
-        assert_eq!(empty.pick().await.err(), Some(PickError::LoadShed));
+        assert_eq!(empty.pick(QUEUE).await.err(), Some(PickError::LoadShed));
         for waiter in queued {
             assert_eq!(waiter.await.unwrap(), Some(PickError::FailFast));
         }

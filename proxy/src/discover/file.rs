@@ -492,8 +492,6 @@ mod tests {
     fn settings() -> BalanceSettings {
         use super::super::balance::Backoff;
         BalanceSettings {
-            queue_capacity: 10,
-            failfast: Duration::from_secs(3),
             backoff: Backoff {
                 min: Duration::from_millis(100),
                 max: Duration::from_secs(60),

@@ -58,6 +58,8 @@ pub struct HttpProxy {
     pub pools: Pools,
     pub metrics: Arc<DirectionMetrics>,
     pub config: HttpConfig,
+    /// How long, and how many, requests wait for a balanced destination's endpoint.
+    pub queue: crate::config::Queue,
     pub drain: Arc<Drain>,
     /// Where an upgraded connection's tunnel (a WebSocket) runs, so that draining
     /// waits for it as for any connection.
@@ -394,10 +396,13 @@ impl ServerConn {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let picked = balancer.pick().await.map_err(|error| match error {
-                PickError::FailFast => ErrorKind::FailFast,
-                PickError::LoadShed => ErrorKind::LoadShed,
-            })?;
+            let picked = balancer
+                .pick(self.proxy.queue)
+                .await
+                .map_err(|error| match error {
+                    PickError::FailFast => ErrorKind::FailFast,
+                    PickError::LoadShed => ErrorKind::LoadShed,
+                })?;
             let bound = self.bound_for(&picked.member, meshed, cache);
             let mode = mode(&self.role, request, bound.upstream.h2_upgrade);
             match ready(&bound.pool, mode).await {

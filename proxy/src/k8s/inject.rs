@@ -63,17 +63,100 @@ pub struct InjectOptions {
     pub trust_domain: String,
     /// The cluster's DNS domain, for the issuer's address.
     pub cluster_domain: String,
+    /// Run under Linkerd's control plane instead of Tandem's issuer and the
+    /// discovery file alone.
+    pub linkerd: Option<LinkerdControlPlane>,
+}
+
+/// Linkerd's control plane, as Linkerd's injector points linkerd2-proxy at it.
+#[derive(Clone, Debug)]
+pub struct LinkerdControlPlane {
+    /// Its namespace (`linkerd`), which names its services and identities.
+    pub namespace: String,
+    /// The Destination API, `host:port`; `None`: Linkerd's
+    /// `linkerd-dst-headless.<namespace>.svc.<cluster domain>.:8086`.
+    pub destination_addr: Option<String>,
+    /// The policy API; `None`: `linkerd-policy.<namespace>.svc.<cluster domain>.:8090`.
+    pub policy_addr: Option<String>,
+    /// The pod networks (Linkerd's `clusterNetworks`), whose addresses are asked
+    /// for profiles.
+    pub cluster_networks: String,
 }
 
 impl InjectOptions {
-    /// The issuer's TLS identity, which `deploy/` serves under.
+    /// The issuer's TLS identity: Tandem's (which `deploy/` serves under), or
+    /// Linkerd's identity service.
     pub fn issuer_identity(&self) -> String {
+        let (service, ns) = match &self.linkerd {
+            Some(linkerd) => ("linkerd-identity", &linkerd.namespace),
+            None => ("tandem-identity", &self.control_plane_namespace),
+        };
         format!(
-            "tandem-identity.{ns}.serviceaccount.identity.{ns}.{td}",
-            ns = self.control_plane_namespace,
+            "{service}.{ns}.serviceaccount.identity.{ns}.{td}",
             td = self.trust_domain
         )
     }
+
+    /// The issuer's address.
+    fn issuer_addr(&self) -> String {
+        let (service, ns) = match &self.linkerd {
+            Some(linkerd) => ("linkerd-identity-headless", &linkerd.namespace),
+            None => ("tandem-identity-headless", &self.control_plane_namespace),
+        };
+        format!("{service}.{ns}.svc.{}.:8080", self.cluster_domain)
+    }
+
+    /// The namespace that names identities (`<sa>.<ns>.serviceaccount.identity.<this>.<domain>`).
+    fn identity_namespace(&self) -> &str {
+        match &self.linkerd {
+            Some(linkerd) => &linkerd.namespace,
+            None => &self.control_plane_namespace,
+        }
+    }
+}
+
+/// The variables of Linkerd's injector that point a proxy at its control plane
+/// (`$(…)` names are the pod's own, from the downward API).
+fn linkerd_env(linkerd: &LinkerdControlPlane, options: &InjectOptions) -> Vec<(String, String)> {
+    let ns = &linkerd.namespace;
+    let domain = &options.cluster_domain;
+    let controller = format!(
+        "linkerd-destination.{ns}.serviceaccount.identity.{ns}.{}",
+        options.trust_domain
+    );
+    let destination = linkerd
+        .destination_addr
+        .clone()
+        .unwrap_or_else(|| format!("linkerd-dst-headless.{ns}.svc.{domain}.:8086"));
+    let policy = linkerd
+        .policy_addr
+        .clone()
+        .unwrap_or_else(|| format!("linkerd-policy.{ns}.svc.{domain}.:8090"));
+    [
+        ("LINKERD2_PROXY_DESTINATION_SVC_ADDR", destination),
+        ("LINKERD2_PROXY_DESTINATION_SVC_NAME", controller.clone()),
+        ("LINKERD2_PROXY_POLICY_SVC_ADDR", policy),
+        ("LINKERD2_PROXY_POLICY_SVC_NAME", controller),
+        (
+            "LINKERD2_PROXY_POLICY_WORKLOAD",
+            r#"{"ns":"$(_pod_ns)","pod":"$(_pod_name)"}"#.to_string(),
+        ),
+        (
+            "LINKERD2_PROXY_DESTINATION_CONTEXT",
+            r#"{"ns":"$(_pod_ns)","nodeName":"$(_pod_nodeName)","pod":"$(_pod_name)"}"#.to_string(),
+        ),
+        (
+            "LINKERD2_PROXY_DESTINATION_PROFILE_NETWORKS",
+            linkerd.cluster_networks.clone(),
+        ),
+        ("LINKERD2_PROXY_CONTROL_STREAM_INITIAL_TIMEOUT", "3s".into()),
+        ("LINKERD2_PROXY_CONTROL_STREAM_IDLE_TIMEOUT", "5m".into()),
+        ("LINKERD2_PROXY_CONTROL_STREAM_LIFETIME", "1h".into()),
+        ("LINKERD2_PROXY_INBOUND_IPS", "$(_pod_ips)".into()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect()
 }
 
 /// What happened to one object, for the report on stderr.
@@ -706,7 +789,7 @@ fn proxy_container(options: &InjectOptions, plan: &Plan) -> Value {
             "true".into(),
         ));
     }
-    let cp = &options.control_plane_namespace;
+    let cp = options.identity_namespace();
     env.extend([
         ("LINKERD2_PROXY_IDENTITY_DIR".into(), IDENTITY_DIR.into()),
         (
@@ -719,10 +802,7 @@ fn proxy_container(options: &InjectOptions, plan: &Plan) -> Value {
         ),
         (
             "LINKERD2_PROXY_IDENTITY_SVC_ADDR".into(),
-            format!(
-                "tandem-identity-headless.{cp}.svc.{}.:8080",
-                options.cluster_domain
-            ),
+            options.issuer_addr(),
         ),
         (
             "LINKERD2_PROXY_IDENTITY_SVC_NAME".into(),
@@ -746,6 +826,14 @@ fn proxy_container(options: &InjectOptions, plan: &Plan) -> Value {
         yaml("name: _pod_ns\nvalueFrom:\n  fieldRef:\n    fieldPath: metadata.namespace\n"),
         yaml("name: _pod_sa\nvalueFrom:\n  fieldRef:\n    fieldPath: spec.serviceAccountName\n"),
     ];
+    if let Some(linkerd) = &options.linkerd {
+        env_list.extend([
+            yaml("name: _pod_name\nvalueFrom:\n  fieldRef:\n    fieldPath: metadata.name\n"),
+            yaml("name: _pod_nodeName\nvalueFrom:\n  fieldRef:\n    fieldPath: spec.nodeName\n"),
+            yaml("name: _pod_ips\nvalueFrom:\n  fieldRef:\n    fieldPath: status.podIPs\n"),
+        ]);
+        env.extend(linkerd_env(linkerd, options));
+    }
     for (name, value) in env {
         let mut entry = Mapping::new();
         entry.insert("name".into(), name.into());
@@ -838,6 +926,7 @@ mod tests {
             control_plane_namespace: "tandem".into(),
             trust_domain: "cluster.local".into(),
             cluster_domain: "cluster.local".into(),
+            linkerd: None,
         }
     }
 

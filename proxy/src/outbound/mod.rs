@@ -41,6 +41,8 @@ pub struct Outbound {
     pub dialer: Arc<Dialer>,
     pub http: Arc<HttpProxy>,
     pub carriers: Carriers,
+    /// How long, and how many, connections wait for a balanced destination's endpoint.
+    pub tcp_queue: crate::config::Queue,
     /// The pod's own addresses (`LINKERD2_PROXY_INBOUND_IPS`): never meshed.
     pub local_ips: Vec<IpAddr>,
 }
@@ -152,7 +154,7 @@ impl Outbound {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let picked: Picked = match balancer.pick().await {
+            let picked: Picked = match balancer.pick(self.tcp_queue).await {
                 Ok(picked) => picked,
                 Err(error) => {
                     debug!(?error, "no endpoint is ready");

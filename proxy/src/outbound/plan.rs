@@ -339,8 +339,6 @@ mod tests {
         Balancer::new(
             BalancerName::default(),
             BalanceSettings {
-                queue_capacity: 10,
-                failfast: std::time::Duration::from_secs(3),
                 backoff: Backoff {
                     min: std::time::Duration::from_millis(100),
                     max: std::time::Duration::from_secs(60),

@@ -278,8 +278,6 @@ mod sizes {
                 stream: crate::config::StreamLimits::default(),
             },
             balance: crate::discover::balance::BalanceSettings {
-                queue_capacity: 1,
-                failfast: std::time::Duration::from_secs(1),
                 backoff: crate::config::Backoff {
                     min: std::time::Duration::from_millis(1),
                     max: std::time::Duration::from_secs(1),
