@@ -127,10 +127,27 @@ impl std::fmt::Debug for Member {
     }
 }
 
+/// A balancer's members, with the running sums of their weights for drawing.
+struct Members {
+    list: Vec<Arc<Member>>,
+    ends: Vec<u64>,
+}
+
+impl Members {
+    fn new(mut list: Vec<Arc<Member>>) -> Members {
+        list.shrink_to_fit();
+        let ends = running_sums(list.iter().map(|m| m.weight()));
+        Members { list, ends }
+    }
+}
+
 /// A destination's endpoints and how to choose among them.
 pub struct Balancer {
     pub name: BalancerName,
-    members: ArcSwap<Vec<Arc<Member>>>,
+    members: ArcSwap<Members>,
+    /// Milliseconds after the epoch from which every member is ready (the latest
+    /// backoff's end): from then on a pick need not look at every member.
+    all_ready_from_ms: AtomicU64,
     changed: Notify,
     waiting: AtomicUsize,
     /// Milliseconds after the epoch (plus one) since when no endpoint was ready;
@@ -147,7 +164,7 @@ impl std::fmt::Debug for Balancer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Balancer")
             .field("name", &self.name)
-            .field("members", &self.members.load().len())
+            .field("members", &self.members.load().list.len())
             .finish_non_exhaustive()
     }
 }
@@ -173,7 +190,8 @@ impl Balancer {
     pub fn new(name: BalancerName, settings: BalanceSettings) -> Arc<Balancer> {
         Arc::new(Balancer {
             name,
-            members: ArcSwap::from_pointee(Vec::new()),
+            members: ArcSwap::from_pointee(Members::new(Vec::new())),
+            all_ready_from_ms: AtomicU64::new(0),
             changed: Notify::new(),
             waiting: AtomicUsize::new(0),
             unready_since_ms: AtomicU64::new(1),
@@ -199,25 +217,31 @@ impl Balancer {
         let current = self.members.load();
         // Not collected in place: a list of endpoints is larger than one of members,
         // and the members would keep its allocation.
-        let mut members: Vec<Arc<Member>> = Vec::with_capacity(current.len());
+        let mut members: Vec<Arc<Member>> = Vec::with_capacity(current.list.len());
         members.extend(endpoints.into_iter().map(|endpoint| {
             let endpoint: Arc<Endpoint> = endpoint.into();
             current
+                .list
                 .iter()
                 .find(|m| m.endpoint == endpoint)
                 .cloned()
                 .unwrap_or_else(|| Arc::new(Member::new(endpoint, &self.settings)))
         }));
-        members.shrink_to_fit();
-        self.members.store(Arc::new(members));
+        self.members.store(Arc::new(Members::new(members)));
         self.refresh_readiness();
         self.changed.notify_waiters();
+    }
+
+    /// The members now.
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        self.members.load().list.clone()
     }
 
     /// The endpoints now, for metrics and tests.
     pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
         self.members
             .load()
+            .list
             .iter()
             .map(|m| m.endpoint.clone())
             .collect()
@@ -227,8 +251,8 @@ impl Balancer {
     pub fn readiness(&self) -> (usize, usize) {
         let now = self.now_ms();
         let members = self.members.load();
-        let ready = members.iter().filter(|m| m.ready(now)).count();
-        (ready, members.len() - ready)
+        let ready = members.list.iter().filter(|m| m.ready(now)).count();
+        (ready, members.list.len() - ready)
     }
 
     fn refresh_readiness(&self) {
@@ -247,19 +271,34 @@ impl Balancer {
 
     /// Picks an endpoint now, if one is ready.
     pub fn try_pick(&self) -> Option<Picked> {
-        let now_ms = self.now_ms();
+        // One clock read for both: tokio's (paused in tests) for backoff, as std's for
+        // the latency estimates.
+        let clock = tokio::time::Instant::now();
+        let now_ms = clock.saturating_duration_since(self.epoch).as_millis() as u64;
+        let now = clock.into_std();
         let members = self.members.load();
-        let now = Instant::now();
-        // Few endpoints are the usual case: their loads fit on the stack.
-        let mut candidates: smallvec_like::Candidates = Default::default();
-        for (index, member) in members.iter().enumerate() {
-            if member.ready(now_ms) {
-                candidates.push(index, member.weight(), member.load(now, &self.settings));
+        let (r1, r2, r3) = (fastrand::u64(..), fastrand::u64(..), fastrand::f64());
+        let member = if now_ms >= self.all_ready_from_ms.load(Ordering::Relaxed) {
+            // Every member is ready: a draw from the table kept with them, and only
+            // the pair's loads read, so a pick costs the same for a Service of three
+            // endpoints and of three hundred.
+            let load = |index: usize| members.list[index].load(now, &self.settings);
+            let chosen = pair_choice(draw_pair(&members.ends, r1, r2)?, load, r3)?;
+            members.list[chosen].clone()
+        } else {
+            // Some are backed off: the ready ones, gathered.
+            let mut candidates: smallvec_like::Candidates = Default::default();
+            for (index, member) in members.list.iter().enumerate() {
+                if member.ready(now_ms) {
+                    candidates.push(index, member.weight());
+                }
             }
-        }
-        let draws = (fastrand::u64(..), fastrand::u64(..), fastrand::f64());
-        let chosen = choose(candidates.as_slice(), draws)?;
-        let member = members[candidates.index(chosen)].clone();
+            let load = |position: usize| {
+                members.list[candidates.index(position)].load(now, &self.settings)
+            };
+            let chosen = choose(candidates.as_slice(), load, (r1, r2, r3))?;
+            members.list[candidates.index(chosen)].clone()
+        };
         self.unready_since_ms.store(0, Ordering::Relaxed);
         Some(Picked::new(member, self.settings.decay))
     }
@@ -310,6 +349,7 @@ impl Balancer {
         let until = self
             .members
             .load()
+            .list
             .iter()
             .map(|m| m.backoff_until_ms.load(Ordering::Relaxed))
             .filter(|until| *until > now_ms)
@@ -324,6 +364,7 @@ impl Balancer {
         let delay = self.settings.backoff.jittered(failures, fastrand::f64());
         let until = self.now_ms() + delay.as_millis().max(1) as u64;
         member.backoff_until_ms.store(until, Ordering::Relaxed);
+        self.all_ready_from_ms.fetch_max(until, Ordering::Relaxed);
         self.refresh_readiness();
         self.changed.notify_waiters();
     }
@@ -365,11 +406,11 @@ impl Member {
         }
     }
 
-    fn observe(&self, rtt: Duration, decay: Duration) {
+    fn observe(&self, rtt: Duration, now: Instant, decay: Duration) {
         self.ewma
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .observe(rtt, Instant::now(), decay);
+            .observe(rtt, now, decay);
     }
 }
 
@@ -385,9 +426,11 @@ impl Picked {
         Picked { member, decay }
     }
 
-    /// Records the request's latency to its response.
-    pub fn observe(&self, rtt: Duration) {
-        self.member.observe(rtt, self.decay);
+    /// Records the latency of a request sent at `sent`, answered now.
+    pub fn answered(&self, sent: Instant) {
+        let now = Instant::now();
+        self.member
+            .observe(now.saturating_duration_since(sent), now, self.decay);
     }
 }
 
@@ -422,92 +465,119 @@ impl Ewma {
     /// Takes a sample: a peak replaces the estimate, anything else is averaged in.
     pub fn observe(&mut self, rtt: Duration, now: Instant, decay: Duration) {
         let rtt = rtt.as_nanos() as f64;
-        let current = self.estimate(now, decay);
+        let keep = decay_factor(now.saturating_duration_since(self.at), decay);
+        let current = self.nanos * keep;
         self.nanos = if rtt > current {
             rtt
         } else {
-            let keep = decay_factor(now.saturating_duration_since(self.at), decay);
             current * keep + rtt * (1.0 - keep)
         };
         self.at = now;
     }
 }
 
+/// `e^(-elapsed/decay)`. Between one request and the next the exponent is tiny
+/// (milliseconds against seconds), where the series' first three terms are within
+/// 2e-7 of it and cost a fraction of `exp`; this runs three times per request.
 fn decay_factor(elapsed: Duration, decay: Duration) -> f64 {
-    let decay = decay.as_nanos().max(1) as f64;
-    (-(elapsed.as_nanos() as f64) / decay).exp()
-}
-
-/// Power of two choices over `candidates` (`(weight, load)` of each ready member):
-/// two distinct draws weighted by weight (`r1`, `r2` are random), then the first
-/// wins when `r3` (random, in [0, 1)) falls below its share of the pair,
-/// `b² / (a² + b²)` for loads `a` (first) and `b`. `None` when there is no candidate.
-pub fn choose(candidates: &[(u32, f64)], (r1, r2, r3): (u64, u64, f64)) -> Option<usize> {
-    match candidates.len() {
-        0 => None,
-        1 => Some(0),
-        _ => {
-            // A weight of zero takes no traffic while others can; if all are zero,
-            // they share it evenly.
-            let all_zero = candidates.iter().all(|(w, _)| *w == 0);
-            let weight = |w: u32| if all_zero { 1 } else { u64::from(w) };
-            let total: u64 = candidates.iter().map(|(w, _)| weight(*w)).sum();
-            let first = weighted(candidates, total, r1, None, weight)?;
-            let rest = total - weight(candidates[first].0);
-            let Some(second) = weighted(candidates, rest, r2, Some(first), weight) else {
-                return Some(first);
-            };
-            let (a, b) = (candidates[first].1.max(0.0), candidates[second].1.max(0.0));
-            let (a2, b2) = (a * a, b * b);
-            let first_share = if a2 + b2 > 0.0 { b2 / (a2 + b2) } else { 0.5 };
-            Some(if r3 < first_share { first } else { second })
-        }
+    let x = elapsed.as_nanos() as f64 / decay.as_nanos().max(1) as f64;
+    if x < 0.01 {
+        1.0 - x + x * x / 2.0
+    } else {
+        (-x).exp()
     }
 }
 
-/// A draw proportional to weight over `candidates`, skipping `except`.
-fn weighted(
-    candidates: &[(u32, f64)],
-    total: u64,
-    random: u64,
-    except: Option<usize>,
-    weight: impl Fn(u32) -> u64,
-) -> Option<usize> {
+/// Running sums of `weights` (`ends[i]`: the total of members `0..=i`), the table
+/// a weighted draw searches. A weight of zero takes no traffic while others can; if
+/// all are zero, they share it evenly.
+pub fn running_sums(weights: impl Iterator<Item = u32> + Clone) -> Vec<u64> {
+    let all_zero = weights.clone().all(|w| w == 0);
+    let mut total = 0u64;
+    weights
+        .map(|w| {
+            total += if all_zero { 1 } else { u64::from(w) };
+            total
+        })
+        .collect()
+}
+
+/// Two distinct members drawn by weight from running sums `ends`: the first at
+/// `r1`, the second among the others at `r2` (both random). `None` without weight;
+/// no second when only one member has weight. A binary search each: the cost does
+/// not grow with the number of endpoints.
+pub fn draw_pair(ends: &[u64], r1: u64, r2: u64) -> Option<(usize, Option<usize>)> {
+    let total = *ends.last()?;
     if total == 0 {
         return None;
     }
-    let mut point = random % total;
-    for (i, (w, _)) in candidates.iter().enumerate() {
-        if Some(i) == except {
-            continue;
-        }
-        let w = weight(*w);
-        if point < w {
-            return Some(i);
-        }
-        point -= w;
+    let at = |point: u64| ends.partition_point(|end| *end <= point);
+    let first = at(r1 % total);
+    let start = if first == 0 { 0 } else { ends[first - 1] };
+    let weight = ends[first] - start;
+    let rest = total - weight;
+    if rest == 0 {
+        return Some((first, None));
     }
-    None
+    // The points of the others, with the first's range left out.
+    let mut point = r2 % rest;
+    if point >= start {
+        point += weight;
+    }
+    Some((first, Some(at(point))))
 }
 
-/// Ready members' weights and loads, with where each came from, without a heap
-/// allocation for the usual handful of endpoints.
+/// Whether the first of a pair with loads `a` and `b` is taken: when `r3` (random,
+/// in [0, 1)) falls below its share, `b² / (a² + b²)`.
+pub fn first_wins(a: f64, b: f64, r3: f64) -> bool {
+    let (a, b) = (a.max(0.0), b.max(0.0));
+    let (a2, b2) = (a * a, b * b);
+    let first_share = if a2 + b2 > 0.0 { b2 / (a2 + b2) } else { 0.5 };
+    r3 < first_share
+}
+
+/// Power of two choices over the ready members (`weights` of each, and `load` of
+/// the one at a position, read for the drawn pair only): [`draw_pair`], then
+/// [`first_wins`]. `None` when there is no candidate.
+pub fn choose(
+    weights: &[u32],
+    load: impl Fn(usize) -> f64,
+    (r1, r2, r3): (u64, u64, f64),
+) -> Option<usize> {
+    let ends = running_sums(weights.iter().copied());
+    pair_choice(draw_pair(&ends, r1, r2)?, load, r3)
+}
+
+fn pair_choice(
+    (first, second): (usize, Option<usize>),
+    load: impl Fn(usize) -> f64,
+    r3: f64,
+) -> Option<usize> {
+    Some(match second {
+        None => first,
+        Some(second) if first_wins(load(first), load(second), r3) => first,
+        Some(second) => second,
+    })
+}
+
+/// Ready members' weights, with where each came from, without a heap allocation
+/// for the usual handful of endpoints.
 mod smallvec_like {
     const INLINE: usize = 16;
 
     #[derive(Default)]
     pub struct Candidates {
-        inline: [(u32, f64); INLINE],
+        inline: [u32; INLINE],
         indexes: [usize; INLINE],
         len: usize,
-        spilled: Vec<(u32, f64)>,
+        spilled: Vec<u32>,
         spilled_indexes: Vec<usize>,
     }
 
     impl Candidates {
-        pub fn push(&mut self, index: usize, weight: u32, load: f64) {
+        pub fn push(&mut self, index: usize, weight: u32) {
             if self.len < INLINE && self.spilled.is_empty() {
-                self.inline[self.len] = (weight, load);
+                self.inline[self.len] = weight;
                 self.indexes[self.len] = index;
                 self.len += 1;
                 return;
@@ -517,11 +587,11 @@ mod smallvec_like {
                 self.spilled_indexes
                     .extend_from_slice(&self.indexes[..self.len]);
             }
-            self.spilled.push((weight, load));
+            self.spilled.push(weight);
             self.spilled_indexes.push(index);
         }
 
-        pub fn as_slice(&self) -> &[(u32, f64)] {
+        pub fn as_slice(&self) -> &[u32] {
             if self.spilled.is_empty() {
                 &self.inline[..self.len]
             } else {
@@ -551,6 +621,12 @@ mod tests {
         capacity: 2,
         failfast: Duration::from_millis(200),
     };
+
+    /// [`choose`] over `(weight, load)` pairs.
+    fn choose_from(candidates: &[(u32, f64)], draws: (u64, u64, f64)) -> Option<usize> {
+        let weights: Vec<u32> = candidates.iter().map(|(w, _)| *w).collect();
+        choose(&weights, |i| candidates[i].1, draws)
+    }
 
     fn settings() -> BalanceSettings {
         BalanceSettings {
@@ -623,7 +699,7 @@ mod tests {
             ),
         ];
         for (what, candidates, draws, expected) in rows {
-            assert_eq!(choose(candidates, draws), expected, "{what}");
+            assert_eq!(choose_from(candidates, draws), expected, "{what}");
         }
     }
 
@@ -637,7 +713,7 @@ mod tests {
             let mut rng = fastrand::Rng::with_seed(7);
             for _ in 0..30_000 {
                 let draws = (rng.u64(..), rng.u64(..), rng.f64());
-                counts[choose(&candidates, draws).unwrap()] += 1;
+                counts[choose_from(&candidates, draws).unwrap()] += 1;
             }
             counts.map(|c| c as f64 / 30_000.0)
         };
@@ -650,14 +726,102 @@ mod tests {
     }
 
     #[test]
+    fn pairs_are_drawn_by_weight_from_running_sums() {
+        assert_eq!(running_sums([2, 0, 3].into_iter()), [2, 2, 5]);
+        assert_eq!(running_sums([0, 0].into_iter()), [1, 2], "all zero: even");
+        type Row = (
+            &'static str,
+            &'static [u64],
+            (u64, u64),
+            Option<(usize, Option<usize>)>,
+        );
+        let rows: [Row; 7] = [
+            ("nobody", &[], (0, 0), None),
+            ("no weight", &[0, 0], (3, 4), None),
+            ("one member", &[5], (3, 9), Some((0, None))),
+            (
+                "the only one with weight",
+                &[0, 0, 5],
+                (1, 7),
+                Some((2, None)),
+            ),
+            (
+                "first at 0, second past it",
+                &[2, 2, 5],
+                (0, 0),
+                Some((0, Some(2))),
+            ),
+            (
+                "first last, second before it",
+                &[2, 2, 5],
+                (4, 1),
+                Some((2, Some(0))),
+            ),
+            (
+                "draws wrap around the total",
+                &[2, 2, 5],
+                (5, 3),
+                Some((0, Some(2))),
+            ),
+        ];
+        for (what, ends, (r1, r2), expected) in rows {
+            assert_eq!(draw_pair(ends, r1, r2), expected, "{what}");
+        }
+        // The second is never the first, and zero weights are never drawn.
+        for r in 0..1000u64 {
+            let (first, second) = draw_pair(&[1, 1, 4, 6], r, r * 7919).unwrap();
+            assert_ne!(Some(first), second);
+            assert_ne!(first, 1);
+            assert_ne!(second, Some(1));
+        }
+    }
+
+    #[test]
+    fn only_the_drawn_pair_is_weighed() {
+        let weights = [1u32; 300];
+        let read = std::cell::Cell::new(0);
+        let load = |_: usize| {
+            read.set(read.get() + 1);
+            1.0
+        };
+        assert!(choose(&weights, load, (17, 123, 0.3)).is_some());
+        assert_eq!(read.get(), 2);
+        read.set(0);
+        assert_eq!(choose(&weights[..1], load, (17, 123, 0.3)), Some(0));
+        assert_eq!(read.get(), 0, "one candidate needs no load");
+    }
+
+    #[test]
     fn draws_follow_weights() {
         let candidates = [(1, 10.0), (3, 10.0)];
         let mut counts = [0usize; 2];
         for r in 0..4000u64 {
             // Equal loads, and the first always taken: the choice follows r1 alone.
-            counts[choose(&candidates, (r, r / 7, 0.0)).unwrap()] += 1;
+            counts[choose_from(&candidates, (r, r / 7, 0.0)).unwrap()] += 1;
         }
         assert_eq!(counts, [1000, 3000]);
+    }
+
+    #[test]
+    fn decay_is_exponential_at_every_scale() {
+        let decay = Duration::from_secs(10);
+        for nanos in [
+            0u64,
+            1,
+            1_000,
+            99_000_000,
+            100_000_000,
+            101_000_000,
+            5_000_000_000,
+            100_000_000_000,
+        ] {
+            let exact = (-(nanos as f64) / 1e10).exp();
+            let got = decay_factor(Duration::from_nanos(nanos), decay);
+            assert!(
+                (got - exact).abs() < 2e-7,
+                "{nanos} ns: {got} against {exact}"
+            );
+        }
     }
 
     #[test]
@@ -738,15 +902,14 @@ mod tests {
         let balancer = Balancer::new(BalancerName::default(), settings());
         balancer.update(vec![endpoint(1), endpoint(2)]);
         let one = balancer
-            .members
-            .load()
+            .members()
             .iter()
             .find(|m| m.endpoint.addr.port() == 1)
             .cloned()
             .unwrap();
         balancer.failed(&one);
         balancer.update(vec![endpoint(1), endpoint(3)]);
-        let members = balancer.members.load();
+        let members = balancer.members();
         let kept = members
             .iter()
             .find(|m| m.endpoint.addr.port() == 1)

@@ -547,11 +547,11 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
     let series = connection.series(&dispatch.bound, authority.as_deref());
     series.request();
     let picked = dispatch.picked.take();
-    let sent = Instant::now();
+    let sent = picked.is_some().then(Instant::now);
     match connection.forward(request, dispatch).await {
         Ok((response, checkin)) => {
-            if let Some(picked) = &picked {
-                picked.observe(sent.elapsed());
+            if let (Some(picked), Some(sent)) = (&picked, sent) {
+                picked.answered(sent);
             }
             let recorder = Recorder {
                 series,
