@@ -47,8 +47,8 @@ chmod 755 "$work/tandem-proxy"
 "$work/tandem-bench" --seconds "$seconds" --only "$scenario" > "$work/bench.out" 2>&1 &
 bench=$!
 # The meshed phase is the last; its load generator targets the meshed HTTP port, or
-# the Service's address.
-meshed_load="load --addr ([0-9.]+:8080|10\.96\.0\.10:80) .*--seconds $seconds"
+# a Service's address.
+meshed_load="load --addr ([0-9.]+:8080|10\.96\.0\.[0-9]+:80) .*--seconds $seconds"
 until pgrep -f "$meshed_load" > /dev/null; do
     kill -0 $bench 2> /dev/null || { cat "$work/bench.out" >&2; exit 1; }
     sleep 0.2

@@ -12,7 +12,9 @@
 //! - the time from an endpoint update on the control plane to the first connection
 //!   that reaches the new endpoint;
 //! - that the discovery streams of Services no longer used are closed after
-//!   `LINKERD2_PROXY_OUTBOUND_DISCOVERY_IDLE_TIMEOUT`, and the memory after that.
+//!   `LINKERD2_PROXY_OUTBOUND_DISCOVERY_IDLE_TIMEOUT`, and the memory after that
+//!   (with the connections' metric series dropped too: they are kept for
+//!   `LINKERD2_PROXY_METRICS_RETAIN_IDLE`, 5 s here, 10 min by default).
 //!
 //! Endpoints are addresses of the server pod (secondary addresses on its link),
 //! whose proxy takes the transport header on 4143 and where one echo server
@@ -199,6 +201,9 @@ fn run_once(services: usize, endpoints: usize, measure_updates: bool) -> anyhow:
             ),
             ("LINKERD2_PROXY_DESTINATION_PROFILE_NETWORKS", "10.0.0.0/8"),
             ("LINKERD2_PROXY_OUTBOUND_DISCOVERY_IDLE_TIMEOUT", "5s"),
+            // The connections' metric series (one per endpoint reached, with its
+            // labels) go as soon as they are idle, so that what stays is not them.
+            ("LINKERD2_PROXY_METRICS_RETAIN_IDLE", "5s"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string())),
     );
@@ -264,7 +269,10 @@ fn run_once(services: usize, endpoints: usize, measure_updates: bool) -> anyhow:
             .all(|s| control.endpoint_watchers(&path(s)) == 0)
             .then_some(())
     });
-    std::thread::sleep(Duration::from_secs(2));
+    // A scrape drops the idle metric series; then the proxy's idle worker gives freed
+    // memory back within `ops::memory::INTERVAL` (a second).
+    proxy.metrics();
+    std::thread::sleep(Duration::from_secs(3));
     let idle = rss(pid)?;
     let watchers_left = (0..services)
         .map(|s| control.endpoint_watchers(&path(s)))

@@ -47,6 +47,12 @@ const SERVICE: SocketAddr = SocketAddr::new(
     80,
 );
 const SERVICE_PORTS: [u16; 2] = [8081, 8082];
+/// A Service of one endpoint (the backend on `HTTP`): the balancer on the path, the
+/// connections between the proxies as to one pod.
+const SERVICE_OF_ONE: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 11)),
+    80,
+);
 
 struct Scenario {
     name: &'static str,
@@ -54,8 +60,8 @@ struct Scenario {
     conns: usize,
     meshed_port: u16,
     direct_port: u16,
-    /// The meshed path dials the Service (three endpoints) instead of one pod.
-    service: bool,
+    /// The meshed path dials this Service instead of one pod.
+    service: Option<SocketAddr>,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -65,7 +71,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 4,
         meshed_port: HTTP,
         direct_port: DIRECT_HTTP,
-        service: false,
+        service: None,
     },
     Scenario {
         name: "HTTP saturated, 50 conns",
@@ -73,7 +79,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 50,
         meshed_port: HTTP,
         direct_port: DIRECT_HTTP,
-        service: false,
+        service: None,
     },
     Scenario {
         name: "HTTP saturated, 1 conn",
@@ -81,7 +87,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 1,
         meshed_port: HTTP,
         direct_port: DIRECT_HTTP,
-        service: false,
+        service: None,
     },
     Scenario {
         name: "opaque TCP 1 KiB echo, 4 conns",
@@ -89,7 +95,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 4,
         meshed_port: ECHO,
         direct_port: DIRECT_ECHO,
-        service: false,
+        service: None,
     },
     Scenario {
         name: "HTTP, new conn per request",
@@ -97,7 +103,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 4,
         meshed_port: HTTP,
         direct_port: DIRECT_HTTP,
-        service: false,
+        service: None,
     },
     Scenario {
         name: "opaque, new conn per exchange",
@@ -105,7 +111,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 4,
         meshed_port: ECHO,
         direct_port: DIRECT_ECHO,
-        service: false,
+        service: None,
     },
     Scenario {
         name: "bulk, one TCP stream (1 GiB)",
@@ -113,7 +119,15 @@ const SCENARIOS: &[Scenario] = &[
         conns: 1,
         meshed_port: SINK,
         direct_port: DIRECT_SINK,
-        service: false,
+        service: None,
+    },
+    Scenario {
+        name: "HTTP saturated to a Service of 1 endpoint, 50 conns",
+        mode: "http",
+        conns: 50,
+        meshed_port: SERVICE_OF_ONE.port(),
+        direct_port: DIRECT_HTTP,
+        service: Some(SERVICE_OF_ONE),
     },
     Scenario {
         name: "HTTP saturated to a Service of 3 endpoints, 50 conns",
@@ -121,7 +135,7 @@ const SCENARIOS: &[Scenario] = &[
         conns: 50,
         meshed_port: SERVICE.port(),
         direct_port: DIRECT_HTTP,
-        service: true,
+        service: Some(SERVICE),
     },
 ];
 
@@ -253,11 +267,9 @@ pub fn run(
             SocketAddr::from((client_pod.ipv4, scenario.direct_port + RELAY_OUT)),
             &relay_pids,
         )?;
-        let meshed_target = if scenario.service {
-            SERVICE
-        } else {
-            world.b_addr(scenario.meshed_port)
-        };
+        let meshed_target = scenario
+            .service
+            .unwrap_or_else(|| world.b_addr(scenario.meshed_port));
         let meshed = on(meshed_target, &proxies)?;
         eprintln!("  done: {}", scenario.name);
         results.push(Row {
@@ -271,8 +283,9 @@ pub fn run(
     Ok(())
 }
 
-/// Adds the Service to the client-side proxy's discovery file: its address, balanced
-/// over the server pod's HTTP backend on three ports, each endpoint meshed.
+/// Adds the Services to the client-side proxy's discovery file: one balanced over the
+/// server pod's HTTP backend on three ports, one over the backend on one port; each
+/// endpoint meshed.
 fn add_service(client_env: &[(String, String)], server: &Pod) -> anyhow::Result<()> {
     let file = client_env
         .iter()
@@ -281,14 +294,17 @@ fn add_service(client_env: &[(String, String)], server: &Pod) -> anyhow::Result<
         .context("the client-side proxy has no discovery file")?;
     let identity = tandem_tests::mesh::identity_of("beta");
     let mut text = std::fs::read_to_string(&file).context("read the discovery file")?;
-    let _ = write!(
-        text,
-        "  - addr: \"{}\"\n    ports: {}\n    identity: {identity}\n    http2: true\n    endpoints:\n",
-        SERVICE.ip(),
-        SERVICE.port()
-    );
-    for port in std::iter::once(HTTP).chain(SERVICE_PORTS) {
-        let _ = writeln!(text, "      - addr: \"{}:{port}\"", server.ipv4);
+    let three: Vec<u16> = std::iter::once(HTTP).chain(SERVICE_PORTS).collect();
+    for (service, ports) in [(SERVICE, &three[..]), (SERVICE_OF_ONE, &[HTTP][..])] {
+        let _ = write!(
+            text,
+            "  - addr: \"{}\"\n    ports: {}\n    identity: {identity}\n    http2: true\n    endpoints:\n",
+            service.ip(),
+            service.port()
+        );
+        for port in ports {
+            let _ = writeln!(text, "      - addr: \"{}:{port}\"", server.ipv4);
+        }
     }
     std::fs::write(&file, text).context("write the discovery file")
 }
@@ -621,8 +637,9 @@ fn figure(
 /// The figures the budget is stated in, next to the target and the budget.
 fn derived(rows: &[Row<'_>]) -> String {
     let find = |mode: &str, conns: usize| {
-        rows.iter()
-            .find(|r| r.scenario.mode == mode && r.scenario.conns == conns)
+        rows.iter().find(|r| {
+            r.scenario.mode == mode && r.scenario.conns == conns && r.scenario.service.is_none()
+        })
     };
     let busier_cores = |m: &Measured| m.hops.iter().map(|h| h.cores).fold(0.0, f64::max);
     let mut out = String::new();
@@ -682,15 +699,28 @@ fn derived(rows: &[Row<'_>]) -> String {
             "≤ 20",
             "",
         );
-        if let Some(service) = rows.iter().find(|r| r.scenario.service) {
-            figure(
-                &mut out,
-                "the same to a Service of 3 endpoints, balanced per request",
-                &|m| format!("{:.1}", busier_cores(m) * 1e6 / m.report.per_second()),
-                service,
+        for (service, name, target) in [
+            (
+                SERVICE_OF_ONE,
+                "the same to a Service of 1 endpoint (the balancer on the path)",
                 "≤ single endpoint + 1",
+            ),
+            (
+                SERVICE,
+                "the same to a Service of 3 endpoints (3 connections between the proxies)",
                 "",
-            );
+            ),
+        ] {
+            if let Some(row) = rows.iter().find(|r| r.scenario.service == Some(service)) {
+                figure(
+                    &mut out,
+                    name,
+                    &|m| format!("{:.1}", busier_cores(m) * 1e6 / m.report.per_second()),
+                    row,
+                    target,
+                    "",
+                );
+            }
         }
         figure(
             &mut out,
