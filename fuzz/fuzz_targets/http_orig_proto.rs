@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tandem_proxy::net::detect::{classify, Classification, Protocol};
 use tandem_proxy::http::orig_proto::{downgrade, upgrade};
+use tandem_proxy::net::detect::{classify, Classification, Protocol};
 
 fuzz_target!(|data: &[u8]| {
     // Only what detection calls HTTP/1 reaches the HTTP path.
@@ -31,6 +31,9 @@ fuzz_target!(|data: &[u8]| {
     let fallback = hyper::http::uri::Authority::from_static("192.0.2.1:80");
     upgrade(&mut request, &fallback);
     if downgrade(&mut request).is_some() && original_uri.path_and_query().is_some() {
-        assert_eq!(request.uri().path_and_query(), original_uri.path_and_query());
+        assert_eq!(
+            request.uri().path_and_query(),
+            original_uri.path_and_query()
+        );
     }
 });

@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
             assert_ne!(header.port, 0);
             // Re-encoding and decoding gives the same header.
             let again = header.encode();
-            assert_eq!(TransportHeader::decode(&again), Ok(Some((header, again.len()))));
+            assert_eq!(
+                TransportHeader::decode(&again),
+                Ok(Some((header, again.len())))
+            );
         }
     }
 });

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::discover::balance::BalanceSettings;
 use crate::discover::file::FileDiscovery;
+use crate::discover::linkerd::inbound::{InboundPolicies, InboundSettings};
 use crate::discover::linkerd::Linkerd;
 use crate::discover::{Discover, Layered, NoDiscovery};
 use crate::http::client::Pools;
@@ -256,7 +257,7 @@ fn directions(
 
     let out = &config.outbound;
     let out_dialer = Arc::new(dialer(out, identity.clone()));
-    let discovery = discovery(config, metrics, file_discovery, &out_dialer)?;
+    let (discovery, policies) = discovery(config, metrics, file_discovery, &out_dialer)?;
     let unmeshed = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
     let outbound = Arc::new(Outbound {
         config: out.clone(),
@@ -297,6 +298,7 @@ fn directions(
             drain: drain.clone(),
             http: inb.http.clone(),
             handshake_timeout: inb.detect_timeout,
+            policies: policies.clone(),
         }),
         identity,
         policy: PortPolicy {
@@ -305,24 +307,30 @@ fn directions(
         },
         dialer: app_dialer,
         local_ips: config.inbound_ips.clone(),
+        policies,
     });
     Ok((inbound, outbound))
 }
 
+/// What discovery gives each direction.
+type Sources = (Arc<dyn Discover>, Option<Arc<InboundPolicies>>);
+
 /// Where the outbound side learns about destinations: Linkerd's control plane, the
 /// discovery file, both (the file first, for peers the cluster does not know), or
-/// neither.
+/// neither; and, under the control plane, where the inbound side learns its ports'
+/// policies.
 fn discovery(
     config: &Config,
     metrics: &Metrics,
     file: Option<Arc<FileDiscovery>>,
     dialer: &Arc<Dialer>,
-) -> anyhow::Result<Arc<dyn Discover>> {
+) -> anyhow::Result<Sources> {
     let Some(control) = &config.control_plane else {
-        return Ok(match file {
+        let discover: Arc<dyn Discover> = match file {
             Some(file) => file,
             None => Arc::new(NoDiscovery),
-        });
+        };
+        return Ok((discover, None));
     };
     let settings = crate::discover::linkerd::Settings {
         control: control.clone(),
@@ -338,13 +346,30 @@ fn discovery(
         metrics.balancers.clone(),
     )
     .map_err(|e| anyhow::anyhow!("cannot reach the control plane: {e}"))?;
-    Ok(match file {
+    let policy = &config.inbound_policy;
+    let policies = InboundPolicies::start(
+        InboundSettings {
+            workload: control.workload.clone(),
+            stream: control.stream,
+            backoff: config.outbound_backoff,
+            ports: policy.ports.clone(),
+            idle: policy.idle,
+            default: policy.default,
+            cluster_networks: policy.cluster_networks.clone(),
+            opaque_ports: config.inbound.opaque_ports.clone(),
+        },
+        linkerd.policy_channel(),
+        metrics.control.clone(),
+        metrics.authz.clone(),
+    );
+    let discover: Arc<dyn Discover> = match file {
         Some(first) => Arc::new(Layered {
             first,
             then: linkerd,
         }),
         None => linkerd,
-    })
+    };
+    Ok((discover, Some(policies)))
 }
 
 /// How balancers queue and back off: Linkerd's outbound queue settings, its

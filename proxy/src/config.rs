@@ -132,6 +132,21 @@ pub struct ControlPlane {
     pub stream: StreamLimits,
 }
 
+/// The inbound side's port policies from Linkerd's policy controller.
+#[derive(Clone, Debug)]
+pub struct InboundPolicyConfig {
+    /// `LINKERD2_PROXY_INBOUND_PORTS`: watched from start-up.
+    pub ports: Vec<u16>,
+    /// `LINKERD2_PROXY_INBOUND_DEFAULT_POLICY`: a port's policy until the
+    /// controller answers.
+    pub default: crate::discover::inbound_policy::DefaultPolicy,
+    /// `LINKERD2_PROXY_POLICY_CLUSTER_NETWORKS`, for the `cluster-*` defaults.
+    pub cluster_networks: Vec<ipnet::IpNet>,
+    /// `LINKERD2_PROXY_INBOUND_DISCOVERY_IDLE_TIMEOUT`: a port outside the list is
+    /// forgotten after this long unused.
+    pub idle: Duration,
+}
+
 /// A queue before a balancer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Queue {
@@ -265,6 +280,8 @@ pub struct Config {
     pub inbound_require_tls: PortSet,
     /// Linkerd's control plane, when the injector configured one.
     pub control_plane: Option<ControlPlane>,
+    /// How the inbound side keeps its ports' policies (under the control plane).
+    pub inbound_policy: InboundPolicyConfig,
     /// A target unused this long is forgotten, with its discovery streams.
     pub outbound_discovery_idle_timeout: Duration,
     pub outbound_http_queue: Queue,
@@ -382,6 +399,7 @@ impl Config {
                 PortSet::parse,
             ),
             control_plane: control_plane(&mut env),
+            inbound_policy: inbound_policy(&mut env),
             outbound_discovery_idle_timeout: env.parse(
                 "LINKERD2_PROXY_OUTBOUND_DISCOVERY_IDLE_TIMEOUT",
                 "5s",
@@ -591,6 +609,34 @@ fn control_plane(env: &mut Env) -> Option<ControlPlane> {
                 stream,
             })
         }
+    }
+}
+
+fn inbound_policy(env: &mut Env) -> InboundPolicyConfig {
+    use crate::discover::inbound_policy::DefaultPolicy;
+    let ports = env.parse("LINKERD2_PROXY_INBOUND_PORTS", "", PortSet::parse);
+    let default = env.parse(
+        "LINKERD2_PROXY_INBOUND_DEFAULT_POLICY",
+        "all-unauthenticated",
+        DefaultPolicy::parse,
+    );
+    let cluster_networks = env.parse("LINKERD2_PROXY_POLICY_CLUSTER_NETWORKS", "", parse_networks);
+    let cluster = matches!(
+        default,
+        DefaultPolicy::ClusterAuthenticated | DefaultPolicy::ClusterUnauthenticated
+    );
+    if cluster && cluster_networks.is_empty() {
+        env.error("LINKERD2_PROXY_INBOUND_DEFAULT_POLICY: a cluster-* policy needs LINKERD2_PROXY_POLICY_CLUSTER_NETWORKS".into());
+    }
+    InboundPolicyConfig {
+        ports: (0..=u16::MAX).filter(|p| ports.contains(*p)).collect(),
+        default,
+        cluster_networks,
+        idle: env.parse(
+            "LINKERD2_PROXY_INBOUND_DISCOVERY_IDLE_TIMEOUT",
+            "90s",
+            env::duration,
+        ),
     }
 }
 
@@ -879,6 +925,50 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains('\n'));
+    }
+
+    #[test]
+    fn inbound_policy_settings_as_linkerd_reads_them() {
+        use crate::discover::inbound_policy::DefaultPolicy;
+        let c = config(&[]).unwrap();
+        assert_eq!(c.inbound_policy.default, DefaultPolicy::AllUnauthenticated);
+        assert!(c.inbound_policy.ports.is_empty());
+        assert_eq!(c.inbound_policy.idle, Duration::from_secs(90));
+        let c = config(&[
+            ("LINKERD2_PROXY_INBOUND_PORTS", "8080,4191,9000-9002"),
+            (
+                "LINKERD2_PROXY_INBOUND_DEFAULT_POLICY",
+                "cluster-authenticated",
+            ),
+            (
+                "LINKERD2_PROXY_POLICY_CLUSTER_NETWORKS",
+                "10.0.0.0/8,fd00::/8",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(c.inbound_policy.ports, [4191, 8080, 9000, 9001, 9002]);
+        assert_eq!(
+            c.inbound_policy.default,
+            DefaultPolicy::ClusterAuthenticated
+        );
+        assert_eq!(c.inbound_policy.cluster_networks.len(), 2);
+        type Row = (&'static str, &'static str, &'static str);
+        let rows: [Row; 2] = [
+            (
+                "LINKERD2_PROXY_INBOUND_DEFAULT_POLICY",
+                "everyone",
+                "LINKERD2_PROXY_INBOUND_DEFAULT_POLICY=\"everyone\"",
+            ),
+            (
+                "LINKERD2_PROXY_INBOUND_DEFAULT_POLICY",
+                "cluster-unauthenticated",
+                "needs LINKERD2_PROXY_POLICY_CLUSTER_NETWORKS",
+            ),
+        ];
+        for (var, value, expected) in rows {
+            let err = config(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{var}={value}: {err}");
+        }
     }
 
     #[test]

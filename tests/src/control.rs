@@ -1,4 +1,5 @@
-//! A test control plane: Linkerd's Destination and OutboundPolicies APIs served from
+//! A test control plane: Linkerd's Destination, OutboundPolicies and
+//! InboundServerPolicies APIs served from
 //! the `linkerd2-proxy-api` crate's server side (tonic), answering what each test
 //! tells it at run time.
 //!
@@ -7,7 +8,9 @@
 //! one `Add` when it has endpoints and nothing when it has none, then the changes as
 //! `Add`s and `Remove`s; `GetProfile` answers every address with a profile (empty
 //! unless the test set one); `OutboundPolicies.Watch` answers `NotFound` for a target
-//! nobody described, and pushes each new policy. [`ControlPlane::stop`] takes it off
+//! nobody described, and pushes each new policy; `InboundServerPolicies.WatchPort`
+//! answers a port nobody described with the cluster default (`all-unauthenticated`,
+//! as the policy controller does) and pushes each new `Server`. [`ControlPlane::stop`] takes it off
 //! the network (every stream breaks), [`ControlPlane::restart`] brings it back with
 //! what it knew. It serves plaintext (for a proxy on the same loopback) or TLS with
 //! a certificate of the mesh, and records each call and each client identity.
@@ -25,6 +28,11 @@ use linkerd2_proxy_api::destination::{
     destination_server::{Destination, DestinationServer},
     protocol_hint, tls_identity, DestinationProfile, GetDestination, ProtocolHint, TlsIdentity,
     Update, WeightedAddrSet,
+};
+use linkerd2_proxy_api::inbound::{
+    self as ib,
+    inbound_server_policies_server::{InboundServerPolicies, InboundServerPoliciesServer},
+    PortSpec, Server,
 };
 use linkerd2_proxy_api::meta::{metadata, Metadata, Resource};
 use linkerd2_proxy_api::net::TcpAddress;
@@ -57,6 +65,8 @@ struct State {
     policy_watchers: HashMap<SocketAddr, Vec<Tx<OutboundPolicy>>>,
     profiles: HashMap<SocketAddr, DestinationProfile>,
     profile_watchers: HashMap<SocketAddr, Vec<Tx<DestinationProfile>>>,
+    servers: HashMap<u16, Server>,
+    server_watchers: HashMap<u16, Vec<Tx<Server>>>,
     calls: Vec<String>,
     workloads: Vec<String>,
     client_identities: Vec<Option<String>>,
@@ -194,6 +204,15 @@ impl ControlPlane {
         }
     }
 
+    /// Sets the inbound policy of `port`, pushed to open `WatchPort` streams.
+    pub fn set_server(&self, port: u16, server: Server) {
+        let mut state = lock(&self.state);
+        state.servers.insert(port, server.clone());
+        if let Some(watchers) = state.server_watchers.get_mut(&port) {
+            watchers.retain(|w| w.send(Ok(server.clone())).is_ok());
+        }
+    }
+
     /// Sets the profile of `target`, pushed to open `GetProfile` streams.
     pub fn set_profile(&self, target: SocketAddr, profile: DestinationProfile) {
         let mut state = lock(&self.state);
@@ -311,11 +330,13 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let destination = DestinationServer::new(Api(state.clone()));
-    let policies = OutboundPoliciesServer::new(Api(state));
+    let policies = OutboundPoliciesServer::new(Api(state.clone()));
+    let inbound = InboundServerPoliciesServer::new(Api(state));
     let service =
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let destination = destination.clone();
             let policies = policies.clone();
+            let inbound = inbound.clone();
             async move {
                 use tower::ServiceExt;
                 let path = request.uri().path();
@@ -323,6 +344,8 @@ where
                     destination.oneshot(request).await
                 } else if path.starts_with("/io.linkerd.proxy.outbound.OutboundPolicies/") {
                     policies.oneshot(request).await
+                } else if path.starts_with("/io.linkerd.proxy.inbound.InboundServerPolicies/") {
+                    inbound.oneshot(request).await
                 } else {
                     Ok(Status::unimplemented(format!("unknown method {path}")).into_http())
                 };
@@ -410,6 +433,181 @@ impl OutboundPolicies for Api {
             }
         }
     }
+}
+
+#[tonic::async_trait]
+impl InboundServerPolicies for Api {
+    type WatchPortStream = Stream<Server>;
+
+    async fn get_port(&self, _: Request<PortSpec>) -> Result<Response<Server>, Status> {
+        Err(Status::unimplemented("only WatchPort"))
+    }
+
+    async fn watch_port(
+        &self,
+        request: Request<PortSpec>,
+    ) -> Result<Response<Self::WatchPortStream>, Status> {
+        let spec = request.into_inner();
+        let port = u16::try_from(spec.port).map_err(|_| Status::invalid_argument("port"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = lock(&self.0);
+        state.calls.push(format!("watch-port {port}"));
+        state.workloads.push(spec.workload);
+        let server = state
+            .servers
+            .get(&port)
+            .cloned()
+            .unwrap_or_else(|| default_server(port));
+        let _ = tx.send(Ok(server));
+        state.server_watchers.entry(port).or_default().push(tx);
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+/// Who an inbound authorization admits.
+#[derive(Clone, Debug)]
+pub enum Admit {
+    /// Anyone from the networks.
+    Anyone,
+    /// Clients over mesh TLS, with any identity.
+    Meshed,
+    /// Clients over mesh TLS with one of these identities.
+    Identities(Vec<String>),
+}
+
+/// An authorization as the policy controller sends one (metadata of an
+/// `AuthorizationPolicy` named `name`), for clients from `networks`.
+pub fn authz(name: &str, networks: &[&str], admit: Admit) -> ib::Authz {
+    use ib::authn::{permit_mesh_tls, Permit, PermitMeshTls, PermitUnauthenticated};
+    let permit = match admit {
+        Admit::Anyone => Permit::Unauthenticated(PermitUnauthenticated {}),
+        Admit::Meshed => Permit::MeshTls(PermitMeshTls {
+            clients: Some(permit_mesh_tls::Clients::Unauthenticated(
+                PermitUnauthenticated {},
+            )),
+        }),
+        Admit::Identities(names) => Permit::MeshTls(PermitMeshTls {
+            clients: Some(permit_mesh_tls::Clients::Identities(
+                permit_mesh_tls::PermitClientIdentities {
+                    identities: names
+                        .into_iter()
+                        .map(|name| ib::Identity { name })
+                        .collect(),
+                    suffixes: vec![],
+                },
+            )),
+        }),
+    };
+    ib::Authz {
+        networks: networks
+            .iter()
+            .map(|n| ib::Network {
+                net: Some(n.parse::<ipnet::IpNet>().expect("a network").into()),
+                except: vec![],
+            })
+            .collect(),
+        authentication: Some(ib::Authn {
+            permit: Some(permit),
+        }),
+        labels: HashMap::new(),
+        metadata: Some(Metadata {
+            kind: Some(metadata::Kind::Resource(Resource {
+                group: "policy.linkerd.io".into(),
+                kind: "authorizationpolicy".into(),
+                name: name.into(),
+                ..Default::default()
+            })),
+        }),
+    }
+}
+
+/// What a port speaks, in a `Server`.
+#[derive(Clone, Debug)]
+pub enum ServerProtocol {
+    /// Detected, with HTTP routes `(name, exact path, the route's own authorizations)`
+    /// (none: the controller's catch-all `default` route).
+    Detect(Vec<(String, String, Vec<ib::Authz>)>),
+    Opaque,
+}
+
+/// A `Server` named `name`, as the policy controller sends one for a `Server`
+/// resource with these authorizations.
+pub fn server(name: &str, protocol: ServerProtocol, authorizations: Vec<ib::Authz>) -> Server {
+    use ib::proxy_protocol::{Detect, Kind, Opaque};
+    let route = |name: &str, path: Option<&str>, authorizations: Vec<ib::Authz>| ib::HttpRoute {
+        metadata: Some(Metadata {
+            kind: Some(metadata::Kind::Default(name.into())),
+        }),
+        hosts: vec![],
+        authorizations,
+        rules: vec![ib::http_route::Rule {
+            matches: vec![linkerd2_proxy_api::http_route::HttpRouteMatch {
+                path: Some(linkerd2_proxy_api::http_route::PathMatch {
+                    kind: Some(match path {
+                        Some(exact) => {
+                            linkerd2_proxy_api::http_route::path_match::Kind::Exact(exact.into())
+                        }
+                        None => {
+                            linkerd2_proxy_api::http_route::path_match::Kind::Prefix("/".into())
+                        }
+                    }),
+                }),
+                ..Default::default()
+            }],
+            filters: vec![],
+        }],
+    };
+    let kind = match protocol {
+        ServerProtocol::Detect(routes) => {
+            let mut http_routes = vec![route("default", None, vec![])];
+            http_routes.extend(
+                routes
+                    .into_iter()
+                    .map(|(name, path, authz)| route(&name, Some(&path), authz)),
+            );
+            Kind::Detect(Detect {
+                timeout: Some(prost_types::Duration {
+                    seconds: 10,
+                    nanos: 0,
+                }),
+                http_routes,
+                http_local_rate_limit: None,
+            })
+        }
+        ServerProtocol::Opaque => Kind::Opaque(Opaque {}),
+    };
+    Server {
+        protocol: Some(ib::ProxyProtocol { kind: Some(kind) }),
+        server_ips: vec![],
+        authorizations,
+        labels: [
+            ("group".to_string(), "policy.linkerd.io".to_string()),
+            ("kind".to_string(), "server".to_string()),
+            ("name".to_string(), name.to_string()),
+        ]
+        .into(),
+    }
+}
+
+/// The controller's answer for a port no `Server` selects, under the cluster default
+/// `all-unauthenticated`.
+pub fn default_server(_port: u16) -> Server {
+    let mut server = server(
+        "all-unauthenticated",
+        ServerProtocol::Detect(vec![]),
+        vec![authz(
+            "all-unauthenticated",
+            &["0.0.0.0/0", "::/0"],
+            Admit::Anyone,
+        )],
+    );
+    server.labels = [
+        ("group".to_string(), String::new()),
+        ("kind".to_string(), "default".to_string()),
+        ("name".to_string(), "all-unauthenticated".to_string()),
+    ]
+    .into();
+    server
 }
 
 /// What a proxy is told of an endpoint's protocol.

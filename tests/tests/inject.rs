@@ -523,6 +523,12 @@ fn under_linkerds_control_plane_the_proxy_gets_linkerds_variables() {
             Some(r#"{"ns":"shop","nodeName":"node-a","pod":"web-5d8f7c9b64-x2x9z"}"#)
         );
         assert_eq!(var("LINKERD2_PROXY_INBOUND_IPS"), Some("10.42.0.5,fd00::5"));
+        // The container's ports, whose policies are watched from start-up.
+        assert_eq!(var("LINKERD2_PROXY_INBOUND_PORTS"), Some("8080"));
+        assert_eq!(
+            var("LINKERD2_PROXY_INBOUND_DEFAULT_POLICY"),
+            Some("all-unauthenticated")
+        );
 
         // What the proxy reads from them, as it will read them in the pod.
         let config = tandem_proxy::config::Config::from_vars(&vars)
@@ -548,6 +554,8 @@ fn under_linkerds_control_plane_the_proxy_gets_linkerds_variables() {
             r#"{"ns":"shop","pod":"web-5d8f7c9b64-x2x9z"}"#
         );
         assert_eq!(control.profile_networks.len(), 5);
+        assert_eq!(config.inbound_policy.ports, [8080]);
+        assert_eq!(config.inbound_policy.cluster_networks.len(), 5);
         assert!(
             config.warnings.is_empty(),
             "every variable is read: {:?}",

@@ -15,7 +15,9 @@
 
 pub mod balance;
 pub mod file;
+pub mod inbound_policy;
 pub mod linkerd;
+pub mod route_match;
 
 use std::fmt;
 use std::future::Future;

@@ -35,10 +35,16 @@ pub enum ErrorKind {
     LoadShed,
     /// The control plane could not be asked where the request goes.
     Discovery,
+    /// Inbound: the port's policy does not authorize the client on the request's route.
+    Forbidden,
+    /// Inbound: no route of the port's policy takes the request.
+    NoRoute,
+    /// Inbound: the port's policy could not be read.
+    InvalidPolicy,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 13] = [
         Self::ConnectRefused,
         Self::ConnectTimeout,
         Self::Connect,
@@ -49,6 +55,9 @@ impl ErrorKind {
         Self::FailFast,
         Self::LoadShed,
         Self::Discovery,
+        Self::Forbidden,
+        Self::NoRoute,
+        Self::InvalidPolicy,
     ];
 
     pub fn index(self) -> usize {
@@ -68,6 +77,9 @@ impl ErrorKind {
             Self::FailFast => "fail_fast",
             Self::LoadShed => "load_shed",
             Self::Discovery => "discovery",
+            Self::Forbidden => "forbidden",
+            Self::NoRoute => "no_route",
+            Self::InvalidPolicy => "invalid_policy",
         }
     }
 
@@ -84,6 +96,9 @@ impl ErrorKind {
             Self::FailFast => "no endpoint of the destination is ready (fail-fast)",
             Self::LoadShed => "the destination's queue is full",
             Self::Discovery => "the control plane is unavailable",
+            Self::Forbidden => "unauthorized request on route",
+            Self::NoRoute => "no route found for request",
+            Self::InvalidPolicy => "invalid server configuration",
         }
     }
 
@@ -104,13 +119,26 @@ impl ErrorKind {
                 Some(StatusCode::SERVICE_UNAVAILABLE)
             }
             Self::Stream => None,
+            Self::Forbidden => Some(StatusCode::FORBIDDEN),
+            Self::NoRoute => Some(StatusCode::NOT_FOUND),
+            Self::InvalidPolicy => Some(StatusCode::INTERNAL_SERVER_ERROR),
             _ => Some(StatusCode::BAD_GATEWAY),
         }
     }
 }
 
-/// gRPC's UNAVAILABLE: the call never reached the server, so clients may retry it.
-const GRPC_UNAVAILABLE: &str = "14";
+impl ErrorKind {
+    /// The gRPC status: UNAVAILABLE (the call never reached the server, so clients
+    /// may retry it) unless the policy refused the call.
+    fn grpc_status(self) -> &'static str {
+        match self {
+            Self::Forbidden => "7",
+            Self::NoRoute => "5",
+            Self::InvalidPolicy => "13",
+            _ => "14",
+        }
+    }
+}
 
 /// The response for a request the proxy failed.
 pub fn respond(kind: ErrorKind, grpc: bool) -> Response<ResponseBody> {
@@ -123,7 +151,7 @@ pub fn respond(kind: ErrorKind, grpc: bool) -> Response<ResponseBody> {
     if grpc {
         // Trailers-only: the status travels in the only HEADERS frame.
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert(GRPC_STATUS, HeaderValue::from_static(GRPC_UNAVAILABLE));
+        headers.insert(GRPC_STATUS, HeaderValue::from_static(kind.grpc_status()));
         headers.insert(GRPC_MESSAGE, message.clone());
     }
     headers.insert(L5D_PROXY_ERROR, message);

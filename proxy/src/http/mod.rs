@@ -41,6 +41,7 @@ use self::errors::ErrorKind;
 use self::metrics::{Outcome, SeriesHandle};
 use crate::config::HttpConfig;
 use crate::discover::balance::{Balancer, Member, PickError, Picked};
+use crate::discover::linkerd::inbound::RequestAuthz;
 use crate::discover::{Endpoint, Labels};
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
 use crate::mesh::PeerId;
@@ -239,6 +240,8 @@ pub struct ServerConn {
     /// per connection rather than per request.
     client_id: Option<HeaderValue>,
     authority_labels: bool,
+    /// Inbound, under Linkerd's policy controller: each request is authorized.
+    authz: Option<RequestAuthz>,
 }
 
 struct CachedSeries {
@@ -247,13 +250,15 @@ struct CachedSeries {
 }
 
 /// Serves a client connection detected as HTTP/1 or HTTP/2 (`protocol`); `prefix` is
-/// what detection already read from it.
+/// what detection already read from it; `authz`, when there is a policy to apply,
+/// authorizes each request before it goes anywhere.
 pub async fn serve_connection<C: Transport + 'static>(
     proxy: &Arc<HttpProxy>,
     client: Downstream<C>,
     prefix: Vec<u8>,
     protocol: Protocol,
     route: Route,
+    authz: Option<RequestAuthz>,
 ) -> Result<(), ConnError> {
     let client_id = match &route.role {
         Role::Inbound { client_id } => client_id
@@ -280,6 +285,7 @@ pub async fn serve_connection<C: Transport + 'static>(
             .unwrap_or_else(|_| Authority::from_static("localhost")),
         client_id,
         authority_labels: proxy.config.authority_labels,
+        authz,
     });
     let Downstream {
         stream,
@@ -375,6 +381,9 @@ impl ServerConn {
     /// Chooses the upstream and a connection to it. A connection that fails before
     /// the request is sent backs its endpoint off, and the request tries another.
     async fn dispatch<B>(&self, request: &Request<B>) -> Result<Dispatch, ErrorKind> {
+        if let Some(authz) = &self.authz {
+            authz.check(request, authority_of(request))?;
+        }
         let (balancer, meshed, cache) = match &self.target {
             ConnTarget::Fail(kind) => return Err(*kind),
             ConnTarget::One(bound) => {

@@ -22,6 +22,8 @@ use self::plan::{
     AppPlan, Detection, Facts, InboundPlan, Meshed, MeshedPlan, Negotiated, ServerTls, Step,
 };
 use crate::config::{DirectionConfig, PortSet};
+use crate::discover::inbound_policy::{Client, PortProtocol};
+use crate::discover::linkerd::inbound::InboundPolicies;
 use crate::http::HttpProxy;
 use crate::mesh::identity::LocalIdentity;
 use crate::mesh::tls::{self, NoTlsReason, TlsStatus, CARRIER_ALPN, TRANSPORT_HEADER_ALPN};
@@ -55,6 +57,9 @@ pub struct Inbound {
     /// The pod's addresses (`LINKERD2_PROXY_INBOUND_IPS`); when set, connections to
     /// any other address are refused.
     pub local_ips: Vec<std::net::IpAddr>,
+    /// The ports' policies from Linkerd's policy controller, when there is one:
+    /// which protocol a port speaks, and who may connect.
+    pub policies: Option<Arc<InboundPolicies>>,
 }
 
 impl Inbound {
@@ -72,7 +77,13 @@ impl Inbound {
         let mut facts = Facts {
             orig_dst: conn.orig_dst,
             local: conn.local,
-            opaque_port: self.config.opaque_ports.contains(port),
+            opaque_port: match &self.policies {
+                // A direct connection names its port later, in its header.
+                Some(policies) if port != conn.local.port() => {
+                    !matches!(policies.protocol(port), PortProtocol::Detect { .. })
+                }
+                _ => self.config.opaque_ports.contains(port),
+            },
             foreign_ip: !self.local_ips.is_empty() && !self.local_ips.contains(&conn.orig_dst.ip()),
             require_tls: self.policy.require_tls.contains(port),
             require_identity: self.policy.require_identity.contains(port),
@@ -228,11 +239,25 @@ impl Inbound {
         target: SocketAddr,
         tls: TlsStatus,
     ) -> Result<(), ConnError> {
-        match plan::to_app(protocol, target, tls) {
+        let facts = || Client {
+            ip: client.addr.ip(),
+            tls: tls.clone(),
+        };
+        match plan::to_app(protocol, target, tls.clone()) {
             AppPlan::Http { protocol, route } => {
-                crate::http::serve_connection(&self.http, client, prefix, protocol, route).await
+                let authz = self
+                    .policies
+                    .as_ref()
+                    .map(|p| p.for_requests(target, facts()));
+                crate::http::serve_connection(&self.http, client, prefix, protocol, route, authz)
+                    .await
             }
             AppPlan::Tcp { target } => {
+                if let Some(policies) = &self.policies {
+                    if let Err(error) = policies.authorize_tcp(target, &facts()) {
+                        return Err(client.refuse(error));
+                    }
+                }
                 let server = match self.dialer.connect(target).await {
                     Ok(server) => server,
                     Err(error) => return Err(client.refuse(error)),

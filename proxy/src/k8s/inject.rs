@@ -153,6 +153,14 @@ fn linkerd_env(linkerd: &LinkerdControlPlane, options: &InjectOptions) -> Vec<(S
         ("LINKERD2_PROXY_CONTROL_STREAM_IDLE_TIMEOUT", "5m".into()),
         ("LINKERD2_PROXY_CONTROL_STREAM_LIFETIME", "1h".into()),
         ("LINKERD2_PROXY_INBOUND_IPS", "$(_pod_ips)".into()),
+        (
+            "LINKERD2_PROXY_INBOUND_DEFAULT_POLICY",
+            "all-unauthenticated".into(),
+        ),
+        (
+            "LINKERD2_PROXY_POLICY_CLUSTER_NETWORKS",
+            linkerd.cluster_networks.clone(),
+        ),
     ]
     .into_iter()
     .map(|(name, value)| (name.to_string(), value))
@@ -542,6 +550,9 @@ struct Plan {
     resources: Option<Value>,
     cores_min: Option<u64>,
     cores_max: Option<u64>,
+    /// The pod's container ports (init containers too), sorted: the ports whose
+    /// policies the proxy watches from start-up under Linkerd's control plane.
+    inbound_ports: String,
 }
 
 impl Plan {
@@ -665,8 +676,31 @@ impl Plan {
             // Threads follow the CPU request and limit, rounded up, as Linkerd's injector.
             cores_min: cpu_request.as_deref().map(whole_cpus).transpose()?,
             cores_max: cpu_limit.as_deref().map(whole_cpus).transpose()?,
+            inbound_ports: container_ports(spec),
         })
     }
+}
+
+/// Every `containerPort` of the pod's containers and init containers, sorted and
+/// without repeats, as Linkerd's injector lists them in `LINKERD2_PROXY_INBOUND_PORTS`.
+fn container_ports(spec: &Mapping) -> String {
+    let mut ports = BTreeSet::new();
+    for list in ["containers", "initContainers"] {
+        let containers = spec.get(list).and_then(Value::as_sequence);
+        for container in containers.into_iter().flatten() {
+            let declared = container.get("ports").and_then(Value::as_sequence);
+            for port in declared.into_iter().flatten() {
+                if let Some(number) = port.get("containerPort").and_then(Value::as_u64) {
+                    ports.insert(number);
+                }
+            }
+        }
+    }
+    ports
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn check_ports(text: &str) -> Result<String, String> {
@@ -833,6 +867,12 @@ fn proxy_container(options: &InjectOptions, plan: &Plan) -> Value {
             yaml("name: _pod_ips\nvalueFrom:\n  fieldRef:\n    fieldPath: status.podIPs\n"),
         ]);
         env.extend(linkerd_env(linkerd, options));
+        if !plan.inbound_ports.is_empty() {
+            env.push((
+                "LINKERD2_PROXY_INBOUND_PORTS".into(),
+                plan.inbound_ports.clone(),
+            ));
+        }
     }
     for (name, value) in env {
         let mut entry = Mapping::new();

@@ -9,6 +9,7 @@
 //! are dropped after `LINKERD2_PROXY_METRICS_RETAIN_IDLE` without activity (as
 //! Linkerd does) and capped in number.
 
+pub mod authz;
 pub mod control;
 pub mod process;
 pub mod transport;
@@ -74,6 +75,8 @@ pub struct Metrics {
     pub outbound: Arc<DirectionMetrics>,
     /// The control-plane streams' health.
     pub control: Arc<control::ControlMetrics>,
+    /// Inbound authorization decisions (under Linkerd's control plane).
+    pub authz: Arc<authz::AuthzMetrics>,
     /// Every live balancer, whose endpoints are reported at scrape time.
     pub balancers: Arc<BalancerRegistry>,
 }
@@ -155,6 +158,7 @@ impl Metrics {
         }));
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         let control = Arc::new(control::ControlMetrics::register(&mut registry));
+        let authz = Arc::new(authz::AuthzMetrics::register(&mut registry));
         let balancers = Arc::new(BalancerRegistry::default());
         registry.register_collector(Box::new(control::BalancerCollector {
             balancers: balancers.clone(),
@@ -175,6 +179,7 @@ impl Metrics {
             inbound,
             outbound,
             control,
+            authz,
             balancers,
         }
     }

@@ -52,6 +52,8 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::config::HttpConfig;
+use crate::discover::inbound_policy::Client;
+use crate::discover::linkerd::inbound::InboundPolicies;
 use crate::http::h2_streams::keepalive;
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
 use crate::mesh::{AcceptedTls, Dialer, MeshAlpn, MeshTls, PeerId};
@@ -324,6 +326,9 @@ pub struct Acceptor {
     pub drain: Arc<Drain>,
     pub http: HttpConfig,
     pub handshake_timeout: Duration,
+    /// The ports' policies, when Linkerd's policy controller gives them: each
+    /// stream is authorized as a connection of its own.
+    pub policies: Option<Arc<InboundPolicies>>,
 }
 
 /// Serves a carrier accepted on the inbound port from a peer proxy that proved
@@ -451,11 +456,20 @@ async fn serve_stream(
     };
     let transport = &acceptor.metrics.transport;
     let tls = TlsStatus::Established(Some(client_id));
+    let facts = Client {
+        ip: client.ip(),
+        tls: tls.clone(),
+    };
     let client = Downstream {
         stream,
         addr: client,
         metrics: transport.open(Peer::Src, target, tls),
     };
+    if let Some(policies) = &acceptor.policies {
+        if let Err(error) = policies.authorize_tcp(target, &facts) {
+            return Err(client.refuse(error));
+        }
+    }
     let server = match acceptor.dialer.connect(target).await {
         Ok(server) => server,
         Err(error) => return Err(client.refuse(error)),

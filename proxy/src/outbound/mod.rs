@@ -115,7 +115,8 @@ impl Outbound {
             }
             OutboundPlan::Http { protocol, route } => {
                 let client = self.downstream(conn, already_read);
-                crate::http::serve_connection(&self.http, client, prefix, protocol, route).await
+                crate::http::serve_connection(&self.http, client, prefix, protocol, route, None)
+                    .await
             }
             OutboundPlan::Tcp { backend, opaque } => {
                 let client = self.downstream(conn, already_read);

@@ -22,6 +22,7 @@
 
 pub mod client;
 pub mod grpc;
+pub mod inbound;
 pub mod translate;
 
 use std::collections::HashMap;
@@ -135,6 +136,11 @@ impl Linkerd {
 
     fn now_ms(&self) -> u64 {
         self.shared.started.elapsed().as_millis() as u64
+    }
+
+    /// The channel to the policy controller, for the inbound side's port policies.
+    pub fn policy_channel(&self) -> Channel {
+        self.shared.policy.clone()
     }
 
     /// Drops the watches of targets nobody looked up within the idle timeout.

@@ -1,0 +1,460 @@
+//! Which route a request takes: Linkerd's route matches (Gateway API's
+//! `HTTPRouteMatch` and `GRPCRouteMatch`, as the `linkerd2-proxy-api` crate carries
+//! them) read into values, and a pure function that scores a request against them.
+//!
+//! Used by the inbound policy (a route's authorizations) and shaped for outbound
+//! routes. Regular expressions are not evaluated: a match that needs one never
+//! matches, so a route that only a regex would select is not taken (on the inbound
+//! side, its requests fall to another route or are refused, never let through).
+
+use hyper::http::{HeaderMap, Method, Uri};
+use linkerd2_proxy_api::grpc_route::GrpcRouteMatch;
+use linkerd2_proxy_api::http_route::{
+    header_match, host_match, path_match, query_param_match, HostMatch, HttpRouteMatch,
+};
+
+/// A host a route applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    Exact(String),
+    /// `*.example.com`, kept as `.example.com`.
+    Suffix(String),
+}
+
+/// One match: every part of it must apply.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RequestMatch {
+    pub path: PathRule,
+    pub method: Option<Method>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub query: Vec<(String, String)>,
+    /// It needs something not evaluated (a regex): it matches nothing.
+    pub unsupported: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum PathRule {
+    #[default]
+    Any,
+    Exact(String),
+    Prefix(String),
+}
+
+/// How specific a match was, as Gateway API ranks them: an exact path over a prefix,
+/// a longer prefix over a shorter, then a method, then more headers, then more query
+/// parameters. Greater is more specific.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Score {
+    path: (u8, usize),
+    method: bool,
+    headers: usize,
+    query: usize,
+}
+
+impl RequestMatch {
+    /// How specifically this matches the request, if it does.
+    pub fn score(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Score> {
+        if self.unsupported {
+            return None;
+        }
+        let path = uri.path();
+        let path_score = match &self.path {
+            PathRule::Any => (0, 0),
+            PathRule::Exact(exact) if path == exact => (2, exact.len()),
+            PathRule::Prefix(prefix) if prefix_matches(prefix, path) => (1, prefix.len()),
+            _ => return None,
+        };
+        if self.method.as_ref().is_some_and(|m| m != method) {
+            return None;
+        }
+        let headers_match = self.headers.iter().all(|(name, value)| {
+            headers
+                .get_all(name.as_str())
+                .iter()
+                .any(|v| v.as_bytes() == value.as_slice())
+        });
+        if !headers_match {
+            return None;
+        }
+        let query = uri.query().unwrap_or("");
+        let query_matches = self.query.iter().all(|(name, value)| {
+            query.split('&').any(|pair| {
+                let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+                n == name && v == value
+            })
+        });
+        if !query_matches {
+            return None;
+        }
+        Some(Score {
+            path: path_score,
+            method: self.method.is_some(),
+            headers: self.headers.len(),
+            query: self.query.len(),
+        })
+    }
+}
+
+/// A path prefix matches whole segments: `/api` matches `/api` and `/api/x`, not
+/// `/apix`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The best score of `matches` for a request; no matches at all match everything.
+pub fn best_score(
+    matches: &[RequestMatch],
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Option<Score> {
+    if matches.is_empty() {
+        return RequestMatch::default().score(method, uri, headers);
+    }
+    matches
+        .iter()
+        .filter_map(|m| m.score(method, uri, headers))
+        .max()
+}
+
+/// Does a route for `hosts` apply to a request for `authority` (no hosts: any)?
+pub fn host_matches(hosts: &[Host], authority: Option<&str>) -> bool {
+    if hosts.is_empty() {
+        return true;
+    }
+    let Some(authority) = authority else {
+        return false;
+    };
+    let host = authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(authority, |(host, _)| host)
+        .to_ascii_lowercase();
+    hosts.iter().any(|h| match h {
+        Host::Exact(exact) => host == *exact,
+        Host::Suffix(suffix) => host.ends_with(suffix.as_str()),
+    })
+}
+
+pub fn read_hosts(hosts: &[HostMatch]) -> Vec<Host> {
+    hosts
+        .iter()
+        .filter_map(|h| match h.r#match.as_ref()? {
+            host_match::Match::Exact(exact) => Some(Host::Exact(exact.to_ascii_lowercase())),
+            host_match::Match::Suffix(suffix) => {
+                let mut labels = suffix.reverse_labels.clone();
+                labels.reverse();
+                Some(Host::Suffix(
+                    format!(".{}", labels.join(".")).to_ascii_lowercase(),
+                ))
+            }
+        })
+        .collect()
+}
+
+pub fn read_http_match(m: &HttpRouteMatch) -> RequestMatch {
+    let mut unsupported = false;
+    let path = match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
+        None => PathRule::Any,
+        Some(path_match::Kind::Exact(exact)) => PathRule::Exact(exact.clone()),
+        Some(path_match::Kind::Prefix(prefix)) => PathRule::Prefix(prefix.clone()),
+        Some(path_match::Kind::Regex(_)) => {
+            unsupported = true;
+            PathRule::Any
+        }
+    };
+    let method = match m.method.clone() {
+        None => None,
+        Some(method) => match Method::try_from(method) {
+            Ok(method) => Some(method),
+            Err(_) => {
+                unsupported = true;
+                None
+            }
+        },
+    };
+    let headers = m
+        .headers
+        .iter()
+        .filter_map(|h| match h.value.as_ref() {
+            Some(header_match::Value::Exact(value)) => {
+                Some((h.name.to_ascii_lowercase(), value.clone()))
+            }
+            _ => {
+                unsupported = true;
+                None
+            }
+        })
+        .collect();
+    let query = m
+        .query_params
+        .iter()
+        .filter_map(|q| match q.value.as_ref() {
+            Some(query_param_match::Value::Exact(value)) => Some((q.name.clone(), value.clone())),
+            _ => {
+                unsupported = true;
+                None
+            }
+        })
+        .collect();
+    RequestMatch {
+        path,
+        method,
+        headers,
+        query,
+        unsupported,
+    }
+}
+
+/// A gRPC match is a path match on `/<service>/<method>` (either may be empty: any)
+/// of a `POST`, with exact headers.
+pub fn read_grpc_match(m: &GrpcRouteMatch) -> RequestMatch {
+    let mut unsupported = false;
+    let path = match &m.rpc {
+        None => PathRule::Any,
+        Some(rpc) => match (rpc.service.is_empty(), rpc.method.is_empty()) {
+            (true, true) => PathRule::Any,
+            (false, false) => PathRule::Exact(format!("/{}/{}", rpc.service, rpc.method)),
+            (false, true) => PathRule::Prefix(format!("/{}", rpc.service)),
+            // A method of any service: not a path prefix.
+            (true, false) => {
+                unsupported = true;
+                PathRule::Any
+            }
+        },
+    };
+    let headers = m
+        .headers
+        .iter()
+        .filter_map(|h| match h.value.as_ref() {
+            Some(header_match::Value::Exact(value)) => {
+                Some((h.name.to_ascii_lowercase(), value.clone()))
+            }
+            _ => {
+                unsupported = true;
+                None
+            }
+        })
+        .collect();
+    RequestMatch {
+        path,
+        method: Some(Method::POST),
+        headers,
+        query: Vec::new(),
+        unsupported,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, uri: &str, headers: &[(&str, &str)]) -> (Method, Uri, HeaderMap) {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        (method.parse().unwrap(), uri.parse().unwrap(), map)
+    }
+
+    fn exact(path: &str) -> RequestMatch {
+        RequestMatch {
+            path: PathRule::Exact(path.into()),
+            ..Default::default()
+        }
+    }
+
+    fn prefix(path: &str) -> RequestMatch {
+        RequestMatch {
+            path: PathRule::Prefix(path.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn matches_and_their_scores() {
+        type Row = (
+            &'static str,
+            RequestMatch,
+            (&'static str, &'static str),
+            bool,
+        );
+        let get = Some(Method::GET);
+        let rows: Vec<Row> = vec![
+            ("any path", RequestMatch::default(), ("GET", "/x"), true),
+            ("exact", exact("/ready"), ("GET", "/ready"), true),
+            (
+                "exact, other path",
+                exact("/ready"),
+                ("GET", "/ready/x"),
+                false,
+            ),
+            (
+                "exact ignores the query",
+                exact("/ready"),
+                ("GET", "/ready?a=1"),
+                true,
+            ),
+            ("prefix, itself", prefix("/api"), ("GET", "/api"), true),
+            ("prefix, below", prefix("/api/"), ("GET", "/api/v1"), true),
+            (
+                "prefix, whole segments only",
+                prefix("/api"),
+                ("GET", "/apix"),
+                false,
+            ),
+            ("prefix /", prefix("/"), ("GET", "/anything"), true),
+            (
+                "method",
+                RequestMatch {
+                    method: get.clone(),
+                    ..Default::default()
+                },
+                ("POST", "/"),
+                false,
+            ),
+            (
+                "header present",
+                RequestMatch {
+                    headers: vec![("x-user".into(), b"a".to_vec())],
+                    ..Default::default()
+                },
+                ("GET", "/"),
+                true,
+            ),
+            (
+                "query parameter",
+                RequestMatch {
+                    query: vec![("v".into(), "2".into())],
+                    ..Default::default()
+                },
+                ("GET", "/?a=1&v=2"),
+                true,
+            ),
+            (
+                "query parameter, other value",
+                RequestMatch {
+                    query: vec![("v".into(), "2".into())],
+                    ..Default::default()
+                },
+                ("GET", "/?v=3"),
+                false,
+            ),
+            (
+                "a regex matches nothing",
+                RequestMatch {
+                    unsupported: true,
+                    ..Default::default()
+                },
+                ("GET", "/"),
+                false,
+            ),
+        ];
+        for (name, m, (method, uri), expected) in rows {
+            let (method, uri, headers) = request(method, uri, &[("x-user", "a")]);
+            assert_eq!(
+                m.score(&method, &uri, &headers).is_some(),
+                expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn more_specific_matches_score_higher() {
+        let (method, uri, headers) = request("GET", "/api/v1/users", &[("x", "1")]);
+        let score = |m: RequestMatch| m.score(&method, &uri, &headers).unwrap();
+        assert!(score(exact("/api/v1/users")) > score(prefix("/api/v1")));
+        assert!(score(prefix("/api/v1")) > score(prefix("/api")));
+        assert!(score(prefix("/api")) > score(RequestMatch::default()));
+        let with_method = RequestMatch {
+            method: Some(Method::GET),
+            ..prefix("/api")
+        };
+        assert!(score(with_method.clone()) > score(prefix("/api")));
+        let with_header = RequestMatch {
+            headers: vec![("x".into(), b"1".to_vec())],
+            ..with_method.clone()
+        };
+        assert!(score(with_header) > score(with_method));
+        assert_eq!(
+            best_score(&[], &method, &uri, &headers),
+            Some(score(RequestMatch::default()))
+        );
+    }
+
+    #[test]
+    fn hosts() {
+        let hosts = vec![
+            Host::Exact("web.example.com".into()),
+            Host::Suffix(".svc.cluster.local".into()),
+        ];
+        assert!(host_matches(&[], None));
+        assert!(host_matches(&hosts, Some("web.example.com:8080")));
+        assert!(host_matches(&hosts, Some("WEB.example.com")));
+        assert!(host_matches(&hosts, Some("a.ns.svc.cluster.local")));
+        assert!(!host_matches(&hosts, Some("other.example.com")));
+        assert!(!host_matches(&hosts, None));
+    }
+
+    #[test]
+    fn read_from_the_api() {
+        use linkerd2_proxy_api::grpc_route::GrpcRpcMatch;
+        use linkerd2_proxy_api::http_route::{HeaderMatch, PathMatch};
+        let http = HttpRouteMatch {
+            path: Some(PathMatch {
+                kind: Some(path_match::Kind::Prefix("/api".into())),
+            }),
+            headers: vec![HeaderMatch {
+                name: "X-User".into(),
+                value: Some(header_match::Value::Exact(b"a".to_vec())),
+            }],
+            query_params: vec![],
+            method: Some(Method::GET.into()),
+        };
+        assert_eq!(
+            read_http_match(&http),
+            RequestMatch {
+                path: PathRule::Prefix("/api".into()),
+                method: Some(Method::GET),
+                headers: vec![("x-user".into(), b"a".to_vec())],
+                query: vec![],
+                unsupported: false,
+            }
+        );
+        let regex = HttpRouteMatch {
+            path: Some(PathMatch {
+                kind: Some(path_match::Kind::Regex(".*".into())),
+            }),
+            ..Default::default()
+        };
+        assert!(read_http_match(&regex).unsupported);
+        let grpc = GrpcRouteMatch {
+            rpc: Some(GrpcRpcMatch {
+                service: "pkg.Svc".into(),
+                method: "Get".into(),
+            }),
+            headers: vec![],
+        };
+        assert_eq!(
+            read_grpc_match(&grpc).path,
+            PathRule::Exact("/pkg.Svc/Get".into())
+        );
+        let suffix = HostMatch {
+            r#match: Some(host_match::Match::Suffix(host_match::Suffix {
+                reverse_labels: vec!["com".into(), "example".into()],
+            })),
+        };
+        assert_eq!(
+            read_hosts(&[suffix]),
+            vec![Host::Suffix(".example.com".into())]
+        );
+    }
+}
