@@ -506,6 +506,14 @@ pub enum RequestDecision {
     Invalid,
 }
 
+/// Why a request is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestRefusal {
+    Forbidden,
+    NoRoute,
+    InvalidPolicy,
+}
+
 /// The request's route (the most specific match among the routes for its host)
 /// and whether `client` is authorized on it.
 pub fn authorize_request(

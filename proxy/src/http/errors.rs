@@ -127,6 +127,17 @@ impl ErrorKind {
     }
 }
 
+impl From<crate::discover::inbound_policy::RequestRefusal> for ErrorKind {
+    fn from(refusal: crate::discover::inbound_policy::RequestRefusal) -> ErrorKind {
+        use crate::discover::inbound_policy::RequestRefusal;
+        match refusal {
+            RequestRefusal::Forbidden => ErrorKind::Forbidden,
+            RequestRefusal::NoRoute => ErrorKind::NoRoute,
+            RequestRefusal::InvalidPolicy => ErrorKind::InvalidPolicy,
+        }
+    }
+}
+
 impl ErrorKind {
     /// The gRPC status: UNAVAILABLE (the call never reached the server, so clients
     /// may retry it) unless the policy refused the call.

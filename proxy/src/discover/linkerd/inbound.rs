@@ -30,9 +30,8 @@ use super::grpc::Messages;
 use crate::config::{PortSet, StreamLimits};
 use crate::discover::balance::Backoff;
 use crate::discover::inbound_policy::{
-    self as policy, Client, DefaultPolicy, RequestDecision, ServerPolicy,
+    self as policy, Client, DefaultPolicy, RequestDecision, RequestRefusal, ServerPolicy,
 };
-use crate::http::errors::ErrorKind;
 use crate::metrics::authz::{AuthzMetrics, Subject};
 use crate::metrics::control::{Api, ControlMetrics};
 use crate::net::error::ConnError;
@@ -218,7 +217,7 @@ impl RequestAuthz {
         &self,
         request: &hyper::Request<B>,
         authority: Option<&str>,
-    ) -> Result<(), ErrorKind> {
+    ) -> Result<(), RequestRefusal> {
         let policy = self.policy.borrow().clone();
         let decision = policy::authorize_request(
             &policy,
@@ -245,13 +244,13 @@ impl RequestAuthz {
             RequestDecision::Deny { route } => {
                 debug!(target = %self.target, client = %self.client.ip, route = %route.name, "request denied");
                 self.metrics.http_denied(&subject, &route);
-                Err(ErrorKind::Forbidden)
+                Err(RequestRefusal::Forbidden)
             }
             RequestDecision::NoRoute => {
                 self.metrics.route_not_found(&subject);
-                Err(ErrorKind::NoRoute)
+                Err(RequestRefusal::NoRoute)
             }
-            RequestDecision::Invalid => Err(ErrorKind::InvalidPolicy),
+            RequestDecision::Invalid => Err(RequestRefusal::InvalidPolicy),
         }
     }
 }
