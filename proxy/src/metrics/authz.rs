@@ -86,12 +86,14 @@ impl AuthzMetrics {
         self.tcp_deny.get_or_create(&labels).inc();
     }
 
-    pub fn http_allowed(&self, subject: &Subject, route: &Meta, authz: &Meta) {
+    /// The counter of requests allowed on `route` by `authz`, for a connection to
+    /// keep while its requests keep taking that route.
+    pub fn http_allowed(&self, subject: &Subject, route: &Meta, authz: &Meta) -> Counter {
         let mut labels = target_and_server(subject);
         meta(&mut labels, "route", route);
         meta(&mut labels, "authz", authz);
         tls(&mut labels, subject.tls);
-        self.http_allow.get_or_create(&labels).inc();
+        self.http_allow.get_or_create(&labels).clone()
     }
 
     pub fn http_denied(&self, subject: &Subject, route: &Meta) {

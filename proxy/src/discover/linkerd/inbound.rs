@@ -157,6 +157,7 @@ impl InboundPolicies {
             client,
             target,
             metrics: self.shared.authz.clone(),
+            last_allowed: Mutex::new(None),
         }
     }
 
@@ -208,6 +209,15 @@ pub struct RequestAuthz {
     client: Client,
     target: SocketAddr,
     metrics: Arc<AuthzMetrics>,
+    last_allowed: Mutex<Option<Allowed>>,
+}
+
+/// The last decision that allowed a request of the connection, and its counter.
+struct Allowed {
+    policy: Arc<ServerPolicy>,
+    route: policy::Meta,
+    authorization: Arc<policy::Authorization>,
+    counter: prometheus_client::metrics::counter::Counter,
 }
 
 impl RequestAuthz {
@@ -237,8 +247,30 @@ impl RequestAuthz {
                 route,
                 authorization,
             } => {
-                self.metrics
-                    .http_allowed(&subject, &route, &authorization.meta);
+                // A connection's requests mostly take one route under one policy: its
+                // counter is looked up once, not per request.
+                let mut last = self.last_allowed.lock().unwrap_or_else(|p| p.into_inner());
+                match &*last {
+                    Some(allowed)
+                        if Arc::ptr_eq(&allowed.policy, &policy)
+                            && Arc::ptr_eq(&allowed.authorization, &authorization)
+                            && allowed.route == route =>
+                    {
+                        allowed.counter.inc();
+                    }
+                    _ => {
+                        let counter =
+                            self.metrics
+                                .http_allowed(&subject, &route, &authorization.meta);
+                        counter.inc();
+                        *last = Some(Allowed {
+                            policy: policy.clone(),
+                            route,
+                            authorization,
+                            counter,
+                        });
+                    }
+                }
                 Ok(())
             }
             RequestDecision::Deny { route } => {
