@@ -1,5 +1,6 @@
-//! TLS between proxies and the issuer service, with the ring provider passed
-//! explicitly (never installed process-wide) and TLS 1.3 only, as in Linkerd.
+//! TLS between proxies and the issuer service, with the ring provider (and the
+//! post-quantum hybrid key exchange from aws-lc-rs) passed explicitly (never
+//! installed process-wide) and TLS 1.3 only, as in Linkerd.
 
 use anyhow::{Context, Result};
 use rustls::client::danger::ServerCertVerifier;
@@ -11,9 +12,26 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// The crypto provider used everywhere in this crate.
+/// The crypto provider used everywhere in this crate: ring, with the key exchanges
+/// of [`kx_groups`].
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.kx_groups = kx_groups();
+    Arc::new(provider)
+}
+
+/// The key exchanges offered and accepted, in order of preference, as linkerd2-proxy
+/// orders them: the post-quantum hybrid `X25519MLKEM768` first (from aws-lc-rs, the
+/// only rustls provider that has ML-KEM), then the classical groups (from ring, as the
+/// rest of the provider). A client sends shares for the hybrid and for X25519 in one
+/// ClientHello, so a peer without the hybrid answers X25519 without a retry.
+pub fn kx_groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
+    vec![
+        rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
+        rustls::crypto::ring::kx_group::X25519,
+        rustls::crypto::ring::kx_group::SECP256R1,
+        rustls::crypto::ring::kx_group::SECP384R1,
+    ]
 }
 
 fn roots(anchors: &[CertificateDer<'_>]) -> Result<rustls::RootCertStore> {
@@ -231,3 +249,31 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// A boxed [`Io`].
 pub type BoxedIo = Box<dyn Io>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first flight of a client: the ClientHello, with a share for the hybrid
+    /// (1,216 bytes) and one for X25519 (32 bytes), so that a peer without the hybrid
+    /// answers without a retry.
+    #[test]
+    fn the_client_hello_carries_the_hybrid_and_x25519_shares() {
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = ServerName::try_from("peer.example").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut flight = Vec::new();
+        client.write_tls(&mut flight).unwrap();
+        eprintln!("first flight: {} bytes", flight.len());
+        let share = |group: [u8; 2], len: u16| {
+            let entry = [&group[..], &len.to_be_bytes()].concat();
+            flight.windows(entry.len()).any(|w| w == entry)
+        };
+        assert!(share([0x11, 0xec], 1216), "an X25519MLKEM768 share");
+        assert!(share([0x00, 0x1d], 32), "an X25519 share");
+    }
+}

@@ -437,3 +437,68 @@ fn the_proxy_is_not_ready_and_serves_nothing_until_certified() {
     ];
     proxy_a.wait_metric("tcp_open_total", &meshed, 1.0);
 }
+
+/// The TLS code point of the post-quantum hybrid `X25519MLKEM768`, and of X25519.
+const X25519MLKEM768: [u8; 2] = [0x11, 0xec];
+const X25519: [u8; 2] = [0x00, 0x1d];
+
+/// ClientHellos whose `supported_groups` extension lists the hybrid first and X25519
+/// second: the extension's type (`00 0a`), two lengths, then the list.
+fn hellos_preferring_the_hybrid(wire: &[u8]) -> usize {
+    let list = [X25519MLKEM768, X25519].concat();
+    wire.windows(10)
+        .filter(|w| w[..2] == [0x00, 0x0a] && w[6..] == list[..])
+        .count()
+}
+
+/// ServerHellos that chose the hybrid: a `key_share` extension (`00 33`, 1,124
+/// bytes) holding the hybrid's group and its 1,120-byte share.
+fn servers_choosing_the_hybrid(wire: &[u8]) -> usize {
+    let share = [
+        &[0x00, 0x33, 0x04, 0x64][..],
+        &X25519MLKEM768,
+        &[0x04, 0x60],
+    ]
+    .concat();
+    wire.windows(share.len()).filter(|w| *w == share).count()
+}
+
+/// Mesh TLS and the identity client both offer the post-quantum hybrid key exchange
+/// first, as linkerd2-proxy does, and two Tandem proxies (and the proxy and its
+/// issuer) agree on it: seen in the ClientHellos and ServerHellos on the wire.
+#[test]
+fn handshakes_prefer_the_post_quantum_hybrid() {
+    let world = MeshedPair::new();
+    let (env_a, env_b) = (world.env(0, false, &[]), world.env(1, false, &[]));
+    let _issuer = world.start_issuer(&[]);
+    let (a, b) = (world.mesh.pod(0), world.mesh.pod(1));
+    let _proxy_a = Proxy::start(a, &env_refs(&env_a));
+    // Beta's certificate request to the issuer crosses its interface.
+    let capture = Capture::start(b, "veth0");
+    let _proxy_b = Proxy::start(b, &env_refs(&env_b));
+    let identity_wire = capture.stop();
+    assert!(
+        hellos_preferring_the_hybrid(&identity_wire) >= 1,
+        "the identity client offers the hybrid first"
+    );
+    assert!(
+        servers_choosing_the_hybrid(&identity_wire) >= 1,
+        "the issuer and the identity client agree on the hybrid"
+    );
+
+    let capture = Capture::start(b, "veth0");
+    let server = Server::start(b, any(5432), |mut conn| read_all(&mut conn));
+    let mut client = connect(a, SocketAddr::from((b.ipv4, 5432)));
+    send_and_finish(&mut client, b"over a post-quantum exchange");
+    assert_eq!(read_all(&mut client), b"");
+    assert_eq!(server.join(), b"over a post-quantum exchange");
+    let mesh_wire = capture.stop();
+    assert!(
+        hellos_preferring_the_hybrid(&mesh_wire) >= 1,
+        "the mesh client offers the hybrid first"
+    );
+    assert!(
+        servers_choosing_the_hybrid(&mesh_wire) >= 1,
+        "two Tandem proxies agree on the hybrid"
+    );
+}

@@ -5,6 +5,10 @@
 //! - TLS 1.3 only, ECDSA P-256 certificates, AES-128-GCM preferred (it is several times
 //!   faster than ChaCha20 where the CPU has AES instructions), then AES-256-GCM, then
 //!   ChaCha20-Poly1305.
+//! - The post-quantum hybrid key exchange `X25519MLKEM768` first, then X25519, as
+//!   linkerd2-proxy offers them: two Tandem proxies, or Tandem and linkerd2-proxy,
+//!   agree on the hybrid; a peer without it answers the X25519 share that comes in
+//!   the same ClientHello.
 //! - Servers request a client certificate but accept its absence; the client identity
 //!   is the SPIFFE ID of an X.509-SVID (its one `spiffe://` URI SAN), else the first
 //!   DNS SAN of the client's leaf.
@@ -94,10 +98,12 @@ impl std::fmt::Debug for TlsConfigs {
     }
 }
 
-/// The crypto provider: ring, with the cipher suites reordered as described above.
+/// The crypto provider: ring, with the cipher suites reordered as described above and
+/// the post-quantum hybrid key exchange preferred (`tandem_identity::tls::kx_groups`).
 pub fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::cipher_suite::*;
     let mut provider = rustls::crypto::ring::default_provider();
+    provider.kx_groups = tandem_identity::tls::kx_groups();
     provider.cipher_suites = vec![
         TLS13_AES_128_GCM_SHA256,
         TLS13_AES_256_GCM_SHA384,
