@@ -802,11 +802,16 @@ fn control_plane_connections_are_mtls_with_the_proxy_identity() {
         }
         Arc::new(roots)
     };
-    let verifier = rustls::server::WebPkiClientVerifier::builder(anchors)
-        .allow_unauthenticated()
-        .build()
-        .unwrap();
-    let tls = rustls::ServerConfig::builder()
+    // As Linkerd's controllers: TLS 1.3, and the mesh's key exchanges.
+    let provider = tandem_identity::tls::provider();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(anchors, provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .unwrap();

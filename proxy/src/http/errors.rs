@@ -11,6 +11,9 @@ use hyper::{Response, StatusCode};
 use super::body::ResponseBody;
 
 pub const L5D_PROXY_ERROR: HeaderName = HeaderName::from_static("l5d-proxy-error");
+/// `close`: the proxy that made the response asks the next proxy to close the
+/// client's connection after it.
+pub const L5D_PROXY_CONNECTION: HeaderName = HeaderName::from_static("l5d-proxy-connection");
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
@@ -151,8 +154,56 @@ impl ErrorKind {
     }
 }
 
+/// Which of the proxy's informational headers an error response carries, as
+/// linkerd2-proxy decides: the outbound side tells the application why
+/// (`l5d-proxy-error`); the inbound side tells only a meshed client's proxy, and
+/// asks it to close the application's connection after a failure that may be the
+/// connection's (`l5d-proxy-connection: close`), which that proxy strips.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Informational {
+    None,
+    Error,
+    ErrorAndClose,
+}
+
+impl Informational {
+    pub fn for_response(outbound: bool, meshed_client: bool, kind: ErrorKind) -> Informational {
+        match (outbound, meshed_client) {
+            (true, _) => Informational::Error,
+            (false, false) => Informational::None,
+            (false, true) if kind.closes_connection() => Informational::ErrorAndClose,
+            (false, true) => Informational::Error,
+        }
+    }
+}
+
+impl ErrorKind {
+    /// Failures after which linkerd2-proxy asks for the client's connection to be
+    /// closed (its 500, 502, 503, 504); not the policy's refusals.
+    fn closes_connection(self) -> bool {
+        !matches!(self, Self::Forbidden | Self::NoRoute | Self::Stream)
+    }
+}
+
+/// Removes a peer proxy's informational headers from a response it relayed, before
+/// the application sees them (as linkerd2-proxy's outbound does); whether the peer
+/// asked for the client's connection to be closed.
+pub fn strip_peer_headers(headers: &mut hyper::HeaderMap) -> bool {
+    headers.remove(L5D_PROXY_ERROR);
+    let close = headers
+        .get_all(L5D_PROXY_CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    headers.remove(L5D_PROXY_CONNECTION);
+    close
+}
+
 /// The response for a request the proxy failed.
-pub fn respond(kind: ErrorKind, grpc: bool) -> Response<ResponseBody> {
+pub fn respond(
+    kind: ErrorKind,
+    grpc: bool,
+    informational: Informational,
+) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::empty());
     let message = HeaderValue::from_static(kind.message());
     if !grpc {
@@ -165,7 +216,12 @@ pub fn respond(kind: ErrorKind, grpc: bool) -> Response<ResponseBody> {
         headers.insert(GRPC_STATUS, HeaderValue::from_static(kind.grpc_status()));
         headers.insert(GRPC_MESSAGE, message.clone());
     }
-    headers.insert(L5D_PROXY_ERROR, message);
+    if informational != Informational::None {
+        headers.insert(L5D_PROXY_ERROR, message);
+    }
+    if informational == Informational::ErrorAndClose {
+        headers.insert(L5D_PROXY_CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
@@ -175,4 +231,68 @@ pub fn is_grpc<B>(request: &hyper::Request<B>) -> bool {
         .headers()
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn informational_headers_as_linkerd_sends_them() {
+        type Row = (bool, bool, ErrorKind, Informational);
+        let rows: [Row; 6] = [
+            (true, false, ErrorKind::FailFast, Informational::Error),
+            (true, true, ErrorKind::ConnectRefused, Informational::Error),
+            (false, false, ErrorKind::ConnectRefused, Informational::None),
+            (
+                false,
+                true,
+                ErrorKind::ConnectRefused,
+                Informational::ErrorAndClose,
+            ),
+            (
+                false,
+                true,
+                ErrorKind::ConnectTimeout,
+                Informational::ErrorAndClose,
+            ),
+            (false, true, ErrorKind::Forbidden, Informational::Error),
+        ];
+        for (outbound, meshed, kind, expected) in rows {
+            assert_eq!(
+                Informational::for_response(outbound, meshed, kind),
+                expected,
+                "{outbound} {meshed} {kind:?}"
+            );
+        }
+        let response = respond(
+            ErrorKind::ConnectRefused,
+            false,
+            Informational::ErrorAndClose,
+        );
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(response.headers()[L5D_PROXY_CONNECTION], "close");
+        assert!(response.headers().contains_key(L5D_PROXY_ERROR));
+        let response = respond(ErrorKind::ConnectRefused, false, Informational::None);
+        assert!(!response.headers().contains_key(L5D_PROXY_ERROR));
+        let grpc = respond(ErrorKind::Forbidden, true, Informational::Error);
+        assert_eq!(grpc.headers()[GRPC_STATUS], "7");
+    }
+
+    #[test]
+    fn a_peers_headers_are_stripped() {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(
+            L5D_PROXY_ERROR,
+            HeaderValue::from_static("client error (Connect)"),
+        );
+        headers.insert(L5D_PROXY_CONNECTION, HeaderValue::from_static("close"));
+        headers.insert("x-app", HeaderValue::from_static("kept"));
+        assert!(strip_peer_headers(&mut headers));
+        assert_eq!(headers.len(), 1);
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(L5D_PROXY_ERROR, HeaderValue::from_static("x"));
+        assert!(!strip_peer_headers(&mut headers));
+        assert!(headers.is_empty());
+    }
 }

@@ -350,6 +350,15 @@ impl ServerConn {
         handle
     }
 
+    /// The informational headers of the proxy's own error response.
+    fn informational(&self, kind: ErrorKind) -> errors::Informational {
+        let (outbound, meshed_client) = match &self.role {
+            Role::Outbound => (true, false),
+            Role::Inbound { client_id } => (false, client_id.is_some()),
+        };
+        errors::Informational::for_response(outbound, meshed_client, kind)
+    }
+
     /// The series of a request that reached no upstream.
     fn unrouted_series(&self, authority: Option<&str>) -> SeriesHandle {
         let tls = TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery);
@@ -550,17 +559,28 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
             let series = connection.unrouted_series(authority.as_deref());
             series.request();
             series.response(Outcome::Error(kind), start.elapsed());
-            return errors::respond(kind, grpc);
+            return errors::respond(kind, grpc, connection.informational(kind));
         }
     };
+    // Only a single meshed endpoint's `close` closes the application's connection, as
+    // in linkerd2-proxy: behind a balancer the next request goes elsewhere anyway.
+    let closable = dispatch.picked.is_none() && dispatch.bound.upstream.pool.peer.is_some();
     let series = connection.series(&dispatch.bound, authority.as_deref());
     series.request();
     let picked = dispatch.picked.take();
     let sent = picked.is_some().then(Instant::now);
     match connection.forward(request, dispatch).await {
-        Ok((response, checkin)) => {
+        Ok((mut response, checkin)) => {
             if let (Some(picked), Some(sent)) = (&picked, sent) {
                 picked.answered(sent);
+            }
+            if connection.role == Role::Outbound {
+                let close = errors::strip_peer_headers(response.headers_mut());
+                if close && closable && connection.http1_case {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
             }
             let recorder = Recorder {
                 series,
@@ -575,7 +595,7 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
         }
         Err(kind) => {
             series.response(Outcome::Error(kind), start.elapsed());
-            errors::respond(kind, grpc)
+            errors::respond(kind, grpc, connection.informational(kind))
         }
     }
 }
