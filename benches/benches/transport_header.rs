@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tandem_proxy::opaque::transport_header::{SessionProtocol, TransportHeader};
+use tandem_proxy::mesh::transport_header::{SessionProtocol, TransportHeader};
 
 fn headers() -> [(&'static str, TransportHeader); 2] {
     [

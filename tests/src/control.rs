@@ -618,6 +618,10 @@ pub enum Hint {
     H2,
     /// Opaque, through its proxy's inbound port.
     Opaque(u16),
+    /// It takes HTTP/2 from other proxies, through its proxy's inbound port (what
+    /// Linkerd's destination controller sends in its default transport mode, or for a
+    /// pod's own opaque port when the Service's is not).
+    H2Through(u16),
 }
 
 /// An endpoint as the destination controller sends a meshed (with `identity`) or
@@ -628,6 +632,12 @@ pub fn endpoint(addr: SocketAddr, identity: Option<&str>, hint: Hint, pod: &str)
         Hint::H2 => Some(ProtocolHint {
             protocol: Some(protocol_hint::Protocol::H2(protocol_hint::H2 {})),
             opaque_transport: None,
+        }),
+        Hint::H2Through(port) => Some(ProtocolHint {
+            protocol: Some(protocol_hint::Protocol::H2(protocol_hint::H2 {})),
+            opaque_transport: Some(protocol_hint::OpaqueTransport {
+                inbound_port: u32::from(port),
+            }),
         }),
         Hint::Opaque(port) => Some(ProtocolHint {
             protocol: Some(protocol_hint::Protocol::Opaque(protocol_hint::Opaque {})),

@@ -69,6 +69,7 @@ impl Peer {
             http2: self.http2,
             // Opaque connections to a meshed peer go to its proxy's inbound port.
             opaque_port: self.identity.as_ref().map(|_| self.inbound_port),
+            http_via: super::HttpVia::AppPort,
             labels: self.labels.clone(),
         }
     }

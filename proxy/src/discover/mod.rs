@@ -106,8 +106,27 @@ pub struct Endpoint {
     /// The peer proxy's inbound port for opaque connections, which carry a
     /// transport header (or ride a carrier) naming the real port.
     pub opaque_port: Option<u16>,
+    /// How HTTP reaches it when it is meshed.
+    pub http_via: HttpVia,
     /// Metric labels (the destination's merged under the endpoint's own).
     pub labels: Arc<Labels>,
+}
+
+/// How HTTP reaches a meshed endpoint: as linkerd2-proxy does, through its proxy's
+/// inbound port whenever the control plane gives the endpoint an opaque-transport
+/// port (Linkerd's default transport mode, and a pod's own opaque ports, which its
+/// proxy would not detect on the application's port).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HttpVia {
+    /// The application's port (the discovery file's peers).
+    #[default]
+    AppPort,
+    /// The proxy's inbound port (`opaque_port`), behind a transport header naming the
+    /// session protocol (HTTP/1 or HTTP/2, as the connection speaks).
+    Header,
+    /// The same, the header naming no protocol: the endpoint's port is opaque, and its
+    /// proxy forwards the HTTP bytes as they come.
+    OpaqueHeader,
 }
 
 impl Endpoint {
@@ -120,6 +139,7 @@ impl Endpoint {
             server_name: None,
             http2: false,
             opaque_port: None,
+            http_via: HttpVia::AppPort,
             labels: Arc::default(),
         }
     }

@@ -29,6 +29,7 @@ use super::h2_client;
 use crate::config::HttpConfig;
 use crate::discover::Labels;
 use crate::mesh::tls::TlsStatus;
+use crate::mesh::transport_header::{SessionProtocol, TransportHeader};
 use crate::mesh::{Dialed, Dialer, PeerId};
 use crate::metrics::transport::{OpenConnection, Peer};
 use crate::metrics::DirectionMetrics;
@@ -48,6 +49,12 @@ pub struct PoolKey {
     /// recording the case (a map and an extension per message) would be wasted; such
     /// connections to the app pool apart from those that keep it.
     pub http1_case: bool,
+    /// Connections go to the peer proxy's inbound port at this port of the target's
+    /// address, with a transport header naming the target's port and the session
+    /// protocol (HTTP/1 or HTTP/2, as the connection speaks).
+    pub header_port: Option<u16>,
+    /// The header names the session protocol (else the peer forwards the bytes).
+    pub header_names_protocol: bool,
 }
 
 /// Every pool of one direction, and what their connections are opened with.
@@ -235,7 +242,7 @@ impl Pool {
     }
 
     async fn open_h1(&self) -> Result<Sender1, ErrorKind> {
-        let io = self.dial().await?;
+        let io = self.dial(SessionProtocol::Http1).await?;
         let (sender, connection) = http1::Builder::new()
             .preserve_header_case(self.key.http1_case)
             .title_case_headers(false)
@@ -291,7 +298,7 @@ impl Pool {
         if let Some(sender) = self.current_h2() {
             return Ok(sender);
         }
-        let io = self.dial().await?;
+        let io = self.dial(SessionProtocol::Http2).await?;
         let connection = h2_client::H2Connection::handshake(io, &self.config, self.key.target)
             .await
             .map_err(|error| {
@@ -303,20 +310,36 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Opens a connection to the endpoint: TCP, then mesh TLS when it has a peer. A
-    /// failure ends this upstream connection before it began: it is counted here,
-    /// and the request gets the matching error response.
-    async fn dial(&self) -> Result<Counted<Dialed>, ErrorKind> {
+    /// Opens a connection to the endpoint: TCP, then mesh TLS when it has a peer
+    /// (through its proxy's inbound port, behind a transport header naming the
+    /// target's port and `protocol`, when the key says so). A failure ends this
+    /// upstream connection before it began: it is counted here, and the request gets
+    /// the matching error response.
+    async fn dial(&self, protocol: SessionProtocol) -> Result<Counted<Dialed>, ErrorKind> {
         let Dial {
             dialer,
             metrics,
             plain,
         } = &*self.dial;
         let target = self.key.target;
-        match dialer
-            .dial(target, self.key.peer.as_ref(), plain.clone())
-            .await
-        {
+        let dialed = match (self.key.header_port, &self.key.peer) {
+            (Some(port), Some(peer)) => {
+                let header = TransportHeader {
+                    port: target.port(),
+                    name: None,
+                    protocol: self.key.header_names_protocol.then_some(protocol),
+                };
+                dialer
+                    .dial_with_header(SocketAddr::new(target.ip(), port), peer, &header.encode())
+                    .await
+            }
+            _ => {
+                dialer
+                    .dial(target, self.key.peer.as_ref(), plain.clone())
+                    .await
+            }
+        };
+        match dialed {
             Ok((stream, tls)) => {
                 let series = metrics
                     .transport

@@ -42,7 +42,7 @@ use self::metrics::{Outcome, SeriesHandle};
 use crate::config::HttpConfig;
 use crate::discover::balance::{Balancer, Member, PickError, Picked};
 use crate::discover::linkerd::inbound::RequestAuthz;
-use crate::discover::{Endpoint, Labels};
+use crate::discover::{Endpoint, HttpVia, Labels};
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
 use crate::mesh::PeerId;
 use crate::metrics::DirectionMetrics;
@@ -154,6 +154,9 @@ pub fn outbound_upstream(endpoint: &Endpoint, meshed: bool, http1_case: bool) ->
         Some(peer) => TlsStatus::Established(Some(peer.identity.clone())),
         None => TlsStatus::NoIdentity(NoTlsReason::NotProvidedByServiceDiscovery),
     };
+    let header_port = endpoint
+        .opaque_port
+        .filter(|_| endpoint.http_via != HttpVia::AppPort && peer.is_some());
     Upstream {
         h2_upgrade: peer.is_some() && endpoint.http2,
         pool: PoolKey {
@@ -163,6 +166,8 @@ pub fn outbound_upstream(endpoint: &Endpoint, meshed: bool, http1_case: bool) ->
             // stays HTTP/1 to the peer, and which request is one is known only
             // after its head was parsed.
             http1_case,
+            header_port,
+            header_names_protocol: endpoint.http_via == HttpVia::Header,
         },
         tls,
         labels: endpoint.labels.clone(),

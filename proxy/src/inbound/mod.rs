@@ -27,6 +27,7 @@ use crate::discover::linkerd::inbound::InboundPolicies;
 use crate::http::HttpProxy;
 use crate::mesh::identity::LocalIdentity;
 use crate::mesh::tls::{self, NoTlsReason, TlsStatus, CARRIER_ALPN, TRANSPORT_HEADER_ALPN};
+use crate::mesh::transport_header::TransportHeader;
 use crate::mesh::Dialer;
 use crate::metrics::transport::Peer;
 use crate::metrics::DirectionMetrics;
@@ -35,7 +36,6 @@ use crate::net::error::{ConnError, Errno};
 use crate::net::forward::{self, Downstream, Transport};
 use crate::net::socket::{self, Accepted};
 use crate::opaque::carrier;
-use crate::opaque::transport_header::TransportHeader;
 
 /// Per-port requirements (`LINKERD2_PROXY_INBOUND_PORTS_REQUIRE_*`).
 pub struct PortPolicy {
@@ -212,7 +212,8 @@ impl Inbound {
                     // (and as carrier streams are).
                     Ok(target) => {
                         let client = downstream(tls, target, rest.len());
-                        self.to_app(client, rest, Protocol::Unknown, target, established.clone())
+                        let protocol = plan::header_protocol(&header);
+                        self.to_app(client, rest, protocol, target, established.clone())
                             .await
                     }
                     Err(error) => Err(downstream(tls, orig_dst, 0).refuse(error)),

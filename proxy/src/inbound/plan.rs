@@ -17,9 +17,9 @@ use std::sync::Arc;
 use crate::http::client::PoolKey;
 use crate::http::{Role, Route, Target, Upstream};
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
+use crate::mesh::transport_header::{SessionProtocol, TransportHeader};
 use crate::net::detect::Protocol;
 use crate::net::error::ConnError;
-use crate::opaque::transport_header::TransportHeader;
 
 /// What is known about an inbound connection before any TLS.
 #[derive(Clone, Debug)]
@@ -204,6 +204,17 @@ pub fn header_target(
     Ok(SocketAddr::new(orig_dst.ip(), header.port))
 }
 
+/// What a transport header's stream carries: HTTP when the header names a session
+/// protocol (linkerd2-proxy sends HTTP to a pod's inbound port this way, with no
+/// detection on either side), else bytes.
+pub fn header_protocol(header: &TransportHeader) -> Protocol {
+    match header.protocol {
+        Some(SessionProtocol::Http1) => Protocol::Http1,
+        Some(SessionProtocol::Http2) => Protocol::Http2,
+        None => Protocol::Unknown,
+    }
+}
+
 /// How a connection reaches the application.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AppPlan {
@@ -233,6 +244,8 @@ pub fn to_app(protocol: Protocol, target: SocketAddr, tls: TlsStatus) -> AppPlan
                 target,
                 peer: None,
                 http1_case,
+                header_port: None,
+                header_names_protocol: false,
             },
             h2_upgrade: false,
             tls,
@@ -538,6 +551,23 @@ mod tests {
             ),
             Err(ConnError::TransportHeader)
         );
+    }
+
+    #[test]
+    fn a_header_with_a_session_protocol_carries_http() {
+        let header = |protocol| TransportHeader {
+            port: 8080,
+            name: None,
+            protocol,
+        };
+        let rows = [
+            (None, Protocol::Unknown),
+            (Some(SessionProtocol::Http1), Protocol::Http1),
+            (Some(SessionProtocol::Http2), Protocol::Http2),
+        ];
+        for (protocol, expected) in rows {
+            assert_eq!(header_protocol(&header(protocol)), expected, "{protocol:?}");
+        }
     }
 
     #[test]

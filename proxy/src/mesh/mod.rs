@@ -8,6 +8,7 @@
 
 pub mod identity;
 pub mod tls;
+pub mod transport_header;
 
 use std::io;
 use std::net::SocketAddr;
@@ -138,6 +139,26 @@ impl Dialer {
             }
             None => Ok((Dialed::Plain(tcp), plain)),
         }
+    }
+}
+
+impl Dialer {
+    /// Connects to a peer proxy's inbound port at `proxy`, originates mesh TLS with
+    /// the transport header's ALPN, and writes `header` (encoded) first: the
+    /// connection then carries what the header says, to the port it names.
+    pub async fn dial_with_header(
+        &self,
+        proxy: SocketAddr,
+        peer: &PeerId,
+        header: &[u8],
+    ) -> Result<(Dialed, TlsStatus), ConnError> {
+        let tcp = self.connect(proxy).await?;
+        let mut tls = self.originate(tcp, peer, MeshAlpn::TransportHeader).await?;
+        tokio::io::AsyncWriteExt::write_all(&mut tls, header)
+            .await
+            .map_err(|e| ConnError::Io(Errno::of(&e)))?;
+        let status = TlsStatus::Established(Some(peer.identity.clone()));
+        Ok((Dialed::Tls(Box::new(tls)), status))
     }
 }
 

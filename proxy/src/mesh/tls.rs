@@ -34,7 +34,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
-/// The ALPN protocol that announces Linkerd's transport header (`opaque::transport_header`).
+/// The ALPN protocol that announces Linkerd's transport header (`mesh::transport_header`).
 pub const TRANSPORT_HEADER_ALPN: &[u8] = b"transport.l5d.io/v1";
 
 /// The ALPN protocol a Tandem inbound proxy selects for a carrier connection

@@ -22,6 +22,7 @@ use crate::discover::balance::Picked;
 use crate::discover::{Backend, Discover, Endpoint};
 use crate::http::HttpProxy;
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
+use crate::mesh::transport_header::TransportHeader;
 use crate::mesh::{Dialed, Dialer, MeshAlpn, PeerId};
 use crate::metrics::transport::{OpenConnection, Peer};
 use crate::metrics::DirectionMetrics;
@@ -30,7 +31,6 @@ use crate::net::error::ConnError;
 use crate::net::forward::{self, Downstream};
 use crate::net::socket::{self, Accepted};
 use crate::opaque::carrier::{self, Carriers, Opened};
-use crate::opaque::transport_header::TransportHeader;
 
 /// The outbound side: its settings, and what only it owns (the HTTP pools to
 /// destinations, the carriers to peer proxies).

@@ -270,6 +270,7 @@ mod tests {
 
     use super::*;
     use crate::discover::balance::{Backoff, BalanceSettings, Balancer, BalancerName};
+    use crate::discover::HttpVia;
     use crate::discover::Refusal;
     use crate::mesh::tls::{NoTlsReason, TlsStatus};
 
@@ -675,6 +676,56 @@ mod tests {
         for (what, endpoint, opaque, settings, expected) in rows {
             assert_eq!(dial(&endpoint, opaque, settings), expected, "{what}");
         }
+    }
+
+    /// HTTP goes through the peer proxy's inbound port, behind a transport header,
+    /// only to a meshed endpoint the control plane gave an opaque-transport port.
+    #[test]
+    fn http_through_the_inbound_port_when_the_control_plane_says_so() {
+        let file_peer = endpoint("10.42.0.5:8080", Some(WEB), true);
+        let from_control_plane = Endpoint {
+            http_via: HttpVia::Header,
+            ..file_peer.clone()
+        };
+        let unmeshed = Endpoint {
+            http_via: HttpVia::Header,
+            ..Endpoint::unmeshed(addr("10.42.0.6:8080"))
+        };
+        type Row<'a> = (&'a str, &'a Endpoint, bool, Option<u16>);
+        let rows: [Row; 4] = [
+            (
+                "a discovery file's peer: the application's port",
+                &file_peer,
+                true,
+                None,
+            ),
+            (
+                "the control plane's meshed endpoint",
+                &from_control_plane,
+                true,
+                Some(4143),
+            ),
+            ("no identity of our own", &from_control_plane, false, None),
+            ("an unmeshed endpoint", &unmeshed, true, None),
+        ];
+        for (what, endpoint, meshed, expected) in rows {
+            let upstream = outbound_upstream(endpoint, meshed, false);
+            assert_eq!(upstream.pool.header_port, expected, "{what}");
+        }
+        let names = |via| {
+            let endpoint = Endpoint {
+                http_via: via,
+                ..file_peer.clone()
+            };
+            outbound_upstream(&endpoint, true, false)
+                .pool
+                .header_names_protocol
+        };
+        assert!(names(HttpVia::Header));
+        assert!(
+            !names(HttpVia::OpaqueHeader),
+            "an opaque port gets the bytes"
+        );
     }
 
     #[test]

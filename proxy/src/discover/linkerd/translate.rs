@@ -19,7 +19,7 @@ use linkerd2_proxy_api::meta::{metadata, Metadata};
 use linkerd2_proxy_api::outbound::{self as ob, backend, proxy_protocol};
 
 use crate::discover::balance::BalancerName;
-use crate::discover::{Endpoint, Labels, Refusal};
+use crate::discover::{Endpoint, HttpVia, Labels, Refusal};
 
 /// An endpoint from a `WeightedAddr`, with `set_labels` (the update's) under its
 /// own. `None` for an entry without a usable address, which Linkerd skips too.
@@ -48,6 +48,11 @@ pub fn endpoint(
         // send opaque connections through.
         http2: http2 && identity.is_some(),
         opaque_port: opaque_port.filter(|_| identity.is_some()),
+        http_via: match hint.and_then(|h| h.protocol.as_ref()) {
+            _ if opaque_port.is_none() || identity.is_none() => HttpVia::AppPort,
+            Some(protocol_hint::Protocol::Opaque(_)) => HttpVia::OpaqueHeader,
+            _ => HttpVia::Header,
+        },
         identity,
         server_name,
         labels: Arc::new(labels),
