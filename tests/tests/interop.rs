@@ -134,7 +134,10 @@ fn a_header_naming_a_session_protocol_reaches_the_app_as_http() {
         .write_all(b"GET / HTTP/1.1\r\nHost: beta\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
+    // rustls reports a close without `close_notify` as an error.
+    stream
+        .read_to_end(&mut response)
+        .expect("the response, then a clean TLS close (close_notify)");
     let response = String::from_utf8_lossy(&response);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(
@@ -199,6 +202,50 @@ fn a_header_naming_a_session_protocol_reaches_the_app_as_http() {
         Some(2.0),
         "{text}"
     );
+}
+
+/// When the application closes an opaque connection, beta's proxy ends mesh TLS
+/// with `close_notify`, so the peer proxy can tell the clean end from a truncation
+/// (rustls reports a close without it as an error, which a proxy passes on as a
+/// reset). A port that refuses stays a reset (nothing is answered).
+#[test]
+fn the_application_closing_ends_mesh_tls_with_close_notify() {
+    let pair = MeshedPair::new();
+    let _issuer = pair.start_issuer(&[]);
+    let env_b = pair.env(1, true, &[]);
+    let _beta = Proxy::start(pair.b(), &env_refs(&env_b));
+    let server = tandem_tests::apps::Server::start(
+        pair.b(),
+        SocketAddr::from(([0, 0, 0, 0], 5432)),
+        |mut conn| {
+            conn.write_all(b"bye").unwrap();
+        },
+    );
+    let config = linkerd_like_client(&pair);
+    let open = |port: u16| {
+        let name = identity_of("beta").try_into().unwrap();
+        let tls = rustls::ClientConnection::new(config.clone(), name).unwrap();
+        let mut stream =
+            rustls::StreamOwned::new(tls, connect(pair.mesh.pod(2), pair.b_addr(4143)));
+        stream.write_all(&linkerd_header(port, None)).unwrap();
+        stream.flush().unwrap();
+        stream
+    };
+    let mut stream = open(5432);
+    let mut got = Vec::new();
+    stream
+        .read_to_end(&mut got)
+        .expect("the bytes, then close_notify");
+    assert_eq!(got, b"bye");
+    server.join();
+
+    // Nothing listens on 5433: a reset, as the client would get without a mesh.
+    let mut stream = open(5433);
+    let mut got = Vec::new();
+    let error = stream
+        .read_to_end(&mut got)
+        .expect_err("a refused port is no clean end");
+    assert!(got.is_empty(), "{error}");
 }
 
 /// An endpoint the control plane describes with the HTTP/2 hint and an
