@@ -189,6 +189,14 @@ impl ErrorKind {
 /// the application sees them (as linkerd2-proxy's outbound does); whether the peer
 /// asked for the client's connection to be closed.
 pub fn strip_peer_headers(headers: &mut hyper::HeaderMap) -> bool {
+    // Almost every response has neither: a look at its few names is cheaper than two
+    // hashed lookups.
+    if !headers
+        .keys()
+        .any(|name| name.as_str().starts_with("l5d-proxy-"))
+    {
+        return false;
+    }
     headers.remove(L5D_PROXY_ERROR);
     let close = headers
         .get_all(L5D_PROXY_CONNECTION)
