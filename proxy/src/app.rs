@@ -164,6 +164,10 @@ async fn serve_until_drained(
         tokio::spawn(sweep_pools(sweep, shutdown.clone()));
     }
     tokio::spawn(crate::ops::memory::tick());
+    tokio::spawn(crate::metrics::budget::sample(
+        metrics.budget.clone(),
+        [metrics.inbound.http.clone(), metrics.outbound.http.clone()],
+    ));
     let mut accept_loops = Vec::new();
     for listener in inbound_listeners {
         info!(direction = "inbound", addr = %listener.local_addr()?, "listening");

@@ -282,6 +282,8 @@ pub struct Config {
     pub control_plane: Option<ControlPlane>,
     /// How the inbound side keeps its ports' policies (under the control plane).
     pub inbound_policy: InboundPolicyConfig,
+    /// The window and minimum rate of the budget gauges (`metrics::budget`).
+    pub budget: crate::metrics::budget::BudgetSettings,
     /// A target unused this long is forgotten, with its discovery streams.
     pub outbound_discovery_idle_timeout: Duration,
     pub outbound_http_queue: Queue,
@@ -400,6 +402,10 @@ impl Config {
             ),
             control_plane: control_plane(&mut env),
             inbound_policy: inbound_policy(&mut env),
+            budget: crate::metrics::budget::BudgetSettings {
+                window: env.parse("TANDEM_BUDGET_WINDOW", "1m", env::duration),
+                min_rps: env.parse("TANDEM_BUDGET_MIN_RPS", "10", parse_rate),
+            },
             outbound_discovery_idle_timeout: env.parse(
                 "LINKERD2_PROXY_OUTBOUND_DISCOVERY_IDLE_TIMEOUT",
                 "5s",
@@ -609,6 +615,14 @@ fn control_plane(env: &mut Env) -> Option<ControlPlane> {
                 stream,
             })
         }
+    }
+}
+
+/// A rate: a number of requests per second, zero or more.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 0.0 => Ok(rate),
+        _ => Err("expected a number of requests per second, 0 or more".into()),
     }
 }
 

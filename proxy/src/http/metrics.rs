@@ -181,6 +181,8 @@ pub struct RequestMetrics {
     max_series: usize,
     started: Instant,
     series: Mutex<HashMap<Key, Arc<RequestSeries>>>,
+    /// Requests of series already evicted, so that the total never goes back.
+    evicted_requests: AtomicU64,
 }
 
 /// A request's hold on its series; marks the series active while held.
@@ -216,7 +218,15 @@ impl RequestMetrics {
             max_series,
             started: Instant::now(),
             series: Mutex::new(HashMap::new()),
+            evicted_requests: AtomicU64::new(0),
         }
+    }
+
+    /// Every request counted so far (off the request path: it walks the series).
+    pub fn requests_total(&self) -> u64 {
+        let map = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let live: u64 = map.values().map(|s| s.requests.load(Relaxed)).sum();
+        self.evicted_requests.load(Relaxed) + live
     }
 
     /// The series for requests to `target` with `authority` over `tls`, labelled with
@@ -255,7 +265,13 @@ impl RequestMetrics {
         let now = self.started.elapsed().as_millis() as u64;
         let retain = self.retain_idle.as_millis() as u64;
         map.retain(|_, s| {
-            Arc::strong_count(s) > 1 || now.saturating_sub(s.last_active_ms.load(Relaxed)) < retain
+            let keep = Arc::strong_count(s) > 1
+                || now.saturating_sub(s.last_active_ms.load(Relaxed)) < retain;
+            if !keep {
+                self.evicted_requests
+                    .fetch_add(s.requests.load(Relaxed), Relaxed);
+            }
+            keep
         });
     }
 

@@ -10,6 +10,7 @@
 //! Linkerd does) and capped in number.
 
 pub mod authz;
+pub mod budget;
 pub mod control;
 pub mod process;
 pub mod transport;
@@ -77,6 +78,8 @@ pub struct Metrics {
     pub control: Arc<control::ControlMetrics>,
     /// Inbound authorization decisions (under Linkerd's control plane).
     pub authz: Arc<authz::AuthzMetrics>,
+    /// The proxy against Linkerd's sizing rule, sampled by `budget::sample`.
+    pub budget: Arc<budget::BudgetMeter>,
     /// Every live balancer, whose endpoints are reported at scrape time.
     pub balancers: Arc<BalancerRegistry>,
 }
@@ -159,6 +162,10 @@ impl Metrics {
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         let control = Arc::new(control::ControlMetrics::register(&mut registry));
         let authz = Arc::new(authz::AuthzMetrics::register(&mut registry));
+        let budget = Arc::new(budget::BudgetMeter::new(config.budget));
+        registry.register_collector(Box::new(budget::BudgetCollector {
+            meter: budget.clone(),
+        }));
         let balancers = Arc::new(BalancerRegistry::default());
         registry.register_collector(Box::new(control::BalancerCollector {
             balancers: balancers.clone(),
@@ -180,6 +187,7 @@ impl Metrics {
             outbound,
             control,
             authz,
+            budget,
             balancers,
         }
     }

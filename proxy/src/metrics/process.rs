@@ -68,6 +68,22 @@ fn read_proc_stat() -> Option<ProcStat> {
     })
 }
 
+/// The process's CPU time so far (seconds) and its resident memory (bytes).
+pub fn cpu_and_resident() -> Option<(f64, u64)> {
+    // SAFETY: sysconf has no preconditions.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let stat = read_proc_stat()?;
+    Some((
+        stat.cpu_ticks as f64 / ticks.max(1) as f64,
+        stat.resident_pages * page.max(1) as u64,
+    ))
+}
+
 fn max_open_files() -> Option<i64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
