@@ -57,7 +57,8 @@ pub enum PortProtocol {
     Detect { timeout: Option<Duration> },
     /// Bytes, not looked at.
     Opaque,
-    /// The application's own TLS, not looked at.
+    /// The application's own TLS: detected as any port is (its ClientHello is not
+    /// for the proxy's name, so it passes through), and authorized as TCP.
     Tls,
 }
 

@@ -78,9 +78,11 @@ impl Inbound {
             orig_dst: conn.orig_dst,
             local: conn.local,
             opaque_port: match &self.policies {
-                // A direct connection names its port later, in its header.
+                // A direct connection names its port later, in its header. A `Tls`
+                // port is detected like any other: the application's TLS passes
+                // through, and mesh TLS for our name is still terminated.
                 Some(policies) if port != conn.local.port() => {
-                    !matches!(policies.protocol(port), PortProtocol::Detect { .. })
+                    policies.protocol(port) == PortProtocol::Opaque
                 }
                 _ => self.config.opaque_ports.contains(port),
             },
