@@ -614,6 +614,22 @@ mod tests {
         .unwrap();
         assert!(plain.identity.is_none() && !plain.http2 && plain.opaque_port.is_none());
 
+        // How HTTP reaches a meshed endpoint, as linkerd2-proxy decides it: through the
+        // inbound port whenever there is an opaque-transport port, naming the session
+        // protocol unless the endpoint's port is opaque.
+        assert_eq!(e.http_via, HttpVia::Header);
+        assert_eq!(plain.http_via, HttpVia::AppPort);
+        let direct = endpoint(
+            &weighted("10.42.0.5:8080", Some(WEB), None),
+            &HashMap::new(),
+        );
+        assert_eq!(direct.unwrap().http_via, HttpVia::AppPort);
+        let mut opaque = weighted("10.42.0.5:5432", Some(WEB), Some(4143));
+        opaque.protocol_hint.as_mut().unwrap().protocol =
+            Some(protocol_hint::Protocol::Opaque(protocol_hint::Opaque {}));
+        let opaque = endpoint(&opaque, &HashMap::new()).unwrap();
+        assert_eq!(opaque.http_via, HttpVia::OpaqueHeader);
+
         // A URI identity needs a server name.
         let mut uri = weighted("10.42.0.6:80", None, None);
         uri.tls_identity = Some(TlsIdentity {
