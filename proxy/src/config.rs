@@ -43,6 +43,9 @@ pub struct DirectionConfig {
     /// Outbound: offer peer proxies a carrier for meshed opaque connections. Inbound:
     /// accept carriers from peer proxies (`opaque/carrier.rs`).
     pub opaque_carrier: bool,
+    /// A client silent this long is given to the server, whose first bytes (if it
+    /// speaks first) make the connection opaque; zero: off.
+    pub server_first_window: Duration,
 }
 
 impl DirectionConfig {
@@ -195,6 +198,7 @@ pub struct DirectionNames {
     pub opaque_ports: &'static str,
     pub opaque_carrier: &'static str,
     pub opaque_carrier_default: &'static str,
+    pub server_first_window: &'static str,
     pub pool_idle_timeout: &'static str,
     pub max_idle_per_endpoint: &'static str,
     pub max_connection_age: &'static str,
@@ -218,6 +222,7 @@ pub const INBOUND: DirectionNames = DirectionNames {
     opaque_ports: "LINKERD2_PROXY_INBOUND_PORTS_DISABLE_PROTOCOL_DETECTION",
     opaque_carrier: "TANDEM_INBOUND_OPAQUE_CARRIER",
     opaque_carrier_default: "true",
+    server_first_window: "TANDEM_INBOUND_SERVER_FIRST_WINDOW",
     pool_idle_timeout: "LINKERD2_PROXY_INBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
     // Linkerd's name: the inbound one has no INBOUND_.
     max_idle_per_endpoint: "LINKERD2_PROXY_MAX_IDLE_CONNS_PER_ENDPOINT",
@@ -241,6 +246,7 @@ pub const OUTBOUND: DirectionNames = DirectionNames {
     opaque_ports: "TANDEM_OUTBOUND_PORTS_DISABLE_PROTOCOL_DETECTION",
     opaque_carrier: "TANDEM_OUTBOUND_OPAQUE_CARRIER",
     opaque_carrier_default: "false",
+    server_first_window: "TANDEM_OUTBOUND_SERVER_FIRST_WINDOW",
     pool_idle_timeout: "LINKERD2_PROXY_OUTBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT",
     max_idle_per_endpoint: "LINKERD2_PROXY_OUTBOUND_MAX_IDLE_CONNS_PER_ENDPOINT",
     max_connection_age: "TANDEM_OUTBOUND_HTTP_MAX_CONNECTION_AGE",
@@ -513,6 +519,7 @@ fn direction(env: &mut Env, names: &DirectionNames, extra_opaque: &PortSet) -> D
     DirectionConfig {
         listen,
         detect_timeout: env.parse(names.detect_timeout, "10s", env::duration),
+        server_first_window: env.parse(names.server_first_window, "300ms", env::duration),
         connect_timeout: env.parse(
             names.connect_timeout,
             names.connect_timeout_default,

@@ -157,9 +157,12 @@ fn server_first_protocol_on_an_opaque_port_is_not_delayed() {
 #[test]
 fn server_first_protocol_on_a_detected_port_arrives_after_the_detect_timeout() {
     let mesh = Mesh::new(2);
+    // With the server-first window off: the detection timeout's own fallback.
     let env = [
         ("LINKERD2_PROXY_INBOUND_DETECT_TIMEOUT", "300ms"),
         ("LINKERD2_PROXY_OUTBOUND_DETECT_TIMEOUT", "300ms"),
+        ("TANDEM_OUTBOUND_SERVER_FIRST_WINDOW", "0"),
+        ("TANDEM_INBOUND_SERVER_FIRST_WINDOW", "0"),
     ];
     let (proxy_a, proxy_b) = meshed(&mesh, &env);
     let server = Server::start(mesh.pod(1), any(7000), |mut conn| {

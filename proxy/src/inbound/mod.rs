@@ -93,36 +93,123 @@ impl Inbound {
             accept_carriers: self.config.opaque_carrier,
             detection: Detection::NotYet,
         };
-        let mut prefix = Vec::new();
-        let plan = loop {
-            match plan::plan(&facts) {
-                Step::Detect => {
-                    let protocol;
-                    (protocol, prefix) = self.detect(&mut conn.stream, conn.client).await?;
-                    facts.detection = Detection::Detected(protocol);
+        // The server-first window is waited out once, before the first detection of
+        // a redirected connection (a direct one is a peer proxy's mesh TLS).
+        let mut window = if port == conn.local.port() {
+            std::time::Duration::ZERO
+        } else {
+            self.config.server_first_window
+        };
+        loop {
+            let mut prefix = Vec::new();
+            let plan = loop {
+                match plan::plan(&facts) {
+                    Step::Detect if !window.is_zero() => {
+                        let speaks = detect::speaks_within(&conn.stream, window)
+                            .await
+                            .map_err(|_| ConnError::Detect)?;
+                        window = std::time::Duration::ZERO;
+                        if !speaks {
+                            debug!(%client, "client silent; the application may speak first");
+                            facts.detection = Detection::Silent;
+                        }
+                    }
+                    Step::Detect => {
+                        let protocol;
+                        (protocol, prefix) = self.detect(&mut conn.stream, conn.client).await?;
+                        facts.detection = Detection::Detected(protocol);
+                    }
+                    Step::SkipDetection => {
+                        self.metrics.detected(DetectResult::Skipped);
+                        facts.detection = Detection::Skipped;
+                    }
+                    Step::Go(plan) => break plan,
                 }
-                Step::SkipDetection => {
-                    self.metrics.detected(DetectResult::Skipped);
-                    facts.detection = Detection::Skipped;
+            };
+            let already_read = prefix.len();
+            return match plan {
+                InboundPlan::Refuse { error, tls } => {
+                    let client =
+                        self.downstream(conn.stream, conn.client, conn.orig_dst, tls, already_read);
+                    Err(client.refuse(error))
                 }
-                Step::Go(plan) => break plan,
+                InboundPlan::PassThrough { protocol, tls } => {
+                    let target = conn.orig_dst;
+                    let client = self.downstream(
+                        conn.stream,
+                        conn.client,
+                        target,
+                        tls.clone(),
+                        already_read,
+                    );
+                    self.to_app(client, prefix, protocol, target, tls).await
+                }
+                InboundPlan::Terminate { with } => self.terminate(conn, prefix, with).await,
+                InboundPlan::ServerFirst { tls } => {
+                    match self.app_first(&conn, &tls).await {
+                        Ok(Some((app, first))) => {
+                            self.metrics.detected(DetectResult::ServerFirst);
+                            let target = conn.orig_dst;
+                            let mut client =
+                                self.downstream(conn.stream, conn.client, target, tls, 0);
+                            use tokio::io::AsyncWriteExt;
+                            if let Err(error) = client.stream.write_all(&first).await {
+                                return Err(client.refuse(ConnError::Io(Errno::of(&error))));
+                            }
+                            client.metrics.series().add_write(first.len());
+                            let loopback = TlsStatus::NoIdentity(NoTlsReason::Loopback);
+                            let dst = self.metrics.transport.open(Peer::Dst, target, loopback);
+                            dst.series().add_read(first.len());
+                            forward::relay(client, &[], app, dst).await
+                        }
+                        // The client spoke first: it is detected as any client.
+                        Ok(None) => {
+                            facts.detection = Detection::NotYet;
+                            continue;
+                        }
+                        Err(error) => {
+                            let client =
+                                self.downstream(conn.stream, conn.client, conn.orig_dst, tls, 0);
+                            Err(client.refuse(error))
+                        }
+                    }
+                }
+            };
+        }
+    }
+
+    /// For a silent client: connects to the application (when the port's policy
+    /// admits the client) and waits for either side. `Some` with the application's
+    /// first bytes when it spoke (or closed) first; `None` when the client did, and
+    /// the application's connection is closed.
+    async fn app_first(
+        &self,
+        conn: &Accepted,
+        tls: &TlsStatus,
+    ) -> Result<Option<(TcpStream, Vec<u8>)>, ConnError> {
+        let target = conn.orig_dst;
+        if let Some(policies) = &self.policies {
+            let client = Client {
+                ip: conn.client.ip(),
+                tls: tls.clone(),
+            };
+            policies.authorize_tcp(target, &client)?;
+        }
+        let mut app = self.dialer.connect(target).await?;
+        let mut first = vec![0u8; 4096];
+        let spoke = tokio::select! {
+            ready = detect::speaks(&conn.stream) => {
+                ready.map_err(|e| ConnError::Io(Errno::of(&e)))?;
+                None
+            }
+            read = tokio::io::AsyncReadExt::read(&mut app, &mut first) => {
+                Some(read.map_err(|e| ConnError::Io(Errno::of(&e)))?)
             }
         };
-        let already_read = prefix.len();
-        match plan {
-            InboundPlan::Refuse { error, tls } => {
-                let client =
-                    self.downstream(conn.stream, conn.client, conn.orig_dst, tls, already_read);
-                Err(client.refuse(error))
-            }
-            InboundPlan::PassThrough { protocol, tls } => {
-                let target = conn.orig_dst;
-                let client =
-                    self.downstream(conn.stream, conn.client, target, tls.clone(), already_read);
-                self.to_app(client, prefix, protocol, target, tls).await
-            }
-            InboundPlan::Terminate { with } => self.terminate(conn, prefix, with).await,
-        }
+        Ok(spoke.map(|n| {
+            first.truncate(n);
+            (app, first)
+        }))
     }
 
     /// Reads the client's first bytes: its protocol, and the bytes to replay.

@@ -50,6 +50,8 @@ pub enum Detection {
     /// The port is opaque: the client's bytes are not looked at.
     Skipped,
     Detected(Protocol),
+    /// The client said nothing within the server-first window.
+    Silent,
 }
 
 /// The next thing to do with a connection.
@@ -72,6 +74,10 @@ pub enum InboundPlan {
     PassThrough { protocol: Protocol, tls: TlsStatus },
     /// Mesh TLS for our name: terminate it with the server configuration for `with`.
     Terminate { with: ServerTls },
+    /// The client is silent: connect to the application and let whichever side
+    /// speaks first decide (the application's bytes make the connection opaque; the
+    /// client's go back to detection). The client is counted with `tls`.
+    ServerFirst { tls: TlsStatus },
 }
 
 /// Which TLS server configuration a connection is terminated with: what a client
@@ -97,9 +103,19 @@ pub fn plan(facts: &Facts) -> Step {
     // The port alone: on a pod with several addresses, a connection to another of
     // them is redirected to the interface's first address.
     let direct = facts.orig_dst.port() == facts.local.port();
+    if facts.detection == Detection::Silent && !direct {
+        let tls = TlsStatus::NoIdentity(NoTlsReason::NoTlsFromRemote);
+        if facts.require_tls || facts.require_identity {
+            return Step::Go(InboundPlan::Refuse {
+                error: ConnError::Unauthorized,
+                tls,
+            });
+        }
+        return Step::Go(InboundPlan::ServerFirst { tls });
+    }
     let protocol = match &facts.detection {
         Detection::NotYet if facts.opaque_port && !direct => return Step::SkipDetection,
-        Detection::NotYet => return Step::Detect,
+        Detection::NotYet | Detection::Silent => return Step::Detect,
         Detection::Skipped => Protocol::Unknown,
         Detection::Detected(protocol) => protocol.clone(),
     };
@@ -301,6 +317,34 @@ mod tests {
         type Row = (&'static str, Facts, Step);
         let rows: Vec<Row> = vec![
             ("first, detection", facts(app), Step::Detect),
+            (
+                "a silent client: the application may speak first",
+                Facts {
+                    detection: Detection::Silent,
+                    ..facts(app)
+                },
+                go(InboundPlan::ServerFirst { tls: plain() }),
+            ),
+            (
+                "unless the port requires mesh TLS",
+                Facts {
+                    detection: Detection::Silent,
+                    require_tls: true,
+                    ..facts(app)
+                },
+                go(InboundPlan::Refuse {
+                    error: ConnError::Unauthorized,
+                    tls: plain(),
+                }),
+            ),
+            (
+                "a direct connection is never server-first",
+                Facts {
+                    detection: Detection::Silent,
+                    ..facts(direct)
+                },
+                Step::Detect,
+            ),
             (
                 "an address that is not the pod's is refused",
                 Facts {

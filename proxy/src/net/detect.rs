@@ -58,16 +58,19 @@ pub enum DetectResult {
     Timeout,
     /// The port is opaque: detection was not attempted.
     Skipped,
+    /// The client was silent and the server spoke first.
+    ServerFirst,
 }
 
 impl DetectResult {
-    pub const ALL: [DetectResult; 6] = [
+    pub const ALL: [DetectResult; 7] = [
         Self::Http1,
         Self::Http2,
         Self::Tls,
         Self::Unknown,
         Self::Timeout,
         Self::Skipped,
+        Self::ServerFirst,
     ];
 
     pub fn index(self) -> usize {
@@ -82,6 +85,7 @@ impl DetectResult {
             Self::Unknown => "unknown",
             Self::Timeout => "timeout",
             Self::Skipped => "opaque_port",
+            Self::ServerFirst => "server_first",
         }
     }
 
@@ -173,6 +177,25 @@ fn classify_http1(buf: &[u8]) -> Classification {
 
 /// Reads from `io` until the protocol is known, the buffer limit is reached, the
 /// client closes, or `timeout` passes. Returns the outcome and every byte read.
+/// Whether the client sends something (or closes) within `window`: a silent client
+/// may be waiting for a server that speaks first.
+pub async fn speaks_within(
+    stream: &tokio::net::TcpStream,
+    window: Duration,
+) -> std::io::Result<bool> {
+    match tokio::time::timeout(window, speaks(stream)).await {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(error)) => Err(error),
+        Err(_elapsed) => Ok(false),
+    }
+}
+
+/// Returns once the client has sent something (or closed), consuming nothing. A
+/// peek rather than a readiness check: readiness may be reported spuriously.
+pub async fn speaks(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    stream.peek(&mut [0u8; 1]).await.map(|_| ())
+}
+
 pub async fn detect<I: AsyncRead + Unpin>(
     io: &mut I,
     timeout: Duration,

@@ -27,7 +27,7 @@ use crate::mesh::{Dialed, Dialer, MeshAlpn, PeerId};
 use crate::metrics::transport::{OpenConnection, Peer};
 use crate::metrics::DirectionMetrics;
 use crate::net::detect::{self, DetectResult, Outcome};
-use crate::net::error::ConnError;
+use crate::net::error::{ConnError, Errno};
 use crate::net::forward::{self, Downstream};
 use crate::net::socket::{self, Accepted};
 use crate::opaque::carrier::{self, Carriers, Opened};
@@ -76,53 +76,160 @@ impl Outbound {
             detection: Detection::NotYet,
             settings: self.settings(),
         };
-        let mut prefix = Vec::new();
-        let plan = loop {
-            match plan::plan(&facts) {
-                Step::Discover => {
-                    let resolution = self.discovery.resolve(conn.orig_dst);
-                    facts.discovered = Some(resolution.resolved().await);
-                }
-                Step::Detect => {
-                    let (outcome, read) =
-                        detect::detect(&mut conn.stream, self.config.detect_timeout)
+        // The server-first window is waited out once per connection, before the
+        // first detection.
+        let mut window = self.config.server_first_window;
+        loop {
+            let mut prefix = Vec::new();
+            let plan = loop {
+                match plan::plan(&facts) {
+                    Step::Discover => {
+                        let resolution = self.discovery.resolve(conn.orig_dst);
+                        facts.discovered = Some(resolution.resolved().await);
+                    }
+                    Step::Detect if !window.is_zero() => {
+                        let speaks = detect::speaks_within(&conn.stream, window)
                             .await
-                            .map_err(|error| {
-                                debug!(%client, %error, "client failed during detection");
-                                ConnError::Detect
-                            })?;
-                    self.metrics.detected(DetectResult::of(&outcome));
-                    debug!(%client, ?outcome, "detected");
-                    prefix = read;
-                    facts.detection = Detection::Detected(match outcome {
-                        Outcome::Detected(protocol) => protocol,
-                        Outcome::Timeout => detect::Protocol::Unknown,
-                    });
+                            .map_err(|_| ConnError::Detect)?;
+                        window = std::time::Duration::ZERO;
+                        if !speaks {
+                            debug!(%client, "client silent; the server may speak first");
+                            facts.detection = Detection::Silent;
+                        }
+                    }
+                    Step::Detect => {
+                        let (outcome, read) =
+                            detect::detect(&mut conn.stream, self.config.detect_timeout)
+                                .await
+                                .map_err(|error| {
+                                    debug!(%client, %error, "client failed during detection");
+                                    ConnError::Detect
+                                })?;
+                        self.metrics.detected(DetectResult::of(&outcome));
+                        debug!(%client, ?outcome, "detected");
+                        prefix = read;
+                        facts.detection = Detection::Detected(match outcome {
+                            Outcome::Detected(protocol) => protocol,
+                            Outcome::Timeout => detect::Protocol::Unknown,
+                        });
+                    }
+                    Step::SkipDetection => {
+                        self.metrics.detected(DetectResult::Skipped);
+                        facts.detection = Detection::Skipped;
+                    }
+                    Step::Go(plan) => break plan,
                 }
-                Step::SkipDetection => {
-                    self.metrics.detected(DetectResult::Skipped);
-                    facts.detection = Detection::Skipped;
+            };
+            let already_read = prefix.len();
+            return match plan {
+                OutboundPlan::Refuse(error) => {
+                    // A reset, so the client learns it was refused (not a clean end).
+                    socket::reset_on_close(&conn.stream);
+                    Err(error)
                 }
-                Step::Go(plan) => break plan,
+                OutboundPlan::Http { protocol, route } => {
+                    let client = self.downstream(conn, already_read);
+                    crate::http::serve_connection(&self.http, client, prefix, protocol, route, None)
+                        .await
+                }
+                OutboundPlan::Tcp { backend, opaque } => {
+                    let client = self.downstream(conn, already_read);
+                    self.tcp(client, prefix, backend, opaque).await
+                }
+                OutboundPlan::ServerFirst { backend } => {
+                    match self.server_first(&conn.stream, &backend).await {
+                        Ok(Some(spoke)) => {
+                            self.metrics.detected(DetectResult::ServerFirst);
+                            let client = self.downstream(conn, 0);
+                            spoke.relay(client).await
+                        }
+                        // The client spoke first: it is detected as any client.
+                        Ok(None) => {
+                            facts.detection = Detection::NotYet;
+                            continue;
+                        }
+                        Err(error) => {
+                            let client = self.downstream(conn, 0);
+                            Err(client.refuse(error))
+                        }
+                    }
+                }
+            };
+        }
+    }
+
+    /// Opens the way to an endpoint of `backend` for a silent client, as for an
+    /// opaque destination, and waits for either side: `Some` when the server spoke
+    /// (or closed) first, with its first bytes; `None` when the client did, and the
+    /// opened connection is dropped.
+    async fn server_first(
+        &self,
+        client: &TcpStream,
+        backend: &Backend,
+    ) -> Result<Option<ServerSpoke>, ConnError> {
+        let (endpoint, picked) = match backend {
+            Backend::Refused(_) => return Err(ConnError::Forbidden),
+            Backend::Forward(endpoint) => (endpoint.clone(), None),
+            Backend::Balance(balancer) => {
+                let picked = balancer.pick(self.tcp_queue).await.map_err(|error| {
+                    debug!(?error, "no endpoint is ready");
+                    ConnError::Unavailable
+                })?;
+                (picked.member.endpoint.clone(), Some(picked))
             }
         };
-        let already_read = prefix.len();
-        match plan {
-            OutboundPlan::Refuse(error) => {
-                // A reset, so the client learns it was refused (not a clean end).
-                socket::reset_on_close(&conn.stream);
-                Err(error)
+        let (upstream, dst) = match self.open(&endpoint, true).await {
+            Ok(opened) => opened,
+            Err(error) => {
+                if let (Some(picked), Backend::Balance(balancer)) = (&picked, backend) {
+                    if endpoint_failed(error) {
+                        balancer.failed(&picked.member);
+                    }
+                }
+                return Err(error);
             }
-            OutboundPlan::Http { protocol, route } => {
-                let client = self.downstream(conn, already_read);
-                crate::http::serve_connection(&self.http, client, prefix, protocol, route, None)
-                    .await
+        };
+        let mut upstream = match upstream {
+            Upstream::Dialed(mut server, header) => {
+                // The header goes now, so that the peer proxy reaches its application.
+                use tokio::io::AsyncWriteExt;
+                let written = async {
+                    server.write_all(&header).await?;
+                    server.flush().await
+                };
+                written.await.map_err(|e| ConnError::Io(Errno::of(&e)))?;
+                dst.series().add_write(header.len());
+                Upstream::Dialed(server, Vec::new())
             }
-            OutboundPlan::Tcp { backend, opaque } => {
-                let client = self.downstream(conn, already_read);
-                self.tcp(client, prefix, backend, opaque).await
+            carried => carried,
+        };
+        let mut first = vec![0u8; 4096];
+        let server_read = async {
+            use tokio::io::AsyncReadExt;
+            match &mut upstream {
+                Upstream::Dialed(server, _) => server.read(&mut first).await,
+                Upstream::Carried(stream) => stream.read(&mut first).await,
             }
-        }
+        };
+        let spoke = tokio::select! {
+            ready = detect::speaks(client) => {
+                ready.map_err(|e| ConnError::Io(Errno::of(&e)))?;
+                None
+            }
+            read = server_read => Some(read.map_err(|e| ConnError::Io(Errno::of(&e)))?),
+        };
+        let Some(n) = spoke else {
+            debug!("the client spoke first; back to detection");
+            return Ok(None);
+        };
+        first.truncate(n);
+        dst.series().add_read(n);
+        Ok(Some(ServerSpoke {
+            upstream,
+            dst,
+            first,
+            _picked: picked,
+        }))
     }
 
     fn settings(&self) -> Settings {
@@ -266,6 +373,27 @@ impl Outbound {
 
 /// Forwards the client to an opened upstream: what must precede the client's bytes
 /// (a transport header) first, then what detection read.
+/// A connection whose server spoke first: its first bytes, and the way to it.
+struct ServerSpoke {
+    upstream: Upstream,
+    dst: OpenConnection,
+    first: Vec<u8>,
+    /// The balanced endpoint, held in flight while the connection lasts.
+    _picked: Option<Picked>,
+}
+
+impl ServerSpoke {
+    /// Hands the server's first bytes to the client, then forwards both ways.
+    async fn relay(self, mut client: Downstream<TcpStream>) -> Result<(), ConnError> {
+        use tokio::io::AsyncWriteExt;
+        if let Err(error) = client.stream.write_all(&self.first).await {
+            return Err(client.refuse(ConnError::Io(Errno::of(&error))));
+        }
+        client.metrics.series().add_write(self.first.len());
+        relay(client, Vec::new(), self.upstream, self.dst).await
+    }
+}
+
 async fn relay(
     client: Downstream<TcpStream>,
     prefix: Vec<u8>,

@@ -52,6 +52,8 @@ pub enum Detection {
     /// The destination is opaque: the client's bytes are not looked at.
     Skipped,
     Detected(Protocol),
+    /// The client said nothing within the server-first window.
+    Silent,
 }
 
 /// The next thing to do with a connection.
@@ -81,6 +83,13 @@ pub enum OutboundPlan {
         backend: Backend,
         opaque: bool,
     },
+    /// The client is silent: open the way to an endpoint of `backend` as for an
+    /// opaque destination (so a peer proxy does not wait for it either), and let
+    /// whichever side speaks first decide: the server's bytes make the connection
+    /// opaque; the client's go back to detection.
+    ServerFirst {
+        backend: Backend,
+    },
 }
 
 impl PartialEq for OutboundPlan {
@@ -107,6 +116,10 @@ impl PartialEq for OutboundPlan {
                     opaque: y,
                 },
             ) => x == y && same_backend(a, b),
+            (
+                OutboundPlan::ServerFirst { backend: a },
+                OutboundPlan::ServerFirst { backend: b },
+            ) => same_backend(a, b),
             _ => false,
         }
     }
@@ -175,6 +188,11 @@ pub fn plan(facts: &Facts) -> Step {
         Detection::NotYet => return Step::Detect,
         Detection::Skipped => Protocol::Unknown,
         Detection::Detected(protocol) => protocol.clone(),
+        Detection::Silent => {
+            return Step::Go(OutboundPlan::ServerFirst {
+                backend: destination.backend.clone(),
+            })
+        }
     };
     let meshed = facts.settings.meshed;
     if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
@@ -419,6 +437,28 @@ mod tests {
                     ..facts(dst)
                 },
                 Step::Detect,
+            ),
+            row(
+                "a client silent through the server-first window: the server may speak",
+                Facts {
+                    discovered: destination(false, meshed.clone()),
+                    detection: Detection::Silent,
+                    ..facts(dst)
+                },
+                Step::Go(OutboundPlan::ServerFirst {
+                    backend: meshed.clone(),
+                }),
+            ),
+            row(
+                "the same to a Service",
+                Facts {
+                    discovered: destination(false, balanced.clone()),
+                    detection: Detection::Silent,
+                    ..facts(dst)
+                },
+                Step::Go(OutboundPlan::ServerFirst {
+                    backend: balanced.clone(),
+                }),
             ),
             row(
                 "an opaque port is not detected",
