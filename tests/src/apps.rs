@@ -240,3 +240,49 @@ pub fn serve_echo(pod: &Pod, addr: SocketAddr) {
         }
     });
 }
+
+/// An HTTP application (HTTP/1 and HTTP/2, told apart by the preface) on `port` of
+/// `pod`, answering every request with `answer(request)`, until the test process ends.
+pub fn http_app(
+    pod: &Pod,
+    port: u16,
+    answer: impl Fn(&hyper::Request<hyper::body::Incoming>) -> bytes::Bytes + Send + Sync + 'static,
+) {
+    let listener = pod
+        .run(|| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))))
+        .unwrap_or_else(|e| panic!("cannot listen on {port} in pod {}: {e}", pod.name));
+    listener.set_nonblocking(true).expect("nonblocking");
+    let answer = std::sync::Arc::new(answer);
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let body = answer(&request);
+                            async move {
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(body),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+    });
+}

@@ -2,49 +2,14 @@
 //! pair they are present and agree with the counters the same scrape shows; and the
 //! Prometheus rules in `deploy/` load.
 
-use std::net::SocketAddr;
 use std::path::Path;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use tandem_tests::apps::http_app;
 use tandem_tests::mesh::{env_refs, MeshedPair};
 use tandem_tests::probe::metric;
-use tandem_tests::{wait_for, Pod, Proxy, PATIENCE};
-
-fn web_app(pod: &Pod, port: u16) {
-    let listener = pod
-        .run(|| std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))))
-        .expect("bind the test application");
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(|_: Request<hyper::body::Incoming>| async {
-                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                                Bytes::from_static(b"ok"),
-                            )))
-                        });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-    });
-}
+use tandem_tests::{wait_for, Proxy, PATIENCE};
 
 /// The sum of every series of `name` in a scrape.
 fn total(text: &str, name: &str) -> f64 {
@@ -77,7 +42,7 @@ fn the_budget_gauges_agree_with_the_counters() {
     let env_b = pair.env(1, true, &settings);
     let alpha = Proxy::start(pair.a(), &env_refs(&env_a));
     let _beta = Proxy::start(pair.b(), &env_refs(&env_b));
-    web_app(pair.b(), 8080);
+    http_app(pair.b(), 8080, |_| Bytes::from_static(b"ok"));
     // Nothing is reported before there is traffic.
     assert_eq!(
         metric(&alpha.metrics(), "tandem_budget_requests_per_second", &[]),

@@ -11,11 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use tandem_tests::apps::{connect, read_all, send_and_finish};
+use tandem_tests::apps::{connect, http_app, read_all, send_and_finish};
 use tandem_tests::control::{authz, server, Admit, ControlPlane, ServerProtocol};
 use tandem_tests::mesh::{env_refs, identity_of, MeshedPair};
 use tandem_tests::probe::metric;
@@ -26,42 +23,13 @@ const WEB: u16 = 8080;
 /// Opaque by Linkerd's defaults on both sides.
 const DB: u16 = 3306;
 
-/// An HTTP server (HTTP/1 and HTTP/2) answering `ok` on every path.
+/// An HTTP server (HTTP/1 and HTTP/2) answering `ok` on every path, counting requests.
 fn web_app(pod: &Pod, port: u16) -> Arc<AtomicUsize> {
     let requests = Arc::new(AtomicUsize::new(0));
-    let listener = pod
-        .run(|| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))))
-        .expect("bind the test application");
-    listener.set_nonblocking(true).unwrap();
     let counter = requests.clone();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |_: Request<hyper::body::Incoming>| {
-                            counter.fetch_add(1, Ordering::SeqCst);
-                            async {
-                                Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                                    Bytes::from_static(b"ok\n"),
-                                )))
-                            }
-                        });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+    http_app(pod, port, move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Bytes::from_static(b"ok\n")
     });
     requests
 }

@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response};
+use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use tandem_tests::apps::connect;
+use tandem_tests::apps::{connect, http_app};
 use tandem_tests::control::{endpoint, pod_profile, ControlPlane, Hint};
 use tandem_tests::mesh::{env_refs, identity_of, MeshedPair};
 use tandem_tests::{Pod, Proxy};
@@ -25,42 +25,13 @@ const CONTROL: &str = "127.0.0.1:8086";
 /// An HTTP server (HTTP/1 and HTTP/2) answering each request with the
 /// `l5d-client-id` it arrived with and its protocol version.
 fn identity_echo(pod: &Pod, port: u16) {
-    let listener = pod
-        .run(|| std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))))
-        .expect("bind the test application");
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(|request: Request<hyper::body::Incoming>| {
-                            let id = request
-                                .headers()
-                                .get("l5d-client-id")
-                                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                                .unwrap_or_default();
-                            let body = format!("{id} {:?}", request.version());
-                            async move {
-                                Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                                    Bytes::from(body),
-                                )))
-                            }
-                        });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+    http_app(pod, port, |request| {
+        let id = request
+            .headers()
+            .get("l5d-client-id")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        Bytes::from(format!("{id} {:?}", request.version()))
     });
 }
 

@@ -6,12 +6,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_tests::apps::{connect, Server};
 use tandem_tests::mesh::{env_refs, MeshedPair};
 use tandem_tests::probe::metric;
-use tandem_tests::{Pod, Proxy};
+use tandem_tests::{wait_for, Pod, Proxy, PATIENCE};
 
 const BANNER_PORT: u16 = 7000;
 const HTTP_PORT: u16 = 7080;
@@ -44,15 +46,19 @@ fn banner_server(pod: &Pod) -> Server<Vec<u8>> {
 
 /// An HTTP/1 server answering `ok` on each connection that sends a request head (a
 /// connection that closes without one, as the one opened for a silent client that
-/// then spoke, is let go); each head it got comes out of the channel.
-fn http_server(pod: &Pod, port: u16) -> std::sync::mpsc::Receiver<String> {
+/// then spoke, is let go); each head it got comes out of the channel, and the count
+/// of connections it accepted is kept.
+fn http_server(pod: &Pod, port: u16) -> (std::sync::mpsc::Receiver<String>, Arc<AtomicUsize>) {
     let listener = pod
         .run(|| std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))))
         .expect("bind the HTTP server");
     let (heads, received) = std::sync::mpsc::channel();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
+            counter.fetch_add(1, Ordering::SeqCst);
             let heads = heads.clone();
             std::thread::spawn(move || {
                 let mut head = Vec::new();
@@ -68,7 +74,7 @@ fn http_server(pod: &Pod, port: u16) -> std::sync::mpsc::Receiver<String> {
             });
         }
     });
-    received
+    (received, accepted)
 }
 
 /// Reads exactly `n` bytes, giving up well before the detection timeouts.
@@ -126,23 +132,28 @@ fn a_banner_reaches_an_unmeshed_client_without_waiting_for_detection() {
     assert_eq!(server_first_count(&beta, "inbound"), Some(1.0));
 }
 
-/// HTTP clients that speak late are still served request by request: one that
-/// speaks within the window, and one that speaks after it (the connection opened
-/// for the server is dropped and the client's bytes are detected). Counted in the
-/// client proxy's request metrics, which only the HTTP path writes.
+/// HTTP clients are still served request by request: one that speaks within the
+/// window, and one that speaks after it, once the connection opened for the server
+/// has reached it (that connection is dropped and the client's bytes are detected).
+/// Counted in the client proxy's request metrics, which only the HTTP path writes.
 #[test]
 fn late_http_clients_are_still_served_request_by_request() {
-    for (window, delay) in [("10s", 200), ("50ms", 1000)] {
+    for (window, after_the_window) in [("10s", false), ("50ms", true)] {
         let pair = MeshedPair::new();
         let _issuer = pair.start_issuer(&[]);
         let env_a = env(&pair, 0, &[("TANDEM_OUTBOUND_SERVER_FIRST_WINDOW", window)]);
         let env_b = env(&pair, 1, &[]);
         let alpha = Proxy::start(pair.a(), &env_refs(&env_a));
         let _beta = Proxy::start(pair.b(), &env_refs(&env_b));
-        let heads = http_server(pair.b(), HTTP_PORT);
+        let (heads, accepted) = http_server(pair.b(), HTTP_PORT);
         let mut client = connect(pair.a(), pair.b_addr(HTTP_PORT));
-        // The client's own pace, not a synchronisation: it speaks `delay` ms late.
-        std::thread::sleep(Duration::from_millis(delay));
+        if after_the_window {
+            // The proxy gives a silent client to the server only once the window
+            // has passed: the server's first connection says it has.
+            wait_for("the silent client given to the server", PATIENCE, || {
+                (accepted.load(Ordering::SeqCst) >= 1).then_some(())
+            });
+        }
         client
             .write_all(b"GET /late HTTP/1.1\r\nHost: beta\r\n\r\n")
             .unwrap();

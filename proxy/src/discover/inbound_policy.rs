@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use hyper::http::{HeaderMap, Method, Uri};
 use ipnet::IpNet;
+use linkerd2_proxy_api::http_route::HostMatch;
 use linkerd2_proxy_api::inbound::{self as api, authn, proxy_protocol};
 use linkerd2_proxy_api::meta::{metadata, Metadata};
 
@@ -240,11 +241,7 @@ pub fn invalid_policy() -> ServerPolicy {
 /// Reads a `Server`; an error names what is missing or wrong.
 pub fn read_server(server: &api::Server) -> Result<ServerPolicy, String> {
     let meta = server_meta(&server.labels)?;
-    let mut authorizations = server
-        .authorizations
-        .iter()
-        .map(|a| read_authz(a).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut authorizations = read_authzs(&server.authorizations)?;
     authorizations.push(localhost());
     let kind = server
         .protocol
@@ -385,16 +382,29 @@ fn read_authz(authz: &api::Authz) -> Result<Authorization, String> {
     })
 }
 
-fn route_authorizations(
-    own: &[api::Authz],
-    server: &[Arc<Authorization>],
-) -> Result<Vec<Arc<Authorization>>, String> {
-    let mut all = own
+fn read_authzs(authorizations: &[api::Authz]) -> Result<Vec<Arc<Authorization>>, String> {
+    authorizations
         .iter()
         .map(|a| read_authz(a).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()?;
-    all.extend(server.iter().cloned());
-    Ok(all)
+        .collect()
+}
+
+/// A route of an HTTP or gRPC kind: its authorizations are its own and the server's.
+fn route(
+    metadata: Option<&Metadata>,
+    hosts: &[HostMatch],
+    own: &[api::Authz],
+    matches: Vec<RequestMatch>,
+    server: &[Arc<Authorization>],
+) -> Result<Route, String> {
+    let mut authorizations = read_authzs(own)?;
+    authorizations.extend(server.iter().cloned());
+    Ok(Route {
+        meta: meta_of(metadata).ok_or("a route without metadata")?,
+        hosts: route_match::read_hosts(hosts),
+        matches,
+        authorizations,
+    })
 }
 
 fn http_routes(
@@ -404,16 +414,17 @@ fn http_routes(
     routes
         .iter()
         .map(|r| {
-            Ok(Route {
-                meta: meta_of(r.metadata.as_ref()).ok_or("a route without metadata")?,
-                hosts: route_match::read_hosts(&r.hosts),
-                matches: r
-                    .rules
-                    .iter()
-                    .flat_map(|rule| rule_matches(&rule.matches, route_match::read_http_match))
-                    .collect(),
-                authorizations: route_authorizations(&r.authorizations, server)?,
-            })
+            let matches = r
+                .rules
+                .iter()
+                .flat_map(|rule| rule_matches(&rule.matches, route_match::read_http_match));
+            route(
+                r.metadata.as_ref(),
+                &r.hosts,
+                &r.authorizations,
+                matches.collect(),
+                server,
+            )
         })
         .collect()
 }
@@ -425,16 +436,17 @@ fn grpc_routes(
     routes
         .iter()
         .map(|r| {
-            Ok(Route {
-                meta: meta_of(r.metadata.as_ref()).ok_or("a route without metadata")?,
-                hosts: route_match::read_hosts(&r.hosts),
-                matches: r
-                    .rules
-                    .iter()
-                    .flat_map(|rule| rule_matches(&rule.matches, route_match::read_grpc_match))
-                    .collect(),
-                authorizations: route_authorizations(&r.authorizations, server)?,
-            })
+            let matches = r
+                .rules
+                .iter()
+                .flat_map(|rule| rule_matches(&rule.matches, route_match::read_grpc_match));
+            route(
+                r.metadata.as_ref(),
+                &r.hosts,
+                &r.authorizations,
+                matches.collect(),
+                server,
+            )
         })
         .collect()
 }

@@ -10,7 +10,7 @@
 use hyper::http::{HeaderMap, Method, Uri};
 use linkerd2_proxy_api::grpc_route::GrpcRouteMatch;
 use linkerd2_proxy_api::http_route::{
-    header_match, host_match, path_match, query_param_match, HostMatch, HttpRouteMatch,
+    header_match, host_match, path_match, query_param_match, HeaderMatch, HostMatch, HttpRouteMatch,
 };
 
 /// A host a route applies to.
@@ -156,6 +156,23 @@ pub fn read_hosts(hosts: &[HostMatch]) -> Vec<Host> {
         .collect()
 }
 
+/// Exact header matches (names lower-cased); any other kind marks the match
+/// `unsupported`.
+fn exact_headers(headers: &[HeaderMatch], unsupported: &mut bool) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .filter_map(|h| match h.value.as_ref() {
+            Some(header_match::Value::Exact(value)) => {
+                Some((h.name.to_ascii_lowercase(), value.clone()))
+            }
+            _ => {
+                *unsupported = true;
+                None
+            }
+        })
+        .collect()
+}
+
 pub fn read_http_match(m: &HttpRouteMatch) -> RequestMatch {
     let mut unsupported = false;
     let path = match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
@@ -177,19 +194,7 @@ pub fn read_http_match(m: &HttpRouteMatch) -> RequestMatch {
             }
         },
     };
-    let headers = m
-        .headers
-        .iter()
-        .filter_map(|h| match h.value.as_ref() {
-            Some(header_match::Value::Exact(value)) => {
-                Some((h.name.to_ascii_lowercase(), value.clone()))
-            }
-            _ => {
-                unsupported = true;
-                None
-            }
-        })
-        .collect();
+    let headers = exact_headers(&m.headers, &mut unsupported);
     let query = m
         .query_params
         .iter()
@@ -227,19 +232,7 @@ pub fn read_grpc_match(m: &GrpcRouteMatch) -> RequestMatch {
             }
         },
     };
-    let headers = m
-        .headers
-        .iter()
-        .filter_map(|h| match h.value.as_ref() {
-            Some(header_match::Value::Exact(value)) => {
-                Some((h.name.to_ascii_lowercase(), value.clone()))
-            }
-            _ => {
-                unsupported = true;
-                None
-            }
-        })
-        .collect();
+    let headers = exact_headers(&m.headers, &mut unsupported);
     RequestMatch {
         path,
         method: Some(Method::POST),

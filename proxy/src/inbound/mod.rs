@@ -105,11 +105,11 @@ impl Inbound {
             let plan = loop {
                 match plan::plan(&facts) {
                     Step::Detect if !window.is_zero() => {
-                        let speaks = detect::speaks_within(&conn.stream, window)
+                        let window = std::mem::take(&mut window);
+                        let silent = !detect::speaks_within(&conn.stream, window)
                             .await
                             .map_err(|_| ConnError::Detect)?;
-                        window = std::time::Duration::ZERO;
-                        if !speaks {
+                        if silent {
                             debug!(%client, "client silent; the application may speak first");
                             facts.detection = Detection::Silent;
                         }
@@ -150,17 +150,10 @@ impl Inbound {
                         Ok(Some((app, first))) => {
                             self.metrics.detected(DetectResult::ServerFirst);
                             let target = conn.orig_dst;
-                            let mut client =
-                                self.downstream(conn.stream, conn.client, target, tls, 0);
-                            use tokio::io::AsyncWriteExt;
-                            if let Err(error) = client.stream.write_all(&first).await {
-                                return Err(client.refuse(ConnError::Io(Errno::of(&error))));
-                            }
-                            client.metrics.series().add_write(first.len());
+                            let client = self.downstream(conn.stream, conn.client, target, tls, 0);
                             let loopback = TlsStatus::NoIdentity(NoTlsReason::Loopback);
                             let dst = self.metrics.transport.open(Peer::Dst, target, loopback);
-                            dst.series().add_read(first.len());
-                            forward::relay(client, &[], app, dst).await
+                            forward::relay_after_server(client, &first, app, dst).await
                         }
                         // The client spoke first: it is detected as any client.
                         Ok(None) => {
@@ -196,20 +189,10 @@ impl Inbound {
             policies.authorize_tcp(target, &client)?;
         }
         let mut app = self.dialer.connect(target).await?;
-        let mut first = vec![0u8; 4096];
-        let spoke = tokio::select! {
-            ready = detect::speaks(&conn.stream) => {
-                ready.map_err(|e| ConnError::Io(Errno::of(&e)))?;
-                None
-            }
-            read = tokio::io::AsyncReadExt::read(&mut app, &mut first) => {
-                Some(read.map_err(|e| ConnError::Io(Errno::of(&e)))?)
-            }
-        };
-        Ok(spoke.map(|n| {
-            first.truncate(n);
-            (app, first)
-        }))
+        let spoke = detect::first_to_speak(&conn.stream, &mut app)
+            .await
+            .map_err(|e| ConnError::Io(Errno::of(&e)))?;
+        Ok(spoke.map(|first| (app, first)))
     }
 
     /// Reads the client's first bytes: its protocol, and the bytes to replay.

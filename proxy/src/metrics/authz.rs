@@ -75,7 +75,7 @@ impl AuthzMetrics {
 
     pub fn tcp_allowed(&self, subject: &Subject, authz: &Meta) {
         let mut labels = target_and_server(subject);
-        meta(&mut labels, "authz", authz);
+        meta(&mut labels, AUTHZ, authz);
         tls(&mut labels, subject.tls);
         self.tcp_allow.get_or_create(&labels).inc();
     }
@@ -90,15 +90,15 @@ impl AuthzMetrics {
     /// keep while its requests keep taking that route.
     pub fn http_allowed(&self, subject: &Subject, route: &Meta, authz: &Meta) -> Counter {
         let mut labels = target_and_server(subject);
-        meta(&mut labels, "route", route);
-        meta(&mut labels, "authz", authz);
+        meta(&mut labels, ROUTE, route);
+        meta(&mut labels, AUTHZ, authz);
         tls(&mut labels, subject.tls);
         self.http_allow.get_or_create(&labels).clone()
     }
 
     pub fn http_denied(&self, subject: &Subject, route: &Meta) {
         let mut labels = target_and_server(subject);
-        meta(&mut labels, "route", route);
+        meta(&mut labels, ROUTE, route);
         tls(&mut labels, subject.tls);
         self.http_deny.get_or_create(&labels).inc();
     }
@@ -116,17 +116,16 @@ fn target_and_server(subject: &Subject) -> Labels {
         ("target_ip", subject.target.ip().to_string()),
         ("target_port", subject.target.port().to_string()),
     ];
-    meta(&mut labels, "srv", &subject.policy.meta);
+    meta(&mut labels, SRV, &subject.policy.meta);
     labels.push(("srv_port", subject.target.port().to_string()));
     labels
 }
 
-fn meta(labels: &mut Labels, prefix: &'static str, meta: &Meta) {
-    let (group, kind, name) = match prefix {
-        "srv" => ("srv_group", "srv_kind", "srv_name"),
-        "route" => ("route_group", "route_kind", "route_name"),
-        _ => ("authz_group", "authz_kind", "authz_name"),
-    };
+const SRV: [&str; 3] = ["srv_group", "srv_kind", "srv_name"];
+const ROUTE: [&str; 3] = ["route_group", "route_kind", "route_name"];
+const AUTHZ: [&str; 3] = ["authz_group", "authz_kind", "authz_name"];
+
+fn meta(labels: &mut Labels, [group, kind, name]: [&'static str; 3], meta: &Meta) {
     labels.push((group, meta.group.to_string()));
     labels.push((kind, meta.kind.to_string()));
     labels.push((name, meta.name.to_string()));

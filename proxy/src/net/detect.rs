@@ -196,6 +196,23 @@ pub async fn speaks(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
     stream.peek(&mut [0u8; 1]).await.map(|_| ())
 }
 
+/// Which side of a silent client's connection, given to the server, speaks first:
+/// `None` the client (nothing is consumed from it), `Some` the server, with its first
+/// bytes (none: it closed).
+pub async fn first_to_speak<S: AsyncRead + Unpin>(
+    client: &tokio::net::TcpStream,
+    server: &mut S,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut first = vec![0u8; 4096];
+    tokio::select! {
+        ready = speaks(client) => ready.map(|()| None),
+        read = server.read(&mut first) => read.map(|n| {
+            first.truncate(n);
+            Some(first)
+        }),
+    }
+}
+
 pub async fn detect<I: AsyncRead + Unpin>(
     io: &mut I,
     timeout: Duration,

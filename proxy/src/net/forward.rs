@@ -269,6 +269,22 @@ impl<C: Transport> Downstream<C> {
     }
 }
 
+/// Forwards a connection whose server spoke first: its first bytes go to the client,
+/// then both directions as [`relay`].
+pub async fn relay_after_server<C: Transport, S: Transport>(
+    mut client: Downstream<C>,
+    first: &[u8],
+    server: S,
+    dst: OpenConnection,
+) -> Result<(), ConnError> {
+    dst.series().add_read(first.len());
+    if let Err(error) = tokio::io::AsyncWriteExt::write_all(&mut client.stream, first).await {
+        return Err(client.refuse(ConnError::Io(Errno::of(&error))));
+    }
+    client.metrics.series().add_write(first.len());
+    relay(client, &[], server, dst).await
+}
+
 /// Forwards the client's stream to `server` (writing `prefix` first), counting the
 /// server side in `dst`, until both directions have ended.
 pub async fn relay<C: Transport, S: Transport>(

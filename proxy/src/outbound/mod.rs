@@ -88,11 +88,11 @@ impl Outbound {
                         facts.discovered = Some(resolution.resolved().await);
                     }
                     Step::Detect if !window.is_zero() => {
-                        let speaks = detect::speaks_within(&conn.stream, window)
+                        let window = std::mem::take(&mut window);
+                        let silent = !detect::speaks_within(&conn.stream, window)
                             .await
                             .map_err(|_| ConnError::Detect)?;
-                        window = std::time::Duration::ZERO;
-                        if !speaks {
+                        if silent {
                             debug!(%client, "client silent; the server may speak first");
                             facts.detection = Detection::Silent;
                         }
@@ -203,27 +203,14 @@ impl Outbound {
             }
             carried => carried,
         };
-        let mut first = vec![0u8; 4096];
-        let server_read = async {
-            use tokio::io::AsyncReadExt;
-            match &mut upstream {
-                Upstream::Dialed(server, _) => server.read(&mut first).await,
-                Upstream::Carried(stream) => stream.read(&mut first).await,
-            }
+        let spoke = match &mut upstream {
+            Upstream::Dialed(server, _) => detect::first_to_speak(client, server).await,
+            Upstream::Carried(stream) => detect::first_to_speak(client, stream).await,
         };
-        let spoke = tokio::select! {
-            ready = detect::speaks(client) => {
-                ready.map_err(|e| ConnError::Io(Errno::of(&e)))?;
-                None
-            }
-            read = server_read => Some(read.map_err(|e| ConnError::Io(Errno::of(&e)))?),
-        };
-        let Some(n) = spoke else {
+        let Some(first) = spoke.map_err(|e| ConnError::Io(Errno::of(&e)))? else {
             debug!("the client spoke first; back to detection");
             return Ok(None);
         };
-        first.truncate(n);
-        dst.series().add_read(n);
         Ok(Some(ServerSpoke {
             upstream,
             dst,
@@ -383,14 +370,17 @@ struct ServerSpoke {
 }
 
 impl ServerSpoke {
-    /// Hands the server's first bytes to the client, then forwards both ways.
-    async fn relay(self, mut client: Downstream<TcpStream>) -> Result<(), ConnError> {
-        use tokio::io::AsyncWriteExt;
-        if let Err(error) = client.stream.write_all(&self.first).await {
-            return Err(client.refuse(ConnError::Io(Errno::of(&error))));
+    /// Hands the server's first bytes to the client, then forwards both ways (the
+    /// transport header, if any, went before the race).
+    async fn relay(self, client: Downstream<TcpStream>) -> Result<(), ConnError> {
+        match self.upstream {
+            Upstream::Carried(stream) => {
+                forward::relay_after_server(client, &self.first, stream, self.dst).await
+            }
+            Upstream::Dialed(server, _) => {
+                forward::relay_after_server(client, &self.first, server, self.dst).await
+            }
         }
-        client.metrics.series().add_write(self.first.len());
-        relay(client, Vec::new(), self.upstream, self.dst).await
     }
 }
 

@@ -103,17 +103,7 @@ impl InboundPolicies {
         for port in policies.shared.settings.ports.clone() {
             policies.watch(port, true);
         }
-        let sweeper = Arc::downgrade(&policies);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let Some(policies) = sweeper.upgrade() else {
-                    return;
-                };
-                policies.forget_idle();
-            }
-        });
+        super::sweep_every_second(Arc::downgrade(&policies), InboundPolicies::forget_idle);
         policies
     }
 

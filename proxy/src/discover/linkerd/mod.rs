@@ -120,17 +120,7 @@ impl Linkerd {
             }),
             targets: Mutex::default(),
         });
-        let sweeper = Arc::downgrade(&linkerd);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let Some(linkerd) = sweeper.upgrade() else {
-                    return;
-                };
-                linkerd.forget_idle();
-            }
-        });
+        sweep_every_second(Arc::downgrade(&linkerd), Linkerd::forget_idle);
         Ok(linkerd)
     }
 
@@ -201,6 +191,21 @@ impl Discover for Linkerd {
             resolved
         }))
     }
+}
+
+/// Calls `forget` on what `owner` points to every second, until it is gone: how
+/// idle watches are dropped.
+fn sweep_every_second<T: Send + Sync + 'static>(owner: Weak<T>, forget: fn(&T)) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(owner) = owner.upgrade() else {
+                return;
+            };
+            forget(&owner);
+        }
+    });
 }
 
 /// What a target's two streams have said so far, read into specs as they arrive
