@@ -127,6 +127,9 @@ impl Inbound {
                 }
             };
             let already_read = prefix.len();
+            // Each plan's future is boxed: the connection's own future is then only
+            // as large as the steps before the plan (what a connection waiting for
+            // its first bytes holds), not as its largest plan.
             return match plan {
                 InboundPlan::Refuse { error, tls } => {
                     let client =
@@ -142,18 +145,20 @@ impl Inbound {
                         tls.clone(),
                         already_read,
                     );
-                    self.to_app(client, prefix, protocol, target, tls).await
+                    Box::pin(self.to_app(client, prefix, protocol, target, tls)).await
                 }
-                InboundPlan::Terminate { with } => self.terminate(conn, prefix, with).await,
+                InboundPlan::Terminate { with } => {
+                    Box::pin(self.terminate(conn, prefix, with)).await
+                }
                 InboundPlan::ServerFirst { tls } => {
-                    match self.app_first(&conn, &tls).await {
+                    match Box::pin(self.app_first(&conn, &tls)).await {
                         Ok(Some((app, first))) => {
                             self.metrics.detected(DetectResult::ServerFirst);
                             let target = conn.orig_dst;
                             let client = self.downstream(conn.stream, conn.client, target, tls, 0);
                             let loopback = TlsStatus::NoIdentity(NoTlsReason::Loopback);
                             let dst = self.metrics.transport.open(Peer::Dst, target, loopback);
-                            forward::relay_after_server(client, &first, app, dst).await
+                            Box::pin(forward::relay_after_server(client, &first, app, dst)).await
                         }
                         // The client spoke first: it is detected as any client.
                         Ok(None) => {
@@ -240,9 +245,11 @@ impl Inbound {
             orig_dst,
             local,
         } = conn;
-        let tls =
-            crate::mesh::terminate(config.clone(), prefix, stream, self.config.detect_timeout)
-                .await?;
+        let handshake =
+            crate::mesh::terminate(config.clone(), prefix, stream, self.config.detect_timeout);
+        // The stream is boxed: it moves through several futures from here on, and
+        // each would otherwise hold a copy of its size.
+        let tls = Box::new(Box::pin(handshake).await?);
         let session = tls.get_ref().1;
         let client_id = tls::peer_identity(session.peer_certificates());
         let negotiated = match session.alpn_protocol() {
@@ -266,7 +273,14 @@ impl Inbound {
         match plan::plan_meshed(&meshed) {
             MeshedPlan::Refuse(error) => Err(downstream(tls, orig_dst, 0).refuse(error)),
             MeshedPlan::Carrier { client_id } => {
-                carrier::accept(&self.carriers, tls, client, client_id, orig_dst).await
+                Box::pin(carrier::accept(
+                    &self.carriers,
+                    tls,
+                    client,
+                    client_id,
+                    orig_dst,
+                ))
+                .await
             }
             MeshedPlan::ReadHeader => {
                 let mut tls = tls;
@@ -285,8 +299,9 @@ impl Inbound {
                     Ok(target) => {
                         let client = downstream(tls, target, rest.len());
                         let protocol = plan::header_protocol(&header);
-                        self.to_app(client, rest, protocol, target, established.clone())
-                            .await
+                        let to_app =
+                            self.to_app(client, rest, protocol, target, established.clone());
+                        Box::pin(to_app).await
                     }
                     Err(error) => Err(downstream(tls, orig_dst, 0).refuse(error)),
                 }
@@ -296,8 +311,8 @@ impl Inbound {
                 let mut client = downstream(tls, orig_dst, 0);
                 let (protocol, prefix) = self.detect(&mut client.stream, client.addr).await?;
                 client.metrics.series().add_read(prefix.len());
-                self.to_app(client, prefix, protocol, orig_dst, established.clone())
-                    .await
+                let to_app = self.to_app(client, prefix, protocol, orig_dst, established.clone());
+                Box::pin(to_app).await
             }
         }
     }
@@ -322,8 +337,12 @@ impl Inbound {
                     .policies
                     .as_ref()
                     .map(|p| p.for_requests(target, facts()));
-                crate::http::serve_connection(&self.http, client, prefix, protocol, route, authz)
-                    .await
+                // Boxed: the HTTP server's state is several times a byte stream's.
+                let http = &self.http;
+                Box::pin(crate::http::serve_connection(
+                    http, client, prefix, protocol, route, authz,
+                ))
+                .await
             }
             AppPlan::Tcp { target } => {
                 if let Some(policies) = &self.policies {

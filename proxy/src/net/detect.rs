@@ -203,13 +203,9 @@ pub async fn first_to_speak<S: AsyncRead + Unpin>(
     client: &tokio::net::TcpStream,
     server: &mut S,
 ) -> std::io::Result<Option<Vec<u8>>> {
-    let mut first = vec![0u8; 4096];
     tokio::select! {
         ready = speaks(client) => ready.map(|()| None),
-        read = server.read(&mut first) => read.map(|n| {
-            first.truncate(n);
-            Some(first)
-        }),
+        read = first_bytes(server, FIRST_READ) => read.map(Some),
     }
 }
 
@@ -217,15 +213,13 @@ pub async fn detect<I: AsyncRead + Unpin>(
     io: &mut I,
     timeout: Duration,
 ) -> std::io::Result<(Outcome, Vec<u8>)> {
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf = Vec::new();
     let read_until_known = async {
+        // Nothing is allocated for a connection until its first bytes arrive: a
+        // flood of connections that send nothing costs only their tasks.
+        buf = first_bytes(&mut *io, FIRST_READ).await?;
         loop {
-            if buf.len() == buf.capacity() {
-                buf.reserve((buf.capacity() * 2).min(DETECT_LIMIT) - buf.len());
-            }
-            let spare = DETECT_LIMIT - buf.len();
-            let n = (&mut *io).take(spare as u64).read_buf(&mut buf).await?;
-            if n == 0 {
+            if buf.is_empty() {
                 // The client finished sending before we could tell; forward what it sent.
                 return Ok(Protocol::Unknown);
             }
@@ -236,6 +230,13 @@ pub async fn detect<I: AsyncRead + Unpin>(
                 }
                 Classification::NeedMore => {}
             }
+            if buf.len() == buf.capacity() {
+                buf.reserve((buf.capacity() * 2).min(DETECT_LIMIT) - buf.len());
+            }
+            let spare = DETECT_LIMIT - buf.len();
+            if (&mut *io).take(spare as u64).read_buf(&mut buf).await? == 0 {
+                return Ok(Protocol::Unknown);
+            }
         }
     };
     let outcome = match tokio::time::timeout(timeout, read_until_known).await {
@@ -244,6 +245,25 @@ pub async fn detect<I: AsyncRead + Unpin>(
         Err(_elapsed) => Outcome::Timeout,
     };
     Ok((outcome, buf))
+}
+
+/// How much detection reads at first: every request line and ClientHello seen in
+/// practice fits, and a buffer of this size is a small allocation.
+const FIRST_READ: usize = 1024;
+
+/// The first read of a stream, into a buffer allocated only once there is something
+/// to keep: the read goes to the stack, and only what arrived is copied out. Empty
+/// at end of stream.
+async fn first_bytes<I: AsyncRead + Unpin>(io: &mut I, at_most: usize) -> std::io::Result<Vec<u8>> {
+    std::future::poll_fn(|cx| {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+        let mut read = tokio::io::ReadBuf::uninit(&mut stack[..at_most.min(FIRST_READ)]);
+        std::task::ready!(std::pin::Pin::new(&mut *io).poll_read(cx, &mut read))?;
+        let mut bytes = Vec::with_capacity(at_most.min(FIRST_READ));
+        bytes.extend_from_slice(read.filled());
+        std::task::Poll::Ready(Ok(bytes))
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -32,7 +33,7 @@ use crate::metrics::transport::{OpenConnection, TransportSeries};
 /// allocation is exactly 16 KiB, an allocator size class; 64 bytes more would round
 /// up to 20 KiB.
 const COPY_BUFFER: usize = 16 * 1024;
-/// What a direction's buffer grows to once a read fills it (a bulk transfer): four
+/// What a direction's buffers grow to once a read fills one (a bulk transfer): four
 /// TLS records per read and per write instead of one.
 const BULK_COPY_BUFFER: usize = 64 * 1024;
 /// Where a direction's bytes start in its buffer. rustls copies what it is given into
@@ -68,6 +69,12 @@ impl<T: Transport> Transport for tokio_rustls::server::TlsStream<T> {
 impl<T: Transport> Transport for tokio_rustls::client::TlsStream<T> {
     fn reset_on_close(&mut self) {
         self.get_mut().0.reset_on_close()
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn reset_on_close(&mut self) {
+        (**self).reset_on_close()
     }
 }
 
@@ -145,8 +152,12 @@ pub async fn forward<C: Transport, S: Transport>(
 
 /// The state of copying one direction.
 struct OneWay {
-    /// The first [`LEAD`] bytes are never used.
-    buf: Box<[u8]>,
+    /// Held only while bytes are in flight: a direction with nothing to copy gives its
+    /// buffer back, so an idle forwarded connection holds none.
+    buf: Option<CopyBuffer>,
+    /// The size of this direction's next buffer: [`COPY_BUFFER`], or
+    /// [`BULK_COPY_BUFFER`] once a read has filled one.
+    size: usize,
     /// Bytes in `buf[start..end]` are read but not yet written.
     start: usize,
     end: usize,
@@ -158,12 +169,17 @@ struct OneWay {
 
 impl OneWay {
     fn with_prefix(prefix: &[u8]) -> OneWay {
-        let mut buf = vec![0; COPY_BUFFER.max(LEAD + prefix.len())].into_boxed_slice();
-        buf[LEAD..LEAD + prefix.len()].copy_from_slice(prefix);
+        let end = LEAD + prefix.len();
+        let buf = (!prefix.is_empty()).then(|| {
+            let mut buf = CopyBuffer::new(COPY_BUFFER.max(end));
+            buf.fill(LEAD, prefix);
+            buf
+        });
         OneWay {
             buf,
+            size: COPY_BUFFER,
             start: LEAD,
-            end: LEAD + prefix.len(),
+            end,
             unflushed: false,
             read_done: false,
             done: false,
@@ -184,41 +200,48 @@ impl OneWay {
             return Poll::Ready(Ok(()));
         }
         loop {
-            while self.start < self.end {
-                let n = match Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end])
-                {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into())))
-                    }
-                    Poll::Ready(Ok(n)) => n,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err((false, e))),
-                    Poll::Pending => return Poll::Pending,
-                };
-                self.start += n;
-                self.unflushed = true;
-                write_series.add_write(n);
+            if let Some(buf) = &self.buf {
+                while self.start < self.end {
+                    let pending = buf.filled(self.start..self.end);
+                    let n = match Pin::new(&mut *writer).poll_write(cx, pending) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into())))
+                        }
+                        Poll::Ready(Ok(n)) => n,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err((false, e))),
+                        Poll::Pending => return Poll::Pending,
+                    };
+                    self.start += n;
+                    self.unflushed = true;
+                    write_series.add_write(n);
+                }
             }
             if self.read_done {
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(|e| (false, e))?;
                 self.done = true;
+                self.buf = None;
                 return Poll::Ready(Ok(()));
             }
             // Gather what is readable now before writing again: a TLS reader yields
             // one record per read, and one write of several records is one syscall.
             (self.start, self.end) = (LEAD, LEAD);
+            let size = self.size;
+            let buf = self.buf.get_or_insert_with(|| CopyBuffer::new(size));
             loop {
-                let mut read = ReadBuf::new(&mut self.buf[self.end..]);
-                match Pin::new(&mut *reader).poll_read(cx, &mut read) {
-                    Poll::Ready(Ok(())) => {
-                        let n = read.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                            break;
-                        }
+                match buf.poll_read_into(cx, reader, self.end) {
+                    Poll::Ready(Ok(0)) => {
+                        self.read_done = true;
+                        break;
+                    }
+                    Poll::Ready(Ok(n)) => {
                         read_series.add_read(n);
                         self.end += n;
-                        if self.end == self.buf.len() {
-                            self.grow();
+                        if self.end == buf.len() {
+                            // A read filled the buffer: this is a bulk transfer, so
+                            // move to the larger buffer (it stays the size of this
+                            // direction's buffers from now on).
+                            self.size = BULK_COPY_BUFFER;
+                            buf.grow(BULK_COPY_BUFFER, LEAD..self.end);
                             break;
                         }
                     }
@@ -231,20 +254,74 @@ impl OneWay {
                                 .map_err(|e| (false, e))?;
                             self.unflushed = false;
                         }
+                        self.buf = None;
                         return Poll::Pending;
                     }
                 }
             }
         }
     }
+}
 
-    /// A read filled the buffer: this is a bulk transfer, so move to the larger
-    /// buffer (once; it stays for the connection's life).
-    fn grow(&mut self) {
-        if self.buf.len() < BULK_COPY_BUFFER {
-            let mut bigger = vec![0; BULK_COPY_BUFFER].into_boxed_slice();
-            bigger[LEAD..self.end].copy_from_slice(&self.buf[LEAD..self.end]);
-            self.buf = bigger;
+/// A direction's copy buffer, allocated without being zeroed: it is taken and given
+/// back each time the direction goes from idle to busy and back, and clearing 16 or
+/// 64 KiB each time would cost more than the copy. Only what reads have filled is
+/// ever read back.
+struct CopyBuffer {
+    bytes: Box<[MaybeUninit<u8>]>,
+    /// `bytes[..filled]` has been written.
+    filled: usize,
+}
+
+impl CopyBuffer {
+    fn new(len: usize) -> CopyBuffer {
+        CopyBuffer {
+            bytes: Box::new_uninit_slice(len),
+            filled: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Copies `data` in at `at`.
+    fn fill(&mut self, at: usize, data: &[u8]) {
+        let end = at + data.len();
+        self.bytes[at..end].write_copy_of_slice(data);
+        self.filled = self.filled.max(end);
+    }
+
+    /// Bytes that reads (or [`CopyBuffer::fill`]) have put in `range`.
+    fn filled(&self, range: std::ops::Range<usize>) -> &[u8] {
+        assert!(
+            range.end <= self.filled,
+            "reading a part of the buffer never written"
+        );
+        // SAFETY: `bytes[..filled]` has been initialised, and `range` lies within it.
+        unsafe { self.bytes[range].assume_init_ref() }
+    }
+
+    /// Reads from `reader` into the buffer from `at` on; `Ok(0)` is end of stream.
+    fn poll_read_into<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        at: usize,
+    ) -> Poll<io::Result<usize>> {
+        let mut read = ReadBuf::uninit(&mut self.bytes[at..]);
+        ready!(Pin::new(reader).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        self.filled = self.filled.max(at + n);
+        Poll::Ready(Ok(n))
+    }
+
+    /// Moves to a buffer of `len` bytes, keeping those in `keep` where they are.
+    fn grow(&mut self, len: usize, keep: std::ops::Range<usize>) {
+        if self.len() < len {
+            let mut bigger = CopyBuffer::new(len);
+            bigger.fill(keep.start, self.filled(keep));
+            *self = bigger;
         }
     }
 }
@@ -426,6 +503,40 @@ mod tests {
         let (result, (), ()) =
             tokio::join!(forwarding, exchange(app, 1, 2), exchange(upstream, 2, 1));
         result.unwrap();
+    }
+
+    /// A direction holds a buffer only while bytes are in flight: none before the
+    /// first byte, none once what came is written and nothing more is readable.
+    #[tokio::test]
+    async fn an_idle_direction_holds_no_buffer() {
+        let (src, dst) = series();
+        let (mut app, mut from_app) = tokio::io::duplex(1024);
+        let (mut to_server, mut server) = tokio::io::duplex(1024);
+        let mut way = OneWay::with_prefix(b"");
+        let mut poll_once = |way: &mut OneWay| {
+            let waker = std::task::Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            way.poll(
+                &mut cx,
+                &mut from_app,
+                src.series(),
+                &mut to_server,
+                dst.series(),
+            )
+        };
+        assert!(poll_once(&mut way).is_pending());
+        assert!(way.buf.is_none(), "a buffer before the first byte");
+        for message in [&b"hello"[..], b"again"] {
+            app.write_all(message).await.unwrap();
+            assert!(poll_once(&mut way).is_pending());
+            assert!(
+                way.buf.is_none(),
+                "a buffer kept after the bytes were written"
+            );
+            let mut got = [0u8; 5];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, message);
+        }
     }
 
     #[tokio::test]

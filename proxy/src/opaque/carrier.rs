@@ -337,7 +337,7 @@ pub struct Acceptor {
 /// has ended, so draining waits for them.
 pub async fn accept(
     acceptor: &Arc<Acceptor>,
-    tls: AcceptedTls,
+    tls: Box<AcceptedTls>,
     client: SocketAddr,
     client_id: Arc<str>,
     local: SocketAddr,

@@ -127,21 +127,27 @@ impl Outbound {
                     socket::reset_on_close(&conn.stream);
                     Err(error)
                 }
+                // Each plan's future is boxed: the connection's own future is then
+                // only as large as the steps before the plan (what a connection
+                // waiting for its first bytes holds), not as its largest plan.
                 OutboundPlan::Http { protocol, route } => {
                     let client = self.downstream(conn, already_read);
-                    crate::http::serve_connection(&self.http, client, prefix, protocol, route, None)
-                        .await
+                    let http = &self.http;
+                    Box::pin(crate::http::serve_connection(
+                        http, client, prefix, protocol, route, None,
+                    ))
+                    .await
                 }
                 OutboundPlan::Tcp { backend, opaque } => {
                     let client = self.downstream(conn, already_read);
-                    self.tcp(client, prefix, backend, opaque).await
+                    Box::pin(self.tcp(client, prefix, backend, opaque)).await
                 }
                 OutboundPlan::ServerFirst { backend } => {
-                    match self.server_first(&conn.stream, &backend).await {
+                    match Box::pin(self.server_first(&conn.stream, &backend)).await {
                         Ok(Some(spoke)) => {
                             self.metrics.detected(DetectResult::ServerFirst);
                             let client = self.downstream(conn, 0);
-                            spoke.relay(client).await
+                            Box::pin(spoke.relay(client)).await
                         }
                         // The client spoke first: it is detected as any client.
                         Ok(None) => {
@@ -178,7 +184,7 @@ impl Outbound {
                 (picked.member.endpoint.clone(), Some(picked))
             }
         };
-        let (upstream, dst) = match self.open(&endpoint, true).await {
+        let (upstream, dst) = match Box::pin(self.open(&endpoint, true)).await {
             Ok(opened) => opened,
             Err(error) => {
                 if let (Some(picked), Backend::Balance(balancer)) = (&picked, backend) {
@@ -239,7 +245,7 @@ impl Outbound {
         let balancer = match backend {
             Backend::Refused(_) => return Err(client.refuse(ConnError::Forbidden)),
             Backend::Forward(endpoint) => {
-                return match self.open(&endpoint, opaque).await {
+                return match Box::pin(self.open(&endpoint, opaque)).await {
                     Ok((upstream, dst)) => relay(client, prefix, upstream, dst).await,
                     Err(error) => Err(client.refuse(error)),
                 };
@@ -256,7 +262,7 @@ impl Outbound {
                     return Err(client.refuse(ConnError::Unavailable));
                 }
             };
-            match self.open(&picked.member.endpoint, opaque).await {
+            match Box::pin(self.open(&picked.member.endpoint, opaque)).await {
                 Ok((upstream, dst)) => {
                     picked.member.succeeded();
                     // Held in flight while the connection lasts: its load.
@@ -279,7 +285,8 @@ impl Outbound {
     }
 
     /// Opens the way to `endpoint` as [`plan::dial`] says, with the series its
-    /// side of the connection is counted in.
+    /// side of the connection is counted in. Callers box it: a connect and a
+    /// handshake are several times the size of the forwarding that follows.
     async fn open(
         &self,
         endpoint: &Endpoint,
