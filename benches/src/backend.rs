@@ -23,12 +23,20 @@ pub struct ServeArgs {
     /// A sink: reads to end of stream, then answers the byte count (the bulk scenario).
     #[arg(long)]
     pub sink: Vec<SocketAddr>,
+    /// A server that speaks first: a banner line on accept, then it reads to end of
+    /// stream (the server-first scenario of `tandem-bench idle`).
+    #[arg(long)]
+    pub banner: Vec<SocketAddr>,
 }
 
 /// Binds every listener, prints `ready` on stdout, then serves until killed.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.http.is_empty() && args.echo.is_empty() && args.sink.is_empty() {
-        anyhow::bail!("nothing to serve: give --http, --echo or --sink");
+    if args.http.is_empty()
+        && args.echo.is_empty()
+        && args.sink.is_empty()
+        && args.banner.is_empty()
+    {
+        anyhow::bail!("nothing to serve: give --http, --echo, --sink or --banner");
     }
     let listeners = Listeners::bind(&args)?;
     runtime_announcing_ready()?.block_on(serve_listeners(listeners))
@@ -81,6 +89,7 @@ pub struct Listeners {
     pub http: Vec<std::net::TcpListener>,
     pub echo: Vec<std::net::TcpListener>,
     pub sink: Vec<std::net::TcpListener>,
+    pub banner: Vec<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -99,6 +108,7 @@ impl Listeners {
             http: bind_all(&args.http, "http")?,
             echo: bind_all(&args.echo, "echo")?,
             sink: bind_all(&args.sink, "sink")?,
+            banner: bind_all(&args.banner, "banner")?,
         })
     }
 }
@@ -108,6 +118,7 @@ enum Role {
     Http,
     Echo,
     Sink,
+    Banner,
 }
 
 /// Serves every listener on the current runtime until the process ends.
@@ -116,6 +127,7 @@ pub async fn serve_listeners(listeners: Listeners) -> anyhow::Result<()> {
         (Role::Http, listeners.http),
         (Role::Echo, listeners.echo),
         (Role::Sink, listeners.sink),
+        (Role::Banner, listeners.banner),
     ];
     let mut accept_loops = Vec::new();
     for (role, role_listeners) in roles {
@@ -151,6 +163,7 @@ async fn accept_loop(listener: TcpListener, role: Role) {
                 Role::Http => serve_http(stream).await,
                 Role::Echo => serve_echo(stream).await,
                 Role::Sink => serve_sink(stream).await,
+                Role::Banner => serve_banner(stream).await,
             };
         });
     }
@@ -305,6 +318,16 @@ async fn serve_sink(mut stream: TcpStream) -> io::Result<()> {
     stream.shutdown().await
 }
 
+/// The banner a server-first backend writes on accept, as SMTP or MySQL would.
+pub const BANNER: &[u8] = b"220 tandem-bench ready\r\n";
+
+async fn serve_banner(mut stream: TcpStream) -> io::Result<()> {
+    stream.write_all(BANNER).await?;
+    let mut discard = [0u8; 1024];
+    while stream.read(&mut discard).await? != 0 {}
+    Ok(())
+}
+
 #[cfg(test)]
 pub mod tests {
     use std::io::Read;
@@ -325,6 +348,7 @@ pub mod tests {
             http: vec![bind()],
             echo: vec![bind()],
             sink: vec![bind()],
+            banner: Vec::new(),
         };
         let local_addr = |listeners: &[std::net::TcpListener]| listeners[0].local_addr().unwrap();
         let backend = Backend {

@@ -38,7 +38,12 @@ pub struct LoadArgs {
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Open loop: requests on a fixed schedule; latency counted from the scheduled time.
+    /// The connections take turns, so each request arrives alone, as requests from
+    /// independent clients do.
     HttpFixedRate,
+    /// The same rate with every connection sending at the same instants (as
+    /// `h2load --rps` paces its connections): requests arrive `conns` at a time.
+    HttpFixedRateInStep,
     /// Closed loop: each connection sends its next request when the last one is answered.
     Http,
     /// A new TCP connection per HTTP request.
@@ -168,7 +173,11 @@ pub fn run_scenario(scenario: Scenario) -> anyhow::Result<Report> {
     if scenario.conns == 0 {
         bail!("--conns must be at least 1");
     }
-    if scenario.mode == Mode::HttpFixedRate && scenario.rate == 0 {
+    let fixed_rate = matches!(
+        scenario.mode,
+        Mode::HttpFixedRate | Mode::HttpFixedRateInStep
+    );
+    if fixed_rate && scenario.rate == 0 {
         bail!("--rate must be at least 1");
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -250,7 +259,7 @@ async fn timed(scenario: Scenario) -> anyhow::Result<Report> {
     let conns = scenario.conns as u64;
     let rate = u64::from(scenario.rate.max(1));
     let expected_per_second = match scenario.mode {
-        Mode::HttpFixedRate => rate,
+        Mode::HttpFixedRate | Mode::HttpFixedRateInStep => rate,
         _ => EXPECTED_REQUESTS_PER_SECOND,
     };
     let capacity =
@@ -261,9 +270,13 @@ async fn timed(scenario: Scenario) -> anyhow::Result<Report> {
     let mut handles = Vec::with_capacity(scenario.conns);
     for index in 0..conns {
         let worker = match scenario.mode {
-            Mode::HttpFixedRate => {
+            Mode::HttpFixedRate | Mode::HttpFixedRateInStep => {
+                let turn = match scenario.mode {
+                    Mode::HttpFixedRate => index,
+                    _ => 0,
+                };
                 let schedule = Schedule {
-                    first: start + Duration::from_nanos(index * 1_000_000_000 / rate),
+                    first: start + Duration::from_nanos(turn * 1_000_000_000 / rate),
                     interval,
                     end: deadline,
                 };

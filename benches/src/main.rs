@@ -8,6 +8,7 @@
 
 mod backend;
 mod discovery;
+mod idle;
 mod load;
 mod mesh;
 mod relay;
@@ -36,7 +37,7 @@ struct Cli {
     proxy_env: Vec<(String, String)>,
 }
 
-fn parse_setting(text: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_setting(text: &str) -> Result<(String, String), String> {
     let (name, value) = text
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))?;
@@ -57,6 +58,10 @@ enum Command {
     /// Discovery at scale: a control plane describing many Services, the memory
     /// and update latency of the proxy that resolves them.
     Discovery(discovery::DiscoveryArgs),
+    /// Idle connections and server-first protocols: the proxies' memory under floods
+    /// of idle connections (while held, after they close) and the time a banner takes
+    /// through the mesh.
+    Idle(idle::IdleArgs),
 }
 
 fn main() {
@@ -68,6 +73,11 @@ fn main() {
         Some(Command::Discovery(args)) => {
             let _signals = tandem_tests::Signals::block();
             tandem_tests::catch_harness_failure(|| discovery::run(args))
+                .unwrap_or_else(|failure| Err(anyhow::anyhow!(failure)))
+        }
+        Some(Command::Idle(args)) => {
+            let signals = tandem_tests::Signals::block();
+            tandem_tests::catch_harness_failure(|| idle::run(args, &signals))
                 .unwrap_or_else(|failure| Err(anyhow::anyhow!(failure)))
         }
         None => {

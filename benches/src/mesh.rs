@@ -74,6 +74,14 @@ const SCENARIOS: &[Scenario] = &[
         service: None,
     },
     Scenario {
+        name: "HTTP 1000 rps, 4 conns in step (h2load's pacing)",
+        mode: "http-fixed-rate-in-step",
+        conns: 4,
+        meshed_port: HTTP,
+        direct_port: DIRECT_HTTP,
+        service: None,
+    },
+    Scenario {
         name: "HTTP saturated, 50 conns",
         mode: "http",
         conns: 50,
@@ -155,6 +163,11 @@ struct HopCost {
     cores: f64,
     peak_rss: u64,
     final_rss: u64,
+    /// Times the process's threads gave up the CPU (woke for work and went back to
+    /// sleep, or were preempted) over the run: its wake-ups.
+    switches: u64,
+    /// System calls over the run, when `perf` can count them here.
+    syscalls: Option<u64>,
 }
 
 pub fn run(
@@ -310,7 +323,7 @@ fn add_service(client_env: &[(String, String)], server: &Pod) -> anyhow::Result<
 }
 
 /// Starts `cmd` in `pod` and waits for it to print `ready` (everything bound).
-fn spawn_ready(pod: &Pod, label: &str, cmd: Command) -> Proc {
+pub(crate) fn spawn_ready(pod: &Pod, label: &str, cmd: Command) -> Proc {
     let mut process = pod.spawn(label, cmd);
     wait_for(&format!("the {label} to listen"), PATIENCE, || {
         if let Some(status) = process.try_exit() {
@@ -359,6 +372,12 @@ fn measure(
         .iter()
         .map(|&pid| cpu_ticks(pid))
         .collect::<anyhow::Result<_>>()?;
+    let switches_before: Vec<u64> = hops
+        .iter()
+        .map(|&pid| context_switches(pid))
+        .collect::<anyhow::Result<_>>()?;
+    let syscall_counters: Vec<Option<SyscallCounter>> =
+        hops.iter().map(|&pid| SyscallCounter::start(pid)).collect();
     let backend_before = cpu_ticks(backend)?;
     let host_before = host_ticks()?;
     let started = Instant::now();
@@ -373,13 +392,19 @@ fn measure(
     let wall = started.elapsed().as_secs_f64();
     let ticks_per_second = ticks_per_second();
     let mut costs = Vec::new();
-    for (&pid, before) in hops.iter().zip(before) {
+    let counted = before
+        .into_iter()
+        .zip(switches_before)
+        .zip(syscall_counters);
+    for (&pid, ((before, switches_before), syscalls)) in hops.iter().zip(counted) {
         let used = cpu_ticks(pid)?.saturating_sub(before) as f64 / ticks_per_second;
         let (peak_rss, final_rss) = rss(pid)?;
         costs.push(HopCost {
             cores: used / wall,
             peak_rss,
             final_rss,
+            switches: context_switches(pid)?.saturating_sub(switches_before),
+            syscalls: syscalls.and_then(SyscallCounter::stop),
         });
     }
     let backend_used = cpu_ticks(backend)?.saturating_sub(backend_before) as f64;
@@ -504,6 +529,65 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
+/// Context switches, voluntary and not, of every thread of `pid` so far.
+fn context_switches(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("cannot list the threads of {pid}"))?;
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        total += status
+            .lines()
+            .filter_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                key.ends_with("ctxt_switches")
+                    .then(|| value.trim().parse::<u64>().ok())?
+            })
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
+/// `perf stat` counting one process's system calls while a scenario runs. Absent
+/// when `perf` is not installed or not allowed here: the column is then empty.
+struct SyscallCounter(std::process::Child);
+
+impl SyscallCounter {
+    fn start(pid: u32) -> Option<SyscallCounter> {
+        use std::os::unix::process::CommandExt;
+        let mut perf = Command::new("perf");
+        perf.args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p"])
+            .arg(pid.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        // The benchmark blocks SIGINT to clean up on Ctrl-C, and a child inherits
+        // the mask: perf must take the SIGINT that ends its count.
+        // SAFETY: between fork and exec only async-signal-safe calls are made.
+        unsafe {
+            perf.pre_exec(|| {
+                let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+                libc::sigemptyset(none.as_mut_ptr());
+                libc::pthread_sigmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        Some(SyscallCounter(perf.spawn().ok()?))
+    }
+
+    /// Stops counting (as Ctrl-C would) and reads the count.
+    fn stop(self) -> Option<u64> {
+        // SAFETY: kill with the pid of a child we own and a valid signal number.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let output = self.0.wait_with_output().ok()?;
+        let text = String::from_utf8_lossy(&output.stderr);
+        text.lines()
+            .find(|line| line.contains("raw_syscalls:sys_enter"))
+            .and_then(|line| line.split(',').next()?.trim().parse().ok())
+    }
+}
+
 /// Restarts the kernel's peak-RSS record (`VmHWM`) so each scenario gets its own peak.
 fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
@@ -511,7 +595,7 @@ fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
 }
 
 /// Peak and current resident set size of `pid`, in bytes.
-fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
+pub(crate) fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("cannot read /proc/{pid}/status"))?;
     let kib = |key: &str| -> anyhow::Result<u64> {
@@ -634,6 +718,35 @@ fn figure(
     let _ = writeln!(out, "| {name} | {tandem} | {floor} | {target} | {budget} |");
 }
 
+/// Context switches and system calls per request at 1,000 RPS, each proxy's (or
+/// relay's): where a proxy at low load spends its time.
+fn wake_ups(out: &mut String, row: &Row<'_>, pacing: &str) {
+    let per_request = |m: &Measured, count: &dyn Fn(&HopCost) -> Option<u64>| {
+        let requests = m.report.requests.max(1) as f64;
+        m.hops
+            .iter()
+            .map(|h| count(h).map_or("-".into(), |n| format!("{:.1}", n as f64 / requests)))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    figure(
+        out,
+        &format!("context switches per request at 1,000 RPS{pacing} (client side / server side)"),
+        &|m| per_request(m, &|h| Some(h.switches)),
+        row,
+        "",
+        "",
+    );
+    figure(
+        out,
+        &format!("system calls per request at 1,000 RPS{pacing} (client side / server side)"),
+        &|m| per_request(m, &|h| h.syscalls),
+        row,
+        "",
+        "",
+    );
+}
+
 /// The figures the budget is stated in, next to the target and the budget.
 fn derived(rows: &[Row<'_>]) -> String {
     let find = |mode: &str, conns: usize| {
@@ -658,6 +771,7 @@ fn derived(rows: &[Row<'_>]) -> String {
             "≤ 0.05",
             "0.25",
         );
+        wake_ups(&mut out, row, "");
         figure(
             &mut out,
             "MiB per proxy (peak RSS at 1,000 RPS)",
@@ -688,6 +802,17 @@ fn derived(rows: &[Row<'_>]) -> String {
             "| calibration: the backend's CPU cores per 1,000 RPS on the direct path | {:.3} | | | |",
             direct.backend_cores / (direct.report.per_second() / 1000.0)
         );
+    }
+    if let Some(row) = find("http-fixed-rate-in-step", 4) {
+        figure(
+            &mut out,
+            "CPU cores per 1,000 RPS per proxy, requests 4 at a time (h2load's pacing)",
+            &|m| format!("{:.3}", busier_cores(m) / (m.report.per_second() / 1000.0)),
+            row,
+            "",
+            "",
+        );
+        wake_ups(&mut out, row, ", 4 at a time");
     }
     if let Some(row) = find("http", 50) {
         let direct_rps = row.direct.report.per_second();
