@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use self::plan::{
-    AppPlan, Detection, Facts, InboundPlan, Meshed, MeshedPlan, Negotiated, ServerTls, Step,
+    AppPlan, Detection, Facts, InboundPlan, Meshed, MeshedPlan, Need, Negotiated, ServerTls, Step,
 };
 use crate::config::{DirectionConfig, PortSet};
 use crate::discover::inbound_policy::{Client, PortProtocol};
@@ -103,8 +103,12 @@ impl Inbound {
         loop {
             let mut prefix = Vec::new();
             let plan = loop {
-                match plan::plan(&facts) {
-                    Step::Detect if !window.is_zero() => {
+                let need = match plan::plan(&facts) {
+                    Step::Go(plan) => break plan,
+                    Step::Need(need) => need,
+                };
+                match need {
+                    Need::Detect if !window.is_zero() => {
                         let window = std::mem::take(&mut window);
                         let silent = !detect::speaks_within(&conn.stream, window)
                             .await
@@ -114,16 +118,15 @@ impl Inbound {
                             facts.detection = Detection::Silent;
                         }
                     }
-                    Step::Detect => {
+                    Need::Detect => {
                         let protocol;
                         (protocol, prefix) = self.detect(&mut conn.stream, conn.client).await?;
                         facts.detection = Detection::Detected(protocol);
                     }
-                    Step::SkipDetection => {
+                    Need::SkipDetection => {
                         self.metrics.detected(DetectResult::Skipped);
                         facts.detection = Detection::Skipped;
                     }
-                    Step::Go(plan) => break plan,
                 }
             };
             let already_read = prefix.len();

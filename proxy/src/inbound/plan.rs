@@ -57,11 +57,19 @@ pub enum Detection {
 /// The next thing to do with a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
+    /// Learn a fact first.
+    Need(Need),
+    Go(InboundPlan),
+}
+
+/// The fact a connection's plan waits for. Apart from [`Step`] so that the executor
+/// keeps only this small value, not a whole step, while it waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
     /// Read the client's first bytes to learn its protocol.
     Detect,
     /// Do not read them: the port is opaque.
     SkipDetection,
-    Go(InboundPlan),
 }
 
 /// What to do with an inbound connection before any TLS.
@@ -114,8 +122,10 @@ pub fn plan(facts: &Facts) -> Step {
         return Step::Go(InboundPlan::ServerFirst { tls });
     }
     let protocol = match &facts.detection {
-        Detection::NotYet if facts.opaque_port && !direct => return Step::SkipDetection,
-        Detection::NotYet | Detection::Silent => return Step::Detect,
+        Detection::NotYet if facts.opaque_port && !direct => {
+            return Step::Need(Need::SkipDetection)
+        }
+        Detection::NotYet | Detection::Silent => return Step::Need(Need::Detect),
         Detection::Skipped => Protocol::Unknown,
         Detection::Detected(protocol) => protocol.clone(),
     };
@@ -316,7 +326,7 @@ mod tests {
         let go = Step::Go;
         type Row = (&'static str, Facts, Step);
         let rows: Vec<Row> = vec![
-            ("first, detection", facts(app), Step::Detect),
+            ("first, detection", facts(app), Step::Need(Need::Detect)),
             (
                 "a silent client: the application may speak first",
                 Facts {
@@ -343,7 +353,7 @@ mod tests {
                     detection: Detection::Silent,
                     ..facts(direct)
                 },
-                Step::Detect,
+                Step::Need(Need::Detect),
             ),
             (
                 "an address that is not the pod's is refused",
@@ -362,7 +372,7 @@ mod tests {
                     opaque_port: true,
                     ..facts(app)
                 },
-                Step::SkipDetection,
+                Step::Need(Need::SkipDetection),
             ),
             (
                 "a direct connection is detected even on an opaque port",
@@ -370,7 +380,7 @@ mod tests {
                     opaque_port: true,
                     ..facts(direct)
                 },
-                Step::Detect,
+                Step::Need(Need::Detect),
             ),
             (
                 "an opaque port passes through as bytes",

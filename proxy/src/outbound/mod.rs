@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use self::plan::{Detection, Dial, Facts, OpaqueVia, OutboundPlan, Settings, Step};
+use self::plan::{Detection, Dial, Facts, Need, OpaqueVia, OutboundPlan, Settings, Step};
 use crate::config::DirectionConfig;
 use crate::discover::balance::Picked;
 use crate::discover::{Backend, Discover, Endpoint};
@@ -82,12 +82,16 @@ impl Outbound {
         loop {
             let mut prefix = Vec::new();
             let plan = loop {
-                match plan::plan(&facts) {
-                    Step::Discover => {
+                let need = match plan::plan(&facts) {
+                    Step::Go(plan) => break plan,
+                    Step::Need(need) => need,
+                };
+                match need {
+                    Need::Discover => {
                         let resolution = self.discovery.resolve(conn.orig_dst);
                         facts.discovered = Some(resolution.resolved().await);
                     }
-                    Step::Detect if !window.is_zero() => {
+                    Need::Detect if !window.is_zero() => {
                         let window = std::mem::take(&mut window);
                         let silent = !detect::speaks_within(&conn.stream, window)
                             .await
@@ -97,7 +101,7 @@ impl Outbound {
                             facts.detection = Detection::Silent;
                         }
                     }
-                    Step::Detect => {
+                    Need::Detect => {
                         let (outcome, read) =
                             detect::detect(&mut conn.stream, self.config.detect_timeout)
                                 .await
@@ -113,11 +117,10 @@ impl Outbound {
                             Outcome::Timeout => detect::Protocol::Unknown,
                         });
                     }
-                    Step::SkipDetection => {
+                    Need::SkipDetection => {
                         self.metrics.detected(DetectResult::Skipped);
                         facts.detection = Detection::Skipped;
                     }
-                    Step::Go(plan) => break plan,
                 }
             };
             let already_read = prefix.len();

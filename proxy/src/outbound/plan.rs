@@ -1,8 +1,8 @@
 //! What the outbound side decides for one connection, as values.
 //!
 //! [`plan`] is a pure function of what is known about the connection so far
-//! ([`Facts`]). Until it knows enough it asks for the next fact ([`Step::Discover`],
-//! then [`Step::Detect`] unless the destination is opaque); then it says what to do
+//! ([`Facts`]). Until it knows enough it asks for the next fact ([`Need::Discover`],
+//! then [`Need::Detect`] unless the destination is opaque); then it says what to do
 //! ([`OutboundPlan`]). A byte stream goes to one endpoint of its destination's
 //! backend, picked per connection; [`dial`] says how to reach that endpoint. HTTP is
 //! served request by request, each request to an endpoint of its own
@@ -59,13 +59,21 @@ pub enum Detection {
 /// The next thing to do with a connection.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
+    /// Learn a fact first.
+    Need(Need),
+    Go(OutboundPlan),
+}
+
+/// The fact a connection's plan waits for. Apart from [`Step`] so that the executor
+/// keeps only this small value, not a whole step, while it waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
     /// Ask discovery about the original destination.
     Discover,
     /// Read the client's first bytes to learn its protocol.
     Detect,
     /// Do not read them: the destination is opaque.
     SkipDetection,
-    Go(OutboundPlan),
 }
 
 /// What to do with an outbound connection.
@@ -172,7 +180,7 @@ pub fn plan(facts: &Facts) -> Step {
     let destination = match &facts.discovered {
         // The pod's own addresses are not asked about: they are never meshed.
         None if facts.local_ip => Ok(Destination::fallback(facts.orig_dst)),
-        None => return Step::Discover,
+        None => return Step::Need(Need::Discover),
         Some(resolved) => resolved.clone(),
     };
     let destination = match destination {
@@ -184,8 +192,8 @@ pub fn plan(facts: &Facts) -> Step {
     }
     let opaque = facts.opaque_port || destination.opaque;
     let protocol = match &facts.detection {
-        Detection::NotYet if opaque => return Step::SkipDetection,
-        Detection::NotYet => return Step::Detect,
+        Detection::NotYet if opaque => return Step::Need(Need::SkipDetection),
+        Detection::NotYet => return Step::Need(Need::Detect),
         Detection::Skipped => Protocol::Unknown,
         Detection::Detected(protocol) => protocol.clone(),
         Detection::Silent => {
@@ -226,8 +234,8 @@ pub fn plan(facts: &Facts) -> Step {
 /// that may be meshed.
 fn unavailable(facts: &Facts) -> Step {
     match &facts.detection {
-        Detection::NotYet if facts.opaque_port => Step::SkipDetection,
-        Detection::NotYet => Step::Detect,
+        Detection::NotYet if facts.opaque_port => Step::Need(Need::SkipDetection),
+        Detection::NotYet => Step::Need(Need::Detect),
         Detection::Detected(protocol @ (Protocol::Http1 | Protocol::Http2)) => {
             Step::Go(OutboundPlan::Http {
                 protocol: protocol.clone(),
@@ -409,14 +417,18 @@ mod tests {
                 facts("127.0.0.1:8080"),
                 Step::Go(OutboundPlan::Refuse(ConnError::Loop)),
             ),
-            row("discovery comes first", facts(dst), Step::Discover),
+            row(
+                "discovery comes first",
+                facts(dst),
+                Step::Need(Need::Discover),
+            ),
             row(
                 "but not for the pod's own addresses",
                 Facts {
                     local_ip: true,
                     ..facts(dst)
                 },
-                Step::Detect,
+                Step::Need(Need::Detect),
             ),
             row(
                 "which are forwarded unmeshed",
@@ -436,7 +448,7 @@ mod tests {
                     discovered: destination(false, meshed.clone()),
                     ..facts(dst)
                 },
-                Step::Detect,
+                Step::Need(Need::Detect),
             ),
             row(
                 "a client silent through the server-first window: the server may speak",
@@ -467,7 +479,7 @@ mod tests {
                     discovered: destination(false, meshed.clone()),
                     ..facts(dst)
                 },
-                Step::SkipDetection,
+                Step::Need(Need::SkipDetection),
             ),
             row(
                 "nor is a destination discovery calls opaque",
@@ -475,7 +487,7 @@ mod tests {
                     discovered: destination(true, meshed.clone()),
                     ..facts(dst)
                 },
-                Step::SkipDetection,
+                Step::Need(Need::SkipDetection),
             ),
             row(
                 "a refused destination is refused before detection",
@@ -580,7 +592,7 @@ mod tests {
                     discovered: Some(Err(DiscoveryError::Unavailable)),
                     ..facts(dst)
                 },
-                Step::Detect,
+                Step::Need(Need::Detect),
             ),
             row(
                 "HTTP gets an error per request",
@@ -607,7 +619,7 @@ mod tests {
                     discovered: Some(Err(DiscoveryError::Unavailable)),
                     ..facts(dst)
                 },
-                Step::SkipDetection,
+                Step::Need(Need::SkipDetection),
             ),
             row(
                 "but refused",
