@@ -2,8 +2,8 @@
 //! gRPC messages (arriving in frames of any size), and decoded as a
 //! `Destination.Get` update, an outbound policy, a profile and an inbound `Server`,
 //! then read into the proxy's model (endpoints, the endpoint set's rules, the
-//! destination's shape, a port's policy and its decisions for a request), never
-//! panic.
+//! destination's shape, the outbound routes and the rule and split a request takes,
+//! a port's policy and its decisions for a request), never panic.
 #![no_main]
 
 use std::collections::HashMap;
@@ -18,6 +18,10 @@ use tandem_proxy::discover::inbound_policy::{
 };
 use tandem_proxy::discover::linkerd::grpc::Framer;
 use tandem_proxy::discover::linkerd::translate::{endpoint, spec, EndpointSet, PolicyAnswer};
+use tandem_proxy::discover::outbound_routes::{
+    pick_weighted, read_grpc_routes, read_http_routes, select, Distribution, RouteTable,
+};
+use tandem_proxy::discover::Labels;
 use tandem_proxy::mesh::tls::TlsStatus;
 
 fuzz_target!(|data: &[u8]| {
@@ -38,6 +42,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let policy = OutboundPolicy::decode(first).ok();
+    if let Some(policy) = &policy {
+        outbound_routes(policy, target);
+    }
     let profile = DestinationProfile::decode(second).ok();
     let answer = match policy {
         Some(policy) => PolicyAnswer::Policy(Box::new(policy)),
@@ -79,3 +86,37 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// Reads every route table the policy carries, and picks a request's rule and backend.
+fn outbound_routes(policy: &OutboundPolicy, target: std::net::SocketAddr) {
+    use linkerd2_proxy_api::outbound::proxy_protocol::Kind;
+    let parent = Labels::default();
+    let tables: Vec<RouteTable> = match policy.protocol.as_ref().and_then(|p| p.kind.as_ref()) {
+        Some(Kind::Detect(detect)) => {
+            let http1 = detect.http1.as_ref().map(|h| &h.routes[..]);
+            let http2 = detect.http2.as_ref().map(|h| &h.routes[..]);
+            [http1, http2]
+                .into_iter()
+                .flatten()
+                .map(|routes| read_http_routes(routes, &parent, target))
+                .collect()
+        }
+        Some(Kind::Http1(h)) => vec![read_http_routes(&h.routes, &parent, target)],
+        Some(Kind::Http2(h)) => vec![read_http_routes(&h.routes, &parent, target)],
+        Some(Kind::Grpc(g)) => vec![read_grpc_routes(&g.routes, &parent, target)],
+        _ => Vec::new(),
+    };
+    let uri = hyper::Uri::from_static("/pkg.Service/Method?x=1");
+    let headers = hyper::HeaderMap::new();
+    for table in &tables {
+        let Some(selected) = select(table, &hyper::Method::POST, &uri, &headers, Some("web:80"))
+        else {
+            continue;
+        };
+        let rule = &table.routes[selected.route].rules[selected.rule];
+        if let Distribution::RandomAvailable(backends) = &rule.backends {
+            let weights: Vec<u32> = backends.iter().map(|(_, weight)| *weight).collect();
+            let _ = pick_weighted(&weights, u32::MAX);
+        }
+    }
+}

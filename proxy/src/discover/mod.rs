@@ -17,6 +17,7 @@ pub mod balance;
 pub mod file;
 pub mod inbound_policy;
 pub mod linkerd;
+pub mod outbound_routes;
 pub mod route_match;
 
 use std::fmt;

@@ -460,7 +460,7 @@ fn tls_backend(routes: &[ob::TlsRoute], parent: &Labels, target: SocketAddr) -> 
     }
 }
 
-fn backend_spec(backend: &ob::Backend, parent: &Labels, target: SocketAddr) -> BackendSpec {
+pub fn backend_spec(backend: &ob::Backend, parent: &Labels, target: SocketAddr) -> BackendSpec {
     let name = BalancerName {
         parent: parent.clone(),
         backend: meta_labels("backend", backend.metadata.as_ref(), target.port()),
