@@ -175,8 +175,6 @@ fn classify_http1(buf: &[u8]) -> Classification {
     }
 }
 
-/// Reads from `io` until the protocol is known, the buffer limit is reached, the
-/// client closes, or `timeout` passes. Returns the outcome and every byte read.
 /// Whether the client sends something (or closes) within `window`: a silent client
 /// may be waiting for a server that speaks first.
 pub async fn speaks_within(
@@ -209,6 +207,8 @@ pub async fn first_to_speak<S: AsyncRead + Unpin>(
     }
 }
 
+/// Reads from `io` until the protocol is known, the buffer limit is reached, the
+/// client closes, or `timeout` passes. Returns the outcome and every byte read.
 pub async fn detect<I: AsyncRead + Unpin>(
     io: &mut I,
     timeout: Duration,
