@@ -63,7 +63,31 @@ fn kib_per_connection(pid: u32, before: u64) -> f64 {
     (rss(pid).saturating_sub(before)) as f64 / 1024.0 / CONNECTIONS as f64
 }
 
+/// Each test holds its connections and its echo server's ends in this process, and
+/// each proxy two descriptors per connection: the soft limit goes up to the hard one
+/// (a machine whose soft limit is 1,024 would otherwise run out); the proxies
+/// inherit it.
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    let needed = 4 * CONNECTIONS as u64 + 1024;
+    assert!(
+        limit.rlim_cur >= needed,
+        "the descriptor limit is {}; this test needs {needed}",
+        limit.rlim_cur
+    );
+}
+
 fn start_pair(world: &MeshedPair) -> (Proxy<'_>, Proxy<'_>) {
+    raise_descriptor_limit();
     // The server-first window off and long detection timeouts: silent connections
     // stay waiting for detection for the whole test.
     let settings = [
