@@ -888,3 +888,69 @@ fn the_discovery_files_endpoints_are_balanced_too() {
         .collect();
     assert!(per_pod.values().all(|v| *v >= 60.0), "{per_pod:?}: {text}");
 }
+
+/// Narrows the policy's HTTP routes to paths under `prefix`, as an HTTPRoute with a
+/// path match would.
+fn only_under(policy: &mut linkerd2_proxy_api::outbound::OutboundPolicy, prefix: &str) {
+    use linkerd2_proxy_api::http_route::{path_match, PathMatch};
+    use linkerd2_proxy_api::outbound::proxy_protocol::Kind;
+    let Some(Kind::Detect(detect)) = policy.protocol.as_mut().and_then(|p| p.kind.as_mut()) else {
+        panic!("a Service policy detects its protocol");
+    };
+    let http1 = detect.http1.as_mut().map(|h| &mut h.routes);
+    let http2 = detect.http2.as_mut().map(|h| &mut h.routes);
+    for routes in [http1, http2].into_iter().flatten() {
+        for rule in routes.iter_mut().flat_map(|route| &mut route.rules) {
+            for matched in &mut rule.matches {
+                matched.path = Some(PathMatch {
+                    kind: Some(path_match::Kind::Prefix(prefix.into())),
+                });
+            }
+        }
+    }
+}
+
+/// A Service whose only route takes `/api`: requests under it reach the pods, any
+/// other is answered 404 by the client-side proxy (Linkerd's "no route") and never
+/// leaves the pod; HTTP/1 and HTTP/2 alike.
+#[test]
+fn a_request_no_route_takes_is_refused_with_404() {
+    tandem_tests::require_root();
+    let world = World::new(0);
+    let (_server_proxies, apps) = world.servers();
+    let mut policy = service_policy("web", 80, PATH, false);
+    only_under(&mut policy, "/api");
+    world.control.set_policy(vip(80), policy);
+    world
+        .control
+        .set_endpoints(PATH, world.endpoints(&[0, 1, 2], Hint::H2, APP_PORT));
+    let _client = world.client_proxy(&[]);
+
+    for http in ["--http1.1", "--http2-prior-knowledge"] {
+        reset(&apps);
+        let status = |path: &str| {
+            let url = format!("http://{VIP}/{path}");
+            let args = [
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "60",
+                http,
+                &url,
+            ];
+            world.client().must("curl", &args)
+        };
+        assert_eq!(status("api/users"), "200", "{http}");
+        assert_eq!(status("api"), "200", "{http}");
+        assert_eq!(status("other"), "404", "{http}");
+        assert_eq!(status("apis"), "404", "{http}: a prefix ends on a segment");
+        assert_eq!(
+            counts(&apps).iter().sum::<usize>(),
+            2,
+            "{http}: only the routed requests reach the pods"
+        );
+    }
+}

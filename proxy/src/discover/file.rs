@@ -386,6 +386,7 @@ impl FileDiscovery {
             }
         };
         Some(Arc::new(Destination {
+            routes: None,
             opaque: entry.opaque,
             backend,
         }))

@@ -152,6 +152,9 @@ pub struct Destination {
     /// Skip protocol detection: connections are carried as bytes.
     pub opaque: bool,
     pub backend: Backend,
+    /// The control plane's routes for its HTTP or gRPC requests: a request no route
+    /// takes is refused (404). None: every request takes the backend.
+    pub routes: Option<Arc<outbound_routes::RouteTable>>,
 }
 
 impl Destination {
@@ -160,6 +163,7 @@ impl Destination {
         Arc::new(Destination {
             opaque: false,
             backend: Backend::Forward(Arc::new(Endpoint::unmeshed(addr))),
+            routes: None,
         })
     }
 }

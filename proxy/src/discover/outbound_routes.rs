@@ -3,9 +3,10 @@
 //! the pure decisions a request needs from them: which route rule it takes, and which
 //! backend of a weighted split.
 //!
-//! Not yet on the request path: the HTTP proxy still sends every request to the
-//! default route's first backend (`translate.rs`). Reading and selection come first
-//! so that routing, filters, retries and timeouts are executed from these values.
+//! On the request path so far: a request that no route takes is refused with 404
+//! (`http::ServerConn::dispatch`), as in linkerd2-proxy. A request a route takes
+//! still goes to the default route's first backend (`translate.rs`); the rule's
+//! backends, filters, retries and timeouts are to be executed from these values.
 //!
 //! Precedence is Gateway API's, as the issue asks: a route whose hosts match the
 //! request's beats one with no hosts (an exact host over a wildcard, a longer host

@@ -42,6 +42,7 @@ use self::metrics::{Outcome, SeriesHandle};
 use crate::config::HttpConfig;
 use crate::discover::balance::{Balancer, Member, PickError, Picked};
 use crate::discover::linkerd::inbound::RequestAuthz;
+use crate::discover::outbound_routes::{self, RouteTable};
 use crate::discover::{Endpoint, HttpVia, Labels};
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
 use crate::mesh::PeerId;
@@ -87,6 +88,8 @@ pub struct Route {
     pub target: Target,
     /// The client speaks HTTP/1: its header-name case is recorded.
     pub http1_case: bool,
+    /// Outbound, the control plane's routes: a request none takes is refused (404).
+    pub routes: Option<Arc<RouteTable>>,
 }
 
 /// Where requests go.
@@ -247,6 +250,8 @@ pub struct ServerConn {
     authority_labels: bool,
     /// Inbound, under Linkerd's policy controller: each request is authorized.
     authz: Option<RequestAuthz>,
+    /// Outbound, the control plane's routes.
+    routes: Option<Arc<RouteTable>>,
 }
 
 struct CachedSeries {
@@ -291,6 +296,7 @@ pub async fn serve_connection<C: Transport + 'static>(
         client_id,
         authority_labels: proxy.config.authority_labels,
         authz,
+        routes: route.routes,
     });
     let Downstream {
         stream,
@@ -397,6 +403,11 @@ impl ServerConn {
     async fn dispatch<B>(&self, request: &Request<B>) -> Result<Dispatch, ErrorKind> {
         if let Some(authz) = &self.authz {
             authz.check(request, authority_of(request))?;
+        }
+        if let Some(routes) = &self.routes {
+            let (method, uri, headers) = (request.method(), request.uri(), request.headers());
+            outbound_routes::select(routes, method, uri, headers, authority_of(request))
+                .ok_or(ErrorKind::NoRoute)?;
         }
         let (balancer, meshed, cache) = match &self.target {
             ConnTarget::Fail(kind) => return Err(*kind),

@@ -278,6 +278,7 @@ pub fn to_app(protocol: Protocol, target: SocketAddr, tls: TlsStatus) -> AppPlan
             labels: Arc::default(),
         }),
         http1_case,
+        routes: None,
     };
     AppPlan::Http { protocol, route }
 }

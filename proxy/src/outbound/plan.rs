@@ -220,6 +220,7 @@ pub fn plan(facts: &Facts) -> Step {
             logical: facts.orig_dst,
             target,
             http1_case,
+            routes: destination.routes.clone(),
         };
         return Step::Go(OutboundPlan::Http { protocol, route });
     }
@@ -244,6 +245,7 @@ fn unavailable(facts: &Facts) -> Step {
                     logical: facts.orig_dst,
                     target: Target::Fail(ErrorKind::Discovery),
                     http1_case: *protocol == Protocol::Http1,
+                    routes: None,
                 },
             })
         }
@@ -316,7 +318,11 @@ mod tests {
     }
 
     fn destination(opaque: bool, backend: Backend) -> Option<Resolved> {
-        Some(Ok(Arc::new(Destination { opaque, backend })))
+        Some(Ok(Arc::new(Destination {
+            opaque,
+            backend,
+            routes: None,
+        })))
     }
 
     fn forward(endpoint: Endpoint) -> Backend {
@@ -358,6 +364,7 @@ mod tests {
                 logical: addr(dst),
                 target,
                 http1_case: http1,
+                routes: None,
             },
         })
     }

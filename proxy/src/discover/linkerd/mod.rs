@@ -370,6 +370,7 @@ fn destination(
     Destination {
         opaque: spec.opaque,
         backend,
+        routes: spec.routes,
     }
 }
 

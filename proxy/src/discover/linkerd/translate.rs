@@ -19,6 +19,7 @@ use linkerd2_proxy_api::meta::{metadata, Metadata};
 use linkerd2_proxy_api::outbound::{self as ob, backend, proxy_protocol};
 
 use crate::discover::balance::BalancerName;
+use crate::discover::outbound_routes::{read_grpc_routes, read_http_routes, RouteTable};
 use crate::discover::{Endpoint, HttpVia, Labels, Refusal};
 
 /// An endpoint from a `WeightedAddr`, with `set_labels` (the update's) under its
@@ -203,6 +204,8 @@ pub struct Spec {
     pub backend: BackendSpec,
     /// The policy's parent (the Service), as `parent_*` labels.
     pub parent: Labels,
+    /// The policy's HTTP or gRPC routes; none for an opaque or unknown destination.
+    pub routes: Option<Arc<RouteTable>>,
 }
 
 /// Where a destination's traffic goes.
@@ -264,6 +267,7 @@ pub fn combine(policy: &PolicySpec, profile: &ProfileSpec) -> Spec {
             opaque: profile.opaque,
             backend: BackendSpec::Refused(Refusal::Invalid),
             parent: Labels::default(),
+            routes: None,
         },
         PolicySpec::Unknown => Spec {
             opaque: profile.opaque,
@@ -272,6 +276,7 @@ pub fn combine(policy: &PolicySpec, profile: &ProfileSpec) -> Spec {
                 .clone()
                 .map_or(BackendSpec::Fallback, BackendSpec::Forward),
             parent: Labels::default(),
+            routes: None,
         },
     }
 }
@@ -323,11 +328,34 @@ pub fn read_policy(target: SocketAddr, policy: &PolicyAnswer) -> PolicySpec {
         Some(proxy_protocol::Kind::Opaque(o)) => (true, opaque_backend(&o.routes, &parent, target)),
         Some(proxy_protocol::Kind::Tls(t)) => (true, tls_backend(&t.routes, &parent, target)),
     };
+    let routes = read_routes(kind, &parent, target).map(Arc::new);
     PolicySpec::Known(Spec {
         opaque,
         backend,
         parent,
+        routes,
     })
+}
+
+/// The route table of a policy's HTTP or gRPC protocol: with detection, HTTP/1's
+/// routes (the controller sends HTTP/2 the same ones).
+fn read_routes(
+    kind: Option<&proxy_protocol::Kind>,
+    parent: &Labels,
+    target: SocketAddr,
+) -> Option<RouteTable> {
+    let http = |routes: &[ob::HttpRoute]| read_http_routes(routes, parent, target);
+    match kind? {
+        proxy_protocol::Kind::Detect(detect) => match (&detect.http1, &detect.http2) {
+            (Some(h), _) => Some(http(&h.routes)),
+            (None, Some(h)) => Some(http(&h.routes)),
+            (None, None) => None,
+        },
+        proxy_protocol::Kind::Http1(h) => Some(http(&h.routes)),
+        proxy_protocol::Kind::Http2(h) => Some(http(&h.routes)),
+        proxy_protocol::Kind::Grpc(g) => Some(read_grpc_routes(&g.routes, parent, target)),
+        proxy_protocol::Kind::Opaque(_) | proxy_protocol::Kind::Tls(_) => None,
+    }
 }
 
 fn http_backend(routes: &[ob::HttpRoute], parent: &Labels, target: SocketAddr) -> BackendSpec {
