@@ -57,6 +57,10 @@ pub enum Detection {
 }
 
 /// The next thing to do with a connection.
+// A step is matched as soon as it is returned and never held (the executor keeps
+// only the small `Need` while it waits), so its size costs nothing; boxing the plan
+// would cost an allocation per connection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
     /// Learn a fact first.
