@@ -125,34 +125,34 @@ pub fn run(args: IdleArgs, signals: &Signals) -> anyhow::Result<()> {
         let held = pair.hold(args.conns, world.b_addr(HTTP), false)?;
         let flood = "silent, windows off";
         // Waiting: one descriptor each, in the client-side proxy only.
-        let waiting = pair.held_connections([1, 0])?;
-        readings.push(Reading {
+        readings.push(pair.reading(
             flood,
-            moment: format!(
-                "waiting for detection ({:.1} s after the first connect)",
-                started.elapsed().as_secs_f64()
-            ),
-            rss: pair.rss()?,
             baseline,
-            held: waiting,
-            target: "≤ 2 KiB per conn (client side)",
-        });
+            [1, 0],
+            "≤ 2 KiB per conn (client side)",
+            || {
+                format!(
+                    "waiting for detection ({:.1} s after the first connect)",
+                    started.elapsed().as_secs_f64()
+                )
+            },
+        )?);
         // Forwarded: the client's connection and the one to the peer in the client-side
         // proxy, the peer's and the application's in the server-side one. Those that
         // failed to be forwarded (a storm of handshakes at the timeout) are gone.
         pair.sleep_until(started + DETECT_TIMEOUT, signals)?;
-        let forwarded = pair.held_connections([2, 2])?;
-        readings.push(Reading {
+        readings.push(pair.reading(
             flood,
-            moment: format!(
-                "forwarded after detection timed out ({:.1} s)",
-                started.elapsed().as_secs_f64()
-            ),
-            rss: pair.rss()?,
             baseline,
-            held: forwarded,
-            target: "≤ 6 KiB per conn per proxy",
-        });
+            [2, 2],
+            "≤ 6 KiB per conn per proxy",
+            || {
+                format!(
+                    "forwarded after detection timed out ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                )
+            },
+        )?);
         readings.extend(pair.close(held, flood, baseline, settle, signals)?);
     }
     let mut banner_times = Vec::new();
@@ -162,15 +162,13 @@ pub fn run(args: IdleArgs, signals: &Signals) -> anyhow::Result<()> {
         eprintln!("  silent flood, default settings");
         let flood = "silent, default settings";
         let held = pair.hold(args.conns, world.b_addr(HTTP), false)?;
-        let forwarded = pair.held_connections([2, 2])?;
-        readings.push(Reading {
+        readings.push(pair.reading(
             flood,
-            moment: "forwarded after the server-first window".into(),
-            rss: pair.rss()?,
             baseline,
-            held: forwarded,
-            target: "≤ 6 KiB per conn per proxy",
-        });
+            [2, 2],
+            "≤ 6 KiB per conn per proxy",
+            || "forwarded after the server-first window".into(),
+        )?);
         readings.extend(pair.close(held, flood, baseline, settle, signals)?);
 
         eprintln!("  HTTP keep-alive flood");
@@ -179,15 +177,13 @@ pub fn run(args: IdleArgs, signals: &Signals) -> anyhow::Result<()> {
         let held = pair.hold(args.conns, world.b_addr(HTTP), true)?;
         // The requests share the connections between the proxies: only the client's
         // connection is held per connection, in the client-side proxy.
-        let keep_alive = pair.held_connections([1, 0])?;
-        readings.push(Reading {
+        readings.push(pair.reading(
             flood,
-            moment: "held after their request".into(),
-            rss: pair.rss()?,
             baseline,
-            held: keep_alive,
-            target: "≤ 6 KiB per conn (client side)",
-        });
+            [1, 0],
+            "≤ 6 KiB per conn (client side)",
+            || "held after their request".into(),
+        )?);
         readings.extend(pair.close(held, flood, baseline, settle, signals)?);
 
         eprintln!("  server-first banners");
@@ -269,6 +265,27 @@ impl<'w> Pair<'w> {
                     Ok(stream)
                 })
                 .collect()
+        })
+    }
+
+    /// Memory once the flood's connections are settled in the proxies (see
+    /// [`Pair::held_connections`]), against `baseline`; `moment` names it then.
+    fn reading(
+        &self,
+        flood: &'static str,
+        baseline: Rss,
+        per_connection: [usize; 2],
+        target: &'static str,
+        moment: impl FnOnce() -> String,
+    ) -> anyhow::Result<Reading> {
+        let held = self.held_connections(per_connection)?;
+        Ok(Reading {
+            flood,
+            moment: moment(),
+            rss: self.rss()?,
+            baseline,
+            held,
+            target,
         })
     }
 

@@ -184,9 +184,10 @@ pub fn select(
     headers: &HeaderMap,
     authority: Option<&str>,
 ) -> Option<Selected> {
+    let request_host = route_match::request_host(authority);
     let mut best: Option<((HostRank, Score), Selected)> = None;
     for (route_index, route) in table.routes.iter().enumerate() {
-        let Some(host) = host_rank(&route.hosts, authority) else {
+        let Some(host) = host_rank(&route.hosts, request_host) else {
             continue;
         };
         for (rule_index, rule) in route.rules.iter().enumerate() {
@@ -207,13 +208,14 @@ pub fn select(
     best.map(|(_, selected)| selected)
 }
 
-fn host_rank(hosts: &[Host], authority: Option<&str>) -> Option<HostRank> {
+fn host_rank(hosts: &[Host], request_host: Option<&[u8]>) -> Option<HostRank> {
     if hosts.is_empty() {
         return Some(HostRank::Any);
     }
+    let request_host = request_host?;
     hosts
         .iter()
-        .filter(|host| route_match::host_matches(std::slice::from_ref(host), authority))
+        .filter(|host| route_match::host_is(request_host, host))
         .map(|host| match host {
             Host::Exact(name) => HostRank::Exact(name.len()),
             Host::Suffix(suffix) => HostRank::Suffix(suffix.len()),
@@ -241,76 +243,73 @@ pub fn pick_weighted(weights: &[u32], draw: u32) -> Option<usize> {
     None
 }
 
+/// Reads a route table from a policy's HTTP or gRPC routes. The two kinds' messages
+/// differ only in their types (`ob::http_route` and `ob::grpc_route` name every field
+/// alike) and in how a match, a filter and a retry condition read, so one reading
+/// serves both.
+macro_rules! read_route_table {
+    ($routes:expr, $parent:expr, $target:expr, $kind:ident, $read_match:path, $read_filter:path, $retry_on:path) => {{
+        use ob::$kind::distribution::Kind;
+        let (parent, target) = ($parent, $target);
+        let backend = |b: &ob::$kind::RouteBackend| {
+            route_backend(b.backend.as_ref(), &b.filters, $read_filter, parent, target)
+        };
+        let routes = $routes
+            .iter()
+            .map(|route| Route {
+                labels: meta_labels("route", route.metadata.as_ref(), target.port()),
+                hosts: route_match::read_hosts(&route.hosts),
+                rules: route
+                    .rules
+                    .iter()
+                    .map(|rule| Rule {
+                        matches: rule.matches.iter().map($read_match).collect(),
+                        filters: rule.filters.iter().map($read_filter).collect(),
+                        backends: match rule.backends.as_ref().and_then(|d| d.kind.as_ref()) {
+                            None | Some(Kind::Empty(_)) => Distribution::Empty,
+                            Some(Kind::FirstAvailable(first)) => Distribution::FirstAvailable(
+                                first.backends.iter().map(backend).collect(),
+                            ),
+                            Some(Kind::RandomAvailable(random)) => Distribution::RandomAvailable(
+                                random
+                                    .backends
+                                    .iter()
+                                    .filter_map(|b| Some((backend(b.backend.as_ref()?), b.weight)))
+                                    .collect(),
+                            ),
+                        },
+                        timeouts: read_timeouts(rule.timeouts.as_ref()),
+                        retry: rule.retry.as_ref().map(|retry| Retry {
+                            max_retries: retry.max_retries,
+                            max_request_bytes: retry.max_request_bytes,
+                            on: $retry_on(retry),
+                            timeout: retry.timeout.as_ref().and_then(duration),
+                            backoff: retry.backoff.as_ref().and_then(read_backoff),
+                        }),
+                        allow_l5d_request_headers: rule.allow_l5d_request_headers,
+                    })
+                    .collect(),
+            })
+            .collect();
+        RouteTable { routes }
+    }};
+}
+
 /// Reads a policy's HTTP routes (`Detect`, `Http1`, `Http2` protocols).
 pub fn read_http_routes(
     routes: &[ob::HttpRoute],
     parent: &Labels,
     target: SocketAddr,
 ) -> RouteTable {
-    let port = target.port();
-    use ob::http_route::distribution::Kind;
-    let routes = routes
-        .iter()
-        .map(|route| Route {
-            labels: meta_labels("route", route.metadata.as_ref(), port),
-            hosts: route_match::read_hosts(&route.hosts),
-            rules: route
-                .rules
-                .iter()
-                .map(|rule| Rule {
-                    matches: rule
-                        .matches
-                        .iter()
-                        .map(route_match::read_http_match)
-                        .collect(),
-                    filters: rule.filters.iter().map(read_http_filter).collect(),
-                    backends: match rule.backends.as_ref().and_then(|d| d.kind.as_ref()) {
-                        None | Some(Kind::Empty(_)) => Distribution::Empty,
-                        Some(Kind::FirstAvailable(first)) => Distribution::FirstAvailable(
-                            first
-                                .backends
-                                .iter()
-                                .map(|b| http_backend(b, parent, target))
-                                .collect(),
-                        ),
-                        Some(Kind::RandomAvailable(random)) => Distribution::RandomAvailable(
-                            random
-                                .backends
-                                .iter()
-                                .filter_map(|b| {
-                                    Some((
-                                        http_backend(b.backend.as_ref()?, parent, target),
-                                        b.weight,
-                                    ))
-                                })
-                                .collect(),
-                        ),
-                    },
-                    timeouts: read_timeouts(rule.timeouts.as_ref()),
-                    retry: rule.retry.as_ref().map(|retry| Retry {
-                        max_retries: retry.max_retries,
-                        max_request_bytes: retry.max_request_bytes,
-                        on: RetryOn::HttpStatuses(
-                            retry
-                                .conditions
-                                .iter()
-                                .flat_map(|c| &c.status_ranges)
-                                .filter_map(|r| {
-                                    let start = u16::try_from(r.start).ok()?;
-                                    let end = u16::try_from(r.end).ok()?;
-                                    (start <= end).then_some(start..=end)
-                                })
-                                .collect(),
-                        ),
-                        timeout: retry.timeout.as_ref().and_then(duration),
-                        backoff: retry.backoff.as_ref().and_then(read_backoff),
-                    }),
-                    allow_l5d_request_headers: rule.allow_l5d_request_headers,
-                })
-                .collect(),
-        })
-        .collect();
-    RouteTable { routes }
+    read_route_table!(
+        routes,
+        parent,
+        target,
+        http_route,
+        route_match::read_http_match,
+        read_http_filter,
+        http_retry_on
+    )
 }
 
 /// Reads a policy's gRPC routes (`Grpc` protocol).
@@ -319,104 +318,71 @@ pub fn read_grpc_routes(
     parent: &Labels,
     target: SocketAddr,
 ) -> RouteTable {
-    let port = target.port();
-    use ob::grpc_route::distribution::Kind;
-    let routes = routes
-        .iter()
-        .map(|route| Route {
-            labels: meta_labels("route", route.metadata.as_ref(), port),
-            hosts: route_match::read_hosts(&route.hosts),
-            rules: route
-                .rules
-                .iter()
-                .map(|rule| Rule {
-                    matches: rule
-                        .matches
-                        .iter()
-                        .map(route_match::read_grpc_match)
-                        .collect(),
-                    filters: rule.filters.iter().map(read_grpc_filter).collect(),
-                    backends: match rule.backends.as_ref().and_then(|d| d.kind.as_ref()) {
-                        None | Some(Kind::Empty(_)) => Distribution::Empty,
-                        Some(Kind::FirstAvailable(first)) => Distribution::FirstAvailable(
-                            first
-                                .backends
-                                .iter()
-                                .map(|b| grpc_backend(b, parent, target))
-                                .collect(),
-                        ),
-                        Some(Kind::RandomAvailable(random)) => Distribution::RandomAvailable(
-                            random
-                                .backends
-                                .iter()
-                                .filter_map(|b| {
-                                    Some((
-                                        grpc_backend(b.backend.as_ref()?, parent, target),
-                                        b.weight,
-                                    ))
-                                })
-                                .collect(),
-                        ),
-                    },
-                    timeouts: read_timeouts(rule.timeouts.as_ref()),
-                    retry: rule.retry.as_ref().map(|retry| Retry {
-                        max_retries: retry.max_retries,
-                        max_request_bytes: retry.max_request_bytes,
-                        on: RetryOn::GrpcCodes(
-                            retry
-                                .conditions
-                                .as_ref()
-                                .map(|c| {
-                                    [
-                                        (c.cancelled, 1),
-                                        (c.deadine_exceeded, 4),
-                                        (c.resource_exhausted, 8),
-                                        (c.internal, 13),
-                                        (c.unavailable, 14),
-                                    ]
-                                    .into_iter()
-                                    .filter_map(|(on, code)| on.then_some(code))
-                                    .collect()
-                                })
-                                .unwrap_or_default(),
-                        ),
-                        timeout: retry.timeout.as_ref().and_then(duration),
-                        backoff: retry.backoff.as_ref().and_then(read_backoff),
-                    }),
-                    allow_l5d_request_headers: rule.allow_l5d_request_headers,
-                })
-                .collect(),
-        })
-        .collect();
-    RouteTable { routes }
+    read_route_table!(
+        routes,
+        parent,
+        target,
+        grpc_route,
+        route_match::read_grpc_match,
+        read_grpc_filter,
+        grpc_retry_on
+    )
 }
 
-fn http_backend(
-    backend: &ob::http_route::RouteBackend,
+/// The status ranges an HTTP route retries (an inverted or out-of-range one is
+/// dropped).
+fn http_retry_on(retry: &ob::http_route::Retry) -> RetryOn {
+    RetryOn::HttpStatuses(
+        retry
+            .conditions
+            .iter()
+            .flat_map(|c| &c.status_ranges)
+            .filter_map(|r| {
+                let start = u16::try_from(r.start).ok()?;
+                let end = u16::try_from(r.end).ok()?;
+                (start <= end).then_some(start..=end)
+            })
+            .collect(),
+    )
+}
+
+/// The gRPC codes a gRPC route retries.
+fn grpc_retry_on(retry: &ob::grpc_route::Retry) -> RetryOn {
+    RetryOn::GrpcCodes(
+        retry
+            .conditions
+            .as_ref()
+            .map(|c| {
+                [
+                    (c.cancelled, 1),
+                    (c.deadine_exceeded, 4),
+                    (c.resource_exhausted, 8),
+                    (c.internal, 13),
+                    (c.unavailable, 14),
+                ]
+                .into_iter()
+                .filter_map(|(on, code)| on.then_some(code))
+                .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
+/// A rule's backend and its filters; a missing backend is refused, as linkerd2-proxy
+/// answers it.
+fn route_backend<F>(
+    backend: Option<&ob::Backend>,
+    filters: &[F],
+    read_filter: fn(&F) -> Filter,
     parent: &Labels,
     target: SocketAddr,
 ) -> RouteBackend {
     RouteBackend {
-        backend: read_backend(backend.backend.as_ref(), parent, target),
-        filters: backend.filters.iter().map(read_http_filter).collect(),
-    }
-}
-
-fn grpc_backend(
-    backend: &ob::grpc_route::RouteBackend,
-    parent: &Labels,
-    target: SocketAddr,
-) -> RouteBackend {
-    RouteBackend {
-        backend: read_backend(backend.backend.as_ref(), parent, target),
-        filters: backend.filters.iter().map(read_grpc_filter).collect(),
-    }
-}
-
-fn read_backend(backend: Option<&ob::Backend>, parent: &Labels, target: SocketAddr) -> BackendSpec {
-    match backend {
-        Some(backend) => backend_spec(backend, parent, target),
-        None => BackendSpec::Refused(super::Refusal::Invalid),
+        backend: match backend {
+            Some(backend) => backend_spec(backend, parent, target),
+            None => BackendSpec::Refused(super::Refusal::Invalid),
+        },
+        filters: filters.iter().map(read_filter).collect(),
     }
 }
 

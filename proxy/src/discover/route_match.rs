@@ -126,24 +126,34 @@ pub fn host_matches(hosts: &[Host], authority: Option<&str>) -> bool {
     if hosts.is_empty() {
         return true;
     }
-    let Some(authority) = authority else {
+    let Some(host) = request_host(authority) else {
         return false;
     };
+    hosts.iter().any(|pattern| host_is(host, pattern))
+}
+
+/// The host a request's authority names, without its port.
+pub fn request_host(authority: Option<&str>) -> Option<&[u8]> {
+    let authority = authority?;
     let host = authority
         .rsplit_once(':')
         .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(authority, |(host, _)| host)
-        .as_bytes();
-    // Compared without lower-casing a copy: no allocation per request. The routes'
-    // hosts are lower-cased when the policy is read.
-    hosts.iter().any(|h| match h {
+        .map_or(authority, |(host, _)| host);
+    Some(host.as_bytes())
+}
+
+/// Whether a request's `host` is the one `pattern` names. Compared without
+/// lower-casing a copy: no allocation per request; the routes' hosts are lower-cased
+/// when the policy is read.
+pub fn host_is(host: &[u8], pattern: &Host) -> bool {
+    match pattern {
         Host::Exact(exact) => host.eq_ignore_ascii_case(exact.as_bytes()),
         Host::Suffix(suffix) => {
             let suffix = suffix.as_bytes();
             host.len() >= suffix.len()
                 && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
         }
-    })
+    }
 }
 
 pub fn read_hosts(hosts: &[HostMatch]) -> Vec<Host> {
