@@ -348,6 +348,7 @@ fn discovery(
         dialer.clone(),
         metrics.control.clone(),
         metrics.balancers.clone(),
+        metrics.routes.clone(),
     )
     .map_err(|e| anyhow::anyhow!("cannot reach the control plane: {e}"))?;
     let policy = &config.inbound_policy;

@@ -19,6 +19,7 @@ pub mod netns;
 pub mod probe;
 pub mod proc;
 pub mod spiffe;
+pub mod world;
 
 pub mod proxy;
 

@@ -33,11 +33,14 @@
 //!   `LINKERD2_PROXY_OUTBOUND_*_QUEUE_FAILFAST_TIMEOUT`, with at most `…_CAPACITY`
 //!   waiters; once a balancer has had no ready endpoint for that long it fails
 //!   picks at once ("fail-fast") until one is ready again, as Linkerd's queue does.
+//! - **Failure accrual** (when the policy sets it): each member's [`Breaker`] counts
+//!   the outcomes of the responses it gave; once it trips, the member is ejected like
+//!   a backed-off one, then one request probes it back in (`accrual.rs`).
 //! - **Updates** replace the endpoint set whole; an endpoint that stays keeps its
 //!   load and backoff. A removed endpoint gets no new requests; requests already on
 //!   it hold it and finish.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +49,7 @@ use tokio::sync::Notify;
 
 pub use crate::config::{Backoff, Queue};
 
+use super::accrual::{Accrual, Breaker};
 use super::{Endpoint, Labels};
 
 /// How a balancer backs off and estimates load. How long a pick may wait is the
@@ -115,8 +119,12 @@ pub struct Member {
     ewma: Mutex<Ewma>,
     pending: AtomicU32,
     failures: AtomicU32,
-    /// Milliseconds after the balancer's epoch until which it is backed off.
+    /// Milliseconds after the balancer's epoch until which it is backed off (or
+    /// ejected; `u64::MAX` while its probe is in flight).
     backoff_until_ms: AtomicU64,
+    /// Failure accrual's state, looked at only once it has tripped.
+    breaker: Mutex<Breaker>,
+    tripped: AtomicBool,
 }
 
 impl std::fmt::Debug for Member {
@@ -158,6 +166,9 @@ pub struct Balancer {
     epoch: tokio::time::Instant,
     /// Whatever feeds the balancer (a discovery stream), stopped when it goes.
     feed: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The policy's failure accrual, if any.
+    accrual: Mutex<Option<Accrual>>,
+    accrual_on: AtomicBool,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -198,7 +209,18 @@ impl Balancer {
             settings,
             epoch: tokio::time::Instant::now(),
             feed: Mutex::new(None),
+            accrual: Mutex::new(None),
+            accrual_on: AtomicBool::new(false),
         })
+    }
+
+    /// Sets (or clears) failure accrual, as the latest policy says.
+    pub fn set_accrual(&self, accrual: Option<Accrual>) {
+        let mut current = self.accrual.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != accrual {
+            self.accrual_on.store(accrual.is_some(), Ordering::Relaxed);
+            *current = accrual;
+        }
     }
 
     /// Ties the balancer to the task that feeds it: the task stops when the last
@@ -270,7 +292,7 @@ impl Balancer {
     }
 
     /// Picks an endpoint now, if one is ready.
-    pub fn try_pick(&self) -> Option<Picked> {
+    pub fn try_pick(self: &Arc<Self>) -> Option<Picked> {
         // One clock read for both: tokio's (paused in tests) for backoff, as std's for
         // the latency estimates.
         let clock = tokio::time::Instant::now();
@@ -300,13 +322,69 @@ impl Balancer {
             members.list[candidates.index(chosen)].clone()
         };
         self.unready_since_ms.store(0, Ordering::Relaxed);
-        Some(Picked::new(member, self.settings.decay))
+        let accrual = self.accrual_on.load(Ordering::Relaxed).then(|| {
+            if member.tripped.load(Ordering::Relaxed) {
+                self.probe(&member, now_ms);
+            }
+            self.clone()
+        });
+        Some(Picked::new(member, self.settings.decay, accrual))
+    }
+
+    /// `member` was picked while tripped: once its ejection is over, that request is
+    /// its probe, and nothing else goes to it until the probe is answered.
+    fn probe(&self, member: &Member, now_ms: u64) {
+        let mut breaker = member.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        breaker.picked(now_ms);
+        if let Breaker::Probing { .. } = *breaker {
+            member.backoff_until_ms.store(u64::MAX, Ordering::Relaxed);
+            self.all_ready_from_ms.store(u64::MAX, Ordering::Relaxed);
+        }
+    }
+
+    /// A response from `member` ended, `failed` or not: failure accrual's input.
+    fn accrue(&self, member: &Member, failed: bool) {
+        let Some(policy) = *self.accrual.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return;
+        };
+        let now_ms = self.now_ms();
+        let mut breaker = member.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        let was_tripped = breaker.tripped();
+        let ejected = breaker.answered(failed, now_ms, &policy, fastrand::f64());
+        let tripped = breaker.tripped();
+        drop(breaker);
+        member.tripped.store(tripped, Ordering::Relaxed);
+        match ejected {
+            Some(until) => {
+                member.backoff_until_ms.store(until, Ordering::Relaxed);
+                self.all_ready_from_ms.fetch_max(until, Ordering::Relaxed);
+                self.refresh_readiness();
+                self.changed.notify_waiters();
+            }
+            None if was_tripped && !tripped => {
+                // The probe succeeded: the member is back, and picks may take the
+                // fast path again once every backoff is over.
+                member.backoff_until_ms.store(0, Ordering::Relaxed);
+                let latest = self
+                    .members
+                    .load()
+                    .list
+                    .iter()
+                    .map(|m| m.backoff_until_ms.load(Ordering::Relaxed))
+                    .max()
+                    .unwrap_or(0);
+                self.all_ready_from_ms.store(latest, Ordering::Relaxed);
+                self.refresh_readiness();
+                self.changed.notify_waiters();
+            }
+            None => {}
+        }
     }
 
     /// Picks an endpoint, waiting for one to become ready within the queue's
     /// fail-fast timeout. Requests and connections waiting on one balancer are
     /// counted together, each against its own queue's capacity.
-    pub async fn pick(&self, queue: Queue) -> Result<Picked, PickError> {
+    pub async fn pick(self: &Arc<Self>, queue: Queue) -> Result<Picked, PickError> {
         if let Some(picked) = self.try_pick() {
             return Ok(picked);
         }
@@ -341,6 +419,14 @@ impl Balancer {
         };
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         picked
+    }
+
+    /// Whether a pick now would be queued rather than failed at once: false once no
+    /// endpoint has been ready for the fail-fast timeout (a route's distribution
+    /// then skips the backend).
+    pub fn available(&self, queue: Queue) -> bool {
+        let since = self.unready_since_ms.load(Ordering::Relaxed);
+        since == 0 || self.now_ms() + 1 < since + queue.failfast.as_millis() as u64
     }
 
     /// When the first backed-off member becomes ready again.
@@ -378,11 +464,18 @@ impl Member {
             pending: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             backoff_until_ms: AtomicU64::new(0),
+            breaker: Mutex::new(Breaker::default()),
+            tripped: AtomicBool::new(false),
         }
     }
 
     fn ready(&self, now_ms: u64) -> bool {
         self.backoff_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// Ejected by failure accrual now (for metrics and tests).
+    pub fn ejected(&self) -> bool {
+        self.tripped.load(Ordering::Relaxed)
     }
 
     fn weight(&self) -> u32 {
@@ -418,12 +511,31 @@ impl Member {
 pub struct Picked {
     pub member: Arc<Member>,
     decay: Duration,
+    /// With failure accrual: the balancer told the outcome, once.
+    accrual: Option<Arc<Balancer>>,
 }
 
 impl Picked {
-    fn new(member: Arc<Member>, decay: Duration) -> Picked {
+    fn new(member: Arc<Member>, decay: Duration, accrual: Option<Arc<Balancer>>) -> Picked {
         member.pending.fetch_add(1, Ordering::Relaxed);
-        Picked { member, decay }
+        Picked {
+            member,
+            decay,
+            accrual,
+        }
+    }
+
+    /// For a connection rather than a request: failure accrual judges responses.
+    pub fn without_accrual(mut self) -> Picked {
+        self.accrual = None;
+        self
+    }
+
+    /// The response ended, `failed` or not (failure accrual counts it).
+    pub fn outcome(&mut self, failed: bool) {
+        if let Some(balancer) = self.accrual.take() {
+            balancer.accrue(&self.member, failed);
+        }
     }
 
     /// Records the latency of a request sent at `sent`, answered now.
@@ -436,6 +548,9 @@ impl Picked {
 
 impl Drop for Picked {
     fn drop(&mut self) {
+        // A request that never got a response (its connection failed, the client
+        // went away) counts as a failure, as in linkerd2-proxy; a probe must end.
+        self.outcome(true);
         self.member.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -13,6 +13,7 @@
 //! with [`Resolution::Known`], or with [`Resolution::Pending`] while it asks, so the
 //! file source never pays for a future it does not need.
 
+pub mod accrual;
 pub mod balance;
 pub mod file;
 pub mod inbound_policy;
@@ -27,6 +28,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use self::balance::Balancer;
+use self::linkerd::translate::BackendSpec;
+use crate::metrics::routes::{BackendSeries, RouteMetrics, RouteSeries};
 
 /// Metric labels, sorted by name, printed as `dst_<name>` on outbound metrics.
 /// Every endpoint of a Service holds a set, so a set is packed into one string
@@ -152,9 +155,72 @@ pub struct Destination {
     /// Skip protocol detection: connections are carried as bytes.
     pub opaque: bool,
     pub backend: Backend,
-    /// The control plane's routes for its HTTP or gRPC requests: a request no route
-    /// takes is refused (404). None: every request takes the backend.
-    pub routes: Option<Arc<outbound_routes::RouteTable>>,
+    /// The control plane's routes for its HTTP or gRPC requests, kept up to date as
+    /// the policy changes (connections read it per request). None: every request
+    /// takes the backend.
+    pub routes: Option<Arc<RoutingCell>>,
+}
+
+/// A destination's routes with what they resolved to.
+#[derive(Debug)]
+pub struct Routing {
+    pub table: Arc<outbound_routes::RouteTable>,
+    /// Each route backend's, by its slot.
+    pub backends: Vec<RoutedBackend>,
+    /// Each route's series, by its index.
+    pub series: Vec<Arc<RouteSeries>>,
+}
+
+#[derive(Debug)]
+pub struct RoutedBackend {
+    pub backend: Backend,
+    pub series: Arc<BackendSeries>,
+}
+
+/// The latest routing of a destination: one cell per watched destination, so a policy
+/// update reaches the connections already open; a request holds the routing it started
+/// with until it ends.
+pub type RoutingCell = arc_swap::ArcSwap<Routing>;
+
+impl Routing {
+    /// Resolves `table`'s backends with `resolve`, and finds its series in `metrics`.
+    pub fn new(
+        table: Arc<outbound_routes::RouteTable>,
+        parent: &Labels,
+        metrics: &RouteMetrics,
+        mut resolve: impl FnMut(&BackendSpec) -> Backend,
+    ) -> Routing {
+        let grpc = table.grpc;
+        let mut backends: Vec<Option<RoutedBackend>> = (0..table.backends).map(|_| None).collect();
+        for route in &table.routes {
+            for rule in &route.rules {
+                for backend in rule.backends.backends() {
+                    backends[backend.slot] = Some(RoutedBackend {
+                        backend: resolve(&backend.backend),
+                        series: metrics.backend(grpc, parent, &route.labels, &backend.labels),
+                    });
+                }
+            }
+        }
+        let series = table
+            .routes
+            .iter()
+            .map(|route| metrics.route(grpc, parent, &route.labels))
+            .collect();
+        Routing {
+            backends: backends
+                .into_iter()
+                .map(|b| {
+                    b.unwrap_or_else(|| RoutedBackend {
+                        backend: Backend::Refused(Refusal::Invalid),
+                        series: metrics.backend(grpc, parent, &Labels::default(), &Labels::default()),
+                    })
+                })
+                .collect(),
+            series,
+            table,
+        }
+    }
 }
 
 impl Destination {

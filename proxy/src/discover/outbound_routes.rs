@@ -22,7 +22,9 @@ use linkerd2_proxy_api::http_route as hr;
 use linkerd2_proxy_api::http_types;
 use linkerd2_proxy_api::outbound as ob;
 
+use super::accrual::{Accrual, SuccessRate};
 use super::linkerd::translate::{backend_spec, meta_labels, BackendSpec};
+pub use crate::config::Backoff;
 use super::route_match::{self, Host, RequestMatch, Score};
 use super::Labels;
 
@@ -30,11 +32,18 @@ use super::Labels;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RouteTable {
     pub routes: Vec<Route>,
+    /// gRPC routes (`outbound_grpc_route_*`, gRPC statuses judge retries and accrual).
+    pub grpc: bool,
+    /// How many route backends the table has: their [`RouteBackend::slot`]s are
+    /// `0..backends`, in table order.
+    pub backends: usize,
+    /// Failure accrual for the endpoints of the table's balanced backends.
+    pub accrual: Option<Accrual>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Route {
-    /// `route_group`, `route_kind`, `route_namespace`, `route_name`, … for metrics.
+    /// `route_group`, `route_kind`, `route_namespace`, `route_name`, for metrics.
     pub labels: Labels,
     pub hosts: Vec<Host>,
     pub rules: Vec<Rule>,
@@ -63,10 +72,27 @@ pub enum Distribution {
     RandomAvailable(Vec<(RouteBackend, u32)>),
 }
 
+impl Distribution {
+    /// Its backends, in order.
+    pub fn backends(&self) -> impl Iterator<Item = &RouteBackend> {
+        let (first, random): (&[RouteBackend], &[(RouteBackend, u32)]) = match self {
+            Distribution::Empty => (&[], &[]),
+            Distribution::FirstAvailable(list) => (list, &[]),
+            Distribution::RandomAvailable(list) => (&[], list),
+        };
+        first.iter().chain(random.iter().map(|(b, _)| b))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouteBackend {
     pub backend: BackendSpec,
+    /// `backend_*` labels, for metrics.
+    pub labels: Labels,
     pub filters: Vec<Filter>,
+    /// Its place among the table's backends: what the destination resolved it to,
+    /// and each connection's target for it, are found by it.
+    pub slot: usize,
 }
 
 /// What a rule or a backend does to a request before it is sent.
@@ -145,18 +171,29 @@ pub struct Retry {
     pub backoff: Option<Backoff>,
 }
 
+impl Default for Retry {
+    /// What a retry set by `l5d-retry-*` headers alone starts from, as in Linkerd.
+    fn default() -> Retry {
+        Retry {
+            max_retries: 1,
+            max_request_bytes: 64 * 1024,
+            on: RetryOn::HttpStatuses(Vec::new()),
+            timeout: None,
+            backoff: Some(Backoff {
+                min: Duration::from_millis(25),
+                max: Duration::from_millis(250),
+                jitter: 1.0,
+            }),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum RetryOn {
     HttpStatuses(Vec<RangeInclusive<u16>>),
     GrpcCodes(Vec<u32>),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Backoff {
-    pub min: Duration,
-    pub max: Duration,
-    pub jitter: f32,
-}
 
 /// The rule a request takes: `routes[route].rules[rule]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,13 +288,15 @@ macro_rules! read_route_table {
     ($routes:expr, $parent:expr, $target:expr, $kind:ident, $read_match:path, $read_filter:path, $retry_on:path) => {{
         use ob::$kind::distribution::Kind;
         let (parent, target) = ($parent, $target);
+        let slots = std::cell::Cell::new(0);
         let backend = |b: &ob::$kind::RouteBackend| {
-            route_backend(b.backend.as_ref(), &b.filters, $read_filter, parent, target)
+            let slot = slots.replace(slots.get() + 1);
+            route_backend(b.backend.as_ref(), &b.filters, $read_filter, parent, target, slot)
         };
         let routes = $routes
             .iter()
             .map(|route| Route {
-                labels: meta_labels("route", route.metadata.as_ref(), target.port()),
+                labels: route_labels(route.metadata.as_ref()),
                 hosts: route_match::read_hosts(&route.hosts),
                 rules: route
                     .rules
@@ -291,7 +330,12 @@ macro_rules! read_route_table {
                     .collect(),
             })
             .collect();
-        RouteTable { routes }
+        RouteTable {
+            routes,
+            grpc: false,
+            backends: slots.get(),
+            accrual: None,
+        }
     }};
 }
 
@@ -318,7 +362,7 @@ pub fn read_grpc_routes(
     parent: &Labels,
     target: SocketAddr,
 ) -> RouteTable {
-    read_route_table!(
+    let table = read_route_table!(
         routes,
         parent,
         target,
@@ -326,6 +370,19 @@ pub fn read_grpc_routes(
         route_match::read_grpc_match,
         read_grpc_filter,
         grpc_retry_on
+    );
+    RouteTable {
+        grpc: true,
+        ..table
+    }
+}
+
+/// A route's metric labels: Linkerd's `route_*` carry no port or section.
+fn route_labels(metadata: Option<&linkerd2_proxy_api::meta::Metadata>) -> Labels {
+    let all = meta_labels("route", metadata, 0);
+    Labels::new(
+        all.iter()
+            .filter(|(name, _)| !matches!(*name, "route_port" | "route_section_name")),
     )
 }
 
@@ -376,13 +433,20 @@ fn route_backend<F>(
     read_filter: fn(&F) -> Filter,
     parent: &Labels,
     target: SocketAddr,
+    slot: usize,
 ) -> RouteBackend {
     RouteBackend {
         backend: match backend {
             Some(backend) => backend_spec(backend, parent, target),
             None => BackendSpec::Refused(super::Refusal::Invalid),
         },
+        labels: meta_labels(
+            "backend",
+            backend.and_then(|b| b.metadata.as_ref()),
+            target.port(),
+        ),
         filters: filters.iter().map(read_filter).collect(),
+        slot,
     }
 }
 
@@ -515,11 +579,42 @@ fn read_timeouts(timeouts: Option<&hr::Timeouts>) -> Timeouts {
     }
 }
 
-fn read_backoff(backoff: &ob::ExponentialBackoff) -> Option<Backoff> {
+pub fn read_backoff(backoff: &ob::ExponentialBackoff) -> Option<Backoff> {
     let min = backoff.min_backoff.as_ref().and_then(duration)?;
     let max = backoff.max_backoff.as_ref().and_then(duration)?;
-    let jitter = backoff.jitter_ratio;
+    let jitter = f64::from(backoff.jitter_ratio);
     (min <= max && jitter.is_finite() && jitter >= 0.0).then_some(Backoff { min, max, jitter })
+}
+
+/// A protocol's failure accrual; none when absent or without a usable backoff (the
+/// API requires one).
+pub fn read_accrual(accrual: Option<&ob::FailureAccrual>) -> Option<Accrual> {
+    use ob::failure_accrual::Kind;
+    match accrual?.kind.as_ref()? {
+        Kind::ConsecutiveFailures(c) => Some(Accrual {
+            max_failures: c.max_failures,
+            success_rate: None,
+            backoff: read_backoff(c.backoff.as_ref()?)?,
+        }),
+        Kind::Unified(u) => {
+            let threshold = u.success_rate_threshold;
+            let success_rate = (threshold.is_finite() && threshold > 0.0).then(|| SuccessRate {
+                threshold: threshold.min(1.0),
+                decay: u
+                    .decay
+                    .as_ref()
+                    .and_then(duration)
+                    .unwrap_or(Duration::from_secs(10))
+                    .max(Duration::from_millis(10)),
+                min_requests: u.min_requests,
+            });
+            Some(Accrual {
+                max_failures: u.max_consecutive_failures,
+                success_rate,
+                backoff: read_backoff(u.backoff.as_ref()?)?,
+            })
+        }
+    }
 }
 
 /// A protobuf duration; none when negative, zero or out of range (no timeout).
@@ -600,6 +695,7 @@ mod tests {
                     ],
                 ),
             ],
+            ..RouteTable::default()
         };
         // (path, headers, the route and rule taken)
         type Case = (
@@ -639,6 +735,7 @@ mod tests {
                 route(vec![wildcard.clone()], vec![rule(vec![prefix("/")])]),
                 route(vec![exact_host], vec![rule(vec![prefix("/")])]),
             ],
+            ..RouteTable::default()
         };
         let cases = [
             (Some("web.example.com"), Some(2)),
@@ -671,11 +768,13 @@ mod tests {
         };
         let table = RouteTable {
             routes: vec![route(Vec::new(), vec![rule(vec![only_regex])])],
+            ..RouteTable::default()
         };
         assert_eq!(select(&table, &method, &uri, &headers, None), None);
         // A rule without matches takes everything.
         let table = RouteTable {
             routes: vec![route(Vec::new(), vec![rule(Vec::new())])],
+            ..RouteTable::default()
         };
         assert!(select(&table, &method, &uri, &headers, None).is_some());
     }

@@ -97,7 +97,7 @@ impl RequestMatch {
 
 /// A path prefix matches whole segments: `/api` matches `/api` and `/api/x`, not
 /// `/apix`.
-fn prefix_matches(prefix: &str, path: &str) -> bool {
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     let prefix = prefix.trim_end_matches('/');
     match path.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),

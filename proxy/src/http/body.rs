@@ -9,6 +9,7 @@
 //! the stream's length.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,9 @@ use super::client::Checkin;
 use super::errors::ErrorKind;
 use super::h2_streams::H2Body;
 use super::metrics::{Outcome, SeriesHandle};
+use super::route_decide;
+use super::routed::RouteEnd;
+use crate::metrics::routes::RouteError;
 use crate::discover::balance::Picked;
 
 /// A body error, whichever side it came from. A body sent on an HTTP/2 stream that
@@ -32,6 +36,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum RecvBody {
     Http1(Incoming),
     Http2(H2Body),
+    /// A request body sent on while a copy is kept, so that a retry can send it again.
+    Recorded(Box<Recorded>),
+    /// A retry's copy of the request body.
+    Replayed(Replayed),
 }
 
 impl Body for RecvBody {
@@ -45,6 +53,8 @@ impl Body for RecvBody {
         match self.get_mut() {
             RecvBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             RecvBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            RecvBody::Recorded(body) => body.poll_frame(cx),
+            RecvBody::Replayed(body) => Poll::Ready(body.next().map(Ok)),
         }
     }
 
@@ -52,6 +62,8 @@ impl Body for RecvBody {
         match self {
             RecvBody::Http1(body) => body.is_end_stream(),
             RecvBody::Http2(body) => body.is_end_stream(),
+            RecvBody::Recorded(body) => body.inner.is_end_stream(),
+            RecvBody::Replayed(body) => body.chunks.is_empty() && body.trailers.is_none(),
         }
     }
 
@@ -59,6 +71,101 @@ impl Body for RecvBody {
         match self {
             RecvBody::Http1(body) => body.size_hint(),
             RecvBody::Http2(body) => body.size_hint(),
+            RecvBody::Recorded(body) => body.inner.size_hint(),
+            RecvBody::Replayed(body) => {
+                SizeHint::with_exact(body.chunks.iter().map(|c| c.len() as u64).sum())
+            }
+        }
+    }
+}
+
+/// A request body's copy, kept up to a limit while the body is sent.
+#[derive(Debug, Default)]
+struct Copy {
+    chunks: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    len: usize,
+    limit: usize,
+    /// The body outgrew the limit: the copy was dropped, the body went on.
+    overflowed: bool,
+    complete: bool,
+}
+
+/// The sending side of a recorded body.
+pub struct Recorded {
+    inner: RecvBody,
+    copy: Arc<Mutex<Copy>>,
+}
+
+/// What a retry needs of the first attempt's body.
+#[derive(Clone)]
+pub struct Recording(Arc<Mutex<Copy>>);
+
+impl Recorded {
+    /// Wraps `inner` to keep a copy of up to `limit` bytes; None when its declared
+    /// length is already over the limit (it is then never copied at all).
+    pub fn new(inner: RecvBody, limit: usize) -> Result<(RecvBody, Recording), RecvBody> {
+        if inner.size_hint().lower() > limit as u64 {
+            return Err(inner);
+        }
+        let copy = Arc::new(Mutex::new(Copy {
+            limit,
+            complete: inner.is_end_stream(),
+            ..Copy::default()
+        }));
+        let recording = Recording(copy.clone());
+        Ok((RecvBody::Recorded(Box::new(Recorded { inner, copy })), recording))
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) if !copy.overflowed => {
+                if let Some(data) = frame.data_ref() {
+                    copy.len += data.len();
+                    if copy.len > copy.limit {
+                        copy.overflowed = true;
+                        copy.chunks = Vec::new();
+                    } else if !data.is_empty() {
+                        copy.chunks.push(data.clone());
+                    }
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    copy.trailers = Some(trailers.clone());
+                }
+            }
+            Poll::Ready(None) => copy.complete = true,
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl Recording {
+    /// The body again, for a retry: only once the first attempt sent all of it and
+    /// it stayed within the limit.
+    pub fn replay(&self) -> Option<RecvBody> {
+        let copy = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        (copy.complete && !copy.overflowed).then(|| {
+            RecvBody::Replayed(Replayed {
+                chunks: copy.chunks.iter().cloned().collect(),
+                trailers: copy.trailers.clone(),
+            })
+        })
+    }
+}
+
+/// A retry's body: the copy's chunks, then its trailers.
+pub struct Replayed {
+    chunks: std::collections::VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Replayed {
+    fn next(&mut self) -> Option<Frame<Bytes>> {
+        match self.chunks.pop_front() {
+            Some(chunk) => Some(Frame::data(chunk)),
+            None => self.trailers.take().map(Frame::trailers),
         }
     }
 }
@@ -69,6 +176,8 @@ pub struct ResponseBody {
     checkin: Option<Checkin>,
     /// The balanced endpoint the request went to, in flight until the body ends.
     picked: Option<Picked>,
+    /// A routed request's series and timeouts.
+    route: Option<Box<RouteEnd>>,
 }
 
 /// Records one response in its series when the response ends.
@@ -119,7 +228,22 @@ impl ResponseBody {
             recorder: None,
             checkin: None,
             picked: None,
+            route: None,
         }
+    }
+
+    /// Records the response in its route's series too, and enforces the route's
+    /// timeouts on the body.
+    pub fn routed(mut self, route: RouteEnd) -> ResponseBody {
+        self.route = Some(Box::new(route));
+        self
+    }
+
+    /// The status recorded so far (for a response the proxy made up: none).
+    fn statuses(&self) -> (Option<u16>, Option<u32>) {
+        self.recorder
+            .as_ref()
+            .map_or((None, None), |r| (Some(r.status), r.grpc))
     }
 
     pub fn new(
@@ -133,19 +257,27 @@ impl ResponseBody {
             recorder: Some(recorder),
             checkin,
             picked,
+            route: None,
         }
     }
 
-    fn end(&mut self, error: bool) {
+    /// The response ended: with its stream's `error`, if any.
+    fn end(&mut self, error: Option<RouteError>) {
+        let (status, grpc) = self.statuses();
+        if let Some(route) = self.route.take() {
+            route.finish(status, grpc, error);
+        }
         if let Some(recorder) = self.recorder.take() {
-            recorder.finish(error);
+            recorder.finish(error.is_some());
         }
         if let Some(checkin) = self.checkin.take() {
-            if !error {
+            if error.is_none() {
                 checkin.release();
             }
         }
-        self.picked = None;
+        if let Some(mut picked) = self.picked.take() {
+            picked.outcome(route_decide::is_failure(status, grpc, error.is_some()));
+        }
     }
 }
 
@@ -167,10 +299,21 @@ impl Body for ResponseBody {
                 if let Some(recorder) = &mut this.recorder {
                     recorder.on_frame(frame);
                 }
+                if let Some(route) = &mut this.route {
+                    route.on_frame(frame);
+                }
             }
-            Poll::Ready(Some(Err(_))) => this.end(true),
-            Poll::Ready(None) => this.end(false),
-            Poll::Pending => {}
+            Poll::Ready(Some(Err(_))) => this.end(Some(RouteError::Io)),
+            Poll::Ready(None) => this.end(None),
+            Poll::Pending => {
+                if let Some(expired) = this.route.as_mut().and_then(|r| r.poll_expired(cx)) {
+                    // The route's timeout cuts the response short: the stream is
+                    // reset (HTTP/2) or the connection closed (HTTP/1).
+                    this.inner = None;
+                    this.end(Some(expired));
+                    return Poll::Ready(Some(Err(expired.as_str().into())));
+                }
+            }
         }
         polled
     }
@@ -194,7 +337,13 @@ impl Drop for ResponseBody {
         if !complete {
             self.checkin = None;
         }
-        self.end(false);
+        if let (false, Some(route)) = (complete, self.route.take()) {
+            // The client went away before the end: the route records it, as Linkerd
+            // does, with `error="UNKNOWN"`.
+            let (status, grpc) = self.statuses();
+            route.finish(status, grpc, Some(RouteError::Unknown));
+        }
+        self.end(None);
     }
 }
 

@@ -15,7 +15,7 @@ pub const L5D_PROXY_ERROR: HeaderName = HeaderName::from_static("l5d-proxy-error
 /// client's connection after it.
 pub const L5D_PROXY_CONNECTION: HeaderName = HeaderName::from_static("l5d-proxy-connection");
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
-const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// Why the proxy could not produce the upstream's response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,10 +44,20 @@ pub enum ErrorKind {
     NoRoute,
     /// Inbound: the port's policy could not be read.
     InvalidPolicy,
+    /// Outbound: the route's request timeout passed before the response's headers.
+    RequestTimeout,
+    /// Outbound: an attempt's response timeout (or its per-try timeout) passed
+    /// before the response's headers.
+    ResponseTimeout,
+    /// Outbound: the route's rule cannot be applied (a filter this proxy does not
+    /// know, a redirect it cannot make), as linkerd2-proxy's "unexpected error".
+    InvalidRoute,
+    /// Outbound: the route's backend has no usable description.
+    NoBackend,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 17] = [
         Self::ConnectRefused,
         Self::ConnectTimeout,
         Self::Connect,
@@ -61,6 +71,10 @@ impl ErrorKind {
         Self::Forbidden,
         Self::NoRoute,
         Self::InvalidPolicy,
+        Self::RequestTimeout,
+        Self::ResponseTimeout,
+        Self::InvalidRoute,
+        Self::NoBackend,
     ];
 
     pub fn index(self) -> usize {
@@ -83,6 +97,10 @@ impl ErrorKind {
             Self::Forbidden => "forbidden",
             Self::NoRoute => "no_route",
             Self::InvalidPolicy => "invalid_policy",
+            Self::RequestTimeout => "request_timeout",
+            Self::ResponseTimeout => "response_timeout",
+            Self::InvalidRoute => "invalid_route",
+            Self::NoBackend => "no_backend",
         }
     }
 
@@ -102,6 +120,10 @@ impl ErrorKind {
             Self::Forbidden => "unauthorized request on route",
             Self::NoRoute => "no route found for request",
             Self::InvalidPolicy => "invalid server configuration",
+            Self::RequestTimeout => "timed out waiting for response headers: request timeout",
+            Self::ResponseTimeout => "timed out waiting for response headers: response timeout",
+            Self::InvalidRoute => "unexpected error",
+            Self::NoBackend => "the route's backend has no dispatcher",
         }
     }
 
@@ -117,14 +139,16 @@ impl ErrorKind {
     /// The status the client gets; `None` when the response had already started.
     pub fn status(self) -> Option<StatusCode> {
         match self {
-            Self::ConnectTimeout => Some(StatusCode::GATEWAY_TIMEOUT),
+            Self::ConnectTimeout | Self::RequestTimeout | Self::ResponseTimeout => {
+                Some(StatusCode::GATEWAY_TIMEOUT)
+            }
             Self::Unavailable | Self::FailFast | Self::LoadShed | Self::Discovery => {
                 Some(StatusCode::SERVICE_UNAVAILABLE)
             }
             Self::Stream => None,
             Self::Forbidden => Some(StatusCode::FORBIDDEN),
             Self::NoRoute => Some(StatusCode::NOT_FOUND),
-            Self::InvalidPolicy => Some(StatusCode::INTERNAL_SERVER_ERROR),
+            Self::InvalidPolicy | Self::InvalidRoute => Some(StatusCode::INTERNAL_SERVER_ERROR),
             _ => Some(StatusCode::BAD_GATEWAY),
         }
     }
@@ -148,7 +172,8 @@ impl ErrorKind {
         match self {
             Self::Forbidden => "7",
             Self::NoRoute => "5",
-            Self::InvalidPolicy => "13",
+            Self::InvalidPolicy | Self::InvalidRoute => "13",
+            Self::RequestTimeout | Self::ResponseTimeout => "4",
             _ => "14",
         }
     }
@@ -181,7 +206,14 @@ impl ErrorKind {
     /// Failures after which linkerd2-proxy asks for the client's connection to be
     /// closed (its 500, 502, 503, 504); not the policy's refusals.
     fn closes_connection(self) -> bool {
-        !matches!(self, Self::Forbidden | Self::NoRoute | Self::Stream)
+        !matches!(
+            self,
+            Self::Forbidden
+                | Self::NoRoute
+                | Self::Stream
+                | Self::RequestTimeout
+                | Self::ResponseTimeout
+        )
     }
 }
 

@@ -20,6 +20,8 @@ pub mod h2_client;
 pub mod h2_streams;
 pub mod metrics;
 pub mod orig_proto;
+pub mod route_decide;
+mod routed;
 mod server;
 
 use std::net::SocketAddr;
@@ -41,8 +43,8 @@ use self::errors::ErrorKind;
 use self::metrics::{Outcome, SeriesHandle};
 use crate::config::HttpConfig;
 use crate::discover::balance::{Balancer, Member, PickError, Picked};
+use crate::discover::{Backend, Routing, RoutingCell};
 use crate::discover::linkerd::inbound::RequestAuthz;
-use crate::discover::outbound_routes::{self, RouteTable};
 use crate::discover::{Endpoint, HttpVia, Labels};
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
 use crate::mesh::PeerId;
@@ -79,7 +81,7 @@ pub enum Role {
 }
 
 /// Where an accepted connection's requests go, decided once per connection.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Route {
     pub role: Role,
     /// The address the client dialled: the authority of an upgraded HTTP/1.0 request
@@ -88,8 +90,10 @@ pub struct Route {
     pub target: Target,
     /// The client speaks HTTP/1: its header-name case is recorded.
     pub http1_case: bool,
-    /// Outbound, the control plane's routes: a request none takes is refused (404).
-    pub routes: Option<Arc<RouteTable>>,
+    /// Outbound, the control plane's routes, read per request; their backends are
+    /// reached over mTLS when `meshed`.
+    pub routes: Option<Arc<RoutingCell>>,
+    pub meshed: bool,
 }
 
 /// Where requests go.
@@ -105,6 +109,37 @@ pub enum Target {
     },
     /// Every request fails with this error.
     Fail(ErrorKind),
+}
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Route) -> bool {
+        let same_routes = match (&self.routes, &other.routes) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        self.role == other.role
+            && self.logical == other.logical
+            && self.target == other.target
+            && self.http1_case == other.http1_case
+            && same_routes
+            // Only routes' backends are reached by it.
+            && (self.routes.is_none() || self.meshed == other.meshed)
+    }
+}
+
+/// Where the outbound side's requests to `backend` go (`meshed`: the proxy has an
+/// identity of its own). Pure; decided once per connection and backend.
+pub fn outbound_target(backend: &Backend, meshed: bool, http1_case: bool) -> Target {
+    match backend {
+        Backend::Forward(endpoint) => {
+            Target::Upstream(outbound_upstream(endpoint, meshed, http1_case))
+        }
+        Backend::Balance(balancer) => Target::Balance {
+            balancer: balancer.clone(),
+            meshed,
+        },
+        Backend::Refused(_) => Target::Fail(ErrorKind::NoBackend),
+    }
 }
 
 impl PartialEq for Target {
@@ -235,6 +270,34 @@ enum ConnTarget {
     Fail(ErrorKind),
 }
 
+impl ConnTarget {
+    fn new(proxy: &HttpProxy, target: Target) -> ConnTarget {
+        match target {
+            Target::Upstream(upstream) => ConnTarget::One(proxy.bind(upstream)),
+            Target::Balance { balancer, meshed } => ConnTarget::Balance {
+                balancer,
+                meshed,
+                bound: Mutex::new(Vec::new()),
+            },
+            Target::Fail(kind) => ConnTarget::Fail(kind),
+        }
+    }
+
+    /// Whether a request sent now would be taken: a balancer in fail-fast is not.
+    fn available(&self, queue: crate::config::Queue) -> bool {
+        match self {
+            ConnTarget::Balance { balancer, .. } => balancer.available(queue),
+            ConnTarget::One(_) | ConnTarget::Fail(_) => true,
+        }
+    }
+}
+
+/// A connection's targets for the route backends of one routing, by slot.
+struct RoutedConn {
+    routing: Arc<Routing>,
+    targets: Vec<ConnTarget>,
+}
+
 /// One accepted HTTP connection.
 pub struct ServerConn {
     proxy: Arc<HttpProxy>,
@@ -250,8 +313,11 @@ pub struct ServerConn {
     authority_labels: bool,
     /// Inbound, under Linkerd's policy controller: each request is authorized.
     authz: Option<RequestAuthz>,
-    /// Outbound, the control plane's routes.
-    routes: Option<Arc<RouteTable>>,
+    /// Outbound, the control plane's routes, and this connection's targets for the
+    /// backends of the routing it last used.
+    routes: Option<Arc<RoutingCell>>,
+    routed: ArcSwapOption<RoutedConn>,
+    meshed: bool,
 }
 
 struct CachedSeries {
@@ -276,15 +342,7 @@ pub async fn serve_connection<C: Transport + 'static>(
             .and_then(|id| HeaderValue::from_str(id).ok()),
         Role::Outbound => None,
     };
-    let target = match route.target {
-        Target::Upstream(upstream) => ConnTarget::One(proxy.bind(upstream)),
-        Target::Balance { balancer, meshed } => ConnTarget::Balance {
-            balancer,
-            meshed,
-            bound: Mutex::new(Vec::new()),
-        },
-        Target::Fail(kind) => ConnTarget::Fail(kind),
-    };
+    let target = ConnTarget::new(proxy, route.target);
     let connection = Arc::new(ServerConn {
         proxy: proxy.clone(),
         role: route.role,
@@ -297,6 +355,8 @@ pub async fn serve_connection<C: Transport + 'static>(
         authority_labels: proxy.config.authority_labels,
         authz,
         routes: route.routes,
+        routed: ArcSwapOption::empty(),
+        meshed: route.meshed,
     });
     let Downstream {
         stream,
@@ -400,16 +460,12 @@ impl ServerConn {
 
     /// Chooses the upstream and a connection to it. A connection that fails before
     /// the request is sent backs its endpoint off, and the request tries another.
-    async fn dispatch<B>(&self, request: &Request<B>) -> Result<Dispatch, ErrorKind> {
-        if let Some(authz) = &self.authz {
-            authz.check(request, authority_of(request))?;
-        }
-        if let Some(routes) = &self.routes {
-            let (method, uri, headers) = (request.method(), request.uri(), request.headers());
-            outbound_routes::select(routes, method, uri, headers, authority_of(request))
-                .ok_or(ErrorKind::NoRoute)?;
-        }
-        let (balancer, meshed, cache) = match &self.target {
+    async fn dispatch<B>(
+        &self,
+        target: &ConnTarget,
+        request: &Request<B>,
+    ) -> Result<Dispatch, ErrorKind> {
+        let (balancer, meshed, cache) = match target {
             ConnTarget::Fail(kind) => return Err(*kind),
             ConnTarget::One(bound) => {
                 let mode = mode(&self.role, request, bound.upstream.h2_upgrade);
@@ -560,6 +616,109 @@ async fn ready(pool: &Pool, mode: Mode) -> Result<Ready, ErrorKind> {
     }
 }
 
+/// A request's answer from upstream, before it goes back to the client.
+struct Answer {
+    response: Response<RecvBody>,
+    checkin: Option<Checkin>,
+    picked: Option<Picked>,
+    series: SeriesHandle,
+}
+
+impl ServerConn {
+    /// The routing to use now and this connection's targets for it, rebuilt when the
+    /// policy changed since the connection's last request.
+    fn routed(&self, cell: &RoutingCell) -> Arc<RoutedConn> {
+        let routing = cell.load();
+        if let Some(routed) = &*self.routed.load() {
+            if Arc::ptr_eq(&routed.routing, &routing) {
+                return routed.clone();
+            }
+        }
+        let targets = routing
+            .backends
+            .iter()
+            .map(|b| {
+                let target = outbound_target(&b.backend, self.meshed, self.http1_case);
+                ConnTarget::new(&self.proxy, target)
+            })
+            .collect();
+        let routed = Arc::new(RoutedConn {
+            routing: routing.clone(),
+            targets,
+        });
+        self.routed.store(Some(routed.clone()));
+        routed
+    }
+
+    /// Sends `request` to `target` once: picks the endpoint and connection, counts
+    /// it in the endpoint's series (`response_total` is per attempt, as Linkerd's).
+    async fn attempt(
+        &self,
+        target: &ConnTarget,
+        request: Request<RecvBody>,
+        authority: Option<&str>,
+        start: Instant,
+    ) -> Result<Answer, ErrorKind> {
+        let mut dispatch = match self.dispatch(target, &request).await {
+            Ok(dispatch) => dispatch,
+            Err(kind) => {
+                let series = self.unrouted_series(authority);
+                series.request();
+                series.response(Outcome::Error(kind), start.elapsed());
+                return Err(kind);
+            }
+        };
+        // Only a single meshed endpoint's `close` closes the application's connection, as
+        // in linkerd2-proxy: behind a balancer the next request goes elsewhere anyway.
+        let closable = dispatch.picked.is_none() && dispatch.bound.upstream.pool.peer.is_some();
+        let series = self.series(&dispatch.bound, authority);
+        series.request();
+        let picked = dispatch.picked.take();
+        let sent = picked.is_some().then(Instant::now);
+        match self.forward(request, dispatch).await {
+            Ok((mut response, checkin)) => {
+                if let (Some(picked), Some(sent)) = (&picked, sent) {
+                    picked.answered(sent);
+                }
+                if self.role == Role::Outbound {
+                    let close = errors::strip_peer_headers(response.headers_mut());
+                    if close && closable && self.http1_case {
+                        response
+                            .headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                }
+                Ok(Answer {
+                    response,
+                    checkin,
+                    picked,
+                    series,
+                })
+            }
+            Err(kind) => {
+                series.response(Outcome::Error(kind), start.elapsed());
+                Err(kind)
+            }
+        }
+    }
+}
+
+impl Answer {
+    /// The response to hand the client, measured as its body ends.
+    fn into_response(self, start: Instant) -> Response<ResponseBody> {
+        let recorder = Recorder {
+            series: self.series,
+            start,
+            first_byte: None,
+            status: self.response.status().as_u16(),
+            grpc: body::grpc_status(self.response.headers()),
+        };
+        let (parts, body) = self.response.into_parts();
+        let body = ResponseBody::new(body, recorder, self.checkin, self.picked);
+        Response::from_parts(parts, body)
+    }
+}
+
 /// Handles one request: forwards it and wraps the response so its end is measured.
 async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Response<ResponseBody> {
     let start = Instant::now();
@@ -569,50 +728,22 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
     } else {
         None
     };
-    let mut dispatch = match connection.dispatch(&request).await {
-        Ok(dispatch) => dispatch,
-        Err(kind) => {
+    if let Some(authz) = &connection.authz {
+        if let Err(kind) = authz.check(&request, authority_of(&request)).map_err(ErrorKind::from) {
             let series = connection.unrouted_series(authority.as_deref());
             series.request();
             series.response(Outcome::Error(kind), start.elapsed());
             return errors::respond(kind, grpc, connection.informational(kind));
         }
-    };
-    // Only a single meshed endpoint's `close` closes the application's connection, as
-    // in linkerd2-proxy: behind a balancer the next request goes elsewhere anyway.
-    let closable = dispatch.picked.is_none() && dispatch.bound.upstream.pool.peer.is_some();
-    let series = connection.series(&dispatch.bound, authority.as_deref());
-    series.request();
-    let picked = dispatch.picked.take();
-    let sent = picked.is_some().then(Instant::now);
-    match connection.forward(request, dispatch).await {
-        Ok((mut response, checkin)) => {
-            if let (Some(picked), Some(sent)) = (&picked, sent) {
-                picked.answered(sent);
-            }
-            if connection.role == Role::Outbound {
-                let close = errors::strip_peer_headers(response.headers_mut());
-                if close && closable && connection.http1_case {
-                    response
-                        .headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("close"));
-                }
-            }
-            let recorder = Recorder {
-                series,
-                start,
-                first_byte: None,
-                status: response.status().as_u16(),
-                grpc: body::grpc_status(response.headers()),
-            };
-            let (parts, body) = response.into_parts();
-            let body = ResponseBody::new(body, recorder, checkin, picked);
-            Response::from_parts(parts, body)
-        }
-        Err(kind) => {
-            series.response(Outcome::Error(kind), start.elapsed());
-            errors::respond(kind, grpc, connection.informational(kind))
-        }
+    }
+    if let Some(cell) = &connection.routes {
+        let routed = connection.routed(cell);
+        return routed::handle(&connection, &routed, request, start, authority.as_deref()).await;
+    }
+    let attempt = connection.attempt(&connection.target, request, authority.as_deref(), start);
+    match attempt.await {
+        Ok(answer) => answer.into_response(start),
+        Err(kind) => errors::respond(kind, grpc, connection.informational(kind)),
     }
 }
 

@@ -279,6 +279,7 @@ pub fn to_app(protocol: Protocol, target: SocketAddr, tls: TlsStatus) -> AppPlan
         }),
         http1_case,
         routes: None,
+        meshed: false,
     };
     AppPlan::Http { protocol, route }
 }

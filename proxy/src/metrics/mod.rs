@@ -13,6 +13,7 @@ pub mod authz;
 pub mod budget;
 pub mod control;
 pub mod process;
+pub mod routes;
 pub mod transport;
 
 use std::sync::Arc;
@@ -82,6 +83,8 @@ pub struct Metrics {
     pub budget: Arc<budget::BudgetMeter>,
     /// Every live balancer, whose endpoints are reported at scrape time.
     pub balancers: Arc<BalancerRegistry>,
+    /// Outbound route and route-backend series.
+    pub routes: Arc<routes::RouteMetrics>,
 }
 
 impl Metrics {
@@ -171,6 +174,11 @@ impl Metrics {
             balancers: balancers.clone(),
         }));
 
+        let routes = Arc::new(routes::RouteMetrics::default());
+        registry.register_collector(Box::new(routes::RouteCollector {
+            metrics: routes.clone(),
+        }));
+
         let build_info = Family::<[(&'static str, &'static str); 4], Gauge>::default();
         build_info
             .get_or_create(&[
@@ -189,6 +197,7 @@ impl Metrics {
             authz,
             budget,
             balancers,
+            routes,
         }
     }
 

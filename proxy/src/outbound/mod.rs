@@ -180,10 +180,14 @@ impl Outbound {
             Backend::Refused(_) => return Err(ConnError::Forbidden),
             Backend::Forward(endpoint) => (endpoint.clone(), None),
             Backend::Balance(balancer) => {
-                let picked = balancer.pick(self.tcp_queue).await.map_err(|error| {
-                    debug!(?error, "no endpoint is ready");
-                    ConnError::Unavailable
-                })?;
+                let picked = balancer
+                    .pick(self.tcp_queue)
+                    .await
+                    .map_err(|error| {
+                        debug!(?error, "no endpoint is ready");
+                        ConnError::Unavailable
+                    })?
+                    .without_accrual();
                 (picked.member.endpoint.clone(), Some(picked))
             }
         };
@@ -259,7 +263,7 @@ impl Outbound {
         loop {
             attempt += 1;
             let picked: Picked = match balancer.pick(self.tcp_queue).await {
-                Ok(picked) => picked,
+                Ok(picked) => picked.without_accrual(),
                 Err(error) => {
                     debug!(?error, "no endpoint is ready");
                     return Err(client.refuse(ConnError::Unavailable));

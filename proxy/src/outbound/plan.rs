@@ -14,7 +14,9 @@ use std::net::SocketAddr;
 
 use crate::discover::{Backend, Destination, DiscoveryError, Endpoint, Resolved};
 use crate::http::errors::ErrorKind;
-use crate::http::{outbound_upstream, Role, Route, Target};
+use crate::http::{outbound_target, Role, Route, Target};
+#[cfg(test)]
+use crate::http::outbound_upstream;
 use crate::mesh::PeerId;
 use crate::net::detect::Protocol;
 use crate::net::error::ConnError;
@@ -209,22 +211,14 @@ pub fn plan(facts: &Facts) -> Step {
     let meshed = facts.settings.meshed;
     if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
         let http1_case = protocol == Protocol::Http1;
-        let target = match &destination.backend {
-            Backend::Forward(endpoint) => {
-                Target::Upstream(outbound_upstream(endpoint, meshed, http1_case))
-            }
-            Backend::Balance(balancer) => Target::Balance {
-                balancer: balancer.clone(),
-                meshed,
-            },
-            Backend::Refused(_) => Target::Fail(ErrorKind::Discovery),
-        };
+        let target = outbound_target(&destination.backend, meshed, http1_case);
         let route = Route {
             role: Role::Outbound,
             logical: facts.orig_dst,
             target,
             http1_case,
             routes: destination.routes.clone(),
+            meshed,
         };
         return Step::Go(OutboundPlan::Http { protocol, route });
     }
@@ -250,6 +244,7 @@ fn unavailable(facts: &Facts) -> Step {
                     target: Target::Fail(ErrorKind::Discovery),
                     http1_case: *protocol == Protocol::Http1,
                     routes: None,
+                    meshed: false,
                 },
             })
         }
@@ -369,6 +364,7 @@ mod tests {
                 target,
                 http1_case: http1,
                 routes: None,
+                meshed: false,
             },
         })
     }

@@ -43,7 +43,11 @@ use self::client::{Limited, Next};
 use self::grpc::Messages;
 use self::translate::{BackendSpec, EndpointSet, PolicyAnswer, PolicySpec, ProfileSpec};
 use super::balance::{Backoff, BalanceSettings, Balancer, BalancerRegistry};
-use super::{Backend, Destination, Discover, DiscoveryError, Endpoint, Resolution, Resolved};
+use super::{
+    Backend, Destination, Discover, DiscoveryError, Endpoint, Resolution, Resolved, Routing,
+    RoutingCell,
+};
+use crate::metrics::routes::RouteMetrics;
 use crate::config::ControlPlane;
 use crate::mesh::Dialer;
 use crate::metrics::control::{Api, ControlMetrics};
@@ -75,6 +79,7 @@ struct Shared {
     policy: Channel,
     metrics: Arc<ControlMetrics>,
     balancers: Arc<BalancerRegistry>,
+    routes: Arc<RouteMetrics>,
     started: Instant,
 }
 
@@ -99,6 +104,7 @@ impl Linkerd {
         dialer: Arc<Dialer>,
         metrics: Arc<ControlMetrics>,
         balancers: Arc<BalancerRegistry>,
+        routes: Arc<RouteMetrics>,
     ) -> Result<Arc<Linkerd>, String> {
         let destination = client::channel(&settings.control.destination, dialer.clone())
             .map_err(|e| format!("LINKERD2_PROXY_DESTINATION_SVC_ADDR: {e}"))?;
@@ -116,6 +122,7 @@ impl Linkerd {
                 policy,
                 metrics,
                 balancers,
+                routes,
                 started: Instant::now(),
             }),
             targets: Mutex::default(),
@@ -251,6 +258,7 @@ async fn watch_target(
     };
     let publish = async {
         let mut balancers: HashMap<String, Arc<Balancer>> = HashMap::new();
+        let mut routing = None;
         loop {
             said.changed.notified().await;
             let spec = {
@@ -261,7 +269,7 @@ async fn watch_target(
                 translate::combine(policy, profile)
             };
             debug!(%target, ?spec, "destination");
-            let destination = destination(&shared, target, spec, &mut balancers);
+            let destination = destination(&shared, target, spec, &mut balancers, &mut routing);
             tx.send_replace(Some(Arc::new(destination)));
         }
     };
@@ -319,6 +327,7 @@ mod sizes {
                     &mut Default::default(),
                 )),
                 balancers: Default::default(),
+                routes: Default::default(),
                 started: tokio::time::Instant::now(),
             });
             let (tx, _rx) = tokio::sync::watch::channel(None);
@@ -339,8 +348,43 @@ fn destination(
     target: SocketAddr,
     spec: translate::Spec,
     balancers: &mut HashMap<String, Arc<Balancer>>,
+    routing: &mut Option<Arc<RoutingCell>>,
 ) -> Destination {
-    let backend = match spec.backend {
+    let backend = resolve(shared, target, spec.backend, balancers);
+    let routes = spec.routes.map(|table| {
+        let accrual = table.accrual;
+        let resolved = Routing::new(table, &spec.parent, &shared.routes, |backend| {
+            let backend = resolve(shared, target, backend.clone(), balancers);
+            if let Backend::Balance(balancer) = &backend {
+                balancer.set_accrual(accrual);
+            }
+            backend
+        });
+        match routing {
+            Some(cell) => {
+                cell.store(Arc::new(resolved));
+                cell.clone()
+            }
+            None => routing
+                .insert(Arc::new(RoutingCell::from_pointee(resolved)))
+                .clone(),
+        }
+    });
+    Destination {
+        opaque: spec.opaque,
+        backend,
+        routes,
+    }
+}
+
+/// Where a backend's traffic goes: a balancer is kept by discovery path.
+fn resolve(
+    shared: &Arc<Shared>,
+    target: SocketAddr,
+    backend: BackendSpec,
+    balancers: &mut HashMap<String, Arc<Balancer>>,
+) -> Backend {
+    match backend {
         BackendSpec::Fallback => Backend::Forward(Arc::new(Endpoint::unmeshed(target))),
         BackendSpec::Forward(endpoint) => Backend::Forward(Arc::new(endpoint)),
         BackendSpec::Refused(refusal) => Backend::Refused(refusal),
@@ -366,11 +410,6 @@ fn destination(
                 .clone();
             Backend::Balance(balancer)
         }
-    };
-    Destination {
-        opaque: spec.opaque,
-        backend,
-        routes: spec.routes,
     }
 }
 

@@ -19,7 +19,9 @@ use linkerd2_proxy_api::meta::{metadata, Metadata};
 use linkerd2_proxy_api::outbound::{self as ob, backend, proxy_protocol};
 
 use crate::discover::balance::BalancerName;
-use crate::discover::outbound_routes::{read_grpc_routes, read_http_routes, RouteTable};
+use crate::discover::outbound_routes::{
+    read_accrual, read_grpc_routes, read_http_routes, RouteTable,
+};
 use crate::discover::{Endpoint, HttpVia, Labels, Refusal};
 
 /// An endpoint from a `WeightedAddr`, with `set_labels` (the update's) under its
@@ -344,16 +346,22 @@ fn read_routes(
     parent: &Labels,
     target: SocketAddr,
 ) -> Option<RouteTable> {
-    let http = |routes: &[ob::HttpRoute]| read_http_routes(routes, parent, target);
+    let http = |routes: &[ob::HttpRoute], accrual: Option<&ob::FailureAccrual>| RouteTable {
+        accrual: read_accrual(accrual),
+        ..read_http_routes(routes, parent, target)
+    };
     match kind? {
         proxy_protocol::Kind::Detect(detect) => match (&detect.http1, &detect.http2) {
-            (Some(h), _) => Some(http(&h.routes)),
-            (None, Some(h)) => Some(http(&h.routes)),
+            (Some(h), _) => Some(http(&h.routes, h.failure_accrual.as_ref())),
+            (None, Some(h)) => Some(http(&h.routes, h.failure_accrual.as_ref())),
             (None, None) => None,
         },
-        proxy_protocol::Kind::Http1(h) => Some(http(&h.routes)),
-        proxy_protocol::Kind::Http2(h) => Some(http(&h.routes)),
-        proxy_protocol::Kind::Grpc(g) => Some(read_grpc_routes(&g.routes, parent, target)),
+        proxy_protocol::Kind::Http1(h) => Some(http(&h.routes, h.failure_accrual.as_ref())),
+        proxy_protocol::Kind::Http2(h) => Some(http(&h.routes, h.failure_accrual.as_ref())),
+        proxy_protocol::Kind::Grpc(g) => Some(RouteTable {
+            accrual: read_accrual(g.failure_accrual.as_ref()),
+            ..read_grpc_routes(&g.routes, parent, target)
+        }),
         proxy_protocol::Kind::Opaque(_) | proxy_protocol::Kind::Tls(_) => None,
     }
 }

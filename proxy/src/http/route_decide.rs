@@ -1,0 +1,464 @@
+//! The per-request decisions of an outbound route, as pure functions of the rule, the
+//! request and random draws: what its filters do, which backend it goes to, whether
+//! its response is retried and after how long, and whether an endpoint's response is
+//! a failure for failure accrual. `routed.rs` executes them.
+
+use std::time::Duration;
+
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::http::Uri;
+
+use super::errors::ErrorKind;
+use crate::discover::outbound_routes::{
+    Backoff, Distribution, Failure, Filter, HeaderChanges, PathChange, Redirect, RetryOn,
+    RouteBackend,
+};
+
+/// A response the proxy makes instead of sending the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Synthetic {
+    /// A failure injector fired.
+    Injected { failure: Failure, message: String },
+    /// A redirect: `status` with `location`.
+    Redirect { status: u16, location: String },
+    /// The proxy's own error.
+    Error(ErrorKind),
+}
+
+/// Applies `filters` to a request's headers, in order: header changes are made; the
+/// first failure injector that fires or redirect that applies answers the request.
+/// `draw` gives a uniform `u32` per injector; `matched_prefix` is the length of the
+/// path prefix the rule matched, if it matched by prefix (a redirect replaces it).
+pub fn request_filters(
+    filters: &[Filter],
+    headers: &mut HeaderMap,
+    uri: &Uri,
+    authority: Option<&str>,
+    matched_prefix: Option<usize>,
+    draw: &mut impl FnMut() -> u32,
+) -> Result<(), Synthetic> {
+    for filter in filters {
+        match filter {
+            Filter::FailureInjector {
+                status,
+                message,
+                ratio,
+            } => {
+                if fires(ratio.numerator, ratio.denominator, draw()) {
+                    return Err(Synthetic::Injected {
+                        failure: *status,
+                        message: message.clone(),
+                    });
+                }
+            }
+            Filter::RequestHeaders(changes) => change_headers(changes, headers),
+            Filter::ResponseHeaders(_) => {}
+            Filter::Redirect(redirect) => {
+                match redirect_location(redirect, uri, authority, matched_prefix) {
+                    Ok(Some(location)) => {
+                        return Err(Synthetic::Redirect {
+                            status: redirect.status,
+                            location,
+                        })
+                    }
+                    Ok(None) => {}
+                    Err(()) => return Err(Synthetic::Error(ErrorKind::InvalidRoute)),
+                }
+            }
+            Filter::Invalid => return Err(Synthetic::Error(ErrorKind::InvalidRoute)),
+        }
+    }
+    Ok(())
+}
+
+/// Applies `filters`' response header changes.
+pub fn response_filters(filters: &[Filter], headers: &mut HeaderMap) {
+    for filter in filters {
+        if let Filter::ResponseHeaders(changes) = filter {
+            change_headers(changes, headers);
+        }
+    }
+}
+
+/// `numerator` of every `denominator` draws fire (a zero denominator: none).
+fn fires(numerator: u32, denominator: u32, draw: u32) -> bool {
+    denominator != 0 && (u64::from(draw) * u64::from(denominator)) >> 32 < u64::from(numerator)
+}
+
+/// Adds, then sets, then removes, as Gateway API's header modifier does. A name or
+/// value the policy gave that HTTP does not allow is skipped.
+fn change_headers(changes: &HeaderChanges, headers: &mut HeaderMap) {
+    let pair = |(name, value): &(String, Vec<u8>)| {
+        Some((
+            HeaderName::from_bytes(name.as_bytes()).ok()?,
+            HeaderValue::from_bytes(value).ok()?,
+        ))
+    };
+    for (name, value) in changes.add.iter().filter_map(pair) {
+        headers.append(name, value);
+    }
+    for (name, value) in changes.set.iter().filter_map(pair) {
+        headers.insert(name, value);
+    }
+    for name in &changes.remove {
+        headers.remove(name.as_str());
+    }
+}
+
+/// Where a redirect sends the request; `Ok(None)` when that is where it is already
+/// (the filter is skipped, as in linkerd2-proxy); `Err` when a prefix replacement
+/// is asked of a rule that did not match by prefix.
+pub fn redirect_location(
+    redirect: &Redirect,
+    uri: &Uri,
+    authority: Option<&str>,
+    matched_prefix: Option<usize>,
+) -> Result<Option<String>, ()> {
+    let scheme = redirect
+        .scheme
+        .as_deref()
+        .or(uri.scheme_str())
+        .unwrap_or("http");
+    let authority = authority.unwrap_or("");
+    let (request_host, request_port) = split_authority(authority);
+    let default_port = |scheme: &str| match scheme {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    };
+    let host = redirect.host.as_deref().unwrap_or(request_host);
+    let port = redirect.port.or(request_port);
+    let host_port = match port {
+        Some(port) if Some(port) != default_port(scheme) => format!("{host}:{port}"),
+        _ => host.to_string(),
+    };
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = match &redirect.path {
+        None => path_and_query.to_string(),
+        Some(PathChange::Full(path)) => path.clone(),
+        Some(PathChange::Prefix(prefix)) => {
+            let matched = matched_prefix.ok_or(())?;
+            let rest = path_and_query.get(matched..).unwrap_or("");
+            let joined = match (prefix.ends_with('/'), rest.starts_with('/')) {
+                (true, true) => format!("{prefix}{}", &rest[1..]),
+                (false, false) if !rest.is_empty() && !rest.starts_with('?') => {
+                    format!("{prefix}/{rest}")
+                }
+                _ => format!("{prefix}{rest}"),
+            };
+            if joined.is_empty() {
+                "/".to_string()
+            } else {
+                joined
+            }
+        }
+    };
+    let location = format!("{scheme}://{host_port}{path}");
+    let same = uri.scheme_str().unwrap_or("http") == scheme
+        && host_port.eq_ignore_ascii_case(authority)
+        && path == path_and_query;
+    Ok((!same).then_some(location))
+}
+
+fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => {
+            match port.parse() {
+                Ok(port) => (host, Some(port)),
+                Err(_) => (authority, None),
+            }
+        }
+        _ => (authority, None),
+    }
+}
+
+/// The backend a request goes to: the first available one, or one drawn by weight
+/// among the available ones (redrawn without a backend that is not). None when no
+/// backend is available, or every weight is 0 (which Tandem treats as no backend;
+/// linkerd2-proxy fails on it), and the request is shed (503).
+pub fn choose_backend<'a>(
+    distribution: &'a Distribution,
+    available: impl Fn(&RouteBackend) -> bool,
+    draw: &mut impl FnMut() -> u32,
+) -> Option<&'a RouteBackend> {
+    match distribution {
+        Distribution::Empty => None,
+        Distribution::FirstAvailable(backends) => backends.iter().find(|b| available(b)),
+        Distribution::RandomAvailable(backends) => {
+            // Weights on the stack for the common split of a few backends.
+            let mut weights: smallvec::SmallVec<[u32; 4]> =
+                backends.iter().map(|(_, w)| *w).collect();
+            loop {
+                let index =
+                    crate::discover::outbound_routes::pick_weighted(&weights, draw())?;
+                let backend = &backends[index].0;
+                if available(backend) {
+                    return Some(backend);
+                }
+                weights[index] = 0;
+            }
+        }
+    }
+}
+
+/// What ended an attempt, for the retry decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempted {
+    /// Response headers came with this status (and gRPC status in them, if any).
+    Response { status: u16, grpc: Option<u32> },
+    /// The proxy's own failure.
+    Error(ErrorKind),
+}
+
+/// Whether an attempt's outcome is one the route retries. The proxy's connection
+/// failures count as the 502 (gRPC: UNAVAILABLE) they become; fail-fast and a
+/// per-try timeout are always retried, as in linkerd2-proxy; timeouts of the whole
+/// request, shedding and refusals never are.
+pub fn retryable(on: &RetryOn, attempted: Attempted) -> bool {
+    let (status, grpc) = match attempted {
+        Attempted::Response { status, grpc } => (status, grpc),
+        Attempted::Error(ErrorKind::FailFast | ErrorKind::ResponseTimeout) => return true,
+        Attempted::Error(kind) if kind.is_dial() || kind == ErrorKind::Upstream => (502, Some(14)),
+        Attempted::Error(_) => return false,
+    };
+    match on {
+        RetryOn::HttpStatuses(ranges) => ranges.iter().any(|r| r.contains(&status)),
+        RetryOn::GrpcCodes(codes) => grpc.is_some_and(|code| codes.contains(&code)),
+    }
+}
+
+/// How long to wait before retry `retry` (1 for the first), `jitter` in [0, 1); no
+/// backoff: at once.
+pub fn retry_delay(backoff: Option<&Backoff>, retry: u32, jitter: f64) -> Duration {
+    backoff.map_or(Duration::ZERO, |b| b.jittered(retry, jitter).min(b.max))
+}
+
+/// The gRPC statuses Linkerd classifies as failures: UNKNOWN, DEADLINE_EXCEEDED,
+/// PERMISSION_DENIED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+const GRPC_FAILURES: [u32; 6] = [2, 4, 7, 13, 14, 15];
+
+/// Whether a response is a failure, for failure accrual: an error, a 5xx, or (for
+/// gRPC) a failing gRPC status; a gRPC response without a status is a success.
+pub fn is_failure(status: Option<u16>, grpc: Option<u32>, error: bool) -> bool {
+    error
+        || status.is_none_or(|s| s >= 500)
+        || grpc.is_some_and(|code| GRPC_FAILURES.contains(&code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discover::linkerd::translate::BackendSpec;
+    use crate::discover::outbound_routes::Ratio;
+    use crate::discover::Labels;
+
+    fn redirect(
+        scheme: Option<&str>,
+        host: Option<&str>,
+        port: Option<u16>,
+        path: Option<PathChange>,
+    ) -> Redirect {
+        Redirect {
+            scheme: scheme.map(Into::into),
+            host: host.map(Into::into),
+            path,
+            port,
+            status: 302,
+        }
+    }
+
+    #[test]
+    fn redirects_build_their_location_as_gateway_api_says() {
+        type Row = (Redirect, &'static str, Option<usize>, Result<Option<&'static str>, ()>);
+        let rows: Vec<Row> = vec![
+            // Host only: the request's path and query stay.
+            (
+                redirect(None, Some("new.example"), None, None),
+                "/a/b?x=1",
+                None,
+                Ok(Some("http://new.example/a/b?x=1")),
+            ),
+            // A port that is the scheme's default is left out.
+            (
+                redirect(Some("https"), None, Some(443), None),
+                "/",
+                None,
+                Ok(Some("https://web/")),
+            ),
+            (
+                redirect(None, None, Some(8080), Some(PathChange::Full("/v2".into()))),
+                "/v1?q",
+                None,
+                Ok(Some("http://web:8080/v2")),
+            ),
+            // The matched prefix is replaced; the rest and the query stay.
+            (
+                redirect(None, None, None, Some(PathChange::Prefix("/v2".into()))),
+                "/v1/users?id=7",
+                Some(3),
+                Ok(Some("http://web/v2/users?id=7")),
+            ),
+            (
+                redirect(None, None, None, Some(PathChange::Prefix("/".into()))),
+                "/v1/users",
+                Some(3),
+                Ok(Some("http://web/users")),
+            ),
+            // Prefix replacement without a prefix match cannot be made.
+            (
+                redirect(None, None, None, Some(PathChange::Prefix("/v2".into()))),
+                "/v1",
+                None,
+                Err(()),
+            ),
+            // A redirect to where the request already is, is skipped.
+            (redirect(None, Some("web"), None, None), "/x", None, Ok(None)),
+        ];
+        for (redirect, path, prefix, expected) in rows {
+            let uri: Uri = path.parse().unwrap();
+            let got = redirect_location(&redirect, &uri, Some("web"), prefix);
+            assert_eq!(
+                got,
+                expected.map(|o| o.map(String::from)),
+                "{redirect:?} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn filters_change_headers_inject_failures_and_redirect_in_order() {
+        let changes = HeaderChanges {
+            add: vec![("x-added".into(), b"1".to_vec()), ("x-kept".into(), b"2".to_vec())],
+            set: vec![("x-set".into(), b"new".to_vec())],
+            remove: vec!["x-gone".into()],
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        headers.insert("x-set", HeaderValue::from_static("old"));
+        headers.insert("x-gone", HeaderValue::from_static("1"));
+        let uri: Uri = "/".parse().unwrap();
+        let filters = [Filter::RequestHeaders(changes)];
+        assert_eq!(
+            request_filters(&filters, &mut headers, &uri, Some("web"), None, &mut || 0),
+            Ok(())
+        );
+        assert_eq!(headers.get_all("x-kept").iter().count(), 2);
+        assert_eq!(headers["x-set"], "new");
+        assert!(!headers.contains_key("x-gone"));
+        assert_eq!(headers["x-added"], "1");
+
+        let inject = |numerator, denominator| Filter::FailureInjector {
+            status: Failure::Http(503),
+            message: "injected".into(),
+            ratio: Ratio {
+                numerator,
+                denominator,
+            },
+        };
+        let injected = Err(Synthetic::Injected {
+            failure: Failure::Http(503),
+            message: "injected".into(),
+        });
+        // (numerator, denominator, draw, fires)
+        for (n, d, draw, fire) in [
+            (1, 1, u32::MAX, true),
+            (0, 1, 0, false),
+            (1, 2, 0, true),
+            (1, 2, u32::MAX / 2 + 1, false),
+            (1, 0, 0, false),
+        ] {
+            let got = request_filters(&[inject(n, d)], &mut headers, &uri, None, None, &mut || draw);
+            let expected = if fire { injected.clone() } else { Ok(()) };
+            assert_eq!(got, expected, "{n}/{d} at {draw}");
+        }
+        // An invalid filter fails the request; nothing after a firing filter runs.
+        assert_eq!(
+            request_filters(&[Filter::Invalid], &mut headers, &uri, None, None, &mut || 0),
+            Err(Synthetic::Error(ErrorKind::InvalidRoute))
+        );
+    }
+
+    fn backend(slot: usize) -> RouteBackend {
+        RouteBackend {
+            backend: BackendSpec::Fallback,
+            labels: Labels::default(),
+            filters: Vec::new(),
+            slot,
+        }
+    }
+
+    #[test]
+    fn backends_are_chosen_among_the_available() {
+        let first = Distribution::FirstAvailable(vec![backend(0), backend(1)]);
+        let pick = |d: &Distribution, up: &[usize], draws: &[u32]| {
+            let mut draws = draws.iter().copied();
+            choose_backend(d, |b| up.contains(&b.slot), &mut || draws.next().unwrap_or(0))
+                .map(|b| b.slot)
+        };
+        assert_eq!(pick(&first, &[0, 1], &[]), Some(0));
+        assert_eq!(pick(&first, &[1], &[]), Some(1));
+        assert_eq!(pick(&first, &[], &[]), None);
+        let split = Distribution::RandomAvailable(vec![(backend(0), 90), (backend(1), 10)]);
+        assert_eq!(pick(&split, &[0, 1], &[0]), Some(0));
+        assert_eq!(pick(&split, &[0, 1], &[u32::MAX]), Some(1));
+        // The draw lands on an unavailable backend: the other is drawn.
+        assert_eq!(pick(&split, &[1], &[0, 0]), Some(1));
+        assert_eq!(pick(&split, &[], &[0, 0]), None);
+        let zero = Distribution::RandomAvailable(vec![(backend(0), 0), (backend(1), 0)]);
+        assert_eq!(pick(&zero, &[0, 1], &[0]), None);
+        assert_eq!(pick(&Distribution::Empty, &[0], &[0]), None);
+    }
+
+    #[test]
+    fn retry_conditions() {
+        let http = RetryOn::HttpStatuses(vec![500..=504]);
+        let grpc = RetryOn::GrpcCodes(vec![14]);
+        let response = |status, grpc| Attempted::Response { status, grpc };
+        // (conditions, outcome, retried)
+        let rows = [
+            (&http, response(503, None), true),
+            (&http, response(404, None), false),
+            (&http, response(200, Some(14)), false),
+            (&grpc, response(200, Some(14)), true),
+            (&grpc, response(200, Some(5)), false),
+            (&grpc, response(503, None), false),
+            (&http, Attempted::Error(ErrorKind::ConnectRefused), true),
+            (&grpc, Attempted::Error(ErrorKind::Upstream), true),
+            (&http, Attempted::Error(ErrorKind::FailFast), true),
+            (&http, Attempted::Error(ErrorKind::ResponseTimeout), true),
+            (&http, Attempted::Error(ErrorKind::RequestTimeout), false),
+            (&http, Attempted::Error(ErrorKind::LoadShed), false),
+            (&RetryOn::HttpStatuses(Vec::new()), response(500, None), false),
+        ];
+        for (on, attempted, expected) in rows {
+            assert_eq!(retryable(on, attempted), expected, "{on:?} {attempted:?}");
+        }
+    }
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_maximum() {
+        let backoff = Backoff {
+            min: Duration::from_millis(25),
+            max: Duration::from_millis(250),
+            jitter: 1.0,
+        };
+        let ms = |retry, jitter| retry_delay(Some(&backoff), retry, jitter).as_millis();
+        assert_eq!(ms(1, 0.0), 25);
+        assert_eq!(ms(2, 0.0), 50);
+        assert_eq!(ms(3, 0.5), 150);
+        assert_eq!(ms(5, 0.0), 250);
+        assert_eq!(ms(5, 0.99), 250);
+        assert_eq!(retry_delay(None, 3, 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn failures_for_accrual() {
+        assert!(is_failure(Some(503), None, false));
+        assert!(!is_failure(Some(404), None, false));
+        assert!(is_failure(Some(200), None, true));
+        assert!(is_failure(None, None, false));
+        assert!(is_failure(Some(200), Some(14), false));
+        assert!(!is_failure(Some(200), Some(5), false));
+        assert!(!is_failure(Some(200), None, false));
+    }
+}
