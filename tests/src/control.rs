@@ -703,12 +703,11 @@ fn service(name: &str, port: u16) -> Metadata {
     }
 }
 
-/// The policy the policy controller sends for a Service port: protocol detection
-/// (or opaque, for an opaque port) and one default route per protocol to one
-/// balancer on `path`, with Linkerd's queue and load settings.
-pub fn service_policy(name: &str, port: u16, path: &str, opaque: bool) -> OutboundPolicy {
+/// A Service's backend as the policy controller describes it: a balancer over
+/// `Destination.Get` on `path`, with Linkerd's queue and load settings.
+pub fn balancer(name: &str, port: u16, path: &str) -> ob::Backend {
     use ob::backend;
-    let backend = ob::Backend {
+    ob::Backend {
         metadata: Some(service(name, port)),
         queue: Some(ob::Queue {
             capacity: 100,
@@ -730,7 +729,14 @@ pub fn service_policy(name: &str, port: u16, path: &str, opaque: bool) -> Outbou
                 },
             )),
         })),
-    };
+    }
+}
+
+/// The policy the policy controller sends for a Service port: protocol detection
+/// (or opaque, for an opaque port) and one default route per protocol to one
+/// balancer on `path`, with Linkerd's queue and load settings.
+pub fn service_policy(name: &str, port: u16, path: &str, opaque: bool) -> OutboundPolicy {
+    let backend = balancer(name, port, path);
     let http_routes = || {
         use ob::http_route::{distribution, Distribution, RouteBackend, Rule};
         vec![ob::HttpRoute {
@@ -821,4 +827,148 @@ pub fn wait_until(control: &ControlPlane, what: &str, check: impl Fn(&ControlPla
     crate::wait_for(what, Duration::from_secs(30), || {
         check(control).then_some(())
     });
+}
+
+/// A route match on a path prefix.
+pub fn path_prefix(prefix: &str) -> linkerd2_proxy_api::http_route::HttpRouteMatch {
+    use linkerd2_proxy_api::http_route::{path_match, PathMatch};
+    linkerd2_proxy_api::http_route::HttpRouteMatch {
+        path: Some(PathMatch {
+            kind: Some(path_match::Kind::Prefix(prefix.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A route match on a header's exact value (any path).
+pub fn header_is(name: &str, value: &str) -> linkerd2_proxy_api::http_route::HttpRouteMatch {
+    use linkerd2_proxy_api::http_route::{header_match, HeaderMatch};
+    linkerd2_proxy_api::http_route::HttpRouteMatch {
+        headers: vec![HeaderMatch {
+            name: name.into(),
+            value: Some(header_match::Value::Exact(value.as_bytes().to_vec())),
+        }],
+        ..path_prefix("/")
+    }
+}
+
+/// An HTTPRoute's metadata, as the policy controller sends it.
+fn route_meta(kind: &str, name: &str) -> Metadata {
+    Metadata {
+        kind: Some(metadata::Kind::Resource(Resource {
+            group: "gateway.networking.k8s.io".into(),
+            kind: kind.into(),
+            name: name.into(),
+            namespace: "default".into(),
+            section: String::new(),
+            port: 0,
+        })),
+    }
+}
+
+/// A rule sending what `matches` take to `backends`, split by weight.
+pub fn http_rule(
+    matches: Vec<linkerd2_proxy_api::http_route::HttpRouteMatch>,
+    backends: &[(&ob::Backend, u32)],
+) -> ob::http_route::Rule {
+    use ob::http_route::{distribution, Distribution, RouteBackend, WeightedRouteBackend};
+    ob::http_route::Rule {
+        matches,
+        backends: Some(Distribution {
+            kind: Some(distribution::Kind::RandomAvailable(
+                distribution::RandomAvailable {
+                    backends: backends
+                        .iter()
+                        .map(|(backend, weight)| WeightedRouteBackend {
+                            backend: Some(RouteBackend {
+                                backend: Some((*backend).clone()),
+                                ..Default::default()
+                            }),
+                            weight: *weight,
+                        })
+                        .collect(),
+                },
+            )),
+        }),
+        ..Default::default()
+    }
+}
+
+/// An HTTPRoute named `name`.
+pub fn http_route(name: &str, rules: Vec<ob::http_route::Rule>) -> ob::HttpRoute {
+    ob::HttpRoute {
+        metadata: Some(route_meta("HTTPRoute", name)),
+        hosts: vec![],
+        rules,
+    }
+}
+
+/// A Service port's policy with HTTPRoutes (detected HTTP/1 and HTTP/2 alike), and
+/// failure accrual for its balanced backends.
+pub fn http_policy(
+    name: &str,
+    port: u16,
+    path: &str,
+    routes: Vec<ob::HttpRoute>,
+    accrual: Option<ob::FailureAccrual>,
+) -> OutboundPolicy {
+    let mut policy = service_policy(name, port, path, false);
+    if let Some(ob::ProxyProtocol {
+        kind: Some(proxy_protocol::Kind::Detect(detect)),
+    }) = policy.protocol.as_mut()
+    {
+        detect.http1 = Some(proxy_protocol::Http1 {
+            routes: routes.clone(),
+            failure_accrual: accrual,
+        });
+        detect.http2 = Some(proxy_protocol::Http2 {
+            routes,
+            failure_accrual: accrual,
+        });
+    }
+    policy
+}
+
+/// A GRPCRoute rule for `service`/`method` (empty: any) to `backend`.
+pub fn grpc_rule(service: &str, method: &str, backend: &ob::Backend) -> ob::grpc_route::Rule {
+    use ob::grpc_route::{distribution, Distribution, RouteBackend};
+    ob::grpc_route::Rule {
+        matches: vec![linkerd2_proxy_api::grpc_route::GrpcRouteMatch {
+            rpc: Some(linkerd2_proxy_api::grpc_route::GrpcRpcMatch {
+                service: service.into(),
+                method: method.into(),
+            }),
+            headers: vec![],
+        }],
+        backends: Some(Distribution {
+            kind: Some(distribution::Kind::FirstAvailable(
+                distribution::FirstAvailable {
+                    backends: vec![RouteBackend {
+                        backend: Some(backend.clone()),
+                        ..Default::default()
+                    }],
+                },
+            )),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A Service port's policy with GRPCRoutes (the `Grpc` protocol, as the policy
+/// controller sends it for a Service with GRPCRoutes).
+pub fn grpc_policy(name: &str, port: u16, rules: Vec<ob::grpc_route::Rule>) -> OutboundPolicy {
+    let route = ob::GrpcRoute {
+        metadata: Some(route_meta("GRPCRoute", name)),
+        hosts: vec![],
+        rules,
+    };
+    OutboundPolicy {
+        metadata: Some(service(name, port)),
+        protocol: Some(ob::ProxyProtocol {
+            kind: Some(proxy_protocol::Kind::Grpc(proxy_protocol::Grpc {
+                routes: vec![route],
+                failure_accrual: None,
+            })),
+        }),
+    }
 }

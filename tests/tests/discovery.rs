@@ -7,14 +7,8 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use tandem_tests::apps::{connect, read_all, read_some, send_and_finish};
 use tandem_tests::cluster::Cluster;
@@ -22,8 +16,8 @@ use tandem_tests::control::{endpoint, pod_profile, service_policy, ControlPlane,
 use tandem_tests::mesh::{env_refs, identity_of, TrustDomain};
 use tandem_tests::probe::metric;
 use tandem_tests::proxy::redirect;
-use tandem_tests::{wait_for, Pod, Proc, Proxy, PATIENCE};
-
+use tandem_tests::world::*;
+use tandem_tests::{wait_for, Pod, Proxy, PATIENCE};
 
 /// 300 HTTP/1 requests over one client connection, then 300 HTTP/2 requests over
 /// one, to a three-pod Service: the proxy balances them request by request, each

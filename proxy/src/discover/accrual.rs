@@ -109,9 +109,9 @@ impl Breaker {
                     None => rate,
                 };
                 let too_many = policy.max_failures > 0 && failures >= policy.max_failures;
-                let too_low = policy
-                    .success_rate
-                    .is_some_and(|sr| sr.threshold > 0.0 && seen >= sr.min_requests && rate < sr.threshold);
+                let too_low = policy.success_rate.is_some_and(|sr| {
+                    sr.threshold > 0.0 && seen >= sr.min_requests && rate < sr.threshold
+                });
                 if too_many || too_low {
                     let until_ms = eject(1);
                     *self = Breaker::Open { until_ms, trips: 1 };
@@ -155,7 +155,9 @@ fn decayed(rate: f64, at_ms: u64, now_ms: u64, decay: Duration, success: bool) -
     let decay_ms = (decay.as_millis() as f64).max(1.0);
     // Each outcome weighs at least a little, so a burst within one millisecond moves
     // the rate too.
-    let keep = (-elapsed / decay_ms).exp().min(1.0 - 1.0 / decay_ms.max(10.0));
+    let keep = (-elapsed / decay_ms)
+        .exp()
+        .min(1.0 - 1.0 / decay_ms.max(10.0));
     let sample = if success { 1.0 } else { 0.0 };
     rate * keep + sample * (1.0 - keep)
 }

@@ -213,7 +213,12 @@ impl Routing {
                 .map(|b| {
                     b.unwrap_or_else(|| RoutedBackend {
                         backend: Backend::Refused(Refusal::Invalid),
-                        series: metrics.backend(grpc, parent, &Labels::default(), &Labels::default()),
+                        series: metrics.backend(
+                            grpc,
+                            parent,
+                            &Labels::default(),
+                            &Labels::default(),
+                        ),
                     })
                 })
                 .collect(),

@@ -24,9 +24,9 @@ use linkerd2_proxy_api::outbound as ob;
 
 use super::accrual::{Accrual, SuccessRate};
 use super::linkerd::translate::{backend_spec, meta_labels, BackendSpec};
-pub use crate::config::Backoff;
 use super::route_match::{self, Host, RequestMatch, Score};
 use super::Labels;
+pub use crate::config::Backoff;
 
 /// A target's routes, HTTP or gRPC, in the order the control plane sent them.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -194,7 +194,6 @@ pub enum RetryOn {
     GrpcCodes(Vec<u32>),
 }
 
-
 /// The rule a request takes: `routes[route].rules[rule]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Selected {
@@ -291,7 +290,14 @@ macro_rules! read_route_table {
         let slots = std::cell::Cell::new(0);
         let backend = |b: &ob::$kind::RouteBackend| {
             let slot = slots.replace(slots.get() + 1);
-            route_backend(b.backend.as_ref(), &b.filters, $read_filter, parent, target, slot)
+            route_backend(
+                b.backend.as_ref(),
+                &b.filters,
+                $read_filter,
+                parent,
+                target,
+                slot,
+            )
         };
         let routes = $routes
             .iter()

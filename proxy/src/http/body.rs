@@ -23,8 +23,8 @@ use super::h2_streams::H2Body;
 use super::metrics::{Outcome, SeriesHandle};
 use super::route_decide;
 use super::routed::RouteEnd;
-use crate::metrics::routes::RouteError;
 use crate::discover::balance::Picked;
+use crate::metrics::routes::RouteError;
 
 /// A body error, whichever side it came from. A body sent on an HTTP/2 stream that
 /// fails resets the stream with the `h2` reason found inside it, if any.
@@ -114,7 +114,10 @@ impl Recorded {
             ..Copy::default()
         }));
         let recording = Recording(copy.clone());
-        Ok((RecvBody::Recorded(Box::new(Recorded { inner, copy })), recording))
+        Ok((
+            RecvBody::Recorded(Box::new(Recorded { inner, copy })),
+            recording,
+        ))
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -136,6 +139,11 @@ impl Recorded {
             }
             Poll::Ready(None) => copy.complete = true,
             _ => {}
+        }
+        // A sender may stop at the last frame of a body of known length without
+        // polling for its end.
+        if !copy.complete && self.inner.is_end_stream() {
+            copy.complete = true;
         }
         polled
     }
@@ -337,11 +345,13 @@ impl Drop for ResponseBody {
         if !complete {
             self.checkin = None;
         }
-        if let (false, Some(route)) = (complete, self.route.take()) {
+        if !complete {
             // The client went away before the end: the route records it, as Linkerd
             // does, with `error="UNKNOWN"`.
-            let (status, grpc) = self.statuses();
-            route.finish(status, grpc, Some(RouteError::Unknown));
+            if let Some(route) = self.route.take() {
+                let (status, grpc) = self.statuses();
+                route.finish(status, grpc, Some(RouteError::Unknown));
+            }
         }
         self.end(None);
     }

@@ -43,8 +43,8 @@ use self::errors::ErrorKind;
 use self::metrics::{Outcome, SeriesHandle};
 use crate::config::HttpConfig;
 use crate::discover::balance::{Balancer, Member, PickError, Picked};
-use crate::discover::{Backend, Routing, RoutingCell};
 use crate::discover::linkerd::inbound::RequestAuthz;
+use crate::discover::{Backend, Routing, RoutingCell};
 use crate::discover::{Endpoint, HttpVia, Labels};
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
 use crate::mesh::PeerId;
@@ -729,7 +729,10 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
         None
     };
     if let Some(authz) = &connection.authz {
-        if let Err(kind) = authz.check(&request, authority_of(&request)).map_err(ErrorKind::from) {
+        if let Err(kind) = authz
+            .check(&request, authority_of(&request))
+            .map_err(ErrorKind::from)
+        {
             let series = connection.unrouted_series(authority.as_deref());
             series.request();
             series.response(Outcome::Error(kind), start.elapsed());

@@ -189,8 +189,7 @@ pub fn choose_backend<'a>(
             let mut weights: smallvec::SmallVec<[u32; 4]> =
                 backends.iter().map(|(_, w)| *w).collect();
             loop {
-                let index =
-                    crate::discover::outbound_routes::pick_weighted(&weights, draw())?;
+                let index = crate::discover::outbound_routes::pick_weighted(&weights, draw())?;
                 let backend = &backends[index].0;
                 if available(backend) {
                     return Some(backend);
@@ -269,7 +268,12 @@ mod tests {
 
     #[test]
     fn redirects_build_their_location_as_gateway_api_says() {
-        type Row = (Redirect, &'static str, Option<usize>, Result<Option<&'static str>, ()>);
+        type Row = (
+            Redirect,
+            &'static str,
+            Option<usize>,
+            Result<Option<&'static str>, ()>,
+        );
         let rows: Vec<Row> = vec![
             // Host only: the request's path and query stay.
             (
@@ -312,7 +316,12 @@ mod tests {
                 Err(()),
             ),
             // A redirect to where the request already is, is skipped.
-            (redirect(None, Some("web"), None, None), "/x", None, Ok(None)),
+            (
+                redirect(None, Some("web"), None, None),
+                "/x",
+                None,
+                Ok(None),
+            ),
         ];
         for (redirect, path, prefix, expected) in rows {
             let uri: Uri = path.parse().unwrap();
@@ -328,7 +337,10 @@ mod tests {
     #[test]
     fn filters_change_headers_inject_failures_and_redirect_in_order() {
         let changes = HeaderChanges {
-            add: vec![("x-added".into(), b"1".to_vec()), ("x-kept".into(), b"2".to_vec())],
+            add: vec![
+                ("x-added".into(), b"1".to_vec()),
+                ("x-kept".into(), b"2".to_vec()),
+            ],
             set: vec![("x-set".into(), b"new".to_vec())],
             remove: vec!["x-gone".into()],
         };
@@ -367,13 +379,22 @@ mod tests {
             (1, 2, u32::MAX / 2 + 1, false),
             (1, 0, 0, false),
         ] {
-            let got = request_filters(&[inject(n, d)], &mut headers, &uri, None, None, &mut || draw);
+            let got = request_filters(&[inject(n, d)], &mut headers, &uri, None, None, &mut || {
+                draw
+            });
             let expected = if fire { injected.clone() } else { Ok(()) };
             assert_eq!(got, expected, "{n}/{d} at {draw}");
         }
         // An invalid filter fails the request; nothing after a firing filter runs.
         assert_eq!(
-            request_filters(&[Filter::Invalid], &mut headers, &uri, None, None, &mut || 0),
+            request_filters(
+                &[Filter::Invalid],
+                &mut headers,
+                &uri,
+                None,
+                None,
+                &mut || 0
+            ),
             Err(Synthetic::Error(ErrorKind::InvalidRoute))
         );
     }
@@ -392,8 +413,10 @@ mod tests {
         let first = Distribution::FirstAvailable(vec![backend(0), backend(1)]);
         let pick = |d: &Distribution, up: &[usize], draws: &[u32]| {
             let mut draws = draws.iter().copied();
-            choose_backend(d, |b| up.contains(&b.slot), &mut || draws.next().unwrap_or(0))
-                .map(|b| b.slot)
+            choose_backend(d, |b| up.contains(&b.slot), &mut || {
+                draws.next().unwrap_or(0)
+            })
+            .map(|b| b.slot)
         };
         assert_eq!(pick(&first, &[0, 1], &[]), Some(0));
         assert_eq!(pick(&first, &[1], &[]), Some(1));
@@ -428,7 +451,11 @@ mod tests {
             (&http, Attempted::Error(ErrorKind::ResponseTimeout), true),
             (&http, Attempted::Error(ErrorKind::RequestTimeout), false),
             (&http, Attempted::Error(ErrorKind::LoadShed), false),
-            (&RetryOn::HttpStatuses(Vec::new()), response(500, None), false),
+            (
+                &RetryOn::HttpStatuses(Vec::new()),
+                response(500, None),
+                false,
+            ),
         ];
         for (on, attempted, expected) in rows {
             assert_eq!(retryable(on, attempted), expected, "{on:?} {attempted:?}");

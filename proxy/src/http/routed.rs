@@ -143,7 +143,16 @@ pub(super) async fn handle(
         .request
         .map(|timeout| tokio::time::Instant::now() + timeout);
     let mut retry_end = RetryEnd::Done;
-    let attempts = attempts(conn, routed, rule, &series, request, start, authority_label, &mut retry_end);
+    let attempts = attempts(
+        conn,
+        routed,
+        rule,
+        &series,
+        request,
+        start,
+        authority_label,
+        &mut retry_end,
+    );
     let last = match deadline {
         Some(deadline) => match tokio::time::timeout_at(deadline, attempts).await {
             Ok(last) => last,
@@ -370,7 +379,9 @@ fn matched_prefix(rule: &Rule, uri: &Uri) -> Option<usize> {
     rule.matches
         .iter()
         .filter_map(|m| match &m.path {
-            PathRule::Prefix(prefix) if crate::discover::route_match::prefix_matches(prefix.as_ref(), uri.path()) => {
+            PathRule::Prefix(prefix)
+                if crate::discover::route_match::prefix_matches(prefix.as_ref(), uri.path()) =>
+            {
                 Some(prefix.trim_end_matches('/').len())
             }
             _ => None,
@@ -392,7 +403,11 @@ fn ended_by(kind: ErrorKind) -> (Option<u16>, Option<RouteError>) {
 }
 
 /// The response a filter made.
-fn synthesize(synthetic: Synthetic, grpc_request: bool, conn: &ServerConn) -> Response<ResponseBody> {
+fn synthesize(
+    synthetic: Synthetic,
+    grpc_request: bool,
+    conn: &ServerConn,
+) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::empty());
     let (status, grpc_status, message) = match synthetic {
         Synthetic::Error(kind) => {

@@ -111,7 +111,11 @@ impl<const N: usize> Histogram<N> {
 
     fn record(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
-        let bucket = self.bounds.iter().position(|le| seconds <= *le).unwrap_or(N);
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|le| seconds <= *le)
+            .unwrap_or(N);
         self.buckets[bucket].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(elapsed.as_micros() as u64, Relaxed);
     }
@@ -346,7 +350,10 @@ impl EncodeLabelSet for SeriesLabels<'_> {
 
 impl Collector for RouteCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for (grpc, prefix) in [(false, "outbound_http_route"), (true, "outbound_grpc_route")] {
+        for (grpc, prefix) in [
+            (false, "outbound_http_route"),
+            (true, "outbound_grpc_route"),
+        ] {
             let families = self.metrics.families(grpc);
             let routes: Vec<(RouteKey, Arc<RouteSeries>)> = families
                 .routes
@@ -374,7 +381,9 @@ impl Collector for RouteCollector {
             )?;
             for (key, series) in &routes {
                 let labels = SeriesLabels::route(key, grpc, None);
-                series.duration.encode(&mut family.encode_family(&labels)?)?;
+                series
+                    .duration
+                    .encode(&mut family.encode_family(&labels)?)?;
             }
             let name = format!("{prefix}_request_statuses");
             let mut family = encoder.encode_descriptor(
@@ -391,14 +400,20 @@ impl Collector for RouteCollector {
                         .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
                 }
             }
-            let retrying: Vec<&(RouteKey, Arc<RouteSeries>)> =
-                routes.iter().filter(|(_, s)| s.retries.load(Relaxed)).collect();
+            let retrying: Vec<&(RouteKey, Arc<RouteSeries>)> = routes
+                .iter()
+                .filter(|(_, s)| s.retries.load(Relaxed))
+                .collect();
             if !retrying.is_empty() {
                 let counters: [(&str, &str, fn(&RouteSeries) -> &AtomicU64); 4] = [
-                    ("retry_requests", "Retry requests emitted", |s| &s.retry_requests),
-                    ("retry_successes", "Successful responses to retry requests", |s| {
-                        &s.retry_successes
+                    ("retry_requests", "Retry requests emitted", |s| {
+                        &s.retry_requests
                     }),
+                    (
+                        "retry_successes",
+                        "Successful responses to retry requests",
+                        |s| &s.retry_successes,
+                    ),
                     (
                         "retry_limit_exceeded",
                         "Retryable requests not sent due to retry limits",
@@ -412,12 +427,8 @@ impl Collector for RouteCollector {
                 ];
                 for (name, help, counter) in counters {
                     let name = format!("{prefix}_{name}");
-                    let mut family = encoder.encode_descriptor(
-                        &name,
-                        help,
-                        None,
-                        MetricType::Counter,
-                    )?;
+                    let mut family =
+                        encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
                     for (key, series) in &retrying {
                         let labels = SeriesLabels::route(key, grpc, None);
                         family
@@ -450,7 +461,9 @@ impl Collector for RouteCollector {
             )?;
             for (key, series) in &backends {
                 let labels = SeriesLabels::backend(key, grpc, None);
-                series.duration.encode(&mut family.encode_family(&labels)?)?;
+                series
+                    .duration
+                    .encode(&mut family.encode_family(&labels)?)?;
             }
             let name = format!("{prefix}_backend_response_statuses");
             let mut family = encoder.encode_descriptor(
@@ -481,11 +494,7 @@ impl<'a> SeriesLabels<'a> {
         }
     }
 
-    fn backend(
-        (parent, route, backend): &'a BackendKey,
-        grpc: bool,
-        ended: Option<Ended>,
-    ) -> Self {
+    fn backend((parent, route, backend): &'a BackendKey, grpc: bool, ended: Option<Ended>) -> Self {
         SeriesLabels {
             groups: [Some(parent), Some(route), Some(backend)],
             hostname: false,

@@ -14,9 +14,9 @@ use std::net::SocketAddr;
 
 use crate::discover::{Backend, Destination, DiscoveryError, Endpoint, Resolved};
 use crate::http::errors::ErrorKind;
-use crate::http::{outbound_target, Role, Route, Target};
 #[cfg(test)]
 use crate::http::outbound_upstream;
+use crate::http::{outbound_target, Role, Route, Target};
 use crate::mesh::PeerId;
 use crate::net::detect::Protocol;
 use crate::net::error::ConnError;

@@ -47,10 +47,10 @@ use super::{
     Backend, Destination, Discover, DiscoveryError, Endpoint, Resolution, Resolved, Routing,
     RoutingCell,
 };
-use crate::metrics::routes::RouteMetrics;
 use crate::config::ControlPlane;
 use crate::mesh::Dialer;
 use crate::metrics::control::{Api, ControlMetrics};
+use crate::metrics::routes::RouteMetrics;
 
 /// What the control-plane source is set up with.
 #[derive(Clone, Debug)]
