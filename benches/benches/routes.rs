@@ -18,14 +18,16 @@ use tandem_proxy::discover::route_match::{PathRule, RequestMatch};
 use tandem_proxy::discover::{Labels, Refusal};
 
 fn rule(matches: Vec<RequestMatch>) -> Rule {
-    let backend = || RouteBackend {
+    let backend = |slot| RouteBackend {
         backend: BackendSpec::Refused(Refusal::Invalid),
+        labels: Labels::default(),
         filters: Vec::new(),
+        slot,
     };
     Rule {
         matches,
         filters: Vec::new(),
-        backends: Distribution::RandomAvailable(vec![(backend(), 90), (backend(), 10)]),
+        backends: Distribution::RandomAvailable(vec![(backend(0), 90), (backend(1), 10)]),
         timeouts: Timeouts::default(),
         retry: None,
         allow_l5d_request_headers: false,
@@ -50,6 +52,7 @@ fn table(routes: usize) -> RouteTable {
                 }
             })
             .collect(),
+        ..RouteTable::default()
     }
 }
 
@@ -63,6 +66,7 @@ fn default_route() -> RouteTable {
                 ..RequestMatch::default()
             }])],
         }],
+        ..RouteTable::default()
     }
 }
 

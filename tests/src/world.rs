@@ -124,7 +124,7 @@ async fn answer(
     guard.1 = true;
     let failing = match state.fails.load(Ordering::SeqCst) {
         1 => true,
-        2 => served % 2 == 0,
+        2 => served.is_multiple_of(2),
         _ => false,
     };
     let text = Bytes::from(format!("{name}\n"));

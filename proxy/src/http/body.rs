@@ -102,11 +102,11 @@ pub struct Recorded {
 pub struct Recording(Arc<Mutex<Copy>>);
 
 impl Recorded {
-    /// Wraps `inner` to keep a copy of up to `limit` bytes; None when its declared
-    /// length is already over the limit (it is then never copied at all).
-    pub fn new(inner: RecvBody, limit: usize) -> Result<(RecvBody, Recording), RecvBody> {
+    /// Wraps `inner` to keep a copy of up to `limit` bytes; no recording when its
+    /// declared length is already over the limit (it is then never copied at all).
+    pub fn wrap(inner: RecvBody, limit: usize) -> (RecvBody, Option<Recording>) {
         if inner.size_hint().lower() > limit as u64 {
-            return Err(inner);
+            return (inner, None);
         }
         let copy = Arc::new(Mutex::new(Copy {
             limit,
@@ -114,10 +114,10 @@ impl Recorded {
             ..Copy::default()
         }));
         let recording = Recording(copy.clone());
-        Ok((
+        (
             RecvBody::Recorded(Box::new(Recorded { inner, copy })),
-            recording,
-        ))
+            Some(recording),
+        )
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {

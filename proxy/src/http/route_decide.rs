@@ -62,7 +62,7 @@ pub fn request_filters(
                         })
                     }
                     Ok(None) => {}
-                    Err(()) => return Err(Synthetic::Error(ErrorKind::InvalidRoute)),
+                    Err(NoPrefixMatched) => return Err(Synthetic::Error(ErrorKind::InvalidRoute)),
                 }
             }
             Filter::Invalid => return Err(Synthetic::Error(ErrorKind::InvalidRoute)),
@@ -105,15 +105,19 @@ fn change_headers(changes: &HeaderChanges, headers: &mut HeaderMap) {
     }
 }
 
+/// A redirect asked to replace the path prefix of a request its rule did not match
+/// by prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoPrefixMatched;
+
 /// Where a redirect sends the request; `Ok(None)` when that is where it is already
-/// (the filter is skipped, as in linkerd2-proxy); `Err` when a prefix replacement
-/// is asked of a rule that did not match by prefix.
+/// (the filter is skipped, as in linkerd2-proxy).
 pub fn redirect_location(
     redirect: &Redirect,
     uri: &Uri,
     authority: Option<&str>,
     matched_prefix: Option<usize>,
-) -> Result<Option<String>, ()> {
+) -> Result<Option<String>, NoPrefixMatched> {
     let scheme = redirect
         .scheme
         .as_deref()
@@ -137,7 +141,7 @@ pub fn redirect_location(
         None => path_and_query.to_string(),
         Some(PathChange::Full(path)) => path.clone(),
         Some(PathChange::Prefix(prefix)) => {
-            let matched = matched_prefix.ok_or(())?;
+            let matched = matched_prefix.ok_or(NoPrefixMatched)?;
             let rest = path_and_query.get(matched..).unwrap_or("");
             let joined = match (prefix.ends_with('/'), rest.starts_with('/')) {
                 (true, true) => format!("{prefix}{}", &rest[1..]),
@@ -272,7 +276,7 @@ mod tests {
             Redirect,
             &'static str,
             Option<usize>,
-            Result<Option<&'static str>, ()>,
+            Result<Option<&'static str>, NoPrefixMatched>,
         );
         let rows: Vec<Row> = vec![
             // Host only: the request's path and query stay.
@@ -313,7 +317,7 @@ mod tests {
                 redirect(None, None, None, Some(PathChange::Prefix("/v2".into()))),
                 "/v1",
                 None,
-                Err(()),
+                Err(NoPrefixMatched),
             ),
             // A redirect to where the request already is, is skipped.
             (

@@ -98,7 +98,9 @@ impl Head {
     }
 }
 
-/// How the attempts ended.
+/// How the attempts ended. Matched as soon as it is made and never held, so its
+/// answer is not boxed.
+#[allow(clippy::large_enum_variant)]
 enum Last {
     Answered {
         answer: Answer,
@@ -239,18 +241,16 @@ async fn attempts(
     let (parts, body) = request.into_parts();
     // A copy of the head and body is kept only when the rule retries.
     let (body, recording, head) = match retry {
-        Some(retry) => match Recorded::new(body, retry.max_request_bytes as usize) {
-            Ok((body, recording)) => {
-                let head = Head {
-                    method: parts.method.clone(),
-                    uri: parts.uri.clone(),
-                    version: parts.version,
-                    headers: parts.headers.clone(),
-                };
-                (body, Some(recording), Some(head))
-            }
-            Err(body) => (body, None, None),
-        },
+        Some(retry) => {
+            let (body, recording) = Recorded::wrap(body, retry.max_request_bytes as usize);
+            let head = recording.as_ref().map(|_| Head {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                version: parts.version,
+                headers: parts.headers.clone(),
+            });
+            (body, recording, head)
+        }
         None => (body, None, None),
     };
     let mut first = Some(Request::from_parts(parts, body));

@@ -250,6 +250,7 @@ impl BackendSeries {
 }
 
 type RouteKey = (Labels, Labels);
+type RetryCounter = fn(&RouteSeries) -> &AtomicU64;
 type BackendKey = (Labels, Labels, Labels);
 
 /// The series of one protocol's routes.
@@ -405,7 +406,7 @@ impl Collector for RouteCollector {
                 .filter(|(_, s)| s.retries.load(Relaxed))
                 .collect();
             if !retrying.is_empty() {
-                let counters: [(&str, &str, fn(&RouteSeries) -> &AtomicU64); 4] = [
+                let counters: [(&str, &str, RetryCounter); 4] = [
                     ("retry_requests", "Retry requests emitted", |s| {
                         &s.retry_requests
                     }),
