@@ -114,6 +114,7 @@ async fn serve_until_drained(
                 config.discovery_reload_interval,
                 balance_settings(&config),
                 metrics.balancers.clone(),
+                metrics.routes.clone(),
             )
             .map_err(|e| anyhow::anyhow!("cannot load TANDEM_DISCOVERY_FILE: {e}"))?;
             tokio::spawn(reload);

@@ -679,3 +679,82 @@ fn a_policy_update_during_a_long_request_does_not_disturb_it() {
         "finished where it started: {text}"
     );
 }
+
+/// The discovery file's routes, for standalone and VM users: a path routed to another
+/// backend, and retries that hide a backend failing every other request.
+#[test]
+fn the_discovery_files_routes_route_and_retry() {
+    tandem_tests::require_root();
+    let world = World::new(0);
+    let (_proxies, apps) = world.servers();
+    let endpoint = |i: usize| {
+        format!(
+            "{{addr: '{}', identity: {}}}",
+            world.cluster.addr(i + 1, APP_PORT),
+            tandem_tests::mesh::identity_of(SERVERS[i])
+        )
+    };
+    let file = format!(
+        "destinations:
+  - addr: 10.96.0.10
+    ports: 80
+    http2: true
+    endpoints: [{}]
+    backends:
+      v2: {{endpoints: [{}]}}
+    routes:
+      - name: web
+        rules:
+          - retry: {{limit: 2, http_statuses: 5xx}}
+          - matches: [{{path_prefix: /v2}}]
+            backends: {{v2: 1}}
+",
+        endpoint(0),
+        endpoint(1)
+    );
+    let mut env = world.domain.identity_env("client", world.issuer());
+    env.push(world.domain.discovery_file("client", &file));
+    let client = Proxy::start(world.client(), &tandem_tests::mesh::env_refs(&env));
+    let pod = world.client();
+    let (status, text) = curl(pod, &["http://10.96.0.10/v2/x"]);
+    assert_eq!(
+        (status, text.lines().last()),
+        (200, Some("web-b")),
+        "{text}"
+    );
+
+    apps[0].fail(Fails::EveryOther);
+    reset(&apps);
+    let args: Vec<String> = [
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        "--max-time",
+        "60",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(std::iter::repeat_n(URL.to_string(), 100))
+    .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let codes = pod.must("curl", &args);
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        100,
+        "{codes}"
+    );
+    assert!(apps[0].requests.load(Ordering::SeqCst) > 100, "retried");
+    let text = client.metrics();
+    let labels = [
+        ("route_name", "web"),
+        ("route_kind", "default"),
+        ("http_status", "200"),
+    ];
+    assert!(
+        metric(&text, "outbound_http_route_request_statuses_total", &labels)
+            .is_some_and(|n| n >= 100.0),
+        "{text}"
+    );
+}

@@ -22,7 +22,10 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use super::balance::{BalanceSettings, Balancer, BalancerName, BalancerRegistry};
-use super::{Backend, Destination, Discover, Endpoint, Labels, Resolution};
+use super::file_routes::{self, FileAccrual, FileRoute, DEFAULT_BACKEND};
+use super::outbound_routes::RouteTable;
+use super::{Backend, Destination, Discover, Endpoint, Labels, Resolution, Routing, RoutingCell};
+use crate::metrics::routes::RouteMetrics;
 
 /// A parsed discovery file: destinations matched by address or CIDR and port.
 #[derive(Debug, Default, PartialEq)]
@@ -39,6 +42,9 @@ struct Entry {
     ports: Vec<(u16, u16)>,
     opaque: bool,
     target: EntryTarget,
+    /// Named sets of endpoints the routes split over.
+    backends: Vec<(String, Vec<FileEndpoint>)>,
+    routes: Option<Arc<RouteTable>>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -112,6 +118,20 @@ struct FileDestination {
     /// `identity`, `http2` and `inbound_port` are their defaults.
     #[serde(default)]
     endpoints: Option<Vec<FileEndpointSpec>>,
+    /// Other sets of endpoints, by name, that routes split requests over.
+    #[serde(default)]
+    backends: BTreeMap<String, FileBackend>,
+    /// HTTP routes, as HTTPRoutes describe them (`file_routes.rs`).
+    #[serde(default)]
+    routes: Option<Vec<FileRoute>>,
+    #[serde(default)]
+    failure_accrual: Option<FileAccrual>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    endpoints: Vec<FileEndpointSpec>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +252,11 @@ impl Table {
             })
     }
 
+    /// The routes the table gives `target`, if it has any.
+    pub fn routes_of(&self, target: SocketAddr) -> Option<&Arc<RouteTable>> {
+        self.entry(target)?.routes.as_ref()
+    }
+
     /// The endpoints the table gives `target`: itself as the entry's peer, or the
     /// entry's endpoints (with the dialled port where they name none). `None` when
     /// no entry matches.
@@ -241,16 +266,38 @@ impl Table {
     }
 }
 
+/// A balancer's key: entry key, backend name, dialled port.
+type BalancerKey = (String, String, u16);
+
+/// The endpoints of `entry`'s backend `name` for `target` (none when it has no such
+/// backend, or its own target is a peer).
+fn backend_endpoints(entry: &Entry, name: &str, target: SocketAddr) -> Vec<Endpoint> {
+    if name == DEFAULT_BACKEND {
+        return match &entry.target {
+            EntryTarget::Peer(_) => Vec::new(),
+            EntryTarget::Endpoints(_) => endpoints(entry, target),
+        };
+    }
+    entry
+        .backends
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, list)| list.iter().map(|e| e.at(target)).collect())
+        .unwrap_or_default()
+}
+
 fn endpoints(entry: &Entry, target: SocketAddr) -> Vec<Endpoint> {
     match &entry.target {
         EntryTarget::Peer(peer) => vec![peer.at(target, 1)],
-        EntryTarget::Endpoints(list) => list
-            .iter()
-            .map(|e| {
-                let addr = SocketAddr::new(e.ip, e.port.unwrap_or(target.port()));
-                e.peer.at(addr, e.weight)
-            })
-            .collect(),
+        EntryTarget::Endpoints(list) => list.iter().map(|e| e.at(target)).collect(),
+    }
+}
+
+impl FileEndpoint {
+    /// The endpoint, at the dialled port unless it names its own.
+    fn at(&self, target: SocketAddr) -> Endpoint {
+        let addr = SocketAddr::new(self.ip, self.port.unwrap_or(target.port()));
+        self.peer.at(addr, self.weight)
     }
 }
 
@@ -271,6 +318,13 @@ fn entry(d: FileDestination) -> Result<Entry, String> {
         }
     );
     let destination_labels = labels(d.labels);
+    let defaults = Defaults {
+        identity: d.identity.clone(),
+        server_name: d.server_name.clone(),
+        http2: d.http2,
+        inbound_port: d.inbound_port,
+        labels: destination_labels.clone(),
+    };
     let target = match d.endpoints {
         None => {
             let (identity, server_name) = mesh_names(d.identity, d.server_name)?;
@@ -282,31 +336,26 @@ fn entry(d: FileDestination) -> Result<Entry, String> {
                 labels: Arc::new(destination_labels),
             })
         }
-        Some(list) => {
-            if list.is_empty() {
-                return Err("endpoints is empty".into());
-            }
-            let mut endpoints = Vec::with_capacity(list.len());
-            for (index, e) in list.into_iter().enumerate() {
-                let what = |why: String| format!("endpoint {} ({}): {why}", index + 1, e.addr);
-                let (ip, port) = parse_endpoint_addr(&e.addr).map_err(what)?;
-                let identity = e.identity.or_else(|| d.identity.clone());
-                let server_name = e.server_name.or_else(|| d.server_name.clone());
-                let (identity, server_name) = mesh_names(identity, server_name).map_err(what)?;
-                endpoints.push(FileEndpoint {
-                    ip,
-                    port,
-                    weight: e.weight,
-                    peer: Peer {
-                        identity,
-                        server_name,
-                        http2: e.http2.unwrap_or(d.http2),
-                        inbound_port: e.inbound_port.unwrap_or(d.inbound_port),
-                        labels: Arc::new(destination_labels.merged(&labels(e.labels))),
-                    },
-                });
-            }
-            EntryTarget::Endpoints(endpoints)
+        Some(list) => EntryTarget::Endpoints(file_endpoints(list, &defaults)?),
+    };
+    let mut backends = Vec::with_capacity(d.backends.len());
+    for (name, backend) in d.backends {
+        if name == DEFAULT_BACKEND {
+            return Err(format!(
+                "backend {DEFAULT_BACKEND:?} names the destination's own endpoints"
+            ));
+        }
+        let list = file_endpoints(backend.endpoints, &defaults)
+            .map_err(|why| format!("backend {name}: {why}"))?;
+        backends.push((name, list));
+    }
+    let routes = match d.routes {
+        None => None,
+        Some(routes) => {
+            let names: Vec<String> = backends.iter().map(|(n, _)| n.clone()).collect();
+            let port = ports.first().map_or(0, |(low, _)| *low);
+            let table = file_routes::read_routes(routes, &names, d.failure_accrual, port)?;
+            Some(Arc::new(table))
         }
     };
     Ok(Entry {
@@ -315,7 +364,48 @@ fn entry(d: FileDestination) -> Result<Entry, String> {
         ports,
         opaque: d.opaque,
         target,
+        backends,
+        routes,
     })
+}
+
+/// What a destination's endpoints inherit from it.
+struct Defaults {
+    identity: Option<String>,
+    server_name: Option<String>,
+    http2: bool,
+    inbound_port: u16,
+    labels: Labels,
+}
+
+fn file_endpoints(
+    list: Vec<FileEndpointSpec>,
+    defaults: &Defaults,
+) -> Result<Vec<FileEndpoint>, String> {
+    if list.is_empty() {
+        return Err("endpoints is empty".into());
+    }
+    let mut endpoints = Vec::with_capacity(list.len());
+    for (index, e) in list.into_iter().enumerate() {
+        let what = |why: String| format!("endpoint {} ({}): {why}", index + 1, e.addr);
+        let (ip, port) = parse_endpoint_addr(&e.addr).map_err(what)?;
+        let identity = e.identity.or_else(|| defaults.identity.clone());
+        let server_name = e.server_name.or_else(|| defaults.server_name.clone());
+        let (identity, server_name) = mesh_names(identity, server_name).map_err(what)?;
+        endpoints.push(FileEndpoint {
+            ip,
+            port,
+            weight: e.weight,
+            peer: Peer {
+                identity,
+                server_name,
+                http2: e.http2.unwrap_or(defaults.http2),
+                inbound_port: e.inbound_port.unwrap_or(defaults.inbound_port),
+                labels: Arc::new(defaults.labels.merged(&labels(e.labels))),
+            },
+        });
+    }
+    Ok(endpoints)
 }
 
 fn parse_net(text: &str) -> Result<IpNet, String> {
@@ -348,8 +438,13 @@ fn parse_port_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
 /// wait for a lock, and the balancers its entries with endpoints have made.
 pub struct FileDiscovery {
     table: ArcSwap<Table>,
-    /// By entry key and dialled port.
-    balancers: Mutex<HashMap<(String, u16), Arc<Balancer>>>,
+    /// By entry key, backend name ([`DEFAULT_BACKEND`]: the entry's own endpoints)
+    /// and dialled port.
+    balancers: Mutex<HashMap<BalancerKey, Arc<Balancer>>>,
+    /// The routing of entries with routes, by entry key and dialled port: kept across
+    /// reloads, so open connections follow an edit.
+    routings: Mutex<HashMap<(String, u16), Arc<RoutingCell>>>,
+    route_metrics: Arc<RouteMetrics>,
     balance: BalanceSettings,
     registry: Arc<BalancerRegistry>,
     /// File versions the reloader has processed, valid or not.
@@ -369,44 +464,105 @@ impl FileDiscovery {
     pub fn lookup(&self, target: SocketAddr) -> Option<Arc<Destination>> {
         let table = self.table.load();
         let entry = table.entry(target)?;
-        let backend = match &entry.target {
-            EntryTarget::Peer(peer) => Backend::Forward(Arc::new(peer.at(target, 1))),
-            EntryTarget::Endpoints(_) => {
-                let mut balancers = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
-                let balancer = balancers
-                    .entry((entry.key.clone(), target.port()))
-                    .or_insert_with(|| {
-                        let name = BalancerName::default_kind(&entry.key, target.port());
-                        let balancer = Balancer::new(name, self.balance.clone());
-                        self.registry.register(&balancer);
-                        balancer.update(endpoints(entry, target));
-                        balancer
-                    });
-                Backend::Balance(balancer.clone())
-            }
-        };
+        let mut balancers = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
+        let backend = self.backend(entry, DEFAULT_BACKEND, target, &mut balancers);
+        let routes = entry.routes.as_ref().map(|routes| {
+            let mut routings = self.routings.lock().unwrap_or_else(|p| p.into_inner());
+            routings
+                .entry((entry.key.clone(), target.port()))
+                .or_insert_with(|| {
+                    let routing = self.routing(entry, routes, target, &mut balancers);
+                    Arc::new(RoutingCell::from_pointee(routing))
+                })
+                .clone()
+        });
         Some(Arc::new(Destination {
-            routes: None,
+            routes,
             opaque: entry.opaque,
             backend,
         }))
+    }
+
+    /// Where `entry`'s backend `name` sends requests to `target`: its peer, or a
+    /// balancer over its endpoints, made once and kept.
+    fn backend(
+        &self,
+        entry: &Entry,
+        name: &str,
+        target: SocketAddr,
+        balancers: &mut HashMap<BalancerKey, Arc<Balancer>>,
+    ) -> Backend {
+        if let (DEFAULT_BACKEND, EntryTarget::Peer(peer)) = (name, &entry.target) {
+            return Backend::Forward(Arc::new(peer.at(target, 1)));
+        }
+        let key = (entry.key.clone(), name.to_string(), target.port());
+        let balancer = balancers.entry(key).or_insert_with(|| {
+            let mut balancer_name = BalancerName::default_kind(&entry.key, target.port());
+            if name != DEFAULT_BACKEND {
+                balancer_name.backend = BalancerName::default_kind(name, target.port()).backend;
+            }
+            let balancer = Balancer::new(balancer_name, self.balance.clone());
+            self.registry.register(&balancer);
+            balancer.update(backend_endpoints(entry, name, target));
+            balancer
+        });
+        balancer.set_accrual(entry.routes.as_ref().and_then(|r| r.accrual));
+        Backend::Balance(balancer.clone())
+    }
+
+    /// `entry`'s routes, their backends resolved.
+    fn routing(
+        &self,
+        entry: &Entry,
+        routes: &Arc<RouteTable>,
+        target: SocketAddr,
+        balancers: &mut HashMap<BalancerKey, Arc<Balancer>>,
+    ) -> Routing {
+        let parent = BalancerName::default_kind(&entry.key, target.port()).parent;
+        Routing::new(routes.clone(), &parent, &self.route_metrics, |backend| {
+            let name = backend
+                .labels
+                .get("backend_name")
+                .unwrap_or(DEFAULT_BACKEND);
+            self.backend(entry, name, target, balancers)
+        })
     }
 
     /// A new table: balancers whose entry is still there take its endpoints; the
     /// others are forgotten (connections that hold them finish with what they have).
     fn install(&self, table: Table) {
         let mut balancers = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
-        balancers.retain(|(key, port), balancer| {
+        balancers.retain(|(key, name, port), balancer| {
             let entry = table.entries.iter().find(|e| &e.key == key);
-            match entry {
-                Some(entry) if matches!(entry.target, EntryTarget::Endpoints(_)) => {
-                    let target = SocketAddr::new(entry.net.addr(), *port);
-                    balancer.update(endpoints(entry, target));
-                    true
-                }
-                _ => false,
+            let Some(entry) = entry else {
+                return false;
+            };
+            let target = SocketAddr::new(entry.net.addr(), *port);
+            let endpoints = backend_endpoints(entry, name, target);
+            let keep = !endpoints.is_empty()
+                && !matches!(entry.target, EntryTarget::Peer(_) if name == DEFAULT_BACKEND);
+            if keep {
+                balancer.update(endpoints);
             }
+            keep
         });
+        let mut routings = self.routings.lock().unwrap_or_else(|p| p.into_inner());
+        routings.retain(|(key, port), cell| {
+            let entry = table.entries.iter().find(|e| &e.key == key);
+            let Some((entry, routes)) = entry.and_then(|e| Some((e, e.routes.as_ref()?))) else {
+                return false;
+            };
+            let target = SocketAddr::new(entry.net.addr(), *port);
+            cell.store(Arc::new(self.routing(
+                entry,
+                routes,
+                target,
+                &mut balancers,
+            )));
+            true
+        });
+        drop(routings);
+        drop(balancers);
         self.table.store(Arc::new(table));
     }
 
@@ -417,6 +573,7 @@ impl FileDiscovery {
         interval: Duration,
         balance: BalanceSettings,
         registry: Arc<BalancerRegistry>,
+        route_metrics: Arc<RouteMetrics>,
     ) -> Result<(Arc<FileDiscovery>, impl Future<Output = ()>), String> {
         let initial = match std::fs::read_to_string(&path) {
             Ok(text) => {
@@ -434,6 +591,8 @@ impl FileDiscovery {
         let discovery = Arc::new(FileDiscovery {
             table: ArcSwap::from_pointee(initial.unwrap_or_default()),
             balancers: Mutex::default(),
+            routings: Mutex::default(),
+            route_metrics,
             balance,
             registry,
             versions_seen: Default::default(),
@@ -605,6 +764,7 @@ mod tests {
             Duration::from_millis(10),
             settings(),
             Arc::default(),
+            Arc::default(),
         )
         .unwrap();
         let reload = tokio::spawn(reload);
@@ -688,6 +848,8 @@ mod tests {
                 "destinations:\n  - addr: 10.96.0.10\n    endpoints:\n      - addr: 10.42.0.5\n      - addr: 10.42.0.6\n",
             )),
             balancers: Mutex::default(),
+            routings: Mutex::default(),
+            route_metrics: Arc::default(),
             balance: settings(),
             registry: Arc::default(),
             versions_seen: Default::default(),

@@ -16,6 +16,7 @@
 pub mod accrual;
 pub mod balance;
 pub mod file;
+pub mod file_routes;
 pub mod inbound_policy;
 pub mod linkerd;
 pub mod outbound_routes;
@@ -28,7 +29,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use self::balance::Balancer;
-use self::linkerd::translate::BackendSpec;
 use crate::metrics::routes::{BackendSeries, RouteMetrics, RouteSeries};
 
 /// Metric labels, sorted by name, printed as `dst_<name>` on outbound metrics.
@@ -188,7 +188,7 @@ impl Routing {
         table: Arc<outbound_routes::RouteTable>,
         parent: &Labels,
         metrics: &RouteMetrics,
-        mut resolve: impl FnMut(&BackendSpec) -> Backend,
+        mut resolve: impl FnMut(&outbound_routes::RouteBackend) -> Backend,
     ) -> Routing {
         let grpc = table.grpc;
         let mut backends: Vec<Option<RoutedBackend>> = (0..table.backends).map(|_| None).collect();
@@ -196,7 +196,7 @@ impl Routing {
             for rule in &route.rules {
                 for backend in rule.backends.backends() {
                     backends[backend.slot] = Some(RoutedBackend {
-                        backend: resolve(&backend.backend),
+                        backend: resolve(backend),
                         series: metrics.backend(grpc, parent, &route.labels, &backend.labels),
                     });
                 }

@@ -354,7 +354,7 @@ fn destination(
     let routes = spec.routes.map(|table| {
         let accrual = table.accrual;
         let resolved = Routing::new(table, &spec.parent, &shared.routes, |backend| {
-            let backend = resolve(shared, target, backend.clone(), balancers);
+            let backend = resolve(shared, target, backend.backend.clone(), balancers);
             if let Backend::Balance(balancer) = &backend {
                 balancer.set_accrual(accrual);
             }
