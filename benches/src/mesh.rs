@@ -54,6 +54,15 @@ const SERVICE_OF_ONE: SocketAddr = SocketAddr::new(
     80,
 );
 
+/// The Service of three endpoints again, under a route table of a realistic size: 20
+/// HTTPRoute-like routes (path prefixes, half with a header match), the last a
+/// catch-all that splits requests between two backends of the Service's endpoints
+/// (the discovery file's `routes:`).
+const ROUTED_SERVICE: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 12)),
+    80,
+);
+
 struct Scenario {
     name: &'static str,
     mode: &'static str,
@@ -144,6 +153,14 @@ const SCENARIOS: &[Scenario] = &[
         meshed_port: SERVICE.port(),
         direct_port: DIRECT_HTTP,
         service: Some(SERVICE),
+    },
+    Scenario {
+        name: "HTTP saturated to that Service under 20 routes, 2 backends, 50 conns",
+        mode: "http",
+        conns: 50,
+        meshed_port: ROUTED_SERVICE.port(),
+        direct_port: DIRECT_HTTP,
+        service: Some(ROUTED_SERVICE),
     },
 ];
 
@@ -319,7 +336,34 @@ fn add_service(client_env: &[(String, String)], server: &Pod) -> anyhow::Result<
             let _ = writeln!(text, "      - addr: \"{}:{port}\"", server.ipv4);
         }
     }
+    text.push_str(&routed_service(server, &identity));
     std::fs::write(&file, text).context("write the discovery file")
+}
+
+/// The discovery file's entry for `ROUTED_SERVICE`: the default backend is the
+/// backend on `HTTP` and the first `SERVICE_PORTS`, `v2` the last; 19 routes that
+/// the benchmark's requests (`/`) do not take, then the catch-all split 50/50.
+fn routed_service(server: &Pod, identity: &str) -> String {
+    let ip = server.ipv4;
+    let [first, second] = SERVICE_PORTS;
+    let mut text = format!(
+        "  - addr: \"{}\"\n    ports: {}\n    identity: {identity}\n    http2: true\n    endpoints: [{{addr: \"{ip}:{HTTP}\"}}, {{addr: \"{ip}:{first}\"}}]\n    backends:\n      v2: {{endpoints: [{{addr: \"{ip}:{second}\"}}]}}\n    routes:\n",
+        ROUTED_SERVICE.ip(),
+        ROUTED_SERVICE.port(),
+    );
+    for i in 0..19 {
+        let header = if i % 2 == 1 {
+            ", headers: {x-tenant: blue}"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            text,
+            "      - {{name: service-{i}, rules: [{{matches: [{{path_prefix: /api/v1/service-{i}{header}}}], backends: {{v2: 1}}}}]}}"
+        );
+    }
+    text.push_str("      - {name: catch-all, rules: [{backends: {default: 1, v2: 1}}]}\n");
+    text
 }
 
 /// Starts `cmd` in `pod` and waits for it to print `ready` (everything bound).
