@@ -243,7 +243,13 @@ pub fn run(
     let mut settings = vec![("LINKERD2_PROXY_LOG", "warn")];
     settings.extend(proxy_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let (env_a, env_b) = (world.env(0, true, &settings), world.env(1, true, &settings));
-    add_service(&env_a, server_pod)?;
+    let chosen: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| only.is_none_or(|text| s.name.contains(text)))
+        .collect();
+    // Only when asked for: a proxy from before routes would refuse the file.
+    let routed = chosen.iter().any(|s| s.service == Some(ROUTED_SERVICE));
+    add_service(&env_a, server_pod, routed)?;
     let alpha = Proxy::start(client_pod, &env_refs(&env_a));
     let beta = Proxy::start(server_pod, &env_refs(&env_b));
     let proxies = [alpha.process.pid(), beta.process.pid()];
@@ -274,9 +280,6 @@ pub fn run(
     }
 
     let mut results = Vec::new();
-    let chosen = SCENARIOS
-        .iter()
-        .filter(|s| only.is_none_or(|text| s.name.contains(text)));
     for scenario in chosen {
         if signals.pending().is_some() {
             bail!("interrupted; the pods are removed");
@@ -316,7 +319,7 @@ pub fn run(
 /// Adds the Services to the client-side proxy's discovery file: one balanced over the
 /// server pod's HTTP backend on three ports, one over the backend on one port; each
 /// endpoint meshed.
-fn add_service(client_env: &[(String, String)], server: &Pod) -> anyhow::Result<()> {
+fn add_service(client_env: &[(String, String)], server: &Pod, routed: bool) -> anyhow::Result<()> {
     let file = client_env
         .iter()
         .find(|(name, _)| name == "TANDEM_DISCOVERY_FILE")
@@ -336,7 +339,9 @@ fn add_service(client_env: &[(String, String)], server: &Pod) -> anyhow::Result<
             let _ = writeln!(text, "      - addr: \"{}:{port}\"", server.ipv4);
         }
     }
-    text.push_str(&routed_service(server, &identity));
+    if routed {
+        text.push_str(&routed_service(server, &identity));
+    }
     std::fs::write(&file, text).context("write the discovery file")
 }
 

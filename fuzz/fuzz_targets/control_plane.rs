@@ -19,8 +19,9 @@ use tandem_proxy::discover::inbound_policy::{
 use tandem_proxy::discover::linkerd::grpc::Framer;
 use tandem_proxy::discover::linkerd::translate::{endpoint, spec, EndpointSet, PolicyAnswer};
 use tandem_proxy::discover::outbound_routes::{
-    pick_weighted, read_grpc_routes, read_http_routes, select, Distribution, RouteTable,
+    pick_weighted, read_grpc_routes, read_http_routes, select, Distribution, RouteTable, Rule,
 };
+use tandem_proxy::http::route_decide::{choose_backend, request_filters, response_filters};
 use tandem_proxy::discover::Labels;
 use tandem_proxy::mesh::tls::TlsStatus;
 
@@ -118,5 +119,16 @@ fn outbound_routes(policy: &OutboundPolicy, target: std::net::SocketAddr) {
             let weights: Vec<u32> = backends.iter().map(|(_, weight)| *weight).collect();
             let _ = pick_weighted(&weights, u32::MAX);
         }
+        decide(rule, &uri);
     }
+}
+
+/// A rule's per-request decisions on what the policy said: filters (header changes
+/// from the policy's names and values, redirect locations), the backend drawn.
+fn decide(rule: &Rule, uri: &hyper::Uri) {
+    let mut headers = hyper::HeaderMap::new();
+    let mut draw = || 0x8000_0000u32;
+    let _ = request_filters(&rule.filters, &mut headers, uri, Some("web:80"), Some(4), &mut draw);
+    let _ = choose_backend(&rule.backends, |b| b.slot % 2 == 0, &mut draw);
+    response_filters(&rule.filters, &mut headers);
 }

@@ -840,6 +840,17 @@ pub fn path_prefix(prefix: &str) -> linkerd2_proxy_api::http_route::HttpRouteMat
     }
 }
 
+/// A route match on a regular expression the whole path must match.
+pub fn path_regex(pattern: &str) -> linkerd2_proxy_api::http_route::HttpRouteMatch {
+    use linkerd2_proxy_api::http_route::{path_match, PathMatch};
+    linkerd2_proxy_api::http_route::HttpRouteMatch {
+        path: Some(PathMatch {
+            kind: Some(path_match::Kind::Regex(pattern.into())),
+        }),
+        ..Default::default()
+    }
+}
+
 /// A route match on a header's exact value (any path).
 pub fn header_is(name: &str, value: &str) -> linkerd2_proxy_api::http_route::HttpRouteMatch {
     use linkerd2_proxy_api::http_route::{header_match, HeaderMatch};

@@ -14,6 +14,7 @@ use linkerd2_proxy_api::outbound as ob;
 use tandem_tests::apps::connect;
 use tandem_tests::control::{
     balancer, grpc_policy, grpc_rule, header_is, http_policy, http_route, http_rule, path_prefix,
+    path_regex,
 };
 use tandem_tests::probe::metric;
 use tandem_tests::world::*;
@@ -154,7 +155,8 @@ fn a_weighted_split_follows_its_weights_and_their_changes() {
     assert!(counted.is_some_and(|n| n >= b as f64), "{b}: {text}");
 }
 
-/// A path prefix and a header take requests to `web-v2`; the rest go to `web-v1`.
+/// A path prefix, a header and a path pattern take requests to `web-v2`; the rest go
+/// to `web-v1`.
 #[test]
 fn requests_are_routed_by_path_and_header() {
     let cluster = Routed::new();
@@ -165,6 +167,7 @@ fn requests_are_routed_by_path_and_header() {
             http_rule(vec![path_prefix("/")], &[(&cluster.v1, 1)]),
             http_rule(vec![path_prefix("/v2")], &[(&cluster.v2, 1)]),
             http_rule(vec![header_is("x-canary", "true")], &[(&cluster.v2, 1)]),
+            http_rule(vec![path_regex("/legacy/v[0-9]+/.*")], &[(&cluster.v2, 1)]),
         ],
     )]);
     let _client = cluster.world.client_proxy(&[]);
@@ -190,6 +193,16 @@ fn requests_are_routed_by_path_and_header() {
         );
         assert_eq!(served("/any", &["x-canary: true"]), "web-b", "{http}");
         assert_eq!(served("/any", &["x-canary: false"]), "web-a", "{http}");
+        assert_eq!(
+            served("/legacy/v3/x", &[]),
+            "web-b",
+            "{http}: a path pattern"
+        );
+        assert_eq!(
+            served("/legacy/vx/x", &[]),
+            "web-a",
+            "{http}: not the pattern"
+        );
     }
 }
 
@@ -757,4 +770,61 @@ fn the_discovery_files_routes_route_and_retry() {
             .is_some_and(|n| n >= 100.0),
         "{text}"
     );
+}
+
+/// A gRPC route retries UNAVAILABLE, found in the trailers that follow the one message
+/// of a failed call; an HTTP route that allows `l5d-*` request headers takes its retry
+/// from them, and they do not reach the server.
+#[test]
+fn grpc_statuses_in_trailers_and_l5d_headers_drive_retries() {
+    let cluster = Routed::new();
+    let (_proxies, apps) = cluster.world.servers();
+    let mut rule = grpc_rule("demo.Greeter", "", &cluster.v1);
+    rule.retry = Some(ob::grpc_route::Retry {
+        max_retries: 2,
+        max_request_bytes: 1024,
+        conditions: Some(ob::grpc_route::retry::Conditions {
+            unavailable: true,
+            ..Default::default()
+        }),
+        timeout: None,
+        backoff: None,
+    });
+    cluster
+        .world
+        .control
+        .set_policy(vip(80), grpc_policy("web", 80, vec![rule]));
+    let client = cluster.world.client_proxy(&[]);
+    let pod = cluster.client();
+    wait_for("the gRPC route", PATIENCE, || {
+        (grpc_call(pod, "/demo.Greeter/Hello").0 == Some(0)).then_some(())
+    });
+    apps[0].fail(Fails::EveryOther);
+    reset(&apps);
+    for _ in 0..20 {
+        assert_eq!(
+            grpc_call(pod, "/demo.Greeter/Hello"),
+            (Some(0), "web-a".into())
+        );
+    }
+    assert!(apps[0].requests.load(Ordering::SeqCst) > 20, "retried");
+    let text = client.metrics();
+    let retried = metric(&text, "outbound_grpc_route_retry_requests_total", &[]);
+    assert!(retried.is_some_and(|n| n > 0.0), "{text}");
+
+    // HTTP, retries asked for by the request itself.
+    let mut rule = http_rule(vec![path_prefix("/")], &[(&cluster.v1, 1)]);
+    rule.allow_l5d_request_headers = true;
+    cluster.routes(vec![http_route("asked", vec![rule])]);
+    wait_for_route(&client, pod, "asked", "/");
+    apps[0].fail(Fails::All);
+    reset(&apps);
+    let (status, _) = curl(
+        pod,
+        &["-H", "l5d-retry-http: 5xx", "-H", "l5d-retry-limit: 2", URL],
+    );
+    assert_eq!(status, 503);
+    assert_eq!(apps[0].requests.load(Ordering::SeqCst), 3, "1 + 2 retries");
+    let seen = apps[0].last_headers.lock().unwrap().clone().unwrap();
+    assert!(!seen.contains_key("l5d-retry-http"), "{seen:?}");
 }

@@ -11,7 +11,8 @@
 //!   - name: canary
 //!     hosts: [web.example.com]    # optional; `*.example.com` for a suffix
 //!     rules:
-//!       - matches: [{path_prefix: /api, headers: {x-canary: "true"}, method: GET}]
+//!       - matches: [{path_prefix: /api, headers: {x-canary: "true"}, method: GET},
+//!                   {path_regex: "/v[0-9]+/.*"}]
 //!         backends: {default: 90, v2: 10}
 //!         timeouts: {request: 2s, response: 1s, idle: 30s}
 //!         retry: {limit: 2, http_statuses: "500-599", max_request_bytes: 65536,
@@ -37,7 +38,7 @@ use super::outbound_routes::{
     Backoff, Distribution, Failure, Filter, HeaderChanges, PathChange, Ratio, Redirect, Retry,
     RetryOn, Route, RouteBackend, RouteTable, Rule, Timeouts,
 };
-use super::route_match::{Host, PathRule, RequestMatch};
+use super::route_match::{Host, PathRule, Pattern, RequestMatch};
 use super::Labels;
 
 /// The name of the destination's own endpoints among a rule's backends.
@@ -76,6 +77,9 @@ struct FileMatch {
     path_prefix: Option<String>,
     #[serde(default)]
     path_exact: Option<String>,
+    /// A regular expression the whole path must match.
+    #[serde(default)]
+    path_regex: Option<String>,
     #[serde(default)]
     method: Option<String>,
     #[serde(default)]
@@ -340,11 +344,15 @@ fn read_rule(
 }
 
 fn read_match(m: FileMatch) -> Result<RequestMatch, String> {
-    let path = match (m.path_prefix, m.path_exact) {
-        (Some(_), Some(_)) => return Err("path_prefix and path_exact are exclusive".into()),
-        (Some(p), None) => PathRule::Prefix(absolute(p, "path_prefix")?),
-        (None, Some(p)) => PathRule::Exact(absolute(p, "path_exact")?),
-        (None, None) => PathRule::Any,
+    let path = match (m.path_prefix, m.path_exact, m.path_regex) {
+        (Some(p), None, None) => PathRule::Prefix(absolute(p, "path_prefix")?),
+        (None, Some(p), None) => PathRule::Exact(absolute(p, "path_exact")?),
+        (None, None, Some(source)) => PathRule::Regex(
+            Pattern::new(&source)
+                .ok_or_else(|| format!("path_regex {source:?} is not a regular expression"))?,
+        ),
+        (None, None, None) => PathRule::Any,
+        _ => return Err("path_prefix, path_exact and path_regex are exclusive".into()),
     };
     let method = m
         .method
@@ -363,7 +371,7 @@ fn read_match(m: FileMatch) -> Result<RequestMatch, String> {
         method,
         headers,
         query: m.query.into_iter().collect(),
-        unsupported: false,
+        ..RequestMatch::default()
     })
 }
 
@@ -639,6 +647,8 @@ mod tests {
             (rule("filters: [{fail: {ratio: 2}}]"), "route 1 (r): rule 1: filter 1: fail: ratio must be from 0 to 1"),
             (rule("filters: [{redirect: {status: 200}}]"), "route 1 (r): rule 1: filter 1: redirect status 200 is not a 3xx"),
             (rule("filters: [{request_headers: {set: {'bad name': x}}}]"), "route 1 (r): rule 1: filter 1: \"bad name\" is not a header name"),
+            (rule("matches: [{path_regex: '(/'}]"), "route 1 (r): rule 1: match 1: path_regex \"(/\" is not a regular expression"),
+            (rule("matches: [{path_prefix: /a, path_exact: /b}]"), "route 1 (r): rule 1: match 1: path_prefix, path_exact and path_regex are exclusive"),
             (rule("matches: [{method: 'G T'}]"), "route 1 (r): rule 1: match 1: method \"G T\" is not an HTTP method"),
             (format!("{HEAD}    routes:\n      - name: r\n        rules: []\n"), "route 1 (r): has no rules"),
             (format!("{HEAD}    routes:\n      - name: r\n        hosts: ['*']\n        rules: [{{}}]\n"), "route 1 (r): host \"*\" is not a name or *.suffix"),

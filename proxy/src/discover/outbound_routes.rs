@@ -768,12 +768,12 @@ mod tests {
             select(&RouteTable::default(), &method, &uri, &headers, None),
             None
         );
-        let only_regex = RequestMatch {
+        let unsupported = RequestMatch {
             unsupported: true,
             ..RequestMatch::default()
         };
         let table = RouteTable {
-            routes: vec![route(Vec::new(), vec![rule(vec![only_regex])])],
+            routes: vec![route(Vec::new(), vec![rule(vec![unsupported])])],
             ..RouteTable::default()
         };
         assert_eq!(select(&table, &method, &uri, &headers, None), None);

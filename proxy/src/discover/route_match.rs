@@ -2,9 +2,11 @@
 //! `HTTPRouteMatch` and `GRPCRouteMatch`, as the `linkerd2-proxy-api` crate carries
 //! them) read into values, and a pure function that scores a request against them.
 //!
-//! Used by the inbound policy (a route's authorizations) and shaped for outbound
-//! routes. Regular expressions are not evaluated: a match that needs one never
-//! matches, so a route that only a regex would select is not taken (on the inbound
+//! Used by the inbound policy (a route's authorizations) and by outbound routes.
+//! Regular expressions (paths, headers, query parameters) are compiled once, when the
+//! policy is read, anchored to the whole value as Gateway API and Linkerd match them,
+//! with a bound on their compiled size; one that does not compile makes its match
+//! match nothing, so a route that only it would select is not taken (on the inbound
 //! side, its requests fall to another route or are refused, never let through).
 
 use hyper::http::{HeaderMap, Method, Uri};
@@ -26,9 +28,14 @@ pub enum Host {
 pub struct RequestMatch {
     pub path: PathRule,
     pub method: Option<Method>,
+    /// Headers with exactly these values (names lower-cased).
     pub headers: Vec<(String, Vec<u8>)>,
+    /// Headers with a value the pattern matches whole.
+    pub header_patterns: Vec<(String, Pattern)>,
     pub query: Vec<(String, String)>,
-    /// It needs something not evaluated (a regex): it matches nothing.
+    pub query_patterns: Vec<(String, Pattern)>,
+    /// It needs something that cannot be evaluated (a pattern that does not
+    /// compile, a method that is not one): it matches nothing.
     pub unsupported: bool,
 }
 
@@ -38,7 +45,51 @@ pub enum PathRule {
     Any,
     Exact(String),
     Prefix(String),
+    Regex(Pattern),
 }
+
+/// A regular expression matched against a whole value, compiled once.
+#[derive(Clone, Debug)]
+pub struct Pattern {
+    source: String,
+    regex: regex::bytes::Regex,
+}
+
+/// The most a pattern from a policy may compile to: any route a person writes fits
+/// many times over, and a hostile one cannot take the proxy's memory.
+const PATTERN_SIZE_LIMIT: usize = 256 * 1024;
+
+impl Pattern {
+    /// Compiles `source` to match whole values; None when it does not compile
+    /// within the size limit.
+    pub fn new(source: &str) -> Option<Pattern> {
+        let regex = regex::bytes::RegexBuilder::new(&format!("^(?:{source})$"))
+            .size_limit(PATTERN_SIZE_LIMIT)
+            .dfa_size_limit(PATTERN_SIZE_LIMIT)
+            .build()
+            .ok()?;
+        Some(Pattern {
+            source: source.to_string(),
+            regex,
+        })
+    }
+
+    pub fn matches(&self, value: &[u8]) -> bool {
+        self.regex.is_match(value)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for Pattern {}
 
 /// How specific a match was, as Gateway API ranks them: an exact path over a prefix,
 /// a longer prefix over a shorter, then a method, then more headers, then more query
@@ -62,6 +113,10 @@ impl RequestMatch {
             PathRule::Any => (0, 0),
             PathRule::Exact(exact) if path == exact => (2, exact.len()),
             PathRule::Prefix(prefix) if prefix_matches(prefix, path) => (1, prefix.len()),
+            // Gateway API leaves patterns to the implementation: ranked as linkerd2-proxy
+            // ranks them, as long as the path they matched whole (so a pattern beats
+            // the catch-all prefix `/`).
+            PathRule::Regex(pattern) if pattern.matches(path.as_bytes()) => (1, path.len()),
             _ => return None,
         };
         if self.method.as_ref().is_some_and(|m| m != method) {
@@ -73,7 +128,13 @@ impl RequestMatch {
                 .iter()
                 .any(|v| v.as_bytes() == value.as_slice())
         });
-        if !headers_match {
+        let patterns_match = self.header_patterns.iter().all(|(name, pattern)| {
+            headers
+                .get_all(name.as_str())
+                .iter()
+                .any(|v| pattern.matches(v.as_bytes()))
+        });
+        if !headers_match || !patterns_match {
             return None;
         }
         let query = uri.query().unwrap_or("");
@@ -83,14 +144,20 @@ impl RequestMatch {
                 n == name && v == value
             })
         });
-        if !query_matches {
+        let query_patterns_match = self.query_patterns.iter().all(|(name, pattern)| {
+            query.split('&').any(|pair| {
+                let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+                n == name && pattern.matches(v.as_bytes())
+            })
+        });
+        if !query_matches || !query_patterns_match {
             return None;
         }
         Some(Score {
             path: path_score,
             method: self.method.is_some(),
-            headers: self.headers.len(),
-            query: self.query.len(),
+            headers: self.headers.len() + self.header_patterns.len(),
+            query: self.query.len() + self.query_patterns.len(),
         })
     }
 }
@@ -172,21 +239,25 @@ pub fn read_hosts(hosts: &[HostMatch]) -> Vec<Host> {
         .collect()
 }
 
-/// Exact header matches (names lower-cased); any other kind marks the match
-/// `unsupported`.
-fn exact_headers(headers: &[HeaderMatch], unsupported: &mut bool) -> Vec<(String, Vec<u8>)> {
-    headers
-        .iter()
-        .filter_map(|h| match h.value.as_ref() {
-            Some(header_match::Value::Exact(value)) => {
-                Some((h.name.to_ascii_lowercase(), value.clone()))
-            }
-            _ => {
-                *unsupported = true;
-                None
-            }
-        })
-        .collect()
+/// Header matches (names lower-cased), exact and by pattern; a pattern that does not
+/// compile marks the match `unsupported`.
+type HeaderMatches = (Vec<(String, Vec<u8>)>, Vec<(String, Pattern)>);
+
+fn read_headers(headers: &[HeaderMatch], unsupported: &mut bool) -> HeaderMatches {
+    let mut exact = Vec::new();
+    let mut patterns = Vec::new();
+    for h in headers {
+        let name = h.name.to_ascii_lowercase();
+        match h.value.as_ref() {
+            Some(header_match::Value::Exact(value)) => exact.push((name, value.clone())),
+            Some(header_match::Value::Regex(source)) => match Pattern::new(source) {
+                Some(pattern) => patterns.push((name, pattern)),
+                None => *unsupported = true,
+            },
+            None => *unsupported = true,
+        }
+    }
+    (exact, patterns)
 }
 
 pub fn read_http_match(m: &HttpRouteMatch) -> RequestMatch {
@@ -195,10 +266,13 @@ pub fn read_http_match(m: &HttpRouteMatch) -> RequestMatch {
         None => PathRule::Any,
         Some(path_match::Kind::Exact(exact)) => PathRule::Exact(exact.clone()),
         Some(path_match::Kind::Prefix(prefix)) => PathRule::Prefix(prefix.clone()),
-        Some(path_match::Kind::Regex(_)) => {
-            unsupported = true;
-            PathRule::Any
-        }
+        Some(path_match::Kind::Regex(source)) => match Pattern::new(source) {
+            Some(pattern) => PathRule::Regex(pattern),
+            None => {
+                unsupported = true;
+                PathRule::Any
+            }
+        },
     };
     let method = match m.method.clone() {
         None => None,
@@ -210,23 +284,28 @@ pub fn read_http_match(m: &HttpRouteMatch) -> RequestMatch {
             }
         },
     };
-    let headers = exact_headers(&m.headers, &mut unsupported);
-    let query = m
-        .query_params
-        .iter()
-        .filter_map(|q| match q.value.as_ref() {
-            Some(query_param_match::Value::Exact(value)) => Some((q.name.clone(), value.clone())),
-            _ => {
-                unsupported = true;
-                None
+    let (headers, header_patterns) = read_headers(&m.headers, &mut unsupported);
+    let mut query = Vec::new();
+    let mut query_patterns = Vec::new();
+    for q in &m.query_params {
+        match q.value.as_ref() {
+            Some(query_param_match::Value::Exact(value)) => {
+                query.push((q.name.clone(), value.clone()))
             }
-        })
-        .collect();
+            Some(query_param_match::Value::Regex(source)) => match Pattern::new(source) {
+                Some(pattern) => query_patterns.push((q.name.clone(), pattern)),
+                None => unsupported = true,
+            },
+            None => unsupported = true,
+        }
+    }
     RequestMatch {
         path,
         method,
         headers,
+        header_patterns,
         query,
+        query_patterns,
         unsupported,
     }
 }
@@ -248,13 +327,14 @@ pub fn read_grpc_match(m: &GrpcRouteMatch) -> RequestMatch {
             }
         },
     };
-    let headers = exact_headers(&m.headers, &mut unsupported);
+    let (headers, header_patterns) = read_headers(&m.headers, &mut unsupported);
     RequestMatch {
         path,
         method: Some(Method::POST),
         headers,
-        query: Vec::new(),
+        header_patterns,
         unsupported,
+        ..RequestMatch::default()
     }
 }
 
@@ -357,13 +437,58 @@ mod tests {
                 false,
             ),
             (
-                "a regex matches nothing",
+                "an unsupported match matches nothing",
                 RequestMatch {
                     unsupported: true,
                     ..Default::default()
                 },
                 ("GET", "/"),
                 false,
+            ),
+            (
+                "a path pattern matches the whole path",
+                RequestMatch {
+                    path: PathRule::Regex(Pattern::new("/api/v[0-9]+/.*").unwrap()),
+                    ..Default::default()
+                },
+                ("GET", "/api/v2/users?x=1"),
+                true,
+            ),
+            (
+                "a path pattern, not the whole path",
+                RequestMatch {
+                    path: PathRule::Regex(Pattern::new("/api/v[0-9]+").unwrap()),
+                    ..Default::default()
+                },
+                ("GET", "/api/v2/users"),
+                false,
+            ),
+            (
+                "a header pattern",
+                RequestMatch {
+                    header_patterns: vec![("x-user".into(), Pattern::new("[a-c]").unwrap())],
+                    ..Default::default()
+                },
+                ("GET", "/"),
+                true,
+            ),
+            (
+                "a header pattern, other value",
+                RequestMatch {
+                    header_patterns: vec![("x-user".into(), Pattern::new("b|c").unwrap())],
+                    ..Default::default()
+                },
+                ("GET", "/"),
+                false,
+            ),
+            (
+                "a query pattern",
+                RequestMatch {
+                    query_patterns: vec![("v".into(), Pattern::new("[0-9]+").unwrap())],
+                    ..Default::default()
+                },
+                ("GET", "/?v=42"),
+                true,
             ),
         ];
         for (name, m, (method, uri), expected) in rows {
@@ -383,6 +508,15 @@ mod tests {
         assert!(score(exact("/api/v1/users")) > score(prefix("/api/v1")));
         assert!(score(prefix("/api/v1")) > score(prefix("/api")));
         assert!(score(prefix("/api")) > score(RequestMatch::default()));
+        // A pattern ranks as a prefix as long as the path: over the catch-all and any
+        // shorter prefix, under the exact path.
+        let pattern = RequestMatch {
+            path: PathRule::Regex(Pattern::new("/api/v[0-9]/.*").unwrap()),
+            ..Default::default()
+        };
+        assert!(score(pattern.clone()) > score(prefix("/api/v1")));
+        assert!(score(pattern.clone()) > score(prefix("/")));
+        assert!(score(exact("/api/v1/users")) > score(pattern));
         let with_method = RequestMatch {
             method: Some(Method::GET),
             ..prefix("/api")
@@ -434,17 +568,25 @@ mod tests {
                 path: PathRule::Prefix("/api".into()),
                 method: Some(Method::GET),
                 headers: vec![("x-user".into(), b"a".to_vec())],
-                query: vec![],
                 unsupported: false,
+                ..Default::default()
             }
         );
-        let regex = HttpRouteMatch {
+        let regex = |source: &str| HttpRouteMatch {
             path: Some(PathMatch {
-                kind: Some(path_match::Kind::Regex(".*".into())),
+                kind: Some(path_match::Kind::Regex(source.into())),
             }),
             ..Default::default()
         };
-        assert!(read_http_match(&regex).unsupported);
+        let read = read_http_match(&regex("/v[12]/.*"));
+        assert!(!read.unsupported);
+        assert_eq!(
+            read.path,
+            PathRule::Regex(Pattern::new("/v[12]/.*").unwrap())
+        );
+        // One that does not compile, or compiles too large, matches nothing.
+        assert!(read_http_match(&regex("(")).unsupported);
+        assert!(read_http_match(&regex("[a-z]{1000}{1000}")).unsupported);
         let grpc = GrpcRouteMatch {
             rpc: Some(GrpcRpcMatch {
                 service: "pkg.Svc".into(),

@@ -40,6 +40,9 @@ pub enum RecvBody {
     Recorded(Box<Recorded>),
     /// A retry's copy of the request body.
     Replayed(Replayed),
+    /// A response body whose first frames were read ahead (to find a gRPC status in
+    /// trailers that follow at once), then the rest.
+    Peeked(Box<Peeked>),
 }
 
 impl Body for RecvBody {
@@ -55,6 +58,13 @@ impl Body for RecvBody {
             RecvBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             RecvBody::Recorded(body) => body.poll_frame(cx),
             RecvBody::Replayed(body) => Poll::Ready(body.next().map(Ok)),
+            RecvBody::Peeked(body) => match body.frames.pop_front() {
+                Some(frame) => Poll::Ready(Some(frame)),
+                None => match body.rest.as_mut() {
+                    Some(rest) => Pin::new(rest).poll_frame(cx),
+                    None => Poll::Ready(None),
+                },
+            },
         }
     }
 
@@ -64,6 +74,9 @@ impl Body for RecvBody {
             RecvBody::Http2(body) => body.is_end_stream(),
             RecvBody::Recorded(body) => body.inner.is_end_stream(),
             RecvBody::Replayed(body) => body.chunks.is_empty() && body.trailers.is_none(),
+            RecvBody::Peeked(body) => {
+                body.frames.is_empty() && body.rest.as_ref().is_none_or(|r| r.is_end_stream())
+            }
         }
     }
 
@@ -75,7 +88,53 @@ impl Body for RecvBody {
             RecvBody::Replayed(body) => {
                 SizeHint::with_exact(body.chunks.iter().map(|c| c.len() as u64).sum())
             }
+            RecvBody::Peeked(_) => SizeHint::default(),
         }
+    }
+}
+
+/// A body's first frames, read ahead, and the rest of it (none once it ended).
+pub struct Peeked {
+    frames: std::collections::VecDeque<Result<Frame<Bytes>, BoxError>>,
+    rest: Option<RecvBody>,
+}
+
+impl RecvBody {
+    /// Reads up to `frames` frames ahead, stopping at trailers; returns the body as it
+    /// was (the frames read first) and the trailers' gRPC status, if trailers came.
+    pub async fn peek_grpc_status(mut self, frames: usize) -> (RecvBody, Option<u32>) {
+        let mut read = std::collections::VecDeque::new();
+        let mut status = None;
+        let mut ended = false;
+        for _ in 0..frames {
+            if self.is_end_stream() {
+                break;
+            }
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await;
+            match frame {
+                Some(Ok(frame)) => {
+                    let trailers = frame.trailers_ref().map(grpc_status);
+                    read.push_back(Ok(frame));
+                    if let Some(found) = trailers {
+                        status = found;
+                        break;
+                    }
+                }
+                Some(Err(error)) => {
+                    read.push_back(Err(error));
+                    break;
+                }
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        let body = RecvBody::Peeked(Box::new(Peeked {
+            frames: read,
+            rest: (!ended).then_some(self),
+        }));
+        (body, status)
     }
 }
 
@@ -159,6 +218,16 @@ impl Recording {
                 chunks: copy.chunks.iter().cloned().collect(),
                 trailers: copy.trailers.clone(),
             })
+        })
+    }
+}
+
+impl RecvBody {
+    /// A body with nothing in it.
+    pub fn empty() -> RecvBody {
+        RecvBody::Replayed(Replayed {
+            chunks: Default::default(),
+            trailers: None,
         })
     }
 }

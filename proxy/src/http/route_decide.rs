@@ -10,8 +10,8 @@ use hyper::http::Uri;
 
 use super::errors::ErrorKind;
 use crate::discover::outbound_routes::{
-    Backoff, Distribution, Failure, Filter, HeaderChanges, PathChange, Redirect, RetryOn,
-    RouteBackend,
+    Backoff, Distribution, Failure, Filter, HeaderChanges, PathChange, Redirect, Retry, RetryOn,
+    RouteBackend, Timeouts,
 };
 
 /// A response the proxy makes instead of sending the request.
@@ -234,6 +234,146 @@ pub fn retryable(on: &RetryOn, attempted: Attempted) -> bool {
 /// backoff: at once.
 pub fn retry_delay(backoff: Option<&Backoff>, retry: u32, jitter: f64) -> Duration {
     backoff.map_or(Duration::ZERO, |b| b.jittered(retry, jitter).min(b.max))
+}
+
+/// A request's retry and timeouts after its `l5d-*` headers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestPolicy {
+    pub retry: Option<Retry>,
+    pub timeouts: Timeouts,
+}
+
+const L5D_RETRY_HTTP: &str = "l5d-retry-http";
+const L5D_RETRY_GRPC: &str = "l5d-retry-grpc";
+const L5D_RETRY_LIMIT: &str = "l5d-retry-limit";
+const L5D_RETRY_TIMEOUT: &str = "l5d-retry-timeout";
+const L5D_TIMEOUT: &str = "l5d-timeout";
+const L5D_REQUEST_TIMEOUT: &str = "l5d-request-timeout";
+const L5D_RESPONSE_TIMEOUT: &str = "l5d-response-timeout";
+
+/// For a rule that allows them (`allow_l5d_request_headers`), what the request's
+/// `l5d-retry-*` and `l5d-*timeout` headers change of its retry and timeouts, as
+/// linkerd2-proxy reads them; the headers are removed. None when the request has
+/// none (the rule's own policy applies). A value that does not read is ignored; an
+/// `l5d-retry-http` or `-grpc` with no valid item retries on nothing of its kind.
+pub fn l5d_overrides(
+    retry: Option<&Retry>,
+    timeouts: &Timeouts,
+    grpc: bool,
+    headers: &mut HeaderMap,
+) -> Option<RequestPolicy> {
+    let names = [
+        L5D_RETRY_HTTP,
+        L5D_RETRY_GRPC,
+        L5D_RETRY_LIMIT,
+        L5D_RETRY_TIMEOUT,
+        L5D_TIMEOUT,
+        L5D_REQUEST_TIMEOUT,
+        L5D_RESPONSE_TIMEOUT,
+    ];
+    if !names.iter().any(|n| headers.contains_key(*n)) {
+        return None;
+    }
+    let text = |headers: &HeaderMap, name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let retry_http = text(headers, L5D_RETRY_HTTP).map(|v| l5d_statuses(&v));
+    let retry_grpc = text(headers, L5D_RETRY_GRPC).map(|v| l5d_grpc_codes(&v));
+    let limit = text(headers, L5D_RETRY_LIMIT).and_then(|v| v.trim().parse().ok());
+    let retry_timeout = text(headers, L5D_RETRY_TIMEOUT).and_then(|v| l5d_duration(&v));
+    let request_timeout = text(headers, L5D_REQUEST_TIMEOUT)
+        .and_then(|v| l5d_duration(&v))
+        .or_else(|| text(headers, L5D_TIMEOUT).and_then(|v| l5d_duration(&v)));
+    let response_timeout = text(headers, L5D_RESPONSE_TIMEOUT).and_then(|v| l5d_duration(&v));
+    for name in names {
+        headers.remove(name);
+    }
+    let asks_retry =
+        retry_http.is_some() || retry_grpc.is_some() || limit.is_some() || retry_timeout.is_some();
+    let retry = match (retry, asks_retry) {
+        (retry, false) => retry.cloned(),
+        (base, true) => {
+            let mut retry = base.cloned().unwrap_or_else(|| Retry {
+                on: if grpc {
+                    RetryOn::GrpcCodes(Vec::new())
+                } else {
+                    RetryOn::HttpStatuses(Vec::new())
+                },
+                ..Retry::default()
+            });
+            match (&mut retry.on, retry_http, retry_grpc) {
+                (RetryOn::HttpStatuses(ranges), Some(asked), _) => *ranges = asked,
+                (RetryOn::GrpcCodes(codes), _, Some(asked)) => *codes = asked,
+                _ => {}
+            }
+            if let Some(limit) = limit {
+                retry.max_retries = limit;
+            }
+            if let Some(timeout) = retry_timeout {
+                retry.timeout = Some(timeout).filter(|t| !t.is_zero());
+            }
+            Some(retry)
+        }
+    };
+    let timeouts = Timeouts {
+        request: request_timeout.map_or(timeouts.request, |t| Some(t).filter(|t| !t.is_zero())),
+        response: response_timeout.map_or(timeouts.response, |t| Some(t).filter(|t| !t.is_zero())),
+        idle: timeouts.idle,
+    };
+    Some(RequestPolicy { retry, timeouts })
+}
+
+/// `5xx`, `gateway-error`, `NNN`, `NNN-MMM`, comma-separated, as linkerd2-proxy reads
+/// `l5d-retry-http` (no whitespace trimmed; items that do not read are dropped).
+fn l5d_statuses(text: &str) -> Vec<std::ops::RangeInclusive<u16>> {
+    text.split(',')
+        .filter_map(|item| match item.to_ascii_lowercase().as_str() {
+            "5xx" => Some(500..=599),
+            "gateway-error" => Some(502..=504),
+            other => {
+                let (low, high) = other.split_once('-').unwrap_or((other, other));
+                let low: u16 = low.parse().ok().filter(|s| (100..=599).contains(s))?;
+                let high: u16 = high.parse().ok().filter(|s| (100..=599).contains(s))?;
+                (low <= high).then_some(low..=high)
+            }
+        })
+        .collect()
+}
+
+fn l5d_grpc_codes(text: &str) -> Vec<u32> {
+    text.split(',')
+        .filter_map(|item| match item.to_ascii_lowercase().as_str() {
+            "cancelled" => Some(1),
+            "deadline-exceeded" => Some(4),
+            "resource-exhausted" => Some(8),
+            "internal" => Some(13),
+            "unavailable" => Some(14),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `<integer><unit>` with `ms`, `s`, `m`, `h` or `d`, or `0`.
+fn l5d_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    number.checked_mul(unit_ms).map(Duration::from_millis)
 }
 
 /// The gRPC statuses Linkerd classifies as failures: UNKNOWN, DEADLINE_EXCEEDED,
@@ -480,6 +620,98 @@ mod tests {
         assert_eq!(ms(5, 0.0), 250);
         assert_eq!(ms(5, 0.99), 250);
         assert_eq!(retry_delay(None, 3, 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn l5d_headers_override_the_rules_retry_and_timeouts() {
+        let base = Retry {
+            max_retries: 2,
+            on: RetryOn::HttpStatuses(vec![503..=503]),
+            ..Retry::default()
+        };
+        let timeouts = Timeouts {
+            request: Some(Duration::from_secs(10)),
+            ..Timeouts::default()
+        };
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (n, v) in pairs {
+                map.insert(*n, HeaderValue::from_static(v));
+            }
+            map
+        };
+        let run = |pairs: &[(&'static str, &'static str)], retry: Option<&Retry>, grpc| {
+            let mut map = headers(pairs);
+            let policy = l5d_overrides(retry, &timeouts, grpc, &mut map);
+            assert!(
+                map.keys().all(|k| !k.as_str().starts_with("l5d-")),
+                "removed: {map:?}"
+            );
+            policy
+        };
+        // None present: the rule's own.
+        assert_eq!(run(&[("x-other", "1")], Some(&base), false), None);
+        // Each header overrides its field.
+        let policy = run(
+            &[
+                ("l5d-retry-http", "5xx,429,bad"),
+                ("l5d-retry-limit", "5"),
+                ("l5d-timeout", "2s"),
+            ],
+            Some(&base),
+            false,
+        )
+        .unwrap();
+        let retry = policy.retry.unwrap();
+        assert_eq!(retry.on, RetryOn::HttpStatuses(vec![500..=599, 429..=429]));
+        assert_eq!(retry.max_retries, 5);
+        assert_eq!(policy.timeouts.request, Some(Duration::from_secs(2)));
+        // `l5d-request-timeout` wins over `l5d-timeout`; 0 turns a timeout off.
+        let policy = run(
+            &[
+                ("l5d-timeout", "2s"),
+                ("l5d-request-timeout", "0"),
+                ("l5d-response-timeout", "150ms"),
+            ],
+            Some(&base),
+            false,
+        )
+        .unwrap();
+        assert_eq!(policy.timeouts.request, None);
+        assert_eq!(policy.timeouts.response, Some(Duration::from_millis(150)));
+        assert_eq!(policy.retry.as_ref(), Some(&base));
+        // Without a route retry, a header makes one from Linkerd's defaults.
+        let policy = run(&[("l5d-retry-grpc", "unavailable,internal")], None, true).unwrap();
+        let retry = policy.retry.unwrap();
+        assert_eq!(retry.on, RetryOn::GrpcCodes(vec![14, 13]));
+        assert_eq!((retry.max_retries, retry.max_request_bytes), (1, 64 * 1024));
+        // A value that does not read is ignored; a retry list with nothing valid
+        // retries on nothing.
+        let policy = run(
+            &[("l5d-retry-limit", "many"), ("l5d-retry-http", " 503")],
+            Some(&base),
+            false,
+        )
+        .unwrap();
+        let retry = policy.retry.unwrap();
+        assert_eq!(
+            (retry.max_retries, retry.on),
+            (2, RetryOn::HttpStatuses(Vec::new()))
+        );
+        for (text, ms) in [
+            ("0", Some(0)),
+            ("15ms", Some(15)),
+            ("2m", Some(120_000)),
+            ("1.5s", None),
+            ("s", None),
+            ("3w", None),
+        ] {
+            assert_eq!(
+                l5d_duration(text).map(|d| d.as_millis() as u64),
+                ms,
+                "{text}"
+            );
+        }
     }
 
     #[test]

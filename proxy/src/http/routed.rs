@@ -28,7 +28,7 @@ use super::errors::{self, ErrorKind, GRPC_STATUS, L5D_PROXY_ERROR};
 use super::metrics::Outcome;
 use super::route_decide::{self, Attempted, Synthetic};
 use super::{authority_of, is_upgrade, Answer, RoutedConn, ServerConn};
-use crate::discover::outbound_routes::{self, Failure, Rule};
+use crate::discover::outbound_routes::{self, Failure, Retry, RetryOn, Rule, Timeouts};
 use crate::discover::route_match::PathRule;
 use crate::metrics::routes::{BackendSeries, Ended, RetryEnd, RouteError, RouteSeries};
 
@@ -140,15 +140,30 @@ pub(super) async fn handle(
     };
     let rule = &table.routes[selected.route].rules[selected.rule];
     let series = routing.series[selected.route].clone();
-    let deadline = rule
-        .timeouts
+    let mut request = request;
+    let overridden = if rule.allow_l5d_request_headers {
+        let (retry, timeouts) = (rule.retry.as_ref(), &rule.timeouts);
+        route_decide::l5d_overrides(retry, timeouts, table.grpc, request.headers_mut())
+    } else {
+        None
+    };
+    let (retry, timeouts) = match &overridden {
+        Some(policy) => (policy.retry.as_ref(), &policy.timeouts),
+        None => (rule.retry.as_ref(), &rule.timeouts),
+    };
+    let deadline = timeouts
         .request
         .map(|timeout| tokio::time::Instant::now() + timeout);
     let mut retry_end = RetryEnd::Done;
+    let policy = Policy {
+        rule,
+        retry,
+        timeouts,
+    };
     let attempts = attempts(
         conn,
         routed,
-        rule,
+        &policy,
         &series,
         request,
         start,
@@ -183,7 +198,6 @@ pub(super) async fn handle(
                 route_decide::response_filters(&chosen.filters, response.headers_mut());
             }
             route_decide::response_filters(&rule.filters, response.headers_mut());
-            let timeouts = &rule.timeouts;
             let response_deadline = timeouts
                 .response
                 .map(|timeout| tokio::time::Instant::from_std(sent) + timeout);
@@ -219,12 +233,20 @@ pub(super) async fn handle(
     }
 }
 
+/// What applies to a request: its rule, and the retry and timeouts the rule (or the
+/// request's `l5d-*` headers, where the rule allows them) give it.
+struct Policy<'a> {
+    rule: &'a Rule,
+    retry: Option<&'a Retry>,
+    timeouts: &'a Timeouts,
+}
+
 /// Sends the request as many times as the rule allows and its outcomes ask for.
 #[allow(clippy::too_many_arguments)]
 async fn attempts(
     conn: &Arc<ServerConn>,
     routed: &Arc<RoutedConn>,
-    rule: &Rule,
+    policy: &Policy<'_>,
     series: &RouteSeries,
     request: Request<RecvBody>,
     start: Instant,
@@ -233,8 +255,9 @@ async fn attempts(
 ) -> Last {
     let routing = &routed.routing;
     let host: Option<Box<str>> = authority_of(&request).map(Box::from);
+    let rule = policy.rule;
     let matched_prefix = matched_prefix(rule, request.uri());
-    let retry = rule.retry.as_ref().filter(|_| !is_upgrade(&request));
+    let retry = policy.retry.filter(|_| !is_upgrade(&request));
     if retry.is_some() {
         series.retry_policy();
     }
@@ -299,7 +322,7 @@ async fn attempts(
         // The per-try timeout bounds every attempt but the last, as in linkerd2-proxy;
         // the response timeout bounds each attempt's wait for headers.
         let per_try = retry.and_then(|r| r.timeout).filter(|_| retries_left);
-        let headers_timeout = match (per_try, rule.timeouts.response) {
+        let headers_timeout = match (per_try, policy.timeouts.response) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -311,10 +334,23 @@ async fn attempts(
                 .unwrap_or(Err(ErrorKind::ResponseTimeout)),
             None => send.await,
         };
+        let mut result = result;
+        let mut peeked = None;
+        if let (Ok(answer), Some(RetryOn::GrpcCodes(_))) = (&mut result, retry.map(|r| &r.on)) {
+            // A gRPC status in trailers that come at once (a call that failed before
+            // or right after its one message) decides too, as in linkerd2-proxy.
+            let headers_status = body::grpc_status(answer.response.headers());
+            if retries_left && headers_status.is_none() {
+                let body = std::mem::replace(answer.response.body_mut(), RecvBody::empty());
+                let (body, status) = body.peek_grpc_status(2).await;
+                *answer.response.body_mut() = body;
+                peeked = status;
+            }
+        }
         let attempted = match &result {
             Ok(answer) => Attempted::Response {
                 status: answer.response.status().as_u16(),
-                grpc: body::grpc_status(answer.response.headers()),
+                grpc: body::grpc_status(answer.response.headers()).or(peeked),
             },
             Err(kind) => Attempted::Error(*kind),
         };
