@@ -254,9 +254,7 @@ async fn attempts(
     retry_end: &mut RetryEnd,
 ) -> Last {
     let routing = &routed.routing;
-    let host: Option<Box<str>> = authority_of(&request).map(Box::from);
     let rule = policy.rule;
-    let matched_prefix = matched_prefix(rule, request.uri());
     let retry = policy.retry.filter(|_| !is_upgrade(&request));
     if retry.is_some() {
         series.retry_policy();
@@ -292,14 +290,24 @@ async fn attempts(
         };
         let retries_left = retry.is_some_and(|r| attempt <= r.max_retries);
         let mut draw = || fastrand::u32(..);
+        // What filters read of the request is found only for a rule that has some.
         let filter = |filters: &[outbound_routes::Filter], request: &mut Request<RecvBody>| {
             if filters.is_empty() {
                 return Ok(());
             }
             let uri = request.uri().clone();
-            let (host, mut draw) = (host.as_deref(), || fastrand::u32(..));
+            let host = authority_of(request).map(str::to_string);
+            let prefix = matched_prefix(rule, &uri);
+            let mut draw = || fastrand::u32(..);
             let headers = request.headers_mut();
-            route_decide::request_filters(filters, headers, &uri, host, matched_prefix, &mut draw)
+            route_decide::request_filters(
+                filters,
+                headers,
+                &uri,
+                host.as_deref(),
+                prefix,
+                &mut draw,
+            )
         };
         if let Err(synthetic) = filter(&rule.filters, &mut request) {
             return Last::Made(synthetic, None);
