@@ -741,7 +741,10 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
     }
     if let Some(cell) = &connection.routes {
         let routed = connection.routed(cell);
-        return routed::handle(&connection, &routed, request, start, authority.as_deref()).await;
+        // Boxed: a routed request's future holds its attempts, and this one would
+        // otherwise be that large for every request, routed or not.
+        let routed = routed::handle(&connection, &routed, request, start, authority.as_deref());
+        return Box::pin(routed).await;
     }
     let attempt = connection.attempt(&connection.target, request, authority.as_deref(), start);
     match attempt.await {

@@ -335,7 +335,9 @@ async fn attempts(
             (a, b) => a.or(b),
         };
         let target = &routed.targets[chosen.slot];
-        let send = conn.attempt(target, request, authority_label, start);
+        // Boxed, so that the attempts, and the route's future around them, do not
+        // each carry (and move) an attempt's whole state.
+        let send = Box::pin(conn.attempt(target, request, authority_label, start));
         let result = match headers_timeout {
             Some(timeout) => tokio::time::timeout(timeout, send)
                 .await
