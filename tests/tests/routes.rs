@@ -74,6 +74,22 @@ fn curl(pod: &Pod, args: &[&str]) -> (u16, String) {
     )
 }
 
+/// `count` requests to `url` from `pod` over one connection: their statuses, a line
+/// each.
+fn statuses(pod: &Pod, url: &str, count: usize) -> String {
+    let mut args = vec![
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        "--max-time",
+        "60",
+    ];
+    args.extend(std::iter::repeat_n(url, count));
+    pod.must("curl", &args)
+}
+
 /// Waits until the client's proxy answers with the route named `route`: a policy
 /// update has reached it.
 fn wait_for_route(client: &Proxy<'_>, pod: &Pod, route: &str, path: &str) {
@@ -325,21 +341,7 @@ fn retries_hide_a_backend_that_fails_half_its_requests() {
 
     apps[0].fail(Fails::EveryOther);
     reset(&apps);
-    let args: Vec<String> = [
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}\n",
-        "--max-time",
-        "60",
-    ]
-    .into_iter()
-    .map(String::from)
-    .chain(std::iter::repeat_n(URL.to_string(), 200))
-    .collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let codes = pod.must("curl", &args);
+    let codes = statuses(pod, URL, 200);
     let ok = codes.lines().filter(|c| *c == "200").count();
     assert!(ok * 100 >= 99 * 200, "{ok} of 200 succeeded: {codes}");
     let served = apps[0].requests.load(Ordering::SeqCst);
@@ -624,24 +626,7 @@ fn filters_change_headers_redirect_and_inject_failures() {
     );
 
     reset(&apps);
-    let args: Vec<String> = [
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}\n",
-        "--max-time",
-        "60",
-    ]
-    .into_iter()
-    .map(String::from)
-    .chain(std::iter::repeat_n(
-        "http://10.96.0.10/flaky".to_string(),
-        400,
-    ))
-    .collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let codes = pod.must("curl", &args);
+    let codes = statuses(pod, "http://10.96.0.10/flaky", 400);
     let injected = codes.lines().filter(|c| *c == "500").count();
     assert_binomial(injected, 400, 0.25, "injected failures");
     assert_eq!(
@@ -738,21 +723,7 @@ fn the_discovery_files_routes_route_and_retry() {
 
     apps[0].fail(Fails::EveryOther);
     reset(&apps);
-    let args: Vec<String> = [
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}\n",
-        "--max-time",
-        "60",
-    ]
-    .into_iter()
-    .map(String::from)
-    .chain(std::iter::repeat_n(URL.to_string(), 100))
-    .collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let codes = pod.must("curl", &args);
+    let codes = statuses(pod, URL, 100);
     assert_eq!(
         codes.lines().filter(|c| *c == "200").count(),
         100,

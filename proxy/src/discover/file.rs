@@ -504,9 +504,9 @@ impl FileDiscovery {
             let balancer = Balancer::new(balancer_name, self.balance.clone());
             self.registry.register(&balancer);
             balancer.update(backend_endpoints(entry, name, target));
+            balancer.set_accrual(entry.routes.as_ref().and_then(|r| r.accrual));
             balancer
         });
-        balancer.set_accrual(entry.routes.as_ref().and_then(|r| r.accrual));
         Backend::Balance(balancer.clone())
     }
 
@@ -543,6 +543,7 @@ impl FileDiscovery {
                 && !matches!(entry.target, EntryTarget::Peer(_) if name == DEFAULT_BACKEND);
             if keep {
                 balancer.update(endpoints);
+                balancer.set_accrual(entry.routes.as_ref().and_then(|r| r.accrual));
             }
             keep
         });

@@ -35,8 +35,8 @@ use serde::Deserialize;
 use super::accrual::Accrual;
 use super::linkerd::translate::BackendSpec;
 use super::outbound_routes::{
-    Backoff, Distribution, Failure, Filter, HeaderChanges, PathChange, Ratio, Redirect, Retry,
-    RetryOn, Route, RouteBackend, RouteTable, Rule, Timeouts,
+    retry_grpc_item, retry_status_item, Backoff, Distribution, Failure, Filter, HeaderChanges,
+    PathChange, Ratio, Redirect, Retry, RetryOn, Route, RouteBackend, RouteTable, Rule, Timeouts,
 };
 use super::route_match::{Host, PathRule, Pattern, RequestMatch};
 use super::Labels;
@@ -420,39 +420,24 @@ fn read_statuses(text: &str) -> Result<Vec<std::ops::RangeInclusive<u16>>, Strin
     text.split(',')
         .map(str::trim)
         .map(|item| {
-            let range = match item.to_ascii_lowercase().as_str() {
-                "5xx" => 500..=599,
-                "gateway-error" => 502..=504,
-                other => {
-                    let (low, high) = other.split_once('-').unwrap_or((other, other));
-                    let status = |s: &str| {
-                        s.trim()
-                            .parse::<u16>()
-                            .ok()
-                            .filter(|s| (100..=599).contains(s))
-                    };
-                    match (status(low), status(high)) {
-                        (Some(low), Some(high)) if low <= high => low..=high,
-                        _ => {
-                            return Err(format!("retry: {item:?} is not a status, a range or 5xx"))
-                        }
-                    }
-                }
-            };
-            Ok(range)
+            // Written by hand: spaces around a range's dash are allowed.
+            let range = item.split('-').map(str::trim).collect::<Vec<_>>().join("-");
+            retry_status_item(&range)
+                .ok_or_else(|| format!("retry: {item:?} is not a status, a range or 5xx"))
         })
         .collect()
 }
 
 fn read_grpc_codes(text: &str) -> Result<Vec<u32>, String> {
     text.split(',')
-        .map(|item| match item.trim().to_ascii_lowercase().as_str() {
-            "cancelled" => Ok(1),
-            "deadline-exceeded" => Ok(4),
-            "resource-exhausted" => Ok(8),
-            "internal" => Ok(13),
-            "unavailable" => Ok(14),
-            other => Err(format!("retry: {other:?} is not a retryable gRPC status")),
+        .map(str::trim)
+        .map(|item| {
+            retry_grpc_item(item).ok_or_else(|| {
+                format!(
+                    "retry: {:?} is not a retryable gRPC status",
+                    item.to_ascii_lowercase()
+                )
+            })
         })
         .collect()
 }

@@ -392,6 +392,35 @@ fn route_labels(metadata: Option<&linkerd2_proxy_api::meta::Metadata>) -> Labels
     )
 }
 
+/// One item of Linkerd's retry-status vocabulary (`retry.linkerd.io/http`,
+/// `l5d-retry-http`): `5xx`, `gateway-error`, `NNN` or `NNN-MMM` (100 to 599),
+/// keywords in any case.
+pub fn retry_status_item(item: &str) -> Option<RangeInclusive<u16>> {
+    match item.to_ascii_lowercase().as_str() {
+        "5xx" => Some(500..=599),
+        "gateway-error" => Some(502..=504),
+        other => {
+            let (low, high) = other.split_once('-').unwrap_or((other, other));
+            let status = |s: &str| s.parse::<u16>().ok().filter(|s| (100..=599).contains(s));
+            let (low, high) = (status(low)?, status(high)?);
+            (low <= high).then_some(low..=high)
+        }
+    }
+}
+
+/// One item of Linkerd's retryable gRPC statuses (`retry.linkerd.io/grpc`,
+/// `l5d-retry-grpc`), in any case.
+pub fn retry_grpc_item(item: &str) -> Option<u32> {
+    match item.to_ascii_lowercase().as_str() {
+        "cancelled" => Some(1),
+        "deadline-exceeded" => Some(4),
+        "resource-exhausted" => Some(8),
+        "internal" => Some(13),
+        "unavailable" => Some(14),
+        _ => None,
+    }
+}
+
 /// The status ranges an HTTP route retries (an inverted or out-of-range one is
 /// dropped).
 fn http_retry_on(retry: &ob::http_route::Retry) -> RetryOn {

@@ -209,6 +209,12 @@ impl Recorded {
 }
 
 impl Recording {
+    /// Whether [`Recording::replay`] would give the body.
+    pub fn replayable(&self) -> bool {
+        let copy = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        copy.complete && !copy.overflowed
+    }
+
     /// The body again, for a retry: only once the first attempt sent all of it and
     /// it stayed within the limit.
     pub fn replay(&self) -> Option<RecvBody> {

@@ -10,8 +10,8 @@ use hyper::http::Uri;
 
 use super::errors::ErrorKind;
 use crate::discover::outbound_routes::{
-    Backoff, Distribution, Failure, Filter, HeaderChanges, PathChange, Redirect, Retry, RetryOn,
-    RouteBackend, Timeouts,
+    retry_grpc_item, retry_status_item, Backoff, Distribution, Failure, Filter, HeaderChanges,
+    PathChange, Redirect, Retry, RetryOn, RouteBackend, Timeouts,
 };
 
 /// A response the proxy makes instead of sending the request.
@@ -326,34 +326,14 @@ pub fn l5d_overrides(
     Some(RequestPolicy { retry, timeouts })
 }
 
-/// `5xx`, `gateway-error`, `NNN`, `NNN-MMM`, comma-separated, as linkerd2-proxy reads
-/// `l5d-retry-http` (no whitespace trimmed; items that do not read are dropped).
+/// `l5d-retry-http`, as linkerd2-proxy reads it: no whitespace trimmed, items that do
+/// not read dropped.
 fn l5d_statuses(text: &str) -> Vec<std::ops::RangeInclusive<u16>> {
-    text.split(',')
-        .filter_map(|item| match item.to_ascii_lowercase().as_str() {
-            "5xx" => Some(500..=599),
-            "gateway-error" => Some(502..=504),
-            other => {
-                let (low, high) = other.split_once('-').unwrap_or((other, other));
-                let low: u16 = low.parse().ok().filter(|s| (100..=599).contains(s))?;
-                let high: u16 = high.parse().ok().filter(|s| (100..=599).contains(s))?;
-                (low <= high).then_some(low..=high)
-            }
-        })
-        .collect()
+    text.split(',').filter_map(retry_status_item).collect()
 }
 
 fn l5d_grpc_codes(text: &str) -> Vec<u32> {
-    text.split(',')
-        .filter_map(|item| match item.to_ascii_lowercase().as_str() {
-            "cancelled" => Some(1),
-            "deadline-exceeded" => Some(4),
-            "resource-exhausted" => Some(8),
-            "internal" => Some(13),
-            "unavailable" => Some(14),
-            _ => None,
-        })
-        .collect()
+    text.split(',').filter_map(retry_grpc_item).collect()
 }
 
 /// `<integer><unit>` with `ms`, `s`, `m`, `h` or `d`, or `0`.

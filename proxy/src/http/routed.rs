@@ -365,7 +365,7 @@ async fn attempts(
             Err(kind) => Attempted::Error(*kind),
         };
         let wants_retry = retry.is_some_and(|r| route_decide::retryable(&r.on, attempted));
-        let replayable = recording.as_ref().is_some_and(|r| r.replay().is_some());
+        let replayable = recording.as_ref().is_some_and(|r| r.replayable());
         if wants_retry && retries_left && replayable {
             // This attempt's outcome is recorded now; its response is dropped.
             let (status, grpc, error) = match (&result, attempted) {
