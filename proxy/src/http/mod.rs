@@ -739,17 +739,42 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
             return errors::respond(kind, grpc, connection.informational(kind));
         }
     }
+    let mut request = request;
+    let mut once = None;
     if let Some(cell) = &connection.routes {
         let routed = connection.routed(cell);
-        // Boxed: a routed request's future holds its attempts, and this one would
-        // otherwise be that large for every request, routed or not.
-        let routed = routed::handle(&connection, &routed, request, start, authority.as_deref());
-        return Box::pin(routed).await;
+        let authority = authority.as_deref();
+        match routed::plan(&connection, &routed, &mut request, start, authority) {
+            routed::Plan::Respond(response) => return response,
+            routed::Plan::Once(planned) => once = Some((routed, planned)),
+            routed::Plan::Attempts(planned) => {
+                // Boxed: attempts under retries and timeouts hold more state than a
+                // request sent once, and every request's future would carry it.
+                let attempts = routed::handle_attempts(
+                    &connection,
+                    &routed,
+                    request,
+                    planned,
+                    start,
+                    authority,
+                );
+                return Box::pin(attempts).await;
+            }
+        }
     }
-    let attempt = connection.attempt(&connection.target, request, authority.as_deref(), start);
-    match attempt.await {
-        Ok(answer) => answer.into_response(start),
-        Err(kind) => errors::respond(kind, grpc, connection.informational(kind)),
+    let target = match &once {
+        Some((routed, planned)) => &routed.targets[planned.slot],
+        None => &connection.target,
+    };
+    let result = connection
+        .attempt(target, request, authority.as_deref(), start)
+        .await;
+    match (result, once) {
+        (result, Some((routed, planned))) => {
+            routed::answer_once(&connection, &routed, planned, result, grpc, start)
+        }
+        (Ok(answer), None) => answer.into_response(start),
+        (Err(kind), None) => errors::respond(kind, grpc, connection.informational(kind)),
     }
 }
 

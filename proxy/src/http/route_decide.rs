@@ -230,6 +230,14 @@ pub fn retryable(on: &RetryOn, attempted: Attempted) -> bool {
     }
 }
 
+/// Whether a routed request goes out in one attempt with nothing around it: its rule
+/// (after its `l5d-*` headers) has no timeout, and no retry or a request that cannot
+/// be retried (an upgrade or `CONNECT`).
+pub fn sends_once(retry: Option<&Retry>, timeouts: &Timeouts, upgrade: bool) -> bool {
+    let retries = retry.is_some() && !upgrade;
+    !retries && *timeouts == Timeouts::default()
+}
+
 /// How long to wait before retry `retry` (1 for the first), `jitter` in [0, 1); no
 /// backoff: at once.
 pub fn retry_delay(backoff: Option<&Backoff>, retry: u32, jitter: f64) -> Duration {
@@ -387,6 +395,33 @@ mod tests {
             path,
             port,
             status: 302,
+        }
+    }
+
+    #[test]
+    fn a_request_goes_out_once_without_retries_or_timeouts() {
+        let retry = Retry::default();
+        let second = Some(Duration::from_secs(1));
+        let timeouts = |request, response, idle| Timeouts {
+            request,
+            response,
+            idle,
+        };
+        let cases = [
+            (None, timeouts(None, None, None), false, true),
+            (Some(&retry), timeouts(None, None, None), false, false),
+            // An upgrade is never retried: its retry policy does not count.
+            (Some(&retry), timeouts(None, None, None), true, true),
+            (None, timeouts(second, None, None), false, false),
+            (None, timeouts(None, second, None), false, false),
+            (None, timeouts(None, None, second), true, false),
+        ];
+        for (retry, timeouts, upgrade, once) in cases {
+            assert_eq!(
+                sends_once(retry, &timeouts, upgrade),
+                once,
+                "{retry:?} {timeouts:?} upgrade {upgrade}"
+            );
         }
     }
 

@@ -26,9 +26,9 @@ use tokio::time::Sleep;
 use super::body::{self, Recorded, RecvBody, ResponseBody};
 use super::errors::{self, ErrorKind, GRPC_STATUS, L5D_PROXY_ERROR};
 use super::metrics::Outcome;
-use super::route_decide::{self, Attempted, Synthetic};
+use super::route_decide::{self, Attempted, RequestPolicy, Synthetic};
 use super::{authority_of, is_upgrade, Answer, RoutedConn, ServerConn};
-use crate::discover::outbound_routes::{self, Failure, Retry, RetryOn, Rule, Timeouts};
+use crate::discover::outbound_routes::{self, Failure, Retry, RetryOn, Rule, Selected, Timeouts};
 use crate::discover::route_match::PathRule;
 use crate::metrics::routes::{BackendSeries, Ended, RetryEnd, RouteError, RouteSeries};
 
@@ -71,10 +71,12 @@ impl RouteEnd {
             grpc,
             error,
         };
+        let now = Instant::now();
         if let Some((backend, sent)) = &self.backend {
-            backend.ended(ended, sent.elapsed());
+            backend.ended(ended, now.saturating_duration_since(*sent));
         }
-        self.route.ended(ended, self.started.elapsed());
+        self.route
+            .ended(ended, now.saturating_duration_since(self.started));
         self.route.retries_ended(self.retry);
     }
 }
@@ -113,14 +115,43 @@ enum Last {
     Failed(ErrorKind, Option<(Arc<BackendSeries>, Instant)>),
 }
 
-pub(super) async fn handle(
-    conn: &Arc<ServerConn>,
-    routed: &Arc<RoutedConn>,
-    request: Request<RecvBody>,
+/// How a routed request goes out, decided before anything is sent. Matched as soon
+/// as it is made, so its response is not boxed.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Plan {
+    /// The proxy answers at once: no route takes the request, a filter made the
+    /// answer, or no backend of the rule can take it.
+    Respond(Response<ResponseBody>),
+    /// One attempt, sent the way an unrouted request is (`handle` sends it): the rule
+    /// neither retries nor times out, so it needs nothing around its attempt.
+    Once(Once),
+    /// Attempts under the rule's retry or timeouts: [`attempts`].
+    Attempts(Attempts),
+}
+
+/// A request sent once, to the backend of `slot`.
+pub(super) struct Once {
+    pub(super) slot: usize,
+    selected: Selected,
+    backend: Arc<BackendSeries>,
+}
+
+/// A request that its rule retries or times out.
+pub(super) struct Attempts {
+    selected: Selected,
+    /// What the request's `l5d-*` headers changed of the rule's retry and timeouts.
+    overridden: Option<RequestPolicy>,
+}
+
+/// The route rule `request` takes and how it is to be sent; a rule that sends it
+/// once has run its filters on it and drawn its backend.
+pub(super) fn plan(
+    conn: &ServerConn,
+    routed: &RoutedConn,
+    request: &mut Request<RecvBody>,
     start: Instant,
     authority_label: Option<&str>,
-) -> Response<ResponseBody> {
-    let grpc_request = errors::is_grpc(&request);
+) -> Plan {
     let routing = &routed.routing;
     let table = &*routing.table;
     let selected = outbound_routes::select(
@@ -128,7 +159,7 @@ pub(super) async fn handle(
         request.method(),
         request.uri(),
         request.headers(),
-        authority_of(&request),
+        authority_of(request),
     );
     let Some(selected) = selected else {
         // As in linkerd2-proxy: no route's series counts it.
@@ -136,21 +167,86 @@ pub(super) async fn handle(
         series.request();
         series.response(Outcome::Error(ErrorKind::NoRoute), start.elapsed());
         let kind = ErrorKind::NoRoute;
-        return errors::respond(kind, grpc_request, conn.informational(kind));
+        let grpc_request = errors::is_grpc(request);
+        return Plan::Respond(errors::respond(
+            kind,
+            grpc_request,
+            conn.informational(kind),
+        ));
     };
     let rule = &table.routes[selected.route].rules[selected.rule];
-    let series = routing.series[selected.route].clone();
-    let mut request = request;
     let overridden = if rule.allow_l5d_request_headers {
         let (retry, timeouts) = (rule.retry.as_ref(), &rule.timeouts);
         route_decide::l5d_overrides(retry, timeouts, table.grpc, request.headers_mut())
     } else {
         None
     };
-    let (retry, timeouts) = match &overridden {
-        Some(policy) => (policy.retry.as_ref(), &policy.timeouts),
-        None => (rule.retry.as_ref(), &rule.timeouts),
+    let (retry, timeouts) = policy_of(rule, overridden.as_ref());
+    if !route_decide::sends_once(retry, timeouts, is_upgrade(request)) {
+        return Plan::Attempts(Attempts {
+            selected,
+            overridden,
+        });
+    }
+    let ending = Ending::new(conn, routed, selected, request, start);
+    match choose(conn, routed, rule, request) {
+        Ok(slot) => {
+            let backend = routing.backends[slot].series.clone();
+            backend.request();
+            Plan::Once(Once {
+                slot,
+                selected,
+                backend,
+            })
+        }
+        Err(unsent) => Plan::Respond(ending.respond(unsent.into(), RetryEnd::Done, timeouts, None)),
+    }
+}
+
+/// The response to a request sent once, from its attempt's `result`.
+pub(super) fn answer_once(
+    conn: &ServerConn,
+    routed: &RoutedConn,
+    once: Once,
+    result: Result<Answer, ErrorKind>,
+    grpc_request: bool,
+    start: Instant,
+) -> Response<ResponseBody> {
+    // A single attempt is dispatched as the request starts: the backend's time is
+    // the request's, read from one clock.
+    let sent = start;
+    let last = match result {
+        Ok(answer) => Last::Answered {
+            answer,
+            backend: once.backend,
+            sent,
+            slot: once.slot,
+        },
+        Err(kind) => Last::Failed(kind, Some((once.backend, sent))),
     };
+    let ending = Ending {
+        conn,
+        rule: rule_of(routed, once.selected),
+        series: &routed.routing.series[once.selected.route],
+        grpc_request,
+        start,
+    };
+    ending.respond(last, RetryEnd::Done, &Timeouts::default(), None)
+}
+
+/// A request that its rule retries or times out: its attempts, under the request
+/// timeout.
+pub(super) async fn handle_attempts(
+    conn: &Arc<ServerConn>,
+    routed: &Arc<RoutedConn>,
+    request: Request<RecvBody>,
+    planned: Attempts,
+    start: Instant,
+    authority_label: Option<&str>,
+) -> Response<ResponseBody> {
+    let rule = rule_of(routed, planned.selected);
+    let (retry, timeouts) = policy_of(rule, planned.overridden.as_ref());
+    let ending = Ending::new(conn, routed, planned.selected, &request, start);
     let deadline = timeouts
         .request
         .map(|timeout| tokio::time::Instant::now() + timeout);
@@ -164,7 +260,7 @@ pub(super) async fn handle(
         conn,
         routed,
         &policy,
-        &series,
+        ending.series,
         request,
         start,
         authority_label,
@@ -177,58 +273,116 @@ pub(super) async fn handle(
         },
         None => attempts.await,
     };
-    let route_end = |backend| RouteEnd {
-        route: series.clone(),
-        backend,
-        started: start,
-        retry: retry_end,
-        deadline: None,
-        idle: None,
-    };
-    match last {
-        Last::Answered {
-            answer,
+    ending.respond(last, retry_end, timeouts, deadline)
+}
+
+fn rule_of(routed: &RoutedConn, selected: Selected) -> &Rule {
+    &routed.routing.table.routes[selected.route].rules[selected.rule]
+}
+
+/// The retry and timeouts a request has: its rule's, or what its `l5d-*` headers
+/// made of them.
+fn policy_of<'a>(
+    rule: &'a Rule,
+    overridden: Option<&'a RequestPolicy>,
+) -> (Option<&'a Retry>, &'a Timeouts) {
+    match overridden {
+        Some(policy) => (policy.retry.as_ref(), &policy.timeouts),
+        None => (rule.retry.as_ref(), &rule.timeouts),
+    }
+}
+
+/// What a routed request's response is made with once its attempts are over.
+struct Ending<'a> {
+    conn: &'a ServerConn,
+    rule: &'a Rule,
+    series: &'a Arc<RouteSeries>,
+    grpc_request: bool,
+    start: Instant,
+}
+
+impl<'a> Ending<'a> {
+    fn new<B>(
+        conn: &'a ServerConn,
+        routed: &'a RoutedConn,
+        selected: Selected,
+        request: &Request<B>,
+        start: Instant,
+    ) -> Ending<'a> {
+        Ending {
+            conn,
+            rule: rule_of(routed, selected),
+            series: &routed.routing.series[selected.route],
+            grpc_request: errors::is_grpc(request),
+            start,
+        }
+    }
+
+    /// The response to the client after `last`: the answer, with the response
+    /// filters, and a body that records the route's series and enforces the
+    /// timeouts still running; or the proxy's own response, recorded now.
+    fn respond(
+        &self,
+        last: Last,
+        retry_end: RetryEnd,
+        timeouts: &Timeouts,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Response<ResponseBody> {
+        let route_end = |backend| RouteEnd {
+            route: self.series.clone(),
             backend,
-            sent,
-            slot,
-        } => {
-            let mut response = answer.into_response(start);
-            // Backend filters first, then the rule's, as linkerd2-proxy applies them.
-            if let Some(chosen) = rule.backends.backends().find(|b| b.slot == slot) {
-                route_decide::response_filters(&chosen.filters, response.headers_mut());
-            }
-            route_decide::response_filters(&rule.filters, response.headers_mut());
-            let response_deadline = timeouts
-                .response
-                .map(|timeout| tokio::time::Instant::from_std(sent) + timeout);
-            let timer = match (deadline, response_deadline) {
-                (Some(request), Some(response)) if response < request => {
-                    Some((response, RouteError::ResponseStreamTimeout))
+            started: self.start,
+            retry: retry_end,
+            deadline: None,
+            idle: None,
+        };
+        match last {
+            Last::Answered {
+                answer,
+                backend,
+                sent,
+                slot,
+            } => {
+                let mut response = answer.into_response(self.start);
+                // Backend filters first, then the rule's, as linkerd2-proxy applies them.
+                if let Some(chosen) = self.rule.backends.backends().find(|b| b.slot == slot) {
+                    route_decide::response_filters(&chosen.filters, response.headers_mut());
                 }
-                (Some(request), _) => Some((request, RouteError::RequestTimeout)),
-                (None, Some(response)) => Some((response, RouteError::ResponseStreamTimeout)),
-                (None, None) => None,
-            };
-            let mut end = route_end(Some((backend, sent)));
-            end.deadline = timer.map(|(at, error)| (Box::pin(tokio::time::sleep_until(at)), error));
-            end.idle = timeouts.idle.map(|idle| {
-                let sleep = Box::pin(tokio::time::sleep(idle));
-                (idle, sleep)
-            });
-            let (parts, body) = response.into_parts();
-            Response::from_parts(parts, body.routed(end))
-        }
-        Last::Made(synthetic, backend) => {
-            let response = synthesize(synthetic, grpc_request, conn);
-            let status = response.status().as_u16();
-            let grpc = body::grpc_status(response.headers());
-            route_end(backend).finish(Some(status), grpc, None);
-            response
-        }
-        Last::Failed(kind, backend) => {
-            let (status, error) = ended_by(kind);
-            route_end(backend).finish(status, None, error);
-            errors::respond(kind, grpc_request, conn.informational(kind))
+                route_decide::response_filters(&self.rule.filters, response.headers_mut());
+                let response_deadline = timeouts
+                    .response
+                    .map(|timeout| tokio::time::Instant::from_std(sent) + timeout);
+                let timer = match (deadline, response_deadline) {
+                    (Some(request), Some(response)) if response < request => {
+                        Some((response, RouteError::ResponseStreamTimeout))
+                    }
+                    (Some(request), _) => Some((request, RouteError::RequestTimeout)),
+                    (None, Some(response)) => Some((response, RouteError::ResponseStreamTimeout)),
+                    (None, None) => None,
+                };
+                let mut end = route_end(Some((backend, sent)));
+                end.deadline =
+                    timer.map(|(at, error)| (Box::pin(tokio::time::sleep_until(at)), error));
+                end.idle = timeouts.idle.map(|idle| {
+                    let sleep = Box::pin(tokio::time::sleep(idle));
+                    (idle, sleep)
+                });
+                let (parts, body) = response.into_parts();
+                Response::from_parts(parts, body.routed(end))
+            }
+            Last::Made(synthetic, backend) => {
+                let response = synthesize(synthetic, self.grpc_request, self.conn);
+                let status = response.status().as_u16();
+                let grpc = body::grpc_status(response.headers());
+                route_end(backend).finish(Some(status), grpc, None);
+                response
+            }
+            Last::Failed(kind, backend) => {
+                let (status, error) = ended_by(kind);
+                route_end(backend).finish(status, None, error);
+                let informational = self.conn.informational(kind);
+                errors::respond(kind, self.grpc_request, informational)
+            }
         }
     }
 }
@@ -239,6 +393,63 @@ struct Policy<'a> {
     rule: &'a Rule,
     retry: Option<&'a Retry>,
     timeouts: &'a Timeouts,
+}
+
+/// An attempt's way out: the rule's filters run on the request, a backend drawn among
+/// the available ones, that backend's filters run. The backend's slot, or how the
+/// request ends without going out (a filter's answer, or no backend to take it).
+fn choose(
+    conn: &ServerConn,
+    routed: &RoutedConn,
+    rule: &Rule,
+    request: &mut Request<RecvBody>,
+) -> Result<usize, Unsent> {
+    // What filters read of the request is found only for a rule that has some.
+    let filter = |filters: &[outbound_routes::Filter], request: &mut Request<RecvBody>| {
+        if filters.is_empty() {
+            return Ok(());
+        }
+        let uri = request.uri().clone();
+        let host = authority_of(request).map(str::to_string);
+        let prefix = matched_prefix(rule, &uri);
+        let mut draw = || fastrand::u32(..);
+        let headers = request.headers_mut();
+        route_decide::request_filters(filters, headers, &uri, host.as_deref(), prefix, &mut draw)
+    };
+    if let Err(synthetic) = filter(&rule.filters, request) {
+        return Err(Unsent::Made(synthetic));
+    }
+    let queue = conn.proxy.queue;
+    let mut draw = || fastrand::u32(..);
+    let chosen = route_decide::choose_backend(
+        &rule.backends,
+        |b| routed.targets[b.slot].available(queue),
+        &mut draw,
+    );
+    let Some(chosen) = chosen else {
+        return Err(Unsent::NoBackend);
+    };
+    if let Err(synthetic) = filter(&chosen.filters, request) {
+        return Err(Unsent::Made(synthetic));
+    }
+    Ok(chosen.slot)
+}
+
+/// Why an attempt did not go out.
+enum Unsent {
+    /// A filter answered.
+    Made(Synthetic),
+    /// No backend of the rule can take it.
+    NoBackend,
+}
+
+impl From<Unsent> for Last {
+    fn from(unsent: Unsent) -> Last {
+        match unsent {
+            Unsent::Made(synthetic) => Last::Made(synthetic, None),
+            Unsent::NoBackend => Last::Failed(ErrorKind::LoadShed, None),
+        }
+    }
 }
 
 /// Sends the request as many times as the rule allows and its outcomes ask for.
@@ -289,42 +500,11 @@ async fn attempts(
             }
         };
         let retries_left = retry.is_some_and(|r| attempt <= r.max_retries);
-        let mut draw = || fastrand::u32(..);
-        // What filters read of the request is found only for a rule that has some.
-        let filter = |filters: &[outbound_routes::Filter], request: &mut Request<RecvBody>| {
-            if filters.is_empty() {
-                return Ok(());
-            }
-            let uri = request.uri().clone();
-            let host = authority_of(request).map(str::to_string);
-            let prefix = matched_prefix(rule, &uri);
-            let mut draw = || fastrand::u32(..);
-            let headers = request.headers_mut();
-            route_decide::request_filters(
-                filters,
-                headers,
-                &uri,
-                host.as_deref(),
-                prefix,
-                &mut draw,
-            )
+        let slot = match choose(conn, routed, rule, &mut request) {
+            Ok(slot) => slot,
+            Err(unsent) => return unsent.into(),
         };
-        if let Err(synthetic) = filter(&rule.filters, &mut request) {
-            return Last::Made(synthetic, None);
-        }
-        let queue = conn.proxy.queue;
-        let chosen = route_decide::choose_backend(
-            &rule.backends,
-            |b| routed.targets[b.slot].available(queue),
-            &mut draw,
-        );
-        let Some(chosen) = chosen else {
-            return Last::Failed(ErrorKind::LoadShed, None);
-        };
-        if let Err(synthetic) = filter(&chosen.filters, &mut request) {
-            return Last::Made(synthetic, None);
-        }
-        let backend = routing.backends[chosen.slot].series.clone();
+        let backend = routing.backends[slot].series.clone();
         backend.request();
         let sent = Instant::now();
         // The per-try timeout bounds every attempt but the last, as in linkerd2-proxy;
@@ -334,7 +514,7 @@ async fn attempts(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let target = &routed.targets[chosen.slot];
+        let target = &routed.targets[slot];
         // Boxed, so that the attempts, and the route's future around them, do not
         // each carry (and move) an attempt's whole state.
         let send = Box::pin(conn.attempt(target, request, authority_label, start));
@@ -412,7 +592,7 @@ async fn attempts(
                 answer,
                 backend,
                 sent,
-                slot: chosen.slot,
+                slot,
             },
             Err(kind) => Last::Failed(kind, Some((backend, sent))),
         };
