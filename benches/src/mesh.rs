@@ -347,7 +347,7 @@ fn add_service(client_env: &[(String, String)], server: &Pod, routed: bool) -> a
 
 /// The discovery file's entry for `ROUTED_SERVICE`: the default backend is the
 /// backend on `HTTP` and the first `SERVICE_PORTS`, `v2` the last; 19 routes that
-/// the benchmark's requests (`/`) do not take, then the catch-all split 50/50.
+/// the benchmark's requests (`/`) do not take, then the catch-all split 2:1.
 fn routed_service(server: &Pod, identity: &str) -> String {
     let ip = server.ipv4;
     let [first, second] = SERVICE_PORTS;
@@ -367,7 +367,9 @@ fn routed_service(server: &Pod, identity: &str) -> String {
             "      - {{name: service-{i}, rules: [{{matches: [{{path_prefix: /api/v1/service-{i}{header}}}], backends: {{v2: 1}}}}]}}"
         );
     }
-    text.push_str("      - {name: catch-all, rules: [{backends: {default: 1, v2: 1}}]}\n");
+    // Weighted by the backends' sizes, so each endpoint takes the share of requests
+    // it takes without routes: the two scenarios differ in routing, not in load.
+    text.push_str("      - {name: catch-all, rules: [{backends: {default: 2, v2: 1}}]}\n");
     text
 }
 

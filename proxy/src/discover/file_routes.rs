@@ -259,6 +259,7 @@ pub fn read_routes(
         grpc: false,
         backends: slots,
         accrual,
+        gates: Default::default(),
     })
 }
 

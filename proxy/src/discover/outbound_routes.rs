@@ -24,7 +24,7 @@ use linkerd2_proxy_api::outbound as ob;
 
 use super::accrual::{Accrual, SuccessRate};
 use super::linkerd::translate::{backend_spec, meta_labels, BackendSpec};
-use super::route_match::{self, Host, RequestMatch, Score};
+use super::route_match::{self, Host, PathRule, RequestMatch, Score};
 use super::Labels;
 pub use crate::config::Backoff;
 
@@ -39,6 +39,81 @@ pub struct RouteTable {
     pub backends: usize,
     /// Failure accrual for the endpoints of the table's balanced backends.
     pub accrual: Option<Accrual>,
+    /// The paths the rules' matches need, read before the rules themselves (made
+    /// from `routes` on the first request, which the routes do not change after).
+    pub gates: PathGates,
+}
+
+/// The path each match of a table's rules needs, laid out together and made on the
+/// table's first request: a request's rule is found by reading these, and then only
+/// the rules whose paths fit it, not every route, rule and match of the table.
+#[derive(Debug, Default)]
+pub struct PathGates(std::sync::OnceLock<Vec<Gate>>);
+
+#[derive(Debug)]
+pub struct Gate {
+    route: usize,
+    rule: usize,
+    path: GatePath,
+}
+
+#[derive(Debug)]
+enum GatePath {
+    /// Anything the rule's match can only tell by reading it: no path rule, a
+    /// pattern.
+    Any,
+    Exact(Box<str>),
+    Prefix(Box<str>),
+}
+
+impl PathGates {
+    fn of(routes: &[Route]) -> Vec<Gate> {
+        let mut gates = Vec::new();
+        for (route_index, route) in routes.iter().enumerate() {
+            for (rule_index, rule) in route.rules.iter().enumerate() {
+                let gate = |path| Gate {
+                    route: route_index,
+                    rule: rule_index,
+                    path,
+                };
+                if rule.matches.is_empty() {
+                    gates.push(gate(GatePath::Any));
+                }
+                for matched in &rule.matches {
+                    gates.push(gate(match &matched.path {
+                        PathRule::Exact(path) => GatePath::Exact(path.as_str().into()),
+                        PathRule::Prefix(prefix) => GatePath::Prefix(prefix.as_str().into()),
+                        PathRule::Any | PathRule::Regex(_) => GatePath::Any,
+                    }));
+                }
+            }
+        }
+        gates
+    }
+}
+
+impl Gate {
+    fn admits(&self, path: &str) -> bool {
+        match &self.path {
+            GatePath::Any => true,
+            GatePath::Exact(exact) => path == &**exact,
+            GatePath::Prefix(prefix) => route_match::prefix_matches(prefix, path),
+        }
+    }
+}
+
+/// Derived from the routes: a copy makes its own, and two tables are alike whatever
+/// either has made.
+impl Clone for PathGates {
+    fn clone(&self) -> PathGates {
+        PathGates::default()
+    }
+}
+
+impl PartialEq for PathGates {
+    fn eq(&self, _: &PathGates) -> bool {
+        true
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -221,24 +296,32 @@ pub fn select(
     authority: Option<&str>,
 ) -> Option<Selected> {
     let request_host = route_match::request_host(authority);
+    let gates = table.gates.0.get_or_init(|| PathGates::of(&table.routes));
+    let path = uri.path();
     let mut best: Option<((HostRank, Score), Selected)> = None;
-    for (route_index, route) in table.routes.iter().enumerate() {
+    let mut last_read = None;
+    for gate in gates {
+        // A rule is read once, when the first of its matches' paths fits.
+        if last_read == Some((gate.route, gate.rule)) || !gate.admits(path) {
+            continue;
+        }
+        last_read = Some((gate.route, gate.rule));
+        let route = &table.routes[gate.route];
         let Some(host) = host_rank(&route.hosts, request_host) else {
             continue;
         };
-        for (rule_index, rule) in route.rules.iter().enumerate() {
-            let Some(score) = route_match::best_score(&rule.matches, method, uri, headers) else {
-                continue;
+        let rule = &route.rules[gate.rule];
+        let Some(score) = route_match::best_score(&rule.matches, method, uri, headers) else {
+            continue;
+        };
+        let rank = (host, score);
+        // Strictly greater: the earlier route and rule win ties.
+        if best.as_ref().is_none_or(|(best_rank, _)| rank > *best_rank) {
+            let selected = Selected {
+                route: gate.route,
+                rule: gate.rule,
             };
-            let rank = (host, score);
-            // Strictly greater: the earlier route and rule win ties.
-            if best.as_ref().is_none_or(|(best_rank, _)| rank > *best_rank) {
-                let selected = Selected {
-                    route: route_index,
-                    rule: rule_index,
-                };
-                best = Some((rank, selected));
-            }
+            best = Some((rank, selected));
         }
     }
     best.map(|(_, selected)| selected)
@@ -341,6 +424,7 @@ macro_rules! read_route_table {
             grpc: false,
             backends: slots.get(),
             accrual: None,
+            gates: PathGates::default(),
         }
     }};
 }
@@ -788,6 +872,43 @@ mod tests {
         let (method, uri, headers) = request("GET", "/x", &[]);
         let selected = select(&table, &method, &uri, &headers, Some("example.org"));
         assert_eq!(selected, Some(Selected { route: 0, rule: 0 }));
+    }
+
+    #[test]
+    fn a_rule_is_found_by_any_of_its_matches_paths() {
+        let pattern = RequestMatch {
+            path: route_match::PathRule::Regex(route_match::Pattern::new("/v[0-9]+/.*").unwrap()),
+            ..RequestMatch::default()
+        };
+        let table = RouteTable {
+            routes: vec![
+                route(Vec::new(), vec![rule(vec![prefix("/a"), exact("/b")])]),
+                route(
+                    Vec::new(),
+                    vec![rule(vec![pattern]), rule(vec![prefix("/")])],
+                ),
+                route(Vec::new(), vec![rule(vec![prefix("/c/")])]),
+            ],
+            ..RouteTable::default()
+        };
+        let cases = [
+            ("/a/x", Some((0, 0))),
+            // The first match's path does not fit; the second's does.
+            ("/b", Some((0, 0))),
+            ("/b/x", Some((1, 1))),
+            ("/v2/items", Some((1, 0))),
+            // A prefix with a trailing slash matches as without it.
+            ("/c", Some((2, 0))),
+            ("/cd", Some((1, 1))),
+        ];
+        for (path, expected) in cases {
+            let (method, uri, headers) = request("GET", path, &[]);
+            // The table's gates are made on its first request and kept.
+            for _ in 0..2 {
+                let selected = select(&table, &method, &uri, &headers, None);
+                assert_eq!(selected.map(|s| (s.route, s.rule)), expected, "{path}");
+            }
+        }
     }
 
     #[test]

@@ -744,7 +744,7 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
     if let Some(cell) = &connection.routes {
         let routed = connection.routed(cell);
         let authority = authority.as_deref();
-        match routed::plan(&connection, &routed, &mut request, start, authority) {
+        match routed::plan(&connection, &routed, &mut request, grpc, start, authority) {
             routed::Plan::Respond(response) => return response,
             routed::Plan::Once(planned) => once = Some((routed, planned)),
             routed::Plan::Attempts(planned) => {
@@ -755,6 +755,7 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
                     &routed,
                     request,
                     planned,
+                    grpc,
                     start,
                     authority,
                 );

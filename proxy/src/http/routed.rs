@@ -149,6 +149,7 @@ pub(super) fn plan(
     conn: &ServerConn,
     routed: &RoutedConn,
     request: &mut Request<RecvBody>,
+    grpc_request: bool,
     start: Instant,
     authority_label: Option<&str>,
 ) -> Plan {
@@ -167,7 +168,6 @@ pub(super) fn plan(
         series.request();
         series.response(Outcome::Error(ErrorKind::NoRoute), start.elapsed());
         let kind = ErrorKind::NoRoute;
-        let grpc_request = errors::is_grpc(request);
         return Plan::Respond(errors::respond(
             kind,
             grpc_request,
@@ -188,7 +188,6 @@ pub(super) fn plan(
             overridden,
         });
     }
-    let ending = Ending::new(conn, routed, selected, request, start);
     match choose(conn, routed, rule, request) {
         Ok(slot) => {
             let backend = routing.backends[slot].series.clone();
@@ -199,7 +198,10 @@ pub(super) fn plan(
                 backend,
             })
         }
-        Err(unsent) => Plan::Respond(ending.respond(unsent.into(), RetryEnd::Done, timeouts, None)),
+        Err(unsent) => {
+            let ending = Ending::new(conn, routed, selected, grpc_request, start);
+            Plan::Respond(ending.respond(unsent.into(), RetryEnd::Done, timeouts, None))
+        }
     }
 }
 
@@ -224,13 +226,7 @@ pub(super) fn answer_once(
         },
         Err(kind) => Last::Failed(kind, Some((once.backend, sent))),
     };
-    let ending = Ending {
-        conn,
-        rule: rule_of(routed, once.selected),
-        series: &routed.routing.series[once.selected.route],
-        grpc_request,
-        start,
-    };
+    let ending = Ending::new(conn, routed, once.selected, grpc_request, start);
     ending.respond(last, RetryEnd::Done, &Timeouts::default(), None)
 }
 
@@ -241,12 +237,13 @@ pub(super) async fn handle_attempts(
     routed: &Arc<RoutedConn>,
     request: Request<RecvBody>,
     planned: Attempts,
+    grpc_request: bool,
     start: Instant,
     authority_label: Option<&str>,
 ) -> Response<ResponseBody> {
     let rule = rule_of(routed, planned.selected);
     let (retry, timeouts) = policy_of(rule, planned.overridden.as_ref());
-    let ending = Ending::new(conn, routed, planned.selected, &request, start);
+    let ending = Ending::new(conn, routed, planned.selected, grpc_request, start);
     let deadline = timeouts
         .request
         .map(|timeout| tokio::time::Instant::now() + timeout);
@@ -302,18 +299,18 @@ struct Ending<'a> {
 }
 
 impl<'a> Ending<'a> {
-    fn new<B>(
+    fn new(
         conn: &'a ServerConn,
         routed: &'a RoutedConn,
         selected: Selected,
-        request: &Request<B>,
+        grpc_request: bool,
         start: Instant,
     ) -> Ending<'a> {
         Ending {
             conn,
             rule: rule_of(routed, selected),
             series: &routed.routing.series[selected.route],
-            grpc_request: errors::is_grpc(request),
+            grpc_request,
             start,
         }
     }

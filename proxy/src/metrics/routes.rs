@@ -26,6 +26,7 @@ use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabel, EncodeLabelSet, LabelSetEncoder, NoLabelSet,
 };
 use prometheus_client::metrics::MetricType;
+use smallvec::SmallVec;
 
 use crate::discover::Labels;
 
@@ -90,13 +91,15 @@ pub struct Ended {
     pub error: Option<RouteError>,
 }
 
-/// A fixed-bucket histogram of seconds.
+/// A fixed-bucket histogram of seconds, its counters inline: a request's end touches
+/// its series, not allocations beside it.
 #[derive(Debug)]
 struct Histogram<const N: usize> {
     bounds: &'static [f64; N],
-    /// Non-cumulative; the last is +Inf. (`N + 1` slots, held in a Vec: const
-    /// generic arithmetic is not stable.)
-    buckets: Box<[AtomicU64]>,
+    /// Non-cumulative, one per bound.
+    buckets: [AtomicU64; N],
+    /// Above the last bound (+Inf).
+    over: AtomicU64,
     sum_us: AtomicU64,
 }
 
@@ -104,19 +107,19 @@ impl<const N: usize> Histogram<N> {
     fn new(bounds: &'static [f64; N]) -> Histogram<N> {
         Histogram {
             bounds,
-            buckets: (0..=N).map(|_| AtomicU64::new(0)).collect(),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            over: AtomicU64::new(0),
             sum_us: AtomicU64::new(0),
         }
     }
 
     fn record(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
-        let bucket = self
-            .bounds
-            .iter()
-            .position(|le| seconds <= *le)
-            .unwrap_or(N);
-        self.buckets[bucket].fetch_add(1, Relaxed);
+        let counter = match self.bounds.iter().position(|le| seconds <= *le) {
+            Some(bucket) => &self.buckets[bucket],
+            None => &self.over,
+        };
+        counter.fetch_add(1, Relaxed);
         self.sum_us.fetch_add(elapsed.as_micros() as u64, Relaxed);
     }
 
@@ -126,7 +129,12 @@ impl<const N: usize> Histogram<N> {
             .iter()
             .copied()
             .chain([f64::MAX])
-            .zip(self.buckets.iter().map(|c| c.load(Relaxed)))
+            .zip(
+                self.buckets
+                    .iter()
+                    .chain([&self.over])
+                    .map(|c| c.load(Relaxed)),
+            )
             .collect();
         let count = buckets.iter().map(|(_, c)| c).sum();
         let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
@@ -135,9 +143,9 @@ impl<const N: usize> Histogram<N> {
 }
 
 /// Counts by how requests ended; a series sees few distinct outcomes, so a short
-/// list under a lock.
+/// list under a lock, its first entries inline.
 #[derive(Debug, Default)]
-struct Statuses(Mutex<Vec<(Ended, u64)>>);
+struct Statuses(Mutex<SmallVec<[(Ended, u64); 2]>>);
 
 impl Statuses {
     fn add(&self, ended: Ended) {
@@ -149,7 +157,7 @@ impl Statuses {
     }
 
     fn snapshot(&self) -> Vec<(Ended, u64)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).to_vec()
     }
 }
 
