@@ -28,9 +28,15 @@ struct Cli {
     /// Seconds each scenario runs.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Run only the scenarios whose name contains this text (e.g. to profile one).
+    /// Run only the scenarios whose name contains this text (e.g. to profile one);
+    /// repeated, those whose name contains any of them.
     #[arg(long)]
-    only: Option<String>,
+    only: Vec<String>,
+    /// After the table, measure the chosen scenarios' meshed path this many times
+    /// more, taking turns, and compare each with the first chosen in the same round:
+    /// a difference between two scenarios with this machine's drift paired out.
+    #[arg(long, default_value_t = 0)]
+    rounds: u32,
     /// Extra setting for both proxies, `NAME=VALUE` (repeatable), e.g.
     /// `TANDEM_OUTBOUND_OPAQUE_CARRIER=true`.
     #[arg(long = "proxy-env", value_name = "NAME=VALUE", value_parser = parse_setting)]
@@ -85,7 +91,8 @@ fn main() {
             let result = tandem_tests::catch_harness_failure(|| {
                 mesh::run(
                     Duration::from_secs(cli.seconds),
-                    cli.only.as_deref(),
+                    &cli.only,
+                    cli.rounds,
                     &cli.proxy_env,
                     &signals,
                 )

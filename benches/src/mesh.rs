@@ -189,7 +189,8 @@ struct HopCost {
 
 pub fn run(
     seconds: Duration,
-    only: Option<&str>,
+    only: &[String],
+    rounds: u32,
     proxy_env: &[(String, String)],
     signals: &Signals,
 ) -> anyhow::Result<()> {
@@ -245,7 +246,7 @@ pub fn run(
     let (env_a, env_b) = (world.env(0, true, &settings), world.env(1, true, &settings));
     let chosen: Vec<&Scenario> = SCENARIOS
         .iter()
-        .filter(|s| only.is_none_or(|text| s.name.contains(text)))
+        .filter(|s| only.is_empty() || only.iter().any(|text| s.name.contains(text.as_str())))
         .collect();
     // Only when asked for: a proxy from before routes would refuse the file.
     let routed = chosen.iter().any(|s| s.service == Some(ROUTED_SERVICE));
@@ -280,7 +281,7 @@ pub fn run(
     }
 
     let mut results = Vec::new();
-    for scenario in chosen {
+    for &scenario in &chosen {
         if signals.pending().is_some() {
             bail!("interrupted; the pods are removed");
         }
@@ -313,7 +314,116 @@ pub fn run(
         });
     }
     print!("{}", table(&results));
+    let mut paired = Vec::new();
+    for round in 1..=rounds {
+        let mut costs = Vec::new();
+        for &scenario in &chosen {
+            if signals.pending().is_some() {
+                bail!("interrupted; the pods are removed");
+            }
+            let target = scenario
+                .service
+                .unwrap_or_else(|| world.b_addr(scenario.meshed_port));
+            let meshed = measure(
+                client_pod,
+                &bench,
+                scenario,
+                target,
+                seconds,
+                &proxies,
+                backend.pid(),
+            )?;
+            costs.push(MeshedCost::of(scenario, &meshed));
+        }
+        eprintln!("  done: round {round}");
+        paired.push(costs);
+    }
+    if !paired.is_empty() {
+        print!("{}", rounds_table(&paired));
+    }
     Ok(())
+}
+
+/// What one meshed run cost each proxy per request.
+struct MeshedCost {
+    scenario: &'static str,
+    per_second: f64,
+    /// CPU µs per request: client side, server side.
+    client_us: f64,
+    server_us: f64,
+}
+
+impl MeshedCost {
+    fn of(scenario: &Scenario, meshed: &Measured) -> MeshedCost {
+        let per_second = meshed.report.per_second();
+        let per_request =
+            |hop: Option<&HopCost>| hop.map_or(f64::NAN, |h| h.cores / per_second * 1e6);
+        MeshedCost {
+            scenario: scenario.name,
+            per_second,
+            client_us: per_request(meshed.hops.first()),
+            server_us: per_request(meshed.hops.get(1)),
+        }
+    }
+}
+
+/// Each round's costs, and each scenario's difference from the round's first in
+/// client-side CPU per request less the server side's change over the same two runs
+/// (the server-side proxy does the same work in every HTTP scenario, so its change
+/// is the machine's drift); then the median of those differences.
+fn rounds_table(rounds: &[Vec<MeshedCost>]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "| round | scenario | req/s | CPU µs per request (client side / server side) | client side less server side, vs the round's first |"
+    );
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|");
+    let mut differences: Vec<Vec<f64>> = Vec::new();
+    for (round, costs) in rounds.iter().enumerate() {
+        let first = &costs[0];
+        for (index, cost) in costs.iter().enumerate() {
+            let difference =
+                (cost.client_us - first.client_us) - (cost.server_us - first.server_us);
+            if differences.len() <= index {
+                differences.push(Vec::new());
+            }
+            differences[index].push(difference);
+            let shown = if index == 0 {
+                String::new()
+            } else {
+                format!("{difference:+.2}")
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.2} / {:.2} | {shown} |",
+                round + 1,
+                cost.scenario,
+                cost.per_second,
+                cost.client_us,
+                cost.server_us,
+            );
+        }
+    }
+    let _ = writeln!(out);
+    for (index, mut values) in differences.into_iter().enumerate().skip(1) {
+        values.sort_by(f64::total_cmp);
+        let middle = values.len() / 2;
+        let median = if values.len() % 2 == 0 {
+            (values[middle - 1] + values[middle]) / 2.0
+        } else {
+            values[middle]
+        };
+        let (low, high) = (values[0], values[values.len() - 1]);
+        let _ = writeln!(
+            out,
+            "{} vs {}: median {median:+.2} µs per request (from {low:+.2} to {high:+.2}) over {} rounds",
+            rounds[0][index].scenario,
+            rounds[0][0].scenario,
+            values.len(),
+        );
+    }
+    out
 }
 
 /// Adds the Services to the client-side proxy's discovery file: one balanced over the

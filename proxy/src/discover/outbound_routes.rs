@@ -63,6 +63,7 @@ enum GatePath {
     /// pattern.
     Any,
     Exact(Box<str>),
+    /// Without its trailing slashes.
     Prefix(Box<str>),
 }
 
@@ -82,7 +83,9 @@ impl PathGates {
                 for matched in &rule.matches {
                     gates.push(gate(match &matched.path {
                         PathRule::Exact(path) => GatePath::Exact(path.as_str().into()),
-                        PathRule::Prefix(prefix) => GatePath::Prefix(prefix.as_str().into()),
+                        PathRule::Prefix(prefix) => {
+                            GatePath::Prefix(prefix.trim_end_matches('/').into())
+                        }
                         PathRule::Any | PathRule::Regex(_) => GatePath::Any,
                     }));
                 }
@@ -97,7 +100,7 @@ impl Gate {
         match &self.path {
             GatePath::Any => true,
             GatePath::Exact(exact) => path == &**exact,
-            GatePath::Prefix(prefix) => route_match::prefix_matches(prefix, path),
+            GatePath::Prefix(prefix) => route_match::trimmed_prefix_matches(prefix, path),
         }
     }
 }
