@@ -48,46 +48,66 @@ pub struct RouteTable {
 /// table's first request: a request's rule is found by reading these, and then only
 /// the rules whose paths fit it, not every route, rule and match of the table.
 #[derive(Debug, Default)]
-pub struct PathGates(std::sync::OnceLock<Vec<Gate>>);
+pub struct PathGates(std::sync::OnceLock<Gates>);
 
+/// Small and in one allocation, their paths in another: what a request reads of a
+/// table's rules it does not take.
 #[derive(Debug)]
-pub struct Gate {
-    route: usize,
-    rule: usize,
-    path: GatePath,
+pub struct Gates {
+    gates: Vec<Gate>,
+    paths: Vec<u8>,
 }
 
 #[derive(Debug)]
-enum GatePath {
+struct Gate {
+    route: u32,
+    rule: u32,
+    kind: GateKind,
+    /// The path (a prefix without its trailing slashes) at `start..start + len` of
+    /// [`Gates::paths`].
+    start: u32,
+    len: u32,
+}
+
+#[derive(Debug)]
+enum GateKind {
     /// Anything the rule's match can only tell by reading it: no path rule, a
     /// pattern.
     Any,
-    Exact(Box<str>),
-    /// Without its trailing slashes.
-    Prefix(Box<str>),
+    Exact,
+    Prefix,
 }
 
 impl PathGates {
-    fn of(routes: &[Route]) -> Vec<Gate> {
-        let mut gates = Vec::new();
+    fn of(routes: &[Route]) -> Gates {
+        let mut gates = Gates {
+            gates: Vec::new(),
+            paths: Vec::new(),
+        };
         for (route_index, route) in routes.iter().enumerate() {
             for (rule_index, rule) in route.rules.iter().enumerate() {
-                let gate = |path| Gate {
-                    route: route_index,
-                    rule: rule_index,
-                    path,
+                let mut push = |kind, path: &str| {
+                    let start = gates.paths.len();
+                    gates.paths.extend_from_slice(path.as_bytes());
+                    gates.gates.push(Gate {
+                        route: route_index as u32,
+                        rule: rule_index as u32,
+                        kind,
+                        start: start as u32,
+                        len: path.len() as u32,
+                    });
                 };
                 if rule.matches.is_empty() {
-                    gates.push(gate(GatePath::Any));
+                    push(GateKind::Any, "");
                 }
                 for matched in &rule.matches {
-                    gates.push(gate(match &matched.path {
-                        PathRule::Exact(path) => GatePath::Exact(path.as_str().into()),
+                    match &matched.path {
+                        PathRule::Exact(path) => push(GateKind::Exact, path),
                         PathRule::Prefix(prefix) => {
-                            GatePath::Prefix(prefix.trim_end_matches('/').into())
+                            push(GateKind::Prefix, prefix.trim_end_matches('/'))
                         }
-                        PathRule::Any | PathRule::Regex(_) => GatePath::Any,
-                    }));
+                        PathRule::Any | PathRule::Regex(_) => push(GateKind::Any, ""),
+                    }
                 }
             }
         }
@@ -95,13 +115,23 @@ impl PathGates {
     }
 }
 
-impl Gate {
-    fn admits(&self, path: &str) -> bool {
-        match &self.path {
-            GatePath::Any => true,
-            GatePath::Exact(exact) => path == &**exact,
-            GatePath::Prefix(prefix) => route_match::trimmed_prefix_matches(prefix, path),
-        }
+impl Gates {
+    /// The route and rule of each match whose path `path` fits, in table order.
+    fn admitting<'a>(&'a self, path: &'a [u8]) -> impl Iterator<Item = (usize, usize)> + 'a {
+        self.gates
+            .iter()
+            .filter(move |gate| {
+                let start = gate.start as usize;
+                let own = &self.paths[start..start + gate.len as usize];
+                match gate.kind {
+                    GateKind::Any => true,
+                    GateKind::Exact => path == own,
+                    GateKind::Prefix => path
+                        .strip_prefix(own)
+                        .is_some_and(|rest| rest.is_empty() || rest[0] == b'/'),
+                }
+            })
+            .map(|gate| (gate.route as usize, gate.rule as usize))
     }
 }
 
@@ -300,20 +330,19 @@ pub fn select(
 ) -> Option<Selected> {
     let request_host = route_match::request_host(authority);
     let gates = table.gates.0.get_or_init(|| PathGates::of(&table.routes));
-    let path = uri.path();
     let mut best: Option<((HostRank, Score), Selected)> = None;
     let mut last_read = None;
-    for gate in gates {
+    for (route_index, rule_index) in gates.admitting(uri.path().as_bytes()) {
         // A rule is read once, when the first of its matches' paths fits.
-        if last_read == Some((gate.route, gate.rule)) || !gate.admits(path) {
+        if last_read == Some((route_index, rule_index)) {
             continue;
         }
-        last_read = Some((gate.route, gate.rule));
-        let route = &table.routes[gate.route];
+        last_read = Some((route_index, rule_index));
+        let route = &table.routes[route_index];
         let Some(host) = host_rank(&route.hosts, request_host) else {
             continue;
         };
-        let rule = &route.rules[gate.rule];
+        let rule = &route.rules[rule_index];
         let Some(score) = route_match::best_score(&rule.matches, method, uri, headers) else {
             continue;
         };
@@ -321,8 +350,8 @@ pub fn select(
         // Strictly greater: the earlier route and rule win ties.
         if best.as_ref().is_none_or(|(best_rank, _)| rank > *best_rank) {
             let selected = Selected {
-                route: gate.route,
-                rule: gate.rule,
+                route: route_index,
+                rule: rule_index,
             };
             best = Some((rank, selected));
         }

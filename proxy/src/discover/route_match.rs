@@ -165,11 +165,7 @@ impl RequestMatch {
 /// A path prefix matches whole segments: `/api` matches `/api` and `/api/x`, not
 /// `/apix`.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
-    trimmed_prefix_matches(prefix.trim_end_matches('/'), path)
-}
-
-/// [`prefix_matches`] for a prefix without trailing slashes.
-pub fn trimmed_prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
     match path.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,
