@@ -317,9 +317,8 @@ impl ResponseBody {
 
     /// Records the response in its route's series too, and enforces the route's
     /// timeouts on the body.
-    pub fn routed(mut self, route: RouteEnd) -> ResponseBody {
+    pub fn route(&mut self, route: RouteEnd) {
         self.route = Some(Box::new(route));
-        self
     }
 
     /// The status recorded so far (for a response the proxy made up: none).

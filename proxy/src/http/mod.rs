@@ -745,7 +745,7 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
         let routed = connection.routed(cell);
         let authority = authority.as_deref();
         match routed::plan(&connection, &routed, &mut request, grpc, start, authority) {
-            routed::Plan::Respond(response) => return response,
+            routed::Plan::Respond(response) => return *response,
             routed::Plan::Once(planned) => once = Some((routed, planned)),
             routed::Plan::Attempts(planned) => {
                 // Boxed: attempts under retries and timeouts hold more state than a

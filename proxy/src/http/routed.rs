@@ -115,13 +115,12 @@ enum Last {
     Failed(ErrorKind, Option<(Arc<BackendSeries>, Instant)>),
 }
 
-/// How a routed request goes out, decided before anything is sent. Matched as soon
-/// as it is made, so its response is not boxed.
-#[allow(clippy::large_enum_variant)]
+/// How a routed request goes out, decided before anything is sent.
 pub(super) enum Plan {
     /// The proxy answers at once: no route takes the request, a filter made the
-    /// answer, or no backend of the rule can take it.
-    Respond(Response<ResponseBody>),
+    /// answer, or no backend of the rule can take it. (Boxed: the other plans are
+    /// the common ones, and small.)
+    Respond(Box<Response<ResponseBody>>),
     /// One attempt, sent the way an unrouted request is (`handle` sends it): the rule
     /// neither retries nor times out, so it needs nothing around its attempt.
     Once(Once),
@@ -168,11 +167,8 @@ pub(super) fn plan(
         series.request();
         series.response(Outcome::Error(ErrorKind::NoRoute), start.elapsed());
         let kind = ErrorKind::NoRoute;
-        return Plan::Respond(errors::respond(
-            kind,
-            grpc_request,
-            conn.informational(kind),
-        ));
+        let informational = conn.informational(kind);
+        return Plan::Respond(Box::new(errors::respond(kind, grpc_request, informational)));
     };
     let rule = &table.routes[selected.route].rules[selected.rule];
     let overridden = if rule.allow_l5d_request_headers {
@@ -200,7 +196,8 @@ pub(super) fn plan(
         }
         Err(unsent) => {
             let ending = Ending::new(conn, routed, selected, grpc_request, start);
-            Plan::Respond(ending.respond(unsent.into(), RetryEnd::Done, timeouts, None))
+            let response = ending.respond(unsent.into(), RetryEnd::Done, timeouts, None);
+            Plan::Respond(Box::new(response))
         }
     }
 }
@@ -217,17 +214,15 @@ pub(super) fn answer_once(
     // A single attempt is dispatched as the request starts: the backend's time is
     // the request's, read from one clock.
     let sent = start;
-    let last = match result {
-        Ok(answer) => Last::Answered {
-            answer,
-            backend: once.backend,
-            sent,
-            slot: once.slot,
-        },
-        Err(kind) => Last::Failed(kind, Some((once.backend, sent))),
-    };
     let ending = Ending::new(conn, routed, once.selected, grpc_request, start);
-    ending.respond(last, RetryEnd::Done, &Timeouts::default(), None)
+    match result {
+        Ok(answer) => {
+            let no_timeouts = Timeouts::default();
+            let answered = (once.backend, sent, once.slot);
+            ending.answered(answer, answered, RetryEnd::Done, &no_timeouts, None)
+        }
+        Err(kind) => ending.failed(kind, Some((once.backend, sent)), RetryEnd::Done),
+    }
 }
 
 /// A request that its rule retries or times out: its attempts, under the request
@@ -325,62 +320,88 @@ impl<'a> Ending<'a> {
         timeouts: &Timeouts,
         deadline: Option<tokio::time::Instant>,
     ) -> Response<ResponseBody> {
-        let route_end = |backend| RouteEnd {
-            route: self.series.clone(),
-            backend,
-            started: self.start,
-            retry: retry_end,
-            deadline: None,
-            idle: None,
-        };
         match last {
             Last::Answered {
                 answer,
                 backend,
                 sent,
                 slot,
-            } => {
-                let mut response = answer.into_response(self.start);
-                // Backend filters first, then the rule's, as linkerd2-proxy applies them.
-                if let Some(chosen) = self.rule.backends.backends().find(|b| b.slot == slot) {
-                    route_decide::response_filters(&chosen.filters, response.headers_mut());
-                }
-                route_decide::response_filters(&self.rule.filters, response.headers_mut());
-                let response_deadline = timeouts
-                    .response
-                    .map(|timeout| tokio::time::Instant::from_std(sent) + timeout);
-                let timer = match (deadline, response_deadline) {
-                    (Some(request), Some(response)) if response < request => {
-                        Some((response, RouteError::ResponseStreamTimeout))
-                    }
-                    (Some(request), _) => Some((request, RouteError::RequestTimeout)),
-                    (None, Some(response)) => Some((response, RouteError::ResponseStreamTimeout)),
-                    (None, None) => None,
-                };
-                let mut end = route_end(Some((backend, sent)));
-                end.deadline =
-                    timer.map(|(at, error)| (Box::pin(tokio::time::sleep_until(at)), error));
-                end.idle = timeouts.idle.map(|idle| {
-                    let sleep = Box::pin(tokio::time::sleep(idle));
-                    (idle, sleep)
-                });
-                let (parts, body) = response.into_parts();
-                Response::from_parts(parts, body.routed(end))
-            }
+            } => self.answered(answer, (backend, sent, slot), retry_end, timeouts, deadline),
             Last::Made(synthetic, backend) => {
                 let response = synthesize(synthetic, self.grpc_request, self.conn);
                 let status = response.status().as_u16();
                 let grpc = body::grpc_status(response.headers());
-                route_end(backend).finish(Some(status), grpc, None);
+                self.route_end(backend, retry_end)
+                    .finish(Some(status), grpc, None);
                 response
             }
-            Last::Failed(kind, backend) => {
-                let (status, error) = ended_by(kind);
-                route_end(backend).finish(status, None, error);
-                let informational = self.conn.informational(kind);
-                errors::respond(kind, self.grpc_request, informational)
-            }
+            Last::Failed(kind, backend) => self.failed(kind, backend, retry_end),
         }
+    }
+
+    fn route_end(
+        &self,
+        backend: Option<(Arc<BackendSeries>, Instant)>,
+        retry_end: RetryEnd,
+    ) -> RouteEnd {
+        RouteEnd {
+            route: self.series.clone(),
+            backend,
+            started: self.start,
+            retry: retry_end,
+            deadline: None,
+            idle: None,
+        }
+    }
+
+    /// The backend's answer (from the backend of `slot`, sent at `sent`).
+    fn answered(
+        &self,
+        answer: Answer,
+        (backend, sent, slot): (Arc<BackendSeries>, Instant, usize),
+        retry_end: RetryEnd,
+        timeouts: &Timeouts,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Response<ResponseBody> {
+        let mut response = answer.into_response(self.start);
+        // Backend filters first, then the rule's, as linkerd2-proxy applies them.
+        if let Some(chosen) = self.rule.backends.backends().find(|b| b.slot == slot) {
+            route_decide::response_filters(&chosen.filters, response.headers_mut());
+        }
+        route_decide::response_filters(&self.rule.filters, response.headers_mut());
+        let response_deadline = timeouts
+            .response
+            .map(|timeout| tokio::time::Instant::from_std(sent) + timeout);
+        let timer = match (deadline, response_deadline) {
+            (Some(request), Some(response)) if response < request => {
+                Some((response, RouteError::ResponseStreamTimeout))
+            }
+            (Some(request), _) => Some((request, RouteError::RequestTimeout)),
+            (None, Some(response)) => Some((response, RouteError::ResponseStreamTimeout)),
+            (None, None) => None,
+        };
+        let mut end = self.route_end(Some((backend, sent)), retry_end);
+        end.deadline = timer.map(|(at, error)| (Box::pin(tokio::time::sleep_until(at)), error));
+        end.idle = timeouts.idle.map(|idle| {
+            let sleep = Box::pin(tokio::time::sleep(idle));
+            (idle, sleep)
+        });
+        response.body_mut().route(end);
+        response
+    }
+
+    /// The proxy's own response to a request it failed.
+    fn failed(
+        &self,
+        kind: ErrorKind,
+        backend: Option<(Arc<BackendSeries>, Instant)>,
+        retry_end: RetryEnd,
+    ) -> Response<ResponseBody> {
+        let (status, error) = ended_by(kind);
+        self.route_end(backend, retry_end)
+            .finish(status, None, error);
+        let informational = self.conn.informational(kind);
+        errors::respond(kind, self.grpc_request, informational)
     }
 }
 
