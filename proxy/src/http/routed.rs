@@ -28,7 +28,9 @@ use super::errors::{self, ErrorKind, GRPC_STATUS, L5D_PROXY_ERROR};
 use super::metrics::Outcome;
 use super::route_decide::{self, Attempted, RequestPolicy, Synthetic};
 use super::{authority_of, is_upgrade, Answer, RoutedConn, ServerConn};
-use crate::discover::outbound_routes::{self, Failure, Retry, RetryOn, Rule, Selected, Timeouts};
+use crate::discover::outbound_routes::{
+    self, Failure, Retry, RetryOn, RouteBackend, Rule, Selected, Timeouts,
+};
 use crate::discover::route_match::PathRule;
 use crate::metrics::routes::{BackendSeries, Ended, RetryEnd, RouteError, RouteSeries};
 
@@ -133,6 +135,10 @@ pub(super) struct Once {
     pub(super) slot: usize,
     selected: Selected,
     backend: Arc<BackendSeries>,
+    /// Found while the rule is at hand: a response without filters to run is
+    /// finished without going back to the rule.
+    route: Arc<RouteSeries>,
+    response_filters: bool,
 }
 
 /// A request that its rule retries or times out.
@@ -185,13 +191,15 @@ pub(super) fn plan(
         });
     }
     match choose(conn, routed, rule, request) {
-        Ok(slot) => {
-            let backend = routing.backends[slot].series.clone();
+        Ok(chosen) => {
+            let backend = routing.backends[chosen.slot].series.clone();
             backend.request();
             Plan::Once(Once {
-                slot,
+                slot: chosen.slot,
                 selected,
                 backend,
+                route: routing.series[selected.route].clone(),
+                response_filters: !rule.filters.is_empty() || !chosen.filters.is_empty(),
             })
         }
         Err(unsent) => {
@@ -214,14 +222,29 @@ pub(super) fn answer_once(
     // A single attempt is dispatched as the request starts: the backend's time is
     // the request's, read from one clock.
     let sent = start;
-    let ending = Ending::new(conn, routed, once.selected, grpc_request, start);
     match result {
+        Ok(answer) if !once.response_filters => {
+            let mut response = answer.into_response(start);
+            response.body_mut().route(RouteEnd {
+                route: once.route,
+                backend: Some((once.backend, sent)),
+                started: start,
+                retry: RetryEnd::Done,
+                deadline: None,
+                idle: None,
+            });
+            response
+        }
         Ok(answer) => {
+            let ending = Ending::new(conn, routed, once.selected, grpc_request, start);
             let no_timeouts = Timeouts::default();
             let answered = (once.backend, sent, once.slot);
             ending.answered(answer, answered, RetryEnd::Done, &no_timeouts, None)
         }
-        Err(kind) => ending.failed(kind, Some((once.backend, sent)), RetryEnd::Done),
+        Err(kind) => {
+            let ending = Ending::new(conn, routed, once.selected, grpc_request, start);
+            ending.failed(kind, Some((once.backend, sent)), RetryEnd::Done)
+        }
     }
 }
 
@@ -416,12 +439,12 @@ struct Policy<'a> {
 /// An attempt's way out: the rule's filters run on the request, a backend drawn among
 /// the available ones, that backend's filters run. The backend's slot, or how the
 /// request ends without going out (a filter's answer, or no backend to take it).
-fn choose(
+fn choose<'r>(
     conn: &ServerConn,
     routed: &RoutedConn,
-    rule: &Rule,
+    rule: &'r Rule,
     request: &mut Request<RecvBody>,
-) -> Result<usize, Unsent> {
+) -> Result<&'r RouteBackend, Unsent> {
     // What filters read of the request is found only for a rule that has some.
     let filter = |filters: &[outbound_routes::Filter], request: &mut Request<RecvBody>| {
         if filters.is_empty() {
@@ -450,7 +473,7 @@ fn choose(
     if let Err(synthetic) = filter(&chosen.filters, request) {
         return Err(Unsent::Made(synthetic));
     }
-    Ok(chosen.slot)
+    Ok(chosen)
 }
 
 /// Why an attempt did not go out.
@@ -519,7 +542,7 @@ async fn attempts(
         };
         let retries_left = retry.is_some_and(|r| attempt <= r.max_retries);
         let slot = match choose(conn, routed, rule, &mut request) {
-            Ok(slot) => slot,
+            Ok(chosen) => chosen.slot,
             Err(unsent) => return unsent.into(),
         };
         let backend = routing.backends[slot].series.clone();
