@@ -720,7 +720,10 @@ impl Answer {
 }
 
 /// Handles one request: forwards it and wraps the response so its end is measured.
-async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Response<ResponseBody> {
+async fn handle(
+    connection: Arc<ServerConn>,
+    mut request: Request<RecvBody>,
+) -> Response<ResponseBody> {
     let start = Instant::now();
     let grpc = errors::is_grpc(&request);
     let authority = if connection.authority_labels {
@@ -739,7 +742,6 @@ async fn handle(connection: Arc<ServerConn>, request: Request<RecvBody>) -> Resp
             return errors::respond(kind, grpc, connection.informational(kind));
         }
     }
-    let mut request = request;
     let mut once = None;
     if let Some(cell) = &connection.routes {
         let routed = connection.routed(cell);

@@ -46,6 +46,24 @@ pub struct RouteEnd {
 }
 
 impl RouteEnd {
+    /// The end of a request that took `route` (and went to `backend` at the instant
+    /// given), without timeouts running on its response.
+    fn new(
+        route: Arc<RouteSeries>,
+        backend: Option<(Arc<BackendSeries>, Instant)>,
+        started: Instant,
+        retry: RetryEnd,
+    ) -> RouteEnd {
+        RouteEnd {
+            route,
+            backend,
+            started,
+            retry,
+            deadline: None,
+            idle: None,
+        }
+    }
+
     pub(super) fn on_frame(&mut self, _frame: &Frame<Bytes>) {
         if let Some((idle, sleep)) = &mut self.idle {
             sleep.as_mut().reset(tokio::time::Instant::now() + *idle);
@@ -225,14 +243,9 @@ pub(super) fn answer_once(
     match result {
         Ok(answer) if !once.response_filters => {
             let mut response = answer.into_response(start);
-            response.body_mut().route(RouteEnd {
-                route: once.route,
-                backend: Some((once.backend, sent)),
-                started: start,
-                retry: RetryEnd::Done,
-                deadline: None,
-                idle: None,
-            });
+            let backend = Some((once.backend, sent));
+            let end = RouteEnd::new(once.route, backend, start, RetryEnd::Done);
+            response.body_mut().route(end);
             response
         }
         Ok(answer) => {
@@ -367,14 +380,7 @@ impl<'a> Ending<'a> {
         backend: Option<(Arc<BackendSeries>, Instant)>,
         retry_end: RetryEnd,
     ) -> RouteEnd {
-        RouteEnd {
-            route: self.series.clone(),
-            backend,
-            started: self.start,
-            retry: retry_end,
-            deadline: None,
-            idle: None,
-        }
+        RouteEnd::new(self.series.clone(), backend, self.start, retry_end)
     }
 
     /// The backend's answer (from the backend of `slot`, sent at `sent`).
