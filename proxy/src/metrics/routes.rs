@@ -10,9 +10,10 @@
 //!   `backend_response_statuses_total`.
 //!
 //! Series are found when a policy arrives (keyed by their labels, so an update keeps
-//! them) and held by the destination's routing: a request only adds to atomics, and
-//! takes one short lock for its status. Like Linkerd's, they never expire; their
-//! number is bounded by the routes and backends the control plane describes.
+//! them) and held by the destination's routing: a request only adds to atomics (a
+//! lock is taken only for an outcome beyond a series' first few). Like Linkerd's,
+//! they never expire; their number is bounded by the routes and backends the control
+//! plane describes.
 //! `hostname` is always empty (Linkerd's default, without
 //! `OUTBOUND_METRICS_HOSTNAME_LABELS`).
 
@@ -26,7 +27,6 @@ use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabel, EncodeLabelSet, LabelSetEncoder, NoLabelSet,
 };
 use prometheus_client::metrics::MetricType;
-use smallvec::SmallVec;
 
 use crate::discover::Labels;
 
@@ -67,6 +67,18 @@ pub enum RouteError {
     Unknown,
 }
 
+/// Every [`RouteError`], in a fixed order.
+const ROUTE_ERRORS: [RouteError; 8] = [
+    RouteError::FailFast,
+    RouteError::LoadShed,
+    RouteError::RequestTimeout,
+    RouteError::ResponseHeadersTimeout,
+    RouteError::ResponseStreamTimeout,
+    RouteError::IdleTimeout,
+    RouteError::Io,
+    RouteError::Unknown,
+];
+
 impl RouteError {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -96,6 +108,8 @@ pub struct Ended {
 #[derive(Debug)]
 struct Histogram<const N: usize> {
     bounds: &'static [f64; N],
+    /// The bounds in nanoseconds, which a request's end compares as integers.
+    bounds_ns: [u64; N],
     /// Non-cumulative, one per bound.
     buckets: [AtomicU64; N],
     /// Above the last bound (+Inf).
@@ -107,6 +121,7 @@ impl<const N: usize> Histogram<N> {
     fn new(bounds: &'static [f64; N]) -> Histogram<N> {
         Histogram {
             bounds,
+            bounds_ns: bounds.map(|le| (le * 1e9).round() as u64),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             over: AtomicU64::new(0),
             sum_us: AtomicU64::new(0),
@@ -114,13 +129,13 @@ impl<const N: usize> Histogram<N> {
     }
 
     fn record(&self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        let counter = match self.bounds.iter().position(|le| seconds <= *le) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let counter = match self.bounds_ns.iter().position(|le| nanos <= *le) {
             Some(bucket) => &self.buckets[bucket],
             None => &self.over,
         };
         counter.fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(elapsed.as_micros() as u64, Relaxed);
+        self.sum_us.fetch_add(nanos / 1000, Relaxed);
     }
 
     fn encode(&self, family: &mut prometheus_client::encoding::MetricEncoder) -> std::fmt::Result {
@@ -142,22 +157,92 @@ impl<const N: usize> Histogram<N> {
     }
 }
 
-/// Counts by how requests ended; a series sees few distinct outcomes, so a short
-/// list under a lock, its first entries inline.
+/// Counts by how requests ended. A series sees few distinct outcomes: the first
+/// few each take a slot, claimed once and then only added to, so a request's end
+/// takes no lock; any more go to a list under a lock.
 #[derive(Debug, Default)]
-struct Statuses(Mutex<SmallVec<[(Ended, u64); 2]>>);
+struct Statuses {
+    slots: [StatusSlot; STATUS_SLOTS],
+    more: Mutex<Vec<(Ended, u64)>>,
+}
+
+const STATUS_SLOTS: usize = 4;
+
+/// An outcome, as its [`Ended::key`] (0 while the slot is free), and its count.
+#[derive(Debug, Default)]
+struct StatusSlot {
+    key: AtomicU64,
+    count: AtomicU64,
+}
 
 impl Statuses {
     fn add(&self, ended: Ended) {
-        let mut list = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match list.iter_mut().find(|(e, _)| *e == ended) {
+        let key = ended.key();
+        for slot in &self.slots {
+            let claimed = match slot.key.load(Relaxed) {
+                0 => match slot.key.compare_exchange(0, key, Relaxed, Relaxed) {
+                    Ok(_) => key,
+                    Err(other) => other,
+                },
+                other => other,
+            };
+            if claimed == key {
+                slot.count.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+        let mut more = self.more.lock().unwrap_or_else(|p| p.into_inner());
+        match more.iter_mut().find(|(e, _)| *e == ended) {
             Some((_, count)) => *count += 1,
-            None => list.push((ended, 1)),
+            None => more.push((ended, 1)),
         }
     }
 
     fn snapshot(&self) -> Vec<(Ended, u64)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).to_vec()
+        let mut list: Vec<(Ended, u64)> = self
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                let ended = Ended::from_key(slot.key.load(Relaxed))?;
+                // A slot is claimed just before its first count.
+                let count = slot.count.load(Relaxed);
+                (count > 0).then_some((ended, count))
+            })
+            .collect();
+        list.extend(self.more.lock().unwrap_or_else(|p| p.into_inner()).iter());
+        list
+    }
+}
+
+impl Ended {
+    /// One number per outcome, never 0: bit 63 set; the status in bits 0..16 and
+    /// present at bit 16; the gRPC status in bits 17..49 and present at bit 49; the
+    /// error's position in [`ROUTE_ERRORS`], plus one, from bit 50.
+    fn key(self) -> u64 {
+        let status = self.status.map_or(0, |s| u64::from(s) | 1 << 16);
+        let grpc = self.grpc.map_or(0, |g| (u64::from(g) | 1 << 32) << 17);
+        let error = self.error.map_or(0, |e| {
+            let position = ROUTE_ERRORS.iter().position(|x| *x == e).unwrap_or(0);
+            (position as u64 + 1) << 50
+        });
+        1 << 63 | status | grpc | error
+    }
+
+    fn from_key(key: u64) -> Option<Ended> {
+        if key == 0 {
+            return None;
+        }
+        let status = (key & 1 << 16 != 0).then_some(key as u16);
+        let grpc = (key & 1 << 49 != 0).then_some((key >> 17) as u32);
+        let error = match (key >> 50) & 0xf {
+            0 => None,
+            position => ROUTE_ERRORS.get(position as usize - 1).copied(),
+        };
+        Some(Ended {
+            status,
+            grpc,
+            error,
+        })
     }
 }
 
@@ -525,6 +610,74 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoding");
         text
+    }
+
+    #[test]
+    fn an_outcome_is_one_key_and_back() {
+        let mut outcomes = vec![
+            (None, None, None),
+            (Some(200), None, None),
+            (Some(503), None, None),
+            (Some(u16::MAX), None, None),
+            (Some(200), Some(0), None),
+            (Some(200), Some(14), None),
+            (None, Some(u32::MAX), None),
+        ];
+        for error in ROUTE_ERRORS {
+            outcomes.push((None, None, Some(error)));
+            outcomes.push((Some(504), Some(4), Some(error)));
+        }
+        let mut keys = std::collections::HashSet::new();
+        for (status, grpc, error) in outcomes {
+            let ended = Ended {
+                status,
+                grpc,
+                error,
+            };
+            let key = ended.key();
+            assert_ne!(key, 0, "{ended:?}");
+            assert!(keys.insert(key), "{ended:?} shares its key");
+            assert_eq!(Ended::from_key(key), Some(ended));
+        }
+        assert_eq!(Ended::from_key(0), None);
+    }
+
+    #[test]
+    fn statuses_count_every_outcome_beyond_their_slots() {
+        let statuses = Statuses::default();
+        let ended = |status| Ended {
+            status: Some(status),
+            grpc: None,
+            error: None,
+        };
+        // Twice as many outcomes as slots, each seen as many times as its status's
+        // last digit plus one.
+        let codes: Vec<u16> = (0..2 * STATUS_SLOTS as u16).map(|i| 200 + i).collect();
+        for &code in &codes {
+            for _ in 0..=(code % 10) {
+                statuses.add(ended(code));
+            }
+        }
+        let mut counted = statuses.snapshot();
+        counted.sort_by_key(|(e, _)| e.status);
+        let expected: Vec<(Ended, u64)> = codes
+            .iter()
+            .map(|&code| (ended(code), u64::from(code % 10) + 1))
+            .collect();
+        assert_eq!(counted, expected);
+    }
+
+    #[test]
+    fn a_duration_on_a_bound_is_counted_in_that_bound() {
+        let histogram = Histogram::new(&REQUEST_BUCKETS);
+        histogram.record(Duration::from_millis(50));
+        histogram.record(Duration::from_nanos(50_000_001));
+        histogram.record(Duration::from_secs(10));
+        histogram.record(Duration::from_secs(11));
+        let counts: Vec<u64> = histogram.buckets.iter().map(|c| c.load(Relaxed)).collect();
+        assert_eq!(counts, [1, 1, 0, 1]);
+        assert_eq!(histogram.over.load(Relaxed), 1);
+        assert_eq!(histogram.sum_us.load(Relaxed), 21_100_000);
     }
 
     #[test]
