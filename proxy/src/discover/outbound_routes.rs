@@ -13,6 +13,7 @@
 //! over a shorter), then the rule whose match is most specific
 //! ([`route_match::Score`]), then the earlier route and rule.
 
+use std::cmp::Reverse;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::time::Duration;
@@ -44,9 +45,22 @@ pub struct RouteTable {
     pub gates: PathGates,
 }
 
-/// The path each match of a table's rules needs, laid out together and made on the
-/// table's first request: a request's rule is found by reading these, and then only
-/// the rules whose paths fit it, not every route, rule and match of the table.
+impl RouteTable {
+    fn gates(&self) -> &Gates {
+        self.gates.0.get_or_init(|| PathGates::of(&self.routes))
+    }
+
+    /// Whether any route names hosts: if none does, a request's authority cannot
+    /// change the rule it takes, and [`select`] may be given none.
+    pub fn names_hosts(&self) -> bool {
+        self.gates().hosts
+    }
+}
+
+/// The path each match of a table's rules needs, laid out together, shortest first,
+/// and made on the table's first request: a request's rule is found by reading these
+/// (up to the longest that its path could fit), and then only the rules whose paths
+/// fit it, not every route, rule and match of the table.
 #[derive(Debug, Default)]
 pub struct PathGates(std::sync::OnceLock<Gates>);
 
@@ -56,6 +70,8 @@ pub struct PathGates(std::sync::OnceLock<Gates>);
 pub struct Gates {
     gates: Vec<Gate>,
     paths: Vec<u8>,
+    /// Some route names hosts: only then is a request's authority read.
+    hosts: bool,
 }
 
 #[derive(Debug)]
@@ -83,6 +99,7 @@ impl PathGates {
         let mut gates = Gates {
             gates: Vec::new(),
             paths: Vec::new(),
+            hosts: routes.iter().any(|route| !route.hosts.is_empty()),
         };
         for (route_index, route) in routes.iter().enumerate() {
             for (rule_index, rule) in route.rules.iter().enumerate() {
@@ -111,25 +128,30 @@ impl PathGates {
                 }
             }
         }
+        // Shortest first (in table order among equals): a request reads only the
+        // gates as long as its path or shorter.
+        gates.gates.sort_by_key(|gate| gate.len);
         gates
     }
 }
 
 impl Gates {
-    /// The route and rule of each match whose path `path` fits, in table order.
+    /// The route and rule of each match whose path `path` fits, shortest path first.
     fn admitting<'a>(&'a self, path: &'a [u8]) -> impl Iterator<Item = (usize, usize)> + 'a {
         self.gates
             .iter()
+            .take_while(move |gate| gate.len as usize <= path.len())
             .filter(move |gate| {
+                // By length first: most gates a request meets are not its path's, and
+                // most of those are told by it without reading their bytes.
+                let len = gate.len as usize;
+                let fits = match gate.kind {
+                    GateKind::Any => return true,
+                    GateKind::Exact => path.len() == len,
+                    GateKind::Prefix => path.len() == len || path.get(len) == Some(&b'/'),
+                };
                 let start = gate.start as usize;
-                let own = &self.paths[start..start + gate.len as usize];
-                match gate.kind {
-                    GateKind::Any => true,
-                    GateKind::Exact => path == own,
-                    GateKind::Prefix => path
-                        .strip_prefix(own)
-                        .is_some_and(|rest| rest.is_empty() || rest[0] == b'/'),
-                }
+                fits && self.paths.get(start..start + len) == Some(&path[..len])
             })
             .map(|gate| (gate.route as usize, gate.rule as usize))
     }
@@ -329,11 +351,12 @@ pub fn select(
     authority: Option<&str>,
 ) -> Option<Selected> {
     let request_host = route_match::request_host(authority);
-    let gates = table.gates.0.get_or_init(|| PathGates::of(&table.routes));
-    let mut best: Option<((HostRank, Score), Selected)> = None;
+    let gates = table.gates();
+    let mut best: Option<((HostRank, Score, Reverse<(usize, usize)>), Selected)> = None;
     let mut last_read = None;
     for (route_index, rule_index) in gates.admitting(uri.path().as_bytes()) {
-        // A rule is read once, when the first of its matches' paths fits.
+        // A rule whose matches' paths fit one after the other is read once (a rule
+        // read again scores the same, and does not replace itself).
         if last_read == Some((route_index, rule_index)) {
             continue;
         }
@@ -346,8 +369,8 @@ pub fn select(
         let Some(score) = route_match::best_score(&rule.matches, method, uri, headers) else {
             continue;
         };
-        let rank = (host, score);
-        // Strictly greater: the earlier route and rule win ties.
+        // The earlier route and rule win ties (rules are not read in table order).
+        let rank = (host, score, Reverse((route_index, rule_index)));
         if best.as_ref().is_none_or(|(best_rank, _)| rank > *best_rank) {
             let selected = Selected {
                 route: route_index,
@@ -932,6 +955,13 @@ mod tests {
             // A prefix with a trailing slash matches as without it.
             ("/c", Some((2, 0))),
             ("/cd", Some((1, 1))),
+            ("/c/", Some((2, 0))),
+            ("/c/d/e", Some((2, 0))),
+            // Shorter or longer than a path, or only sharing its length, it does not fit.
+            ("/", Some((1, 1))),
+            ("/ax", Some((1, 1))),
+            ("/bb", Some((1, 1))),
+            ("/x", Some((1, 1))),
         ];
         for (path, expected) in cases {
             let (method, uri, headers) = request("GET", path, &[]);
@@ -941,6 +971,54 @@ mod tests {
                 assert_eq!(selected.map(|s| (s.route, s.rule)), expected, "{path}");
             }
         }
+    }
+
+    #[test]
+    fn ties_go_to_the_earlier_rule_whatever_its_paths_length() {
+        let pattern = |source| RequestMatch {
+            path: route_match::PathRule::Regex(route_match::Pattern::new(source).unwrap()),
+            ..RequestMatch::default()
+        };
+        // A pattern that matched the whole path ranks as a prefix as long as the path:
+        // its gate is read first (it has no path of its own), its rule may still lose.
+        let table = RouteTable {
+            routes: vec![
+                route(Vec::new(), vec![rule(vec![prefix("/abc")])]),
+                route(Vec::new(), vec![rule(vec![pattern("/ab.")])]),
+                route(Vec::new(), vec![rule(vec![pattern("/x.*")])]),
+                route(Vec::new(), vec![rule(vec![prefix("/xyz")])]),
+                route(Vec::new(), vec![rule(Vec::new())]),
+                route(Vec::new(), vec![rule(Vec::new())]),
+            ],
+            ..RouteTable::default()
+        };
+        let cases = [
+            ("/abc", Some(0)),
+            ("/abd", Some(1)),
+            ("/xyz", Some(2)),
+            ("/xyz/1", Some(2)),
+            // Both catch-alls match; the first is taken.
+            ("/", Some(4)),
+        ];
+        for (path, expected) in cases {
+            let (method, uri, headers) = request("GET", path, &[]);
+            let selected = select(&table, &method, &uri, &headers, None);
+            assert_eq!(selected.map(|s| s.route), expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_table_names_hosts_when_any_route_does() {
+        let anywhere = route(Vec::new(), vec![rule(Vec::new())]);
+        let mut table = RouteTable {
+            routes: vec![anywhere.clone(), anywhere.clone()],
+            ..RouteTable::default()
+        };
+        assert!(!table.names_hosts());
+        assert!(!RouteTable::default().names_hosts());
+        table.routes[1].hosts = vec![Host::Exact("web.example.com".into())];
+        // A changed table is a new one: its gates are made again (as a clone's are).
+        assert!(table.clone().names_hosts());
     }
 
     #[test]

@@ -172,6 +172,15 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
+/// The score of a rule that names no match, which takes every request: what an
+/// empty match scores, known without reading the request.
+const CATCH_ALL: Score = Score {
+    path: (0, 0),
+    method: false,
+    headers: 0,
+    query: 0,
+};
+
 /// The best score of `matches` for a request; no matches at all match everything.
 pub fn best_score(
     matches: &[RequestMatch],
@@ -180,7 +189,7 @@ pub fn best_score(
     headers: &HeaderMap,
 ) -> Option<Score> {
     if matches.is_empty() {
-        return RequestMatch::default().score(method, uri, headers);
+        return Some(CATCH_ALL);
     }
     matches
         .iter()
@@ -364,6 +373,21 @@ mod tests {
         RequestMatch {
             path: PathRule::Prefix(path.into()),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn no_matches_score_what_an_empty_match_scores() {
+        let requests = [
+            ("GET", "/", &[][..]),
+            ("POST", "/api/v1/items?page=2", &[("x-tenant", "blue")][..]),
+            ("DELETE", "http://web.example.com/x/y", &[][..]),
+        ];
+        for (method, uri, headers) in requests {
+            let (method, uri, headers) = request(method, uri, headers);
+            let empty = RequestMatch::default().score(&method, &uri, &headers);
+            assert_eq!(empty, Some(CATCH_ALL), "{uri}");
+            assert_eq!(best_score(&[], &method, &uri, &headers), empty, "{uri}");
         }
     }
 
