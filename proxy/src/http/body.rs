@@ -259,8 +259,9 @@ pub struct ResponseBody {
     checkin: Option<Checkin>,
     /// The balanced endpoint the request went to, in flight until the body ends.
     picked: Option<Picked>,
-    /// A routed request's series and timeouts.
-    route: Option<Box<RouteEnd>>,
+    /// A routed request's series and timeouts. In place, not boxed: every routed
+    /// response has one, and it is small (its timeouts are boxed apart).
+    route: Option<RouteEnd>,
 }
 
 /// Records one response in its series when the response ends.
@@ -318,7 +319,7 @@ impl ResponseBody {
     /// Records the response in its route's series too, and enforces the route's
     /// timeouts on the body.
     pub fn route(&mut self, route: RouteEnd) {
-        self.route = Some(Box::new(route));
+        self.route = Some(route);
     }
 
     /// The status recorded so far (for a response the proxy made up: none).

@@ -48,6 +48,7 @@ use crate::discover::{Backend, Routing, RoutingCell};
 use crate::discover::{Endpoint, HttpVia, Labels};
 use crate::mesh::tls::{NoTlsReason, TlsStatus};
 use crate::mesh::PeerId;
+use crate::metrics::routes::BackendSeries;
 use crate::metrics::DirectionMetrics;
 use crate::net::detect::Protocol;
 use crate::net::error::{ConnError, Errno};
@@ -295,7 +296,25 @@ impl ConnTarget {
 /// A connection's targets for the route backends of one routing, by slot.
 struct RoutedConn {
     routing: Arc<Routing>,
-    targets: Vec<ConnTarget>,
+    slots: Vec<RoutedSlot>,
+    /// The proxy's, copied here: a routed request reads it to find its backends
+    /// available.
+    queue: crate::config::Queue,
+}
+
+/// A connection's view of its destination's routing: the routing cell's current
+/// value, told changed by one pointer read (no reference taken per request), and the
+/// connection's targets for it.
+struct RoutedCache {
+    routing: arc_swap::Cache<Arc<RoutingCell>, Arc<Routing>>,
+    conn: Option<Arc<RoutedConn>>,
+}
+
+/// One route backend, as a connection's request reaches it: together, what a request
+/// sent to it reads.
+struct RoutedSlot {
+    target: ConnTarget,
+    series: Arc<BackendSeries>,
 }
 
 /// One accepted HTTP connection.
@@ -315,8 +334,7 @@ pub struct ServerConn {
     authz: Option<RequestAuthz>,
     /// Outbound, the control plane's routes, and this connection's targets for the
     /// backends of the routing it last used.
-    routes: Option<Arc<RoutingCell>>,
-    routed: ArcSwapOption<RoutedConn>,
+    routes: Option<Mutex<RoutedCache>>,
     meshed: bool,
 }
 
@@ -354,8 +372,12 @@ pub async fn serve_connection<C: Transport + 'static>(
         client_id,
         authority_labels: proxy.config.authority_labels,
         authz,
-        routes: route.routes,
-        routed: ArcSwapOption::empty(),
+        routes: route.routes.map(|cell| {
+            Mutex::new(RoutedCache {
+                routing: arc_swap::Cache::new(cell),
+                conn: None,
+            })
+        }),
         meshed: route.meshed,
     });
     let Downstream {
@@ -627,26 +649,32 @@ struct Answer {
 impl ServerConn {
     /// The routing to use now and this connection's targets for it, rebuilt when the
     /// policy changed since the connection's last request.
-    fn routed(&self, cell: &RoutingCell) -> Arc<RoutedConn> {
-        let routing = cell.load();
-        if let Some(routed) = &*self.routed.load() {
-            if Arc::ptr_eq(&routed.routing, &routing) {
+    fn routed(&self, cache: &Mutex<RoutedCache>) -> Arc<RoutedConn> {
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        let RoutedCache { routing, conn } = &mut *cache;
+        let routing = routing.load();
+        if let Some(routed) = conn {
+            if Arc::ptr_eq(&routed.routing, routing) {
                 return routed.clone();
             }
         }
-        let targets = routing
+        let slots = routing
             .backends
             .iter()
             .map(|b| {
                 let target = outbound_target(&b.backend, self.meshed, self.http1_case);
-                ConnTarget::new(&self.proxy, target)
+                RoutedSlot {
+                    target: ConnTarget::new(&self.proxy, target),
+                    series: b.series.clone(),
+                }
             })
             .collect();
         let routed = Arc::new(RoutedConn {
             routing: routing.clone(),
-            targets,
+            slots,
+            queue: self.proxy.queue,
         });
-        self.routed.store(Some(routed.clone()));
+        *conn = Some(routed.clone());
         routed
     }
 
@@ -743,8 +771,8 @@ async fn handle(
         }
     }
     let mut once = None;
-    if let Some(cell) = &connection.routes {
-        let routed = connection.routed(cell);
+    if let Some(cache) = &connection.routes {
+        let routed = connection.routed(cache);
         let authority = authority.as_deref();
         match routed::plan(&connection, &routed, &mut request, grpc, start, authority) {
             routed::Plan::Respond(response) => return *response,
@@ -766,17 +794,24 @@ async fn handle(
         }
     }
     let target = match &once {
-        Some((routed, planned)) => &routed.targets[planned.slot],
+        Some((routed, planned)) => &routed.slots[planned.slot].target,
         None => &connection.target,
     };
     let result = connection
         .attempt(target, request, authority.as_deref(), start)
         .await;
     match (result, once) {
-        (result, Some((routed, planned))) => {
-            routed::answer_once(&connection, &routed, planned, result, grpc, start)
+        (Ok(answer), once) => {
+            // Finished in place: a response is large, and moved as little as it can be.
+            let mut response = answer.into_response(start);
+            if let Some((routed, planned)) = once {
+                routed::answered_once(&connection, &routed, planned, &mut response, grpc, start);
+            }
+            response
         }
-        (Ok(answer), None) => answer.into_response(start),
+        (Err(kind), Some((routed, planned))) => {
+            routed::failed_once(&connection, &routed, planned, kind, grpc, start)
+        }
         (Err(kind), None) => errors::respond(kind, grpc, connection.informational(kind)),
     }
 }

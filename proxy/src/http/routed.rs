@@ -38,9 +38,17 @@ use crate::metrics::routes::{BackendSeries, Ended, RetryEnd, RouteError, RouteSe
 /// still running while it streams.
 pub struct RouteEnd {
     route: Arc<RouteSeries>,
-    backend: Option<(Arc<BackendSeries>, Instant)>,
+    /// The backend the last attempt went to, that long after the request started.
+    backend: Option<(Arc<BackendSeries>, Duration)>,
     started: Instant,
     retry: RetryEnd,
+    /// Only a rule with timeouts has them: apart, so that a response without any
+    /// carries one pointer for them.
+    timers: Option<Box<Timers>>,
+}
+
+/// The route's timeouts that run on a response's body.
+struct Timers {
     deadline: Option<(Pin<Box<Sleep>>, RouteError)>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
 }
@@ -56,28 +64,29 @@ impl RouteEnd {
     ) -> RouteEnd {
         RouteEnd {
             route,
-            backend,
+            backend: backend
+                .map(|(series, sent)| (series, sent.saturating_duration_since(started))),
             started,
             retry,
-            deadline: None,
-            idle: None,
+            timers: None,
         }
     }
 
     pub(super) fn on_frame(&mut self, _frame: &Frame<Bytes>) {
-        if let Some((idle, sleep)) = &mut self.idle {
+        if let Some((idle, sleep)) = self.timers.as_mut().and_then(|t| t.idle.as_mut()) {
             sleep.as_mut().reset(tokio::time::Instant::now() + *idle);
         }
     }
 
     /// The timeout that has passed, if one has (and wakes the body when one will).
     pub(super) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<RouteError> {
-        if let Some((sleep, error)) = &mut self.deadline {
+        let timers = self.timers.as_mut()?;
+        if let Some((sleep, error)) = &mut timers.deadline {
             if sleep.as_mut().poll(cx).is_ready() {
                 return Some(*error);
             }
         }
-        if let Some((_, sleep)) = &mut self.idle {
+        if let Some((_, sleep)) = &mut timers.idle {
             if sleep.as_mut().poll(cx).is_ready() {
                 return Some(RouteError::IdleTimeout);
             }
@@ -91,12 +100,11 @@ impl RouteEnd {
             grpc,
             error,
         };
-        let now = Instant::now();
-        if let Some((backend, sent)) = &self.backend {
-            backend.ended(ended, now.saturating_duration_since(*sent));
+        let elapsed = self.started.elapsed();
+        if let Some((backend, sent_after)) = &self.backend {
+            backend.ended(ended, elapsed.saturating_sub(*sent_after));
         }
-        self.route
-            .ended(ended, now.saturating_duration_since(self.started));
+        self.route.ended(ended, elapsed);
         self.route.retries_ended(self.retry);
     }
 }
@@ -178,12 +186,14 @@ pub(super) fn plan(
 ) -> Plan {
     let routing = &routed.routing;
     let table = &*routing.table;
+    // Read (and checked as text) only when some route's hosts may care.
+    let authority = table.names_hosts().then(|| authority_of(request)).flatten();
     let selected = outbound_routes::select(
         table,
         request.method(),
         request.uri(),
         request.headers(),
-        authority_of(request),
+        authority,
     );
     let Some(selected) = selected else {
         // As in linkerd2-proxy: no route's series counts it.
@@ -202,15 +212,17 @@ pub(super) fn plan(
         None
     };
     let (retry, timeouts) = policy_of(rule, overridden.as_ref());
-    if !route_decide::sends_once(retry, timeouts, is_upgrade(request)) {
+    // Whether it is an upgrade matters only to a rule that retries.
+    let upgrade = retry.is_some() && is_upgrade(request);
+    if !route_decide::sends_once(retry, timeouts, upgrade) {
         return Plan::Attempts(Attempts {
             selected,
             overridden,
         });
     }
-    match choose(conn, routed, rule, request) {
+    match choose(routed, rule, request) {
         Ok(chosen) => {
-            let backend = routing.backends[chosen.slot].series.clone();
+            let backend = routed.slots[chosen.slot].series.clone();
             backend.request();
             Plan::Once(Once {
                 slot: chosen.slot,
@@ -228,37 +240,42 @@ pub(super) fn plan(
     }
 }
 
-/// The response to a request sent once, from its attempt's `result`.
-pub(super) fn answer_once(
+/// Finishes the backend's response to a request sent once, in place: the route's
+/// response filters, and what records the route's series as its body ends.
+pub(super) fn answered_once(
     conn: &ServerConn,
     routed: &RoutedConn,
     once: Once,
-    result: Result<Answer, ErrorKind>,
+    response: &mut Response<ResponseBody>,
     grpc_request: bool,
     start: Instant,
-) -> Response<ResponseBody> {
+) {
     // A single attempt is dispatched as the request starts: the backend's time is
     // the request's, read from one clock.
     let sent = start;
-    match result {
-        Ok(answer) if !once.response_filters => {
-            let mut response = answer.into_response(start);
-            let backend = Some((once.backend, sent));
-            let end = RouteEnd::new(once.route, backend, start, RetryEnd::Done);
-            response.body_mut().route(end);
-            response
-        }
-        Ok(answer) => {
-            let ending = Ending::new(conn, routed, once.selected, grpc_request, start);
-            let no_timeouts = Timeouts::default();
-            let answered = (once.backend, sent, once.slot);
-            ending.answered(answer, answered, RetryEnd::Done, &no_timeouts, None)
-        }
-        Err(kind) => {
-            let ending = Ending::new(conn, routed, once.selected, grpc_request, start);
-            ending.failed(kind, Some((once.backend, sent)), RetryEnd::Done)
-        }
+    if !once.response_filters {
+        let backend = Some((once.backend, sent));
+        let end = RouteEnd::new(once.route, backend, start, RetryEnd::Done);
+        response.body_mut().route(end);
+        return;
     }
+    let ending = Ending::new(conn, routed, once.selected, grpc_request, start);
+    let no_timeouts = Timeouts::default();
+    let answered = (once.backend, sent, once.slot);
+    ending.answered(response, answered, RetryEnd::Done, &no_timeouts, None);
+}
+
+/// The proxy's response to a request sent once that failed with `kind`.
+pub(super) fn failed_once(
+    conn: &ServerConn,
+    routed: &RoutedConn,
+    once: Once,
+    kind: ErrorKind,
+    grpc_request: bool,
+    start: Instant,
+) -> Response<ResponseBody> {
+    let ending = Ending::new(conn, routed, once.selected, grpc_request, start);
+    ending.failed(kind, Some((once.backend, start)), RetryEnd::Done)
 }
 
 /// A request that its rule retries or times out: its attempts, under the request
@@ -362,7 +379,12 @@ impl<'a> Ending<'a> {
                 backend,
                 sent,
                 slot,
-            } => self.answered(answer, (backend, sent, slot), retry_end, timeouts, deadline),
+            } => {
+                let mut response = answer.into_response(self.start);
+                let answered = (backend, sent, slot);
+                self.answered(&mut response, answered, retry_end, timeouts, deadline);
+                response
+            }
             Last::Made(synthetic, backend) => {
                 let response = synthesize(synthetic, self.grpc_request, self.conn);
                 let status = response.status().as_u16();
@@ -383,16 +405,16 @@ impl<'a> Ending<'a> {
         RouteEnd::new(self.series.clone(), backend, self.start, retry_end)
     }
 
-    /// The backend's answer (from the backend of `slot`, sent at `sent`).
+    /// Finishes the backend's answer (from the backend of `slot`, sent at `sent`) in
+    /// place.
     fn answered(
         &self,
-        answer: Answer,
+        response: &mut Response<ResponseBody>,
         (backend, sent, slot): (Arc<BackendSeries>, Instant, usize),
         retry_end: RetryEnd,
         timeouts: &Timeouts,
         deadline: Option<tokio::time::Instant>,
-    ) -> Response<ResponseBody> {
-        let mut response = answer.into_response(self.start);
+    ) {
         // Backend filters first, then the rule's, as linkerd2-proxy applies them.
         if let Some(chosen) = self.rule.backends.backends().find(|b| b.slot == slot) {
             route_decide::response_filters(&chosen.filters, response.headers_mut());
@@ -410,13 +432,15 @@ impl<'a> Ending<'a> {
             (None, None) => None,
         };
         let mut end = self.route_end(Some((backend, sent)), retry_end);
-        end.deadline = timer.map(|(at, error)| (Box::pin(tokio::time::sleep_until(at)), error));
-        end.idle = timeouts.idle.map(|idle| {
+        let deadline = timer.map(|(at, error)| (Box::pin(tokio::time::sleep_until(at)), error));
+        let idle = timeouts.idle.map(|idle| {
             let sleep = Box::pin(tokio::time::sleep(idle));
             (idle, sleep)
         });
+        if deadline.is_some() || idle.is_some() {
+            end.timers = Some(Box::new(Timers { deadline, idle }));
+        }
         response.body_mut().route(end);
-        response
     }
 
     /// The proxy's own response to a request it failed.
@@ -446,40 +470,41 @@ struct Policy<'a> {
 /// the available ones, that backend's filters run. The backend's slot, or how the
 /// request ends without going out (a filter's answer, or no backend to take it).
 fn choose<'r>(
-    conn: &ServerConn,
     routed: &RoutedConn,
     rule: &'r Rule,
     request: &mut Request<RecvBody>,
 ) -> Result<&'r RouteBackend, Unsent> {
     // What filters read of the request is found only for a rule that has some.
-    let filter = |filters: &[outbound_routes::Filter], request: &mut Request<RecvBody>| {
-        if filters.is_empty() {
-            return Ok(());
-        }
-        let uri = request.uri().clone();
-        let host = authority_of(request).map(str::to_string);
-        let prefix = matched_prefix(rule, &uri);
-        let mut draw = || fastrand::u32(..);
-        let headers = request.headers_mut();
-        route_decide::request_filters(filters, headers, &uri, host.as_deref(), prefix, &mut draw)
-    };
-    if let Err(synthetic) = filter(&rule.filters, request) {
-        return Err(Unsent::Made(synthetic));
+    if !rule.filters.is_empty() {
+        request_filters(rule, &rule.filters, request).map_err(Unsent::Made)?;
     }
-    let queue = conn.proxy.queue;
     let mut draw = || fastrand::u32(..);
     let chosen = route_decide::choose_backend(
         &rule.backends,
-        |b| routed.targets[b.slot].available(queue),
+        |b| routed.slots[b.slot].target.available(routed.queue),
         &mut draw,
     );
     let Some(chosen) = chosen else {
         return Err(Unsent::NoBackend);
     };
-    if let Err(synthetic) = filter(&chosen.filters, request) {
-        return Err(Unsent::Made(synthetic));
+    if !chosen.filters.is_empty() {
+        request_filters(rule, &chosen.filters, request).map_err(Unsent::Made)?;
     }
     Ok(chosen)
+}
+
+/// Runs `filters` (`rule`'s, or its chosen backend's) on `request`.
+fn request_filters(
+    rule: &Rule,
+    filters: &[outbound_routes::Filter],
+    request: &mut Request<RecvBody>,
+) -> Result<(), Synthetic> {
+    let uri = request.uri().clone();
+    let host = authority_of(request).map(str::to_string);
+    let prefix = matched_prefix(rule, &uri);
+    let mut draw = || fastrand::u32(..);
+    let headers = request.headers_mut();
+    route_decide::request_filters(filters, headers, &uri, host.as_deref(), prefix, &mut draw)
 }
 
 /// Why an attempt did not go out.
@@ -511,7 +536,6 @@ async fn attempts(
     authority_label: Option<&str>,
     retry_end: &mut RetryEnd,
 ) -> Last {
-    let routing = &routed.routing;
     let rule = policy.rule;
     let retry = policy.retry.filter(|_| !is_upgrade(&request));
     if retry.is_some() {
@@ -547,11 +571,11 @@ async fn attempts(
             }
         };
         let retries_left = retry.is_some_and(|r| attempt <= r.max_retries);
-        let slot = match choose(conn, routed, rule, &mut request) {
+        let slot = match choose(routed, rule, &mut request) {
             Ok(chosen) => chosen.slot,
             Err(unsent) => return unsent.into(),
         };
-        let backend = routing.backends[slot].series.clone();
+        let backend = routed.slots[slot].series.clone();
         backend.request();
         let sent = Instant::now();
         // The per-try timeout bounds every attempt but the last, as in linkerd2-proxy;
@@ -561,7 +585,7 @@ async fn attempts(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let target = &routed.targets[slot];
+        let target = &routed.slots[slot].target;
         // Boxed, so that the attempts, and the route's future around them, do not
         // each carry (and move) an attempt's whole state.
         let send = Box::pin(conn.attempt(target, request, authority_label, start));
