@@ -33,8 +33,9 @@ struct Cli {
     #[arg(long)]
     only: Vec<String>,
     /// After the table, measure the chosen scenarios' meshed path this many times
-    /// more, taking turns, and compare each with the first chosen in the same round:
-    /// a difference between two scenarios with this machine's drift paired out.
+    /// more, taking turns (in reverse order every other round), and compare each with
+    /// the first chosen in the same round: a difference between two scenarios with
+    /// this machine's drift paired out.
     #[arg(long, default_value_t = 0)]
     rounds: u32,
     /// Extra setting for both proxies, `NAME=VALUE` (repeatable), e.g.

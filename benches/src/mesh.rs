@@ -316,8 +316,15 @@ pub fn run(
     print!("{}", table(&results));
     let mut paired = Vec::new();
     for round in 1..=rounds {
-        let mut costs = Vec::new();
-        for &scenario in &chosen {
+        // Every other round in the reverse order: a steady drift across a round then
+        // falls on each scenario alike, over two rounds.
+        let mut order: Vec<usize> = (0..chosen.len()).collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        let mut costs: Vec<Option<MeshedCost>> = chosen.iter().map(|_| None).collect();
+        for index in order {
+            let scenario = chosen[index];
             if signals.pending().is_some() {
                 bail!("interrupted; the pods are removed");
             }
@@ -333,10 +340,10 @@ pub fn run(
                 &proxies,
                 backend.pid(),
             )?;
-            costs.push(MeshedCost::of(scenario, &meshed));
+            costs[index] = Some(MeshedCost::of(scenario, &meshed));
         }
         eprintln!("  done: round {round}");
-        paired.push(costs);
+        paired.push(costs.into_iter().flatten().collect());
     }
     if !paired.is_empty() {
         print!("{}", rounds_table(&paired));
