@@ -341,6 +341,10 @@ enum HostRank {
     Exact(usize),
 }
 
+/// How well a rule takes a request, greater first: its route's hosts, its best
+/// match, then its place in the table (the earlier wins a tie).
+type Rank = (HostRank, Score, Reverse<(usize, usize)>);
+
 /// The rule `request` takes, if any route takes it (none: 404, or gRPC status 12 in
 /// linkerd2-proxy's answer "no route").
 pub fn select(
@@ -352,7 +356,7 @@ pub fn select(
 ) -> Option<Selected> {
     let request_host = route_match::request_host(authority);
     let gates = table.gates();
-    let mut best: Option<((HostRank, Score, Reverse<(usize, usize)>), Selected)> = None;
+    let mut best: Option<(Rank, Selected)> = None;
     let mut last_read = None;
     for (route_index, rule_index) in gates.admitting(uri.path().as_bytes()) {
         // A rule whose matches' paths fit one after the other is read once (a rule
