@@ -174,18 +174,32 @@ fn a_weighted_split_follows_its_weights_and_their_changes() {
 /// A path prefix, a header and a path pattern take requests to `web-v2`; the rest go
 /// to `web-v1`.
 #[test]
-fn requests_are_routed_by_path_and_header() {
+fn requests_are_routed_by_host_path_and_header() {
     let cluster = Routed::new();
     let (_proxies, _apps) = cluster.world.servers();
-    cluster.routes(vec![http_route(
-        "by-path-and-header",
-        vec![
-            http_rule(vec![path_prefix("/")], &[(&cluster.v1, 1)]),
-            http_rule(vec![path_prefix("/v2")], &[(&cluster.v2, 1)]),
-            http_rule(vec![header_is("x-canary", "true")], &[(&cluster.v2, 1)]),
-            http_rule(vec![path_regex("/legacy/v[0-9]+/.*")], &[(&cluster.v2, 1)]),
-        ],
-    )]);
+    // A route for one host name outranks the routes for any host (Gateway API), only
+    // for the requests that name it.
+    let mut for_canary_host = http_route(
+        "canary-host",
+        vec![http_rule(vec![path_prefix("/")], &[(&cluster.v2, 1)])],
+    );
+    for_canary_host.hosts = vec![linkerd2_proxy_api::http_route::HostMatch {
+        r#match: Some(linkerd2_proxy_api::http_route::host_match::Match::Exact(
+            "canary.example.com".into(),
+        )),
+    }];
+    cluster.routes(vec![
+        http_route(
+            "by-path-and-header",
+            vec![
+                http_rule(vec![path_prefix("/")], &[(&cluster.v1, 1)]),
+                http_rule(vec![path_prefix("/v2")], &[(&cluster.v2, 1)]),
+                http_rule(vec![header_is("x-canary", "true")], &[(&cluster.v2, 1)]),
+                http_rule(vec![path_regex("/legacy/v[0-9]+/.*")], &[(&cluster.v2, 1)]),
+            ],
+        ),
+        for_canary_host,
+    ]);
     let _client = cluster.world.client_proxy(&[]);
     let pod = cluster.client();
     for http in ["--http1.1", "--http2-prior-knowledge"] {
@@ -218,6 +232,21 @@ fn requests_are_routed_by_path_and_header() {
             served("/legacy/vx/x", &[]),
             "web-a",
             "{http}: not the pattern"
+        );
+        assert_eq!(
+            served("/any", &["Host: canary.example.com"]),
+            "web-b",
+            "{http}: the route for the request's host"
+        );
+        assert_eq!(
+            served("/any", &["Host: Canary.Example.com:80"]),
+            "web-b",
+            "{http}: host names compare without case or port"
+        );
+        assert_eq!(
+            served("/any", &["Host: other.example.com"]),
+            "web-a",
+            "{http}: another host"
         );
     }
 }
