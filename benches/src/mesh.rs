@@ -280,31 +280,37 @@ pub fn run(
         )?;
     }
 
+    // A scenario measured on one path: to `target`, through the `hops`' processes.
+    let on = |scenario: &Scenario, target, hops: &[u32]| {
+        measure(
+            client_pod,
+            &bench,
+            scenario,
+            target,
+            seconds,
+            hops,
+            backend.pid(),
+        )
+    };
+    // Its meshed path: through the proxies, to its Service or the server pod.
+    let meshed_of = |scenario: &Scenario| {
+        let target = scenario
+            .service
+            .unwrap_or_else(|| world.b_addr(scenario.meshed_port));
+        on(scenario, target, &proxies)
+    };
     let mut results = Vec::new();
     for &scenario in &chosen {
         if signals.pending().is_some() {
             bail!("interrupted; the pods are removed");
         }
-        let on = |target, hops: &[u32]| {
-            measure(
-                client_pod,
-                &bench,
-                scenario,
-                target,
-                seconds,
-                hops,
-                backend.pid(),
-            )
-        };
-        let direct = on(world.b_addr(scenario.direct_port), &[])?;
+        let direct = on(scenario, world.b_addr(scenario.direct_port), &[])?;
         let relayed = on(
+            scenario,
             SocketAddr::from((client_pod.ipv4, scenario.direct_port + RELAY_OUT)),
             &relay_pids,
         )?;
-        let meshed_target = scenario
-            .service
-            .unwrap_or_else(|| world.b_addr(scenario.meshed_port));
-        let meshed = on(meshed_target, &proxies)?;
+        let meshed = meshed_of(scenario)?;
         eprintln!("  done: {}", scenario.name);
         results.push(Row {
             scenario,
@@ -328,18 +334,7 @@ pub fn run(
             if signals.pending().is_some() {
                 bail!("interrupted; the pods are removed");
             }
-            let target = scenario
-                .service
-                .unwrap_or_else(|| world.b_addr(scenario.meshed_port));
-            let meshed = measure(
-                client_pod,
-                &bench,
-                scenario,
-                target,
-                seconds,
-                &proxies,
-                backend.pid(),
-            )?;
+            let meshed = meshed_of(scenario)?;
             costs[index] = Some(MeshedCost::of(scenario, &meshed));
         }
         eprintln!("  done: round {round}");
@@ -386,15 +381,12 @@ fn rounds_table(rounds: &[Vec<MeshedCost>]) -> String {
         "| round | scenario | req/s | CPU µs per request (client side / server side) | client side less server side, vs the round's first |"
     );
     let _ = writeln!(out, "|---:|---|---:|---:|---:|");
-    let mut differences: Vec<Vec<f64>> = Vec::new();
+    let mut differences: Vec<Vec<f64>> = vec![Vec::new(); rounds[0].len()];
     for (round, costs) in rounds.iter().enumerate() {
         let first = &costs[0];
         for (index, cost) in costs.iter().enumerate() {
             let difference =
                 (cost.client_us - first.client_us) - (cost.server_us - first.server_us);
-            if differences.len() <= index {
-                differences.push(Vec::new());
-            }
             differences[index].push(difference);
             let shown = if index == 0 {
                 String::new()

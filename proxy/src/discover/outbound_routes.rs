@@ -142,16 +142,13 @@ impl Gates {
             .iter()
             .take_while(move |gate| gate.len as usize <= path.len())
             .filter(move |gate| {
-                // By length first: most gates a request meets are not its path's, and
-                // most of those are told by it without reading their bytes.
-                let len = gate.len as usize;
-                let fits = match gate.kind {
-                    GateKind::Any => return true,
-                    GateKind::Exact => path.len() == len,
-                    GateKind::Prefix => path.len() == len || path.get(len) == Some(&b'/'),
-                };
                 let start = gate.start as usize;
-                fits && self.paths.get(start..start + len) == Some(&path[..len])
+                let own = &self.paths[start..start + gate.len as usize];
+                match gate.kind {
+                    GateKind::Any => true,
+                    GateKind::Exact => path == own,
+                    GateKind::Prefix => route_match::segments_fit(own, path),
+                }
             })
             .map(|gate| (gate.route as usize, gate.rule as usize))
     }

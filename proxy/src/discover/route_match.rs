@@ -165,9 +165,14 @@ impl RequestMatch {
 /// A path prefix matches whole segments: `/api` matches `/api` and `/api/x`, not
 /// `/apix`.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
+    segments_fit(prefix.trim_end_matches('/').as_bytes(), path.as_bytes())
+}
+
+/// Whether `path` begins with the whole segments of `prefix`, a prefix without its
+/// trailing slashes.
+pub fn segments_fit(prefix: &[u8], path: &[u8]) -> bool {
     match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        Some(rest) => rest.is_empty() || rest[0] == b'/',
         None => false,
     }
 }
